@@ -1,0 +1,117 @@
+"""Mask decoder: a two-way transformer over prompt tokens and the image embedding, then
+upscaling and per-token hypernetwork MLPs that produce mask logits, and an IoU head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .common import MLP, LayerNorm2d
+from .transformer import TwoWayTransformer
+
+
+class MaskDecoder(nn.Module):
+    """Predicts masks from an image embedding and prompt embeddings.
+
+    Args:
+        transformer_dim: channel width of tokens and image embedding (256).
+        transformer: the two-way transformer.
+        num_multimask_outputs: masks returned in multimask mode (3); one more token is
+            learned for the single-mask output.
+        iou_head_depth, iou_head_hidden_dim: size of the IoU prediction MLP.
+    """
+
+    def __init__(
+        self,
+        *,
+        transformer_dim: int = 256,
+        transformer: TwoWayTransformer,
+        num_multimask_outputs: int = 3,
+        iou_head_depth: int = 3,
+        iou_head_hidden_dim: int = 256,
+    ) -> None:
+        super().__init__()
+        self.transformer_dim = transformer_dim
+        self.transformer = transformer
+        self.num_multimask_outputs = num_multimask_outputs
+        self.num_mask_tokens = num_multimask_outputs + 1
+        self.iou_token = nn.Embedding(1, transformer_dim)
+        self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        self.output_upscaling = nn.Sequential(
+            nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
+            LayerNorm2d(transformer_dim // 4),
+            nn.GELU(),
+            nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
+            nn.GELU(),
+        )
+        self.output_hypernetworks_mlps = nn.ModuleList(
+            MLP(
+                in_dim=transformer_dim,
+                hidden_dim=transformer_dim,
+                out_dim=transformer_dim // 8,
+                num_layers=3,
+            )
+            for _ in range(self.num_mask_tokens)
+        )
+        self.iou_prediction_head = MLP(
+            in_dim=transformer_dim,
+            hidden_dim=iou_head_hidden_dim,
+            out_dim=self.num_mask_tokens,
+            num_layers=iou_head_depth,
+        )
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode ``B`` prompts against one image.
+
+        Args:
+            image_embeddings: ``(1, C, h, w)`` (shared by all prompts) or ``(B, C, h, w)``.
+            image_pe: ``(1, C, h, w)`` positional encoding of the embedding grid.
+            sparse_prompt_embeddings: ``(B, N, C)``.
+            dense_prompt_embeddings: ``(B, C, h, w)``.
+            multimask_output: return the 3 multimask outputs instead of the single one.
+
+        Returns:
+            mask logits ``(B, 3 or 1, 4h, 4w)`` and predicted IoUs ``(B, 3 or 1)``.
+        """
+        masks, iou = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
+        sel = slice(1, None) if multimask_output else slice(0, 1)
+        return masks[:, sel], iou[:, sel]
+
+    def predict_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All ``num_mask_tokens`` outputs: logits ``(B, 4, 4h, 4w)``, IoUs ``(B, 4)``."""
+        b = sparse_prompt_embeddings.shape[0]
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        tokens = torch.cat(
+            [output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1
+        )
+        src = image_embeddings + dense_prompt_embeddings
+        if src.shape[0] != b:
+            src = src.expand(b, -1, -1, -1)
+        pos_src = image_pe.expand(b, -1, -1, -1)
+        _, c, h, w = src.shape
+        hs, src = self.transformer(src, pos_src, tokens)
+        iou_token_out = hs[:, 0, :]
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+            dim=1,
+        )
+        _, c2, h2, w2 = upscaled.shape
+        masks = (hyper_in @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, -1, h2, w2)
+        return masks, self.iou_prediction_head(iou_token_out)

@@ -1,0 +1,115 @@
+"""The Segment Anything model, composed from injected parts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class Sam(nn.Module):
+    """Image encoder + prompt encoder + mask decoder.
+
+    All tensors are in the *model frame*: images ``(B, 3, S, S)`` already resized (longest
+    side ``S``), normalised and padded (see :mod:`segany.transforms`); point and box
+    coordinates are ``(x, y)`` pixels of that resized image.
+
+    Args:
+        image_encoder: maps ``(B, 3, S, S)`` to ``(B, C, S/16, S/16)``; exposes ``img_size``.
+        prompt_encoder, mask_decoder: the prompt and decoding boxes.
+        pixel_mean, pixel_std: RGB normalisation in 0-255 units.
+    """
+
+    mask_threshold: float = 0.0
+    image_format: str = "RGB"
+
+    def __init__(
+        self,
+        *,
+        image_encoder: nn.Module,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        pixel_mean: tuple[float, float, float] = PIXEL_MEAN,
+        pixel_std: tuple[float, float, float] = PIXEL_STD,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @property
+    def img_size(self) -> int:
+        """Side of the square model input in pixels (1024 for the released models)."""
+        return int(self.image_encoder.img_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` normalised, padded images -> ``(B, C, S/16, S/16)``."""
+        return self.image_encoder(images)
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        *,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode ``B`` prompts against one image embedding.
+
+        Args:
+            image_embeddings: ``(1, C, h, w)``.
+            point_coords: ``(B, N, 2)`` model-frame pixels; ``point_labels``: ``(B, N)``,
+                1 foreground, 0 background, -1 ignored.
+            boxes: ``(B, 4)`` model-frame XYXY.
+            mask_input: ``(B, 1, 4h, 4w)`` low-res logits from an earlier call.
+
+        Returns:
+            low-res mask logits ``(B, K, 4h, 4w)`` and predicted IoUs ``(B, K)``,
+            ``K = 3`` with ``multimask_output`` else 1.
+        """
+        points = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("point_labels are required with point_coords")
+            points = (point_coords, point_labels)
+        sparse, dense = self.prompt_encoder(points, boxes, mask_input)
+        return self.mask_decoder(
+            image_embeddings,
+            self.prompt_encoder.get_dense_pe(),
+            sparse,
+            dense,
+            multimask_output,
+        )
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        point_coords: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode one image ``(1, 3, S, S)`` and decode its prompts (see :meth:`decode`)."""
+        return self.decode(
+            self.embed_image(images),
+            point_coords=point_coords,
+            point_labels=point_labels,
+            boxes=boxes,
+            mask_input=mask_input,
+            multimask_output=multimask_output,
+        )

@@ -1,0 +1,371 @@
+"""Embed an image once, then answer any number of prompts.
+
+Inputs and outputs at this edge are numpy arrays in the *image frame* (pixels of the
+original image, ``(x, y)``, boxes XYXY); the work inside is torch in the model frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import transforms as T
+from .models import Sam
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be used: wrong shape, NaN, outside the image."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Masks for one prompt (or ``N`` prompts when batched, leading axis ``N``).
+
+    masks: ``(K, H, W)`` bool at image size (float logits with ``return_logits``).
+    scores: ``(K,)`` predicted IoUs.
+    low_res_logits: ``(K, S/4, S/4)`` logits, usable as the next ``mask_input``.
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """An image's embedding ``(1, C, h, w)`` with the sizes needed to map prompts."""
+
+    embedding: torch.Tensor
+    original_size: tuple[int, int]
+    input_size: tuple[int, int]
+
+
+class EmbeddingCache:
+    """Embeddings kept in memory (LRU, ``max_items``) and optionally on disk, keyed by
+    model and image content, so that no image is encoded twice."""
+
+    def __init__(self, directory: str | Path | None = None, *, max_items: int = 8) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self.max_items = max_items
+        self._memory: OrderedDict[str, ImageEmbedding] = OrderedDict()
+
+    def get(self, key: str) -> ImageEmbedding | None:
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return self._memory[key]
+        if self.directory is None:
+            return None
+        path = self.directory / f"{key}.pt"
+        if not path.is_file():
+            return None
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            item = ImageEmbedding(
+                embedding=data["embedding"],
+                original_size=tuple(data["original_size"]),
+                input_size=tuple(data["input_size"]),
+            )
+        except Exception:  # a damaged cache file is recomputed, never fatal
+            return None
+        self._remember(key, item)
+        return item
+
+    def put(self, key: str, item: ImageEmbedding) -> None:
+        self._remember(key, item)
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(
+                {
+                    "embedding": item.embedding.contiguous(),
+                    "original_size": list(item.original_size),
+                    "input_size": list(item.input_size),
+                },
+                tmp,
+            )
+            os.replace(tmp, self.directory / f"{key}.pt")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _remember(self, key: str, item: ImageEmbedding) -> None:
+        self._memory[key] = item
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.max_items:
+            self._memory.popitem(last=False)
+
+
+def image_key(image: np.ndarray) -> str:
+    """Content hash of an RGB image array (shape included)."""
+    h = hashlib.sha256(str(image.shape).encode())
+    h.update(np.ascontiguousarray(image).data)
+    return h.hexdigest()[:32]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of a model's parameters and buffers, for caches keyed by model."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class Predictor:
+    """Promptable segmentation of one image at a time.
+
+    Args:
+        model: a :class:`~segany.models.Sam` (in eval mode).
+        cache: where embeddings are kept; by default in memory for the last 8 images.
+        model_id: identifies the weights in cache keys (e.g. the checkpoint's SHA-256);
+            computed from the parameters when needed and not given.
+    """
+
+    def __init__(
+        self, model: Sam, *, cache: EmbeddingCache | None = None, model_id: str | None = None
+    ) -> None:
+        self.model = model.eval()
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self._model_id = model_id
+        self._state: ImageEmbedding | None = None
+
+    # -- image ---------------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        if self._model_id is None:
+            self._model_id = model_fingerprint(self.model)
+        return self._model_id
+
+    @property
+    def is_image_set(self) -> bool:
+        return self._state is not None
+
+    @property
+    def state(self) -> ImageEmbedding:
+        if self._state is None:
+            raise RuntimeError("no image set: call set_image() first")
+        return self._state
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return self.state.original_size
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.state.input_size
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        """The current image's embedding ``(1, C, h, w)``."""
+        return self.state.embedding
+
+    def set_image(self, image: T.ImageLike) -> ImageEmbedding:
+        """Load ``image`` (path, bytes, PIL or array; see :func:`transforms.load_image`)
+        and embed it, or reuse a cached embedding of the same pixels."""
+        rgb = T.load_image(image)
+        key = f"{self.model_id}-{image_key(rgb)}"
+        cached = self.cache.get(key)
+        if cached is None:
+            cached = self.embed(rgb)
+            self.cache.put(key, cached)
+        self._state = cached
+        return cached
+
+    def embed(self, rgb: np.ndarray) -> ImageEmbedding:
+        """Embed an ``(H, W, 3)`` uint8 RGB image (no cache)."""
+        m = self.model
+        x, input_size = T.to_model_input(
+            rgb, img_size=m.img_size, pixel_mean=m.pixel_mean, pixel_std=m.pixel_std
+        )
+        with torch.inference_mode():
+            emb = m.embed_image(x)
+        return ImageEmbedding(
+            embedding=emb, original_size=(rgb.shape[0], rgb.shape[1]), input_size=input_size
+        )
+
+    def set_embedding(self, item: ImageEmbedding) -> None:
+        """Use an embedding computed elsewhere (e.g. loaded from disk)."""
+        self._state = item
+
+    def reset_image(self) -> None:
+        self._state = None
+
+    # -- prompts -------------------------------------------------------------------------
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Prediction:
+        """One prompt in the image frame.
+
+        Args:
+            point_coords: ``(N, 2)`` pixel ``(x, y)``; point_labels: ``(N,)`` 1 = object,
+                0 = background.
+            box: ``(4,)`` XYXY pixels.
+            mask_input: ``(1, S/4, S/4)`` low-res logits of an earlier prediction.
+            multimask_output: three candidate masks (best for ambiguous single clicks) or one.
+        """
+        coords = labels = boxes = masks_in = None
+        if point_coords is not None or point_labels is not None:
+            coords, labels = self._check_points(point_coords, point_labels)
+            coords, labels = coords[None], labels[None]
+        if box is not None:
+            boxes = self._check_boxes(np.asarray(box, dtype=np.float64).reshape(-1, 4))
+        if mask_input is not None:
+            masks_in = self._check_mask_input(mask_input, 1)
+        out = self.predict_batch(
+            point_coords=coords,
+            point_labels=labels,
+            boxes=boxes,
+            mask_input=masks_in,
+            multimask_output=multimask_output,
+            return_logits=return_logits,
+            _checked=True,
+        )
+        return Prediction(out.masks[0], out.scores[0], out.low_res_logits[0])
+
+    def predict_batch(
+        self,
+        *,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        boxes: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+        _checked: bool = False,
+    ) -> Prediction:
+        """``B`` prompts at once, image frame: point_coords ``(B, N, 2)``, point_labels
+        ``(B, N)``, boxes ``(B, 4)``, mask_input ``(B, 1, S/4, S/4)``. Returns arrays with a
+        leading ``B`` axis."""
+        if not _checked:
+            if point_coords is not None or point_labels is not None:
+                point_coords, point_labels = self._check_points(
+                    point_coords, point_labels, batched=True
+                )
+            if boxes is not None:
+                boxes = self._check_boxes(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+            if mask_input is not None:
+                mask_input = self._check_mask_input(mask_input, None)
+        sizes = {len(a) for a in (point_coords, boxes, mask_input) if a is not None}
+        if len(sizes) > 1:
+            raise PromptError(f"batched prompts disagree on the batch size: {sorted(sizes)}")
+        st = self.state
+        long_side = self.model.img_size
+        coords_t = labels_t = boxes_t = mask_t = None
+        if point_coords is not None:
+            coords_t = T.coords_to_model(point_coords, st.original_size, long_side)
+            labels_t = torch.as_tensor(point_labels, dtype=torch.int64)
+        if boxes is not None:
+            boxes_t = T.boxes_to_model(boxes, st.original_size, long_side)
+        if mask_input is not None:
+            mask_t = torch.as_tensor(mask_input, dtype=torch.float32)
+        masks, iou, low_res = self.predict_torch(
+            coords_t, labels_t, boxes_t, mask_t, multimask_output, return_logits
+        )
+        return Prediction(masks.numpy(), iou.numpy(), low_res.numpy())
+
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Model-frame prompts (already transformed) -> masks ``(B, K, H, W)``, IoUs
+        ``(B, K)``, low-res logits ``(B, K, S/4, S/4)``."""
+        st = self.state
+        dev = self.model.device
+        with torch.inference_mode():
+            low_res, iou = self.model.decode(
+                st.embedding,
+                point_coords=None if point_coords is None else point_coords.to(dev),
+                point_labels=None if point_labels is None else point_labels.to(dev),
+                boxes=None if boxes is None else boxes.to(dev),
+                mask_input=None if mask_input is None else mask_input.to(dev),
+                multimask_output=multimask_output,
+            )
+            masks = T.masks_to_image(
+                low_res,
+                input_size=st.input_size,
+                original_size=st.original_size,
+                img_size=self.model.img_size,
+            )
+            if not return_logits:
+                masks = masks > self.model.mask_threshold
+        return masks.cpu(), iou.cpu(), low_res.cpu()
+
+    # -- validation ----------------------------------------------------------------------
+    def _check_points(
+        self, coords: np.ndarray | None, labels: np.ndarray | None, batched: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if coords is None or labels is None:
+            raise PromptError("point_coords and point_labels must be given together")
+        c = np.asarray(coords, dtype=np.float64)
+        lab = np.asarray(labels)
+        want = 3 if batched else 2
+        if c.ndim != want or c.shape[-1] != 2:
+            shape = "(B, N, 2)" if batched else "(N, 2)"
+            raise PromptError(f"point_coords must have shape {shape}, got {c.shape}")
+        if lab.shape != c.shape[:-1]:
+            raise PromptError(
+                f"point_labels shape {lab.shape} does not match point_coords {c.shape}"
+            )
+        if c.shape[-2] == 0:
+            raise PromptError("no points given")
+        if not np.isfinite(c).all():
+            raise PromptError("point_coords contain NaN or infinity")
+        if not np.isin(lab, (0, 1, -1)).all():
+            raise PromptError(f"point_labels must be 1 (object), 0 (background) or -1; got {lab}")
+        h, w = self.original_size
+        outside = (c[..., 0] < 0) | (c[..., 0] > w) | (c[..., 1] < 0) | (c[..., 1] > h)
+        if outside.any():
+            bad = c[outside][0]
+            raise PromptError(
+                f"point ({bad[0]:g}, {bad[1]:g}) lies outside the {w}x{h} image"
+            )
+        return c, lab.astype(np.int64)
+
+    def _check_boxes(self, boxes: np.ndarray) -> np.ndarray:
+        if not np.isfinite(boxes).all():
+            raise PromptError("box contains NaN or infinity")
+        if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+            raise PromptError(f"boxes must be XYXY with x0 <= x1 and y0 <= y1; got {boxes}")
+        h, w = self.original_size
+        clipped = boxes.copy()
+        clipped[:, [0, 2]] = clipped[:, [0, 2]].clip(0, w)
+        clipped[:, [1, 3]] = clipped[:, [1, 3]].clip(0, h)
+        empty = (clipped[:, 2] <= clipped[:, 0]) & (clipped[:, 3] <= clipped[:, 1])
+        if ((boxes[:, 2] < 0) | (boxes[:, 3] < 0) | (boxes[:, 0] > w) | (boxes[:, 1] > h)).any():
+            raise PromptError(f"box lies outside the {w}x{h} image: {boxes[0].tolist()}")
+        if empty.any():
+            raise PromptError("box is empty after clipping to the image")
+        return clipped
+
+    def _check_mask_input(self, mask_input: np.ndarray, batch: int | None) -> np.ndarray:
+        m = np.asarray(mask_input, dtype=np.float32)
+        side = self.model.prompt_encoder.mask_input_size[0]
+        if batch == 1 and m.shape in ((side, side), (1, side, side)):
+            return m.reshape(1, 1, side, side)
+        if batch is None and m.ndim == 4 and m.shape[1:] == (1, side, side):
+            return m
+        raise PromptError(
+            f"mask_input must be low-res logits of shape (1, {side}, {side}) "
+            f"(batched: (B, 1, {side}, {side})); got {m.shape}"
+        )

@@ -1,0 +1,186 @@
+"""All image geometry and normalisation, in one place.
+
+Frames:
+- *image frame*: pixels of the original image as the user sees it (after EXIF rotation),
+  ``(x, y)``, size ``(H, W)``.
+- *model frame*: pixels of the image resized so its longest side is ``S`` (1024), before
+  the bottom/right zero padding to ``S x S``; size ``input_size = (h, w)``.
+- *low-res frame*: the decoder's ``S/4 x S/4`` logit grid covering the padded input.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageLike = Union[str, Path, Image.Image, np.ndarray, bytes]
+
+#: Images above this many pixels are refused (about 16k x 16k); override per call.
+MAX_PIXELS = 268_435_456
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or converted to RGB."""
+
+
+def _pil_to_array(img: Image.Image) -> np.ndarray:
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img)
+        return array_to_rgb(arr.astype(np.uint16) if mode != "I" else arr)
+    if mode == "F":
+        return array_to_rgb(np.asarray(img))
+    if mode in ("RGB",):
+        return np.asarray(img, dtype=np.uint8).copy()
+    if mode in ("1", "L", "P", "LA", "PA", "RGBA", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "La"):
+        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    raise ImageError(f"unsupported image mode {mode!r}")
+
+
+def array_to_rgb(arr: np.ndarray) -> np.ndarray:
+    """Convert an image array to ``(H, W, 3)`` uint8 RGB.
+
+    Accepts ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` and ``(H, W, 4)`` (alpha dropped) of
+    uint8, uint16 (scaled by 255/65535), other integer types in ``[0, 255]`` and floats in
+    ``[0, 1]``.
+    """
+    if not isinstance(arr, np.ndarray):
+        raise ImageError(f"expected a numpy array, got {type(arr).__name__}")
+    if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
+        arr = arr[..., :3] if arr.shape[2] != 1 else arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        raise ImageError(
+            f"expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); "
+            f"got {arr.shape}"
+        )
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageError(f"empty image of shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        out = arr
+    elif arr.dtype == np.uint16:
+        out = (arr.astype(np.float32) * (255.0 / 65535.0) + 0.5).astype(np.uint8)
+    elif arr.dtype == np.bool_:
+        raise ImageError("boolean arrays are masks, not images")
+    elif np.issubdtype(arr.dtype, np.integer):
+        if arr.min() < 0 or arr.max() > 255:
+            raise ImageError(
+                f"integer image of dtype {arr.dtype} has values outside 0..255; "
+                "pass uint8, uint16 or floats in [0, 1]"
+            )
+        out = arr.astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ImageError("float image contains NaN or infinity")
+        if arr.min() < 0 or arr.max() > 1:
+            raise ImageError("float images must hold values in [0, 1]")
+        out = (arr * 255.0 + 0.5).astype(np.uint8)
+    else:
+        raise ImageError(f"unsupported image dtype {arr.dtype}")
+    if out.ndim == 2:
+        out = np.repeat(out[..., None], 3, axis=2)
+    return np.ascontiguousarray(out)
+
+
+def load_image(src: ImageLike, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Load a path, bytes, PIL image or array as ``(H, W, 3)`` uint8 RGB.
+
+    EXIF orientation is applied; grayscale, palette, RGBA (alpha dropped) and 16-bit
+    images are converted. Raises :class:`ImageError` with the reason otherwise.
+    """
+    if isinstance(src, np.ndarray):
+        arr = array_to_rgb(src)
+    elif isinstance(src, Image.Image):
+        _check_size(src.size, max_pixels, "image")
+        arr = _pil_to_array(src)
+    elif isinstance(src, (str, Path, bytes)):
+        name = "<bytes>" if isinstance(src, bytes) else str(src)
+        if not isinstance(src, bytes) and not Path(src).is_file():
+            raise ImageError(f"no such image file: {name}")
+        try:
+            with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
+                _check_size(img.size, max_pixels, name)
+                img.load()
+                arr = _pil_to_array(img)
+        except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            raise ImageError(f"cannot read image {name}: {exc}") from exc
+        except OSError as exc:
+            raise ImageError(f"cannot read image {name} (truncated or corrupt): {exc}") from exc
+    else:
+        raise ImageError(f"cannot use {type(src).__name__} as an image")
+    _check_size((arr.shape[1], arr.shape[0]), max_pixels, "image")
+    return arr
+
+
+def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
+    w, h = size
+    if w * h > max_pixels:
+        raise ImageError(
+            f"{name} is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}; "
+            "downscale it or raise max_pixels"
+        )
+
+
+def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
+    """Size ``(h', w')`` of an ``(h, w)`` image resized so its longest side is ``long_side``."""
+    scale = long_side / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def resize_image(image: np.ndarray, long_side: int) -> np.ndarray:
+    """Resize ``(H, W, 3)`` uint8 so its longest side is ``long_side`` (PIL bilinear with
+    antialiasing, as the released models were trained)."""
+    h, w = preprocess_shape(image.shape[0], image.shape[1], long_side)
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+def to_model_input(
+    image: np.ndarray, *, img_size: int, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """RGB uint8 image -> normalised, padded ``(1, 3, S, S)`` tensor and ``input_size``."""
+    resized = resize_image(image, img_size)
+    x = torch.from_numpy(np.array(resized)).to(pixel_mean.device).permute(2, 0, 1).float()
+    x = (x - pixel_mean) / pixel_std
+    h, w = resized.shape[:2]
+    x = F.pad(x, (0, img_size - w, 0, img_size - h))
+    return x.unsqueeze(0), (h, w)
+
+
+def coords_to_model(
+    coords: torch.Tensor | np.ndarray, original_size: tuple[int, int], long_side: int
+) -> torch.Tensor:
+    """``(..., 2)`` image-frame ``(x, y)`` -> model frame (float32 tensor)."""
+    h, w = original_size
+    nh, nw = preprocess_shape(h, w, long_side)
+    c = torch.as_tensor(coords, dtype=torch.float32)
+    return c * c.new_tensor([nw / w, nh / h])
+
+
+def boxes_to_model(
+    boxes: torch.Tensor | np.ndarray, original_size: tuple[int, int], long_side: int
+) -> torch.Tensor:
+    """``(..., 4)`` image-frame XYXY -> model frame."""
+    b = torch.as_tensor(boxes, dtype=torch.float32)
+    return coords_to_model(b.reshape(*b.shape[:-1], 2, 2), original_size, long_side).reshape(
+        b.shape
+    )
+
+
+def masks_to_image(
+    low_res: torch.Tensor,
+    *,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    img_size: int,
+) -> torch.Tensor:
+    """Low-res logits ``(B, K, S/4, S/4)`` -> logits at image size ``(B, K, H, W)``:
+    upsample to the padded input, drop the padding, resize to the original image."""
+    x = F.interpolate(low_res, (img_size, img_size), mode="bilinear", align_corners=False)
+    x = x[..., : input_size[0], : input_size[1]]
+    return F.interpolate(x, original_size, mode="bilinear", align_corners=False)
