@@ -140,16 +140,35 @@ def resize_image(image: np.ndarray, long_side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
+def resize_tensor(x: torch.Tensor, long_side: int) -> torch.Tensor:
+    """Resize a ``(B, C, H, W)`` float tensor so its longest side is ``long_side``
+    (bilinear, antialiased; close to but not bit-equal with :func:`resize_image`)."""
+    h, w = preprocess_shape(x.shape[-2], x.shape[-1], long_side)
+    return F.interpolate(x, (h, w), mode="bilinear", align_corners=False, antialias=True)
+
+
+def normalize_and_pad(
+    x: torch.Tensor, *, img_size: int, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
+) -> torch.Tensor:
+    """Resized ``(B, 3, h, w)`` float pixels (0-255) -> normalised and zero-padded at the
+    bottom/right to ``(B, 3, S, S)``."""
+    h, w = x.shape[-2:]
+    if h > img_size or w > img_size:
+        raise ValueError(f"input {h}x{w} is larger than the model input {img_size}")
+    x = (x - pixel_mean) / pixel_std
+    return F.pad(x, (0, img_size - w, 0, img_size - h))
+
+
 def to_model_input(
     image: np.ndarray, *, img_size: int, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """RGB uint8 image -> normalised, padded ``(1, 3, S, S)`` tensor and ``input_size``."""
     resized = resize_image(image, img_size)
     x = torch.from_numpy(np.array(resized)).to(pixel_mean.device).permute(2, 0, 1).float()
-    x = (x - pixel_mean) / pixel_std
-    h, w = resized.shape[:2]
-    x = F.pad(x, (0, img_size - w, 0, img_size - h))
-    return x.unsqueeze(0), (h, w)
+    x = normalize_and_pad(
+        x.unsqueeze(0), img_size=img_size, pixel_mean=pixel_mean, pixel_std=pixel_std
+    )
+    return x, (resized.shape[0], resized.shape[1])
 
 
 def coords_to_model(

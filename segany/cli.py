@@ -1,0 +1,217 @@
+"""Command line: one thin command per job; defaults live in the library.
+
+    segany segment IMAGE --point X,Y[,LABEL] ... [--box X0,Y0,X1,Y1] --out mask.png
+    segany weights list | fetch NAME | path NAME
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import weights as W
+
+
+class CliError(Exception):
+    """A user error reported as one line, exit code 2."""
+
+
+def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be numbers separated by commas: {text!r}")
+    if len(vals) not in n:
+        raise argparse.ArgumentTypeError(f"{what} needs {' or '.join(map(str, n))} values: {text!r}")
+    return vals
+
+
+def _point(text: str) -> list[float]:
+    vals = _floats(text, (2, 3), "--point X,Y[,LABEL]")
+    if len(vals) == 3 and vals[2] not in (0.0, 1.0):
+        raise argparse.ArgumentTypeError(f"point label must be 1 (object) or 0 (background): {text}")
+    return vals if len(vals) == 3 else [*vals, 1.0]
+
+
+def _box(text: str) -> list[float]:
+    return _floats(text, (4,), "--box X0,Y0,X1,Y1")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=W.DEFAULT_WEIGHTS,
+        help=f"catalogue name or checkpoint path (default: {W.DEFAULT_WEIGHTS})",
+    )
+
+
+# -- segment ---------------------------------------------------------------------------------
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segment", help="segment one image from point and box prompts")
+    p.add_argument("image", help="image file")
+    p.add_argument(
+        "--point",
+        type=_point,
+        action="append",
+        default=[],
+        metavar="X,Y[,LABEL]",
+        help="image pixel; label 1 = object (default), 0 = background; repeatable",
+    )
+    p.add_argument("--box", type=_box, metavar="X0,Y0,X1,Y1", help="box in image pixels")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="mask PNG (0/255) of the best mask")
+    p.add_argument("--overlay", help="PNG of the image with the mask(s) and prompts drawn")
+    p.add_argument(
+        "--all-masks",
+        action="store_true",
+        help="also write every candidate mask as OUT_<i>.png (three with multimask output)",
+    )
+    mm = p.add_mutually_exclusive_group()
+    mm.add_argument(
+        "--multimask",
+        dest="multimask",
+        action="store_const",
+        const=True,
+        help="three candidates (default for a single point without box)",
+    )
+    mm.add_argument("--single", dest="multimask", action="store_const", const=False)
+    p.add_argument("--embedding-cache", help="folder keeping image embeddings across runs")
+    p.set_defaults(func=_run_segment, multimask=None)
+
+
+def _run_segment(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .loader import load_predictor
+    from .transforms import load_image
+    from .viz import overlay_prediction
+
+    if not args.point and args.box is None:
+        raise CliError("give at least one --point or a --box")
+    image = load_image(args.image)
+    predictor = load_predictor(args.model, cache_dir=args.embedding_cache)
+    predictor.set_image(image)
+    pts = np.asarray(args.point, dtype=np.float64).reshape(-1, 3)
+    coords = pts[:, :2] if len(pts) else None
+    labels = pts[:, 2].astype(np.int64) if len(pts) else None
+    box = np.asarray(args.box, dtype=np.float64) if args.box is not None else None
+    multimask = args.multimask
+    if multimask is None:
+        multimask = len(pts) == 1 and box is None
+    pred = predictor.predict(
+        point_coords=coords, point_labels=labels, box=box, multimask_output=multimask
+    )
+    order = np.argsort(-pred.scores)
+    best = int(order[0])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pred.masks[best].astype(np.uint8) * 255).save(out)
+    records = []
+    for i in range(len(pred.scores)):
+        m = pred.masks[i]
+        ys, xs = np.nonzero(m)
+        bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)] if len(xs) else [0, 0, 0, 0]  # noqa: E501
+        rec = {"index": i, "score": round(float(pred.scores[i]), 4), "area": int(m.sum()), "bbox": bbox}
+        if args.all_masks:
+            path = out.with_name(f"{out.stem}_{i}{out.suffix}")
+            Image.fromarray(m.astype(np.uint8) * 255).save(path)
+            rec["file"] = str(path)
+        records.append(rec)
+    if args.overlay:
+        shown = pred.masks[order] if args.all_masks else pred.masks[best : best + 1]
+        pic = overlay_prediction(image, shown, points=coords, labels=labels, box=box)
+        Path(args.overlay).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pic).save(args.overlay)
+    summary = {
+        "image": str(args.image),
+        "size": [int(image.shape[1]), int(image.shape[0])],
+        "model": str(args.model),
+        "best": best,
+        "mask": str(out),
+        "overlay": args.overlay,
+        "masks": records,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# -- weights ---------------------------------------------------------------------------------
+def _add_weights(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("weights", help="list, fetch and locate model checkpoints")
+    wsub = p.add_subparsers(dest="weights_cmd", required=True)
+    ls = wsub.add_parser("list", help="the catalogue, and what is cached")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_run_weights_list)
+    f = wsub.add_parser("fetch", help="download (or extract) a checkpoint into the cache")
+    f.add_argument("name")
+    f.add_argument("--force", action="store_true", help="fetch again even if cached")
+    f.set_defaults(func=_run_weights_fetch)
+    pa = wsub.add_parser("path", help="print the cached path (fetching it if needed)")
+    pa.add_argument("name")
+    pa.set_defaults(func=_run_weights_path)
+
+
+def _run_weights_list(args: argparse.Namespace) -> int:
+    rows = W.describe()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'name':<12} {'variant':<7} {'size':>9}  {'cached':<6}  source")
+    for r in rows:
+        size = f"{r['size'] / 1e6:.0f} MB" if r.get("size") else "?"
+        print(f"{r['name']:<12} {r['variant']:<7} {size:>9}  {'yes' if r['cached'] else 'no':<6}  {r['source']}")  # noqa: E501
+    print(f"\ncache: {W.weights_dir()}  (set SEGANY_CACHE to move it)")
+    return 0
+
+
+def _run_weights_fetch(args: argparse.Namespace) -> int:
+    print(W.fetch(args.name, force=args.force))
+    return 0
+
+
+def _run_weights_path(args: argparse.Namespace) -> int:
+    print(W.fetch(args.name))
+    return 0
+
+
+# -- entry point -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segany", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for inference (default: all cores)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_segment(sub)
+    _add_weights(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .predictor import PromptError
+    from .transforms import ImageError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, ImageError, PromptError, W.WeightsError) as exc:
+        print(f"segany: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("segany: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Build ready-to-use models and predictors from a catalogue name or a checkpoint path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .models import Sam, model_from_state_dict
+from .predictor import EmbeddingCache, Predictor
+from .weights import DEFAULT_WEIGHTS, WeightsError, load_checkpoint, resolve
+
+
+def load_model(
+    model: str | os.PathLike[str] = DEFAULT_WEIGHTS,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Sam:
+    """Load a SAM model in eval mode.
+
+    ``model`` is a catalogue name (``mobile_sam``, ``sam_vit_b``..., or ``vit_t``/``vit_b``...)
+    fetched and cached on first use, or a path to any checkpoint with the official key names
+    (the variant, including custom ViT sizes, is read from the checkpoint). Catalogue files
+    are hash-checked; every file is loaded with ``weights_only=True``.
+    """
+    return _load(model, device=device, progress=progress)[0]
+
+
+def _load(
+    model: str | os.PathLike[str], *, device: str | torch.device, progress: bool
+) -> tuple[Sam, str | None]:
+    path, spec = resolve(model, progress=progress)
+    sha = spec.sha256 if spec is not None and spec.sha256 else None
+    state = load_checkpoint(path, sha256=sha)
+    try:
+        sam = model_from_state_dict(state)
+    except (ValueError, RuntimeError) as exc:
+        raise WeightsError(f"{path} is not a SAM checkpoint this package can build: {exc}") from exc
+    return sam.to(device).eval(), sha
+
+
+def load_predictor(
+    model: str | os.PathLike[str] = DEFAULT_WEIGHTS,
+    *,
+    device: str | torch.device = "cpu",
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Predictor:
+    """A :class:`Predictor` over :func:`load_model`; ``cache_dir`` keeps embeddings on disk."""
+    sam, sha = _load(model, device=device, progress=progress)
+    return Predictor(sam, cache=EmbeddingCache(cache_dir), model_id=sha[:32] if sha else None)
