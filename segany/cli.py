@@ -1,7 +1,7 @@
 """Command line: one thin command per job; defaults live in the library.
 
-    segany segment IMAGE --point X,Y[,LABEL] ... [--box X0,Y0,X1,Y1] --out mask.png
-    segany weights list | fetch NAME | path NAME
+segany segment IMAGE --point X,Y[,LABEL] ... [--box X0,Y0,X1,Y1] --out mask.png
+segany weights list | fetch NAME | path NAME
 """
 
 from __future__ import annotations
@@ -25,16 +25,22 @@ def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
     try:
         vals = [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{what} must be numbers separated by commas: {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"{what} must be numbers separated by commas: {text!r}"
+        ) from None
     if len(vals) not in n:
-        raise argparse.ArgumentTypeError(f"{what} needs {' or '.join(map(str, n))} values: {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"{what} needs {' or '.join(map(str, n))} values: {text!r}"
+        )
     return vals
 
 
 def _point(text: str) -> list[float]:
     vals = _floats(text, (2, 3), "--point X,Y[,LABEL]")
     if len(vals) == 3 and vals[2] not in (0.0, 1.0):
-        raise argparse.ArgumentTypeError(f"point label must be 1 (object) or 0 (background): {text}")
+        raise argparse.ArgumentTypeError(
+            f"point label must be 1 (object) or 0 (background): {text}"
+        )
     return vals if len(vals) == 3 else [*vals, 1.0]
 
 
@@ -115,8 +121,22 @@ def _run_segment(args: argparse.Namespace) -> int:
     for i in range(len(pred.scores)):
         m = pred.masks[i]
         ys, xs = np.nonzero(m)
-        bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)] if len(xs) else [0, 0, 0, 0]  # noqa: E501
-        rec = {"index": i, "score": round(float(pred.scores[i]), 4), "area": int(m.sum()), "bbox": bbox}
+        bbox = (
+            [
+                int(xs.min()),
+                int(ys.min()),
+                int(xs.max() - xs.min() + 1),
+                int(ys.max() - ys.min() + 1),
+            ]
+            if len(xs)
+            else [0, 0, 0, 0]
+        )
+        rec = {
+            "index": i,
+            "score": round(float(pred.scores[i]), 4),
+            "area": int(m.sum()),
+            "bbox": bbox,
+        }
         if args.all_masks:
             path = out.with_name(f"{out.stem}_{i}{out.suffix}")
             Image.fromarray(m.astype(np.uint8) * 255).save(path)
@@ -164,7 +184,8 @@ def _run_weights_list(args: argparse.Namespace) -> int:
     print(f"{'name':<12} {'variant':<7} {'size':>9}  {'cached':<6}  source")
     for r in rows:
         size = f"{r['size'] / 1e6:.0f} MB" if r.get("size") else "?"
-        print(f"{r['name']:<12} {r['variant']:<7} {size:>9}  {'yes' if r['cached'] else 'no':<6}  {r['source']}")  # noqa: E501
+        cached = "yes" if r["cached"] else "no"
+        print(f"{r['name']:<12} {r['variant']:<7} {size:>9}  {cached:<6}  {r['source']}")
     print(f"\ncache: {W.weights_dir()}  (set SEGANY_CACHE to move it)")
     return 0
 

@@ -63,7 +63,9 @@ class ResizeLongestSide:
         size = (int(original_size[0]), int(original_size[1]))
         return T.coords_to_model(coords, size, self.target_length).to(coords.device)
 
-    def apply_boxes_torch(self, boxes: torch.Tensor, original_size: tuple[int, ...]) -> torch.Tensor:
+    def apply_boxes_torch(
+        self, boxes: torch.Tensor, original_size: tuple[int, ...]
+    ) -> torch.Tensor:
         size = (int(original_size[0]), int(original_size[1]))
         return T.boxes_to_model(boxes, size, self.target_length).to(boxes.device)
 
@@ -141,7 +143,9 @@ class SamPredictor:
 
     def get_image_embedding(self) -> torch.Tensor:
         if not self.is_image_set:
-            raise RuntimeError("An image must be set with .set_image(...) to generate an embedding.")
+            raise RuntimeError(
+                "An image must be set with .set_image(...) to generate an embedding."
+            )
         return self._predictor.embedding
 
     def reset_image(self) -> None:

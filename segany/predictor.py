@@ -337,9 +337,7 @@ class Predictor:
         outside = (c[..., 0] < 0) | (c[..., 0] > w) | (c[..., 1] < 0) | (c[..., 1] > h)
         if outside.any():
             bad = c[outside][0]
-            raise PromptError(
-                f"point ({bad[0]:g}, {bad[1]:g}) lies outside the {w}x{h} image"
-            )
+            raise PromptError(f"point ({bad[0]:g}, {bad[1]:g}) lies outside the {w}x{h} image")
         return c, lab.astype(np.int64)
 
     def _check_boxes(self, boxes: np.ndarray) -> np.ndarray:

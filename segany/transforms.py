@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageLike = Union[str, Path, Image.Image, np.ndarray, bytes]
+ImageLike = str | Path | Image.Image | np.ndarray | bytes
 
 #: Images above this many pixels are refused (about 16k x 16k); override per call.
 MAX_PIXELS = 268_435_456
@@ -57,8 +56,7 @@ def array_to_rgb(arr: np.ndarray) -> np.ndarray:
         arr = arr[..., :3] if arr.shape[2] != 1 else arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
         raise ImageError(
-            f"expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); "
-            f"got {arr.shape}"
+            f"expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {arr.shape}"
         )
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ImageError(f"empty image of shape {arr.shape}")
@@ -137,7 +135,7 @@ def resize_image(image: np.ndarray, long_side: int) -> np.ndarray:
     """Resize ``(H, W, 3)`` uint8 so its longest side is ``long_side`` (PIL bilinear with
     antialiasing, as the released models were trained)."""
     h, w = preprocess_shape(image.shape[0], image.shape[1], long_side)
-    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
 
 
 def resize_tensor(x: torch.Tensor, long_side: int) -> torch.Tensor:
@@ -164,7 +162,7 @@ def to_model_input(
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """RGB uint8 image -> normalised, padded ``(1, 3, S, S)`` tensor and ``input_size``."""
     resized = resize_image(image, img_size)
-    x = torch.from_numpy(np.array(resized)).to(pixel_mean.device).permute(2, 0, 1).float()
+    x = torch.from_numpy(resized).to(pixel_mean.device).permute(2, 0, 1).float()
     x = normalize_and_pad(
         x.unsqueeze(0), img_size=img_size, pixel_mean=pixel_mean, pixel_std=pixel_std
     )

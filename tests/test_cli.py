@@ -1,0 +1,85 @@
+"""The command line, run in-process."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segany.cli import main
+
+from .conftest import REPO
+
+SAMPLE = REPO / "examples" / "kitchen.jpg"
+
+
+def test_segment_writes_mask_overlay_and_json(tmp_path, capsys, mobile_sam):
+    out = tmp_path / "m.png"
+    code = main(
+        [
+            "segment",
+            str(SAMPLE),
+            "--point",
+            "440,330",
+            "--out",
+            str(out),
+            "--overlay",
+            str(tmp_path / "o.png"),
+            "--all-masks",
+        ]
+    )
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert len(summary["masks"]) == 3 and summary["size"] == [640, 426]
+    mask = np.asarray(Image.open(out))
+    assert mask.shape == (426, 640) and set(np.unique(mask)) <= {0, 255}
+    best = summary["masks"][summary["best"]]
+    assert best["score"] == max(m["score"] for m in summary["masks"])
+    assert (mask > 0).sum() == best["area"]
+    assert mask[330, 440] == 255  # the clicked pixel is in the mask
+    for rec in summary["masks"]:
+        assert (tmp_path / f"m_{rec['index']}.png").exists()
+    overlay = np.asarray(Image.open(tmp_path / "o.png"))
+    assert overlay.shape == (426, 640, 3)
+
+
+def test_segment_box_and_negative_point(tmp_path, capsys, mobile_sam):
+    code = main(
+        ["segment", str(SAMPLE), "--box", "320,140,560,426", "--point", "350,300,0",
+         "--out", str(tmp_path / "b.png")]
+    )  # fmt: skip
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert len(summary["masks"]) == 1
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["segment", str(SAMPLE), "--out", "x.png"], "at least one --point"),
+        (["segment", "missing.jpg", "--point", "1,1", "--out", "x.png"], "no such image"),
+        (["segment", str(SAMPLE), "--point", "9999,1", "--out", "x.png"], "outside"),
+        (["segment", str(SAMPLE), "--point", "1,1", "--model", "nope", "--out", "x.png"], "nope"),
+    ],
+)
+def test_segment_errors(args, message, capsys, tmp_path, monkeypatch, mobile_sam):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_point_syntax(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["segment", str(SAMPLE), "--point", "1;2", "--out", "x.png"])
+    assert exc.value.code == 2
+    assert "--point" in capsys.readouterr().err
+
+
+def test_weights_list_and_path(capsys, mobile_sam):
+    assert main(["weights", "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} >= {"mobile_sam", "sam_vit_b", "sam_vit_l", "sam_vit_h"}
+    assert main(["weights", "path", "mobile_sam"]) == 0
+    assert capsys.readouterr().out.strip().endswith("mobile_sam.pt")
