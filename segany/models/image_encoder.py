@@ -35,9 +35,13 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> 
     """
     n = 2 * max(q_size, k_size) - 1
     if rel_pos.shape[0] != n:
-        rel_pos = F.interpolate(
-            rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=n, mode="linear"
-        ).reshape(-1, n).permute(1, 0)
+        rel_pos = (
+            F.interpolate(
+                rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=n, mode="linear"
+            )
+            .reshape(-1, n)
+            .permute(1, 0)
+        )
     q_scale = max(k_size / q_size, 1.0)
     k_scale = max(q_size / k_size, 1.0)
     q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * q_scale
