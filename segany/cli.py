@@ -1,6 +1,7 @@
 """Command line: one thin command per job; defaults live in the library.
 
 segany segment IMAGE --point X,Y[,LABEL] ... [--box X0,Y0,X1,Y1] --out mask.png
+segany everything IMAGE_OR_DIR... --out DIR [--format sa1b|coco|png|yolo] [--preset fast]
 segany weights list | fetch NAME | path NAME
 """
 
@@ -75,7 +76,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--all-masks",
         action="store_true",
-        help="also write every candidate mask as OUT_<i>.png (three with multimask output)",
+        help="also write every candidate mask as OUT_<i>.png (three with multimask output); "
+        "the overlay then shows the candidates side by side",
     )
     mm = p.add_mutually_exclusive_group()
     mm.add_argument(
@@ -95,7 +97,7 @@ def _run_segment(args: argparse.Namespace) -> int:
 
     from .loader import load_predictor
     from .transforms import load_image
-    from .viz import overlay_prediction
+    from .viz import candidates_panel, overlay_prediction
 
     if not args.point and args.box is None:
         raise CliError("give at least one --point or a --box")
@@ -143,8 +145,14 @@ def _run_segment(args: argparse.Namespace) -> int:
             rec["file"] = str(path)
         records.append(rec)
     if args.overlay:
-        shown = pred.masks[order] if args.all_masks else pred.masks[best : best + 1]
-        pic = overlay_prediction(image, shown, points=coords, labels=labels, box=box)
+        if args.all_masks and len(pred.scores) > 1:
+            pic = candidates_panel(
+                image, pred.masks, pred.scores, points=coords, labels=labels, box=box, best=best
+            )
+        else:
+            pic = overlay_prediction(
+                image, pred.masks[best : best + 1], points=coords, labels=labels, box=box
+            )
         Path(args.overlay).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pic).save(args.overlay)
     summary = {
@@ -158,6 +166,129 @@ def _run_segment(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary, indent=2))
     return 0
+
+
+# -- everything ------------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def _add_everything(sub: argparse._SubParsersAction) -> None:
+    from .everything import DEFAULT_PRESET, PRESETS
+    from .formats import FORMATS
+
+    p = sub.add_parser(
+        "everything", help="segment everything in images (automatic mask generation)"
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", choices=FORMATS, default="sa1b", help="default: sa1b")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=DEFAULT_PRESET,
+        help=f"default: {DEFAULT_PRESET}",
+    )
+    p.add_argument("--points-per-side", type=int, help="override the preset's grid size")
+    p.add_argument("--crop-layers", type=int, help="override the preset's crop layers")
+    p.add_argument("--no-overlay", action="store_true", help="do not write overlay PNGs")
+    _add_model_args(p)
+    p.set_defaults(func=_run_everything)
+
+
+def _collect_images(inputs: list[str]) -> list[Path]:
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found.extend(
+                sorted(
+                    f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                )
+            )
+        else:
+            found.append(path)
+    return found
+
+
+def _run_everything(args: argparse.Namespace) -> int:
+    from PIL import Image
+    from tqdm import tqdm
+
+    from .everything import MaskGenerator
+    from .formats.coco import CocoWriter
+    from .formats.png import write_png
+    from .formats.sa1b import write_sa1b
+    from .formats.yolo import write_yolo
+    from .loader import load_predictor
+    from .transforms import ImageError, load_image
+    from .viz import overlay_records
+
+    images = _collect_images(args.inputs)
+    if not images:
+        raise CliError("no images found in " + " ".join(args.inputs))
+    try:
+        gen = MaskGenerator(
+            load_predictor(args.model),
+            preset=args.preset,
+            points_per_side=args.points_per_side,
+            crop_n_layers=args.crop_layers,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    coco = CocoWriter() if args.format == "coco" else None
+    used: set[str] = set()
+    failed: list[tuple[str, str]] = []
+    total = 0
+    bar = tqdm(images, unit="img", desc="everything")
+    for path in bar:
+        try:
+            rgb = load_image(path)
+        except ImageError as exc:
+            failed.append((str(path), str(exc)))
+            tqdm.write(f"segany: skipped {path}: {exc}", file=sys.stderr)
+            continue
+        records = gen.generate(rgb)
+        total += len(records)
+        bar.set_postfix(masks=total, last=len(records))
+        stem = path.stem
+        k = 1
+        while stem in used:
+            stem, k = f"{path.stem}_{k}", k + 1
+        used.add(stem)
+        h, w = rgb.shape[:2]
+        if args.format == "sa1b":
+            write_sa1b(
+                out / f"{stem}.json",
+                records,
+                image_id=len(used),
+                file_name=path.name,
+                width=w,
+                height=h,
+            )
+        elif args.format == "png":
+            write_png(out / stem, records)
+        elif args.format == "yolo":
+            write_yolo(out / f"{stem}.txt", records)
+        elif coco is not None:
+            coco.add(records, file_name=path.name, width=w, height=h)
+        if not args.no_overlay:
+            (out / "overlays").mkdir(exist_ok=True)
+            Image.fromarray(overlay_records(rgb, records)).save(out / "overlays" / f"{stem}.png")
+    bar.close()
+    if coco is not None:
+        coco.write(out / "annotations.json")
+    summary = {
+        "images": len(images) - len(failed),
+        "masks": total,
+        "skipped": [{"path": p, "error": e} for p, e in failed],
+        "out": str(out),
+        "format": args.format,
+        "preset": args.preset,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0 if len(failed) < len(images) else 2
 
 
 # -- weights ---------------------------------------------------------------------------------
@@ -208,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_segment(sub)
+    _add_everything(sub)
     _add_weights(sub)
     return parser
 

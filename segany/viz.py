@@ -79,3 +79,67 @@ def overlay_prediction(
     for i, m in enumerate(masks):
         out = draw_mask(out, m, color(i), alpha=alpha)
     return draw_prompts(out, points=points, labels=labels, box=box)
+
+
+def overlay_masks(
+    image: np.ndarray,
+    masks: Sequence[np.ndarray] | np.ndarray,
+    *,
+    alpha: float = 0.45,
+    outline: int = 1,
+    seed: int = 0,
+) -> np.ndarray:
+    """Image with many masks (e.g. "segment everything"), each in its own colour with its
+    outline; larger masks are drawn first so small ones stay visible."""
+    out = np.array(image, dtype=np.uint8, copy=True)
+    if len(masks) == 0:
+        return out
+    ms = [np.asarray(m, dtype=bool) for m in masks]
+    order = np.argsort([-int(m.sum()) for m in ms], kind="stable")
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(40, 256, size=(len(ms), 3))
+    tint = out.astype(np.float32)
+    for k in order:
+        m = ms[k]
+        tint[m] = tint[m] * (1 - alpha) + colours[k].astype(np.float32) * alpha
+    out = tint.astype(np.uint8)
+    if outline > 0:
+        for k in order:
+            contours, _ = cv2.findContours(
+                ms[k].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE
+            )
+            cv2.drawContours(out, contours, -1, tuple(int(c) for c in colours[k]), outline)
+    return out
+
+
+def overlay_records(image: np.ndarray, records: Sequence[dict], **kwargs) -> np.ndarray:
+    """:func:`overlay_masks` over generator records (any segmentation encoding)."""
+    from .formats import to_mask
+
+    return overlay_masks(image, [to_mask(r["segmentation"]) for r in records], **kwargs)
+
+
+def candidates_panel(
+    image: np.ndarray,
+    masks: Sequence[np.ndarray] | np.ndarray,
+    scores: Sequence[float] | np.ndarray,
+    *,
+    points: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    box: np.ndarray | None = None,
+    best: int | None = None,
+) -> np.ndarray:
+    """The candidate masks side by side, each captioned with its index and predicted IoU;
+    the ``best`` one is framed."""
+    tiles = []
+    for i, (m, s) in enumerate(zip(masks, scores)):
+        tile = draw_prompts(draw_mask(image, m, color(i)), points=points, labels=labels, box=box)
+        bar = np.full((28, tile.shape[1], 3), 255, np.uint8)
+        text = f"mask {i}: IoU {float(s):.3f}" + ("  (best)" if i == best else "")
+        cv2.putText(bar, text, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+        tile = np.concatenate([bar, tile], axis=0)
+        if i == best:
+            cv2.rectangle(tile, (0, 0), (tile.shape[1] - 1, tile.shape[0] - 1), (0, 160, 0), 4)
+        tiles.append(tile)
+        tiles.append(np.full((tile.shape[0], 6, 3), 255, np.uint8))
+    return np.concatenate(tiles[:-1], axis=1)
