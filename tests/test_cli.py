@@ -41,8 +41,8 @@ def test_segment_writes_mask_overlay_and_json(tmp_path, capsys, mobile_sam):
     assert mask[330, 440] == 255  # the clicked pixel is in the mask
     for rec in summary["masks"]:
         assert (tmp_path / f"m_{rec['index']}.png").exists()
-    overlay = np.asarray(Image.open(tmp_path / "o.png"))
-    assert overlay.shape == (426, 640, 3)
+    panel = np.asarray(Image.open(tmp_path / "o.png"))  # three candidates side by side
+    assert panel.shape[0] > 426 and panel.shape[1] == 3 * 640 + 2 * 6 and panel.shape[2] == 3
 
 
 def test_segment_box_and_negative_point(tmp_path, capsys, mobile_sam):
