@@ -9,6 +9,7 @@ import torch
 
 from .models import Sam, model_from_state_dict
 from .predictor import EmbeddingCache, Predictor
+from .runtime import set_threads
 from .weights import DEFAULT_WEIGHTS, WeightsError, load_checkpoint, resolve
 
 
@@ -46,8 +47,27 @@ def load_predictor(
     *,
     device: str | torch.device = "cpu",
     cache_dir: str | Path | None = None,
+    cache: EmbeddingCache | None = None,
     progress: bool = True,
+    backend: str = "torch",
+    fuse: bool = True,
+    threads: int | None = None,
 ) -> Predictor:
-    """A :class:`Predictor` over :func:`load_model`; ``cache_dir`` keeps embeddings on disk."""
+    """A :class:`Predictor` over :func:`load_model`; ``cache_dir`` keeps embeddings on disk
+    (or pass a ready ``cache``).
+
+    ``backend`` is ``"torch"``, ``"onnx"`` (exported once, cached under
+    ``~/.cache/segany/onnx``) or ``"onnx-int8"``; ``fuse`` applies
+    :func:`segany.models.fuse.fuse_for_inference` (the predictor owns this model, so the
+    inference-only rewrite is safe); ``threads`` calls :func:`segany.runtime.set_threads`.
+    """
+    if threads is not None:
+        set_threads(threads)
     sam, sha = _load(model, device=device, progress=progress)
-    return Predictor(sam, cache=EmbeddingCache(cache_dir), model_id=sha[:32] if sha else None)
+    return Predictor(
+        sam,
+        cache=cache if cache is not None else EmbeddingCache(cache_dir),
+        model_id=sha[:32] if sha else None,
+        backend=backend,
+        fuse=fuse,
+    )

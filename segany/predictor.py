@@ -18,6 +18,8 @@ import torch
 
 from . import transforms as T
 from .models import Sam
+from .models.fuse import fuse_for_inference
+from .models.transformer import DecoderContext
 
 
 class PromptError(ValueError):
@@ -129,15 +131,46 @@ class Predictor:
         cache: where embeddings are kept; by default in memory for the last 8 images.
         model_id: identifies the weights in cache keys (e.g. the checkpoint's SHA-256);
             computed from the parameters when needed and not given.
+        backend: ``"torch"`` (the model itself), ``"onnx"`` (the model exported once and
+            run with onnxruntime, see :mod:`segany.export.runtime`), ``"onnx-int8"`` (its
+            dynamic-quantised variant; less accurate, see ``docs/performance.md``) or an
+            object with the ``embed`` / ``decode`` methods of
+            :class:`~segany.export.runtime.OnnxBackend`.
+        fuse: apply :func:`~segany.models.fuse.fuse_for_inference` to ``model`` (in place:
+            faster on the CPU, but the model can no longer be trained).
     """
 
     def __init__(
-        self, model: Sam, *, cache: EmbeddingCache | None = None, model_id: str | None = None
+        self,
+        model: Sam,
+        *,
+        cache: EmbeddingCache | None = None,
+        model_id: str | None = None,
+        backend: str | object = "torch",
+        fuse: bool = False,
     ) -> None:
         self.model = model.eval()
+        if fuse:
+            fuse_for_inference(self.model)
         self.cache = cache if cache is not None else EmbeddingCache()
         self._model_id = model_id
         self._state: ImageEmbedding | None = None
+        self._context: DecoderContext | None = None
+        self.backend_name = backend if isinstance(backend, str) else type(backend).__name__
+        self.backend = None  # None: the torch model itself
+        if backend in ("onnx", "onnx-int8"):
+            from .export.runtime import OnnxBackend
+
+            self.backend = OnnxBackend.from_model(
+                self.model, model_id=model_id, quantized=backend == "onnx-int8"
+            )
+        elif isinstance(backend, str):
+            if backend != "torch":
+                raise ValueError(f"unknown backend {backend!r}; use 'torch', 'onnx' or 'onnx-int8'")
+        elif hasattr(backend, "embed") and hasattr(backend, "decode"):
+            self.backend = backend
+        else:
+            raise TypeError("backend must be a name or an object with embed() and decode()")
 
     # -- image ---------------------------------------------------------------------------
     @property
@@ -173,12 +206,13 @@ class Predictor:
         """Load ``image`` (path, bytes, PIL or array; see :func:`transforms.load_image`)
         and embed it, or reuse a cached embedding of the same pixels."""
         rgb = T.load_image(image)
-        key = f"{self.model_id}-{image_key(rgb)}"
+        tag = "" if self.backend is None else f"-{self.backend_name}"
+        key = f"{self.model_id}{tag}-{image_key(rgb)}"
         cached = self.cache.get(key)
         if cached is None:
             cached = self.embed(rgb)
             self.cache.put(key, cached)
-        self._state = cached
+        self.set_embedding(cached)
         return cached
 
     def embed(self, rgb: np.ndarray) -> ImageEmbedding:
@@ -188,7 +222,7 @@ class Predictor:
             rgb, img_size=m.img_size, pixel_mean=m.pixel_mean, pixel_std=m.pixel_std
         )
         with torch.inference_mode():
-            emb = m.embed_image(x)
+            emb = m.embed_image(x) if self.backend is None else self.backend.embed(x)
         return ImageEmbedding(
             embedding=emb, original_size=(rgb.shape[0], rgb.shape[1]), input_size=input_size
         )
@@ -196,9 +230,22 @@ class Predictor:
     def set_embedding(self, item: ImageEmbedding) -> None:
         """Use an embedding computed elsewhere (e.g. loaded from disk)."""
         self._state = item
+        self._context = None
+        if self.backend is None:
+            self._decoder_context()
 
     def reset_image(self) -> None:
         self._state = None
+        self._context = None
+
+    def _decoder_context(self) -> DecoderContext:
+        """The prompt-independent part of the decoder for the current image, computed once
+        per image (a few milliseconds) and reused by every prompt without a mask input."""
+        if self._context is None:
+            with torch.inference_mode():
+                emb = self.state.embedding.to(self.model.device)
+                self._context = self.model.prepare_decoder(emb)
+        return self._context
 
     # -- prompts -------------------------------------------------------------------------
     def predict(
@@ -291,16 +338,20 @@ class Predictor:
         """Model-frame prompts (already transformed) -> masks ``(B, K, H, W)``, IoUs
         ``(B, K)``, low-res logits ``(B, K, S/4, S/4)``."""
         st = self.state
-        dev = self.model.device
         with torch.inference_mode():
-            low_res, iou = self.model.decode(
-                st.embedding,
-                point_coords=None if point_coords is None else point_coords.to(dev),
-                point_labels=None if point_labels is None else point_labels.to(dev),
-                boxes=None if boxes is None else boxes.to(dev),
-                mask_input=None if mask_input is None else mask_input.to(dev),
-                multimask_output=multimask_output,
-            )
+            if self.backend is not None:
+                low_res, iou = self.backend.decode(
+                    st.embedding,
+                    point_coords=point_coords,
+                    point_labels=point_labels,
+                    boxes=boxes,
+                    mask_input=mask_input,
+                    multimask_output=multimask_output,
+                )
+            else:
+                low_res, iou = self._decode_torch(
+                    point_coords, point_labels, boxes, mask_input, multimask_output
+                )
             masks = T.masks_to_image(
                 low_res,
                 input_size=st.input_size,
@@ -310,6 +361,25 @@ class Predictor:
             if not return_logits:
                 masks = masks > self.model.mask_threshold
         return masks.cpu(), iou.cpu(), low_res.cpu()
+
+    def _decode_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.model.device
+        return self.model.decode(
+            self.state.embedding.to(dev),
+            point_coords=None if point_coords is None else point_coords.to(dev),
+            point_labels=None if point_labels is None else point_labels.to(dev),
+            boxes=None if boxes is None else boxes.to(dev),
+            mask_input=None if mask_input is None else mask_input.to(dev),
+            multimask_output=multimask_output,
+            context=self._decoder_context() if mask_input is None else None,
+        )
 
     # -- validation ----------------------------------------------------------------------
     def _check_points(

@@ -10,7 +10,9 @@ Frames:
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +191,31 @@ def boxes_to_model(
     )
 
 
+def _linear_taps(n_in: int, n_out: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices ``(2, n_out)`` and weights of 1-D bilinear resizing exactly as
+    ``F.interpolate(..., align_corners=False)`` computes them on the CPU (float32 source
+    position ``scale * (i + 0.5) - 0.5`` clamped at 0; right neighbour clamped)."""
+    f32 = np.float32
+    src = f32(scale) * (np.arange(n_out, dtype=f32) + f32(0.5)) - f32(0.5)
+    src = np.maximum(src, f32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    frac = np.clip(src - i0.astype(f32), f32(0), f32(1))
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return np.stack([i0, i1]), np.stack([f32(1) - frac, frac]).astype(np.float64)
+
+
+@functools.lru_cache(maxsize=64)
+def _resize_matrix(n_low: int, factor: float, n_kept: int, n_out: int) -> torch.Tensor:
+    """``(n_out, n_low)`` float32 matrix of: upsample ``n_low`` samples by ``factor``, keep
+    the first ``n_kept``, resize those to ``n_out`` (two bilinear steps composed)."""
+    mid_idx, mid_w = _linear_taps(n_kept, n_out, np.float32(n_kept) / np.float32(n_out))
+    low_idx, low_w = _linear_taps(n_low, int(n_low * factor), 1.0 / factor)
+    m = np.zeros((n_out, n_low))
+    rows = np.broadcast_to(np.arange(n_out), (2, 2, n_out))
+    np.add.at(m, (rows, low_idx[:, mid_idx]), low_w[:, mid_idx] * mid_w[None])
+    return torch.from_numpy(m.astype(np.float32))
+
+
 def masks_to_image(
     low_res: torch.Tensor,
     *,
@@ -197,7 +224,30 @@ def masks_to_image(
     img_size: int,
 ) -> torch.Tensor:
     """Low-res logits ``(B, K, S/4, S/4)`` -> logits at image size ``(B, K, H, W)``:
-    upsample to the padded input, drop the padding, resize to the original image."""
-    x = F.interpolate(low_res, (img_size, img_size), mode="bilinear", align_corners=False)
-    x = x[..., : input_size[0], : input_size[1]]
+    upsample to the padded input, drop the padding, resize to the original image.
+
+    The padding is dropped *before* upsampling: only the low-res rows and columns that the
+    kept pixels read from (plus one for the bilinear neighbour) are upsampled, with the
+    same exact scale, so the result equals upsample-then-crop while doing less work. When
+    the image is smaller than the model input, the two resizings are applied at once as
+    the matrices they compose to, ``R_y @ logits @ R_x^T`` (the same function up to float
+    rounding), so the ``S x S`` intermediate is never built.
+    """
+    side_h, side_w = low_res.shape[-2:]
+    h, w = input_size
+    big_h, big_w = original_size
+    factor = img_size / side_w
+    # Composed as two small matrix products when that is cheaper than building the
+    # intermediate (always the case when the image is smaller than the model input).
+    if big_h * big_w < h * w and side_w * (side_w + big_w) * big_h < 400 * (h * w + big_h * big_w):
+        ry = _resize_matrix(side_h, factor, h, big_h).to(low_res.device, low_res.dtype)
+        rx = _resize_matrix(side_w, factor, w, big_w).to(low_res.device, low_res.dtype)
+        return ry @ low_res @ rx.T
+    rows = min(side_h, math.ceil(h / factor) + 1)
+    cols = min(side_w, math.ceil(w / factor) + 1)
+    x = low_res[..., :rows, :cols]
+    x = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+    x = x[..., :h, :w]
+    if (h, w) == tuple(original_size):
+        return x
     return F.interpolate(x, original_size, mode="bilinear", align_corners=False)

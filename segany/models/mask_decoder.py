@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .common import MLP, LayerNorm2d
-from .transformer import TwoWayTransformer
+from .transformer import DecoderContext, TwoWayTransformer
 
 
 class MaskDecoder(nn.Module):
@@ -67,6 +67,7 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        context: DecoderContext | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode ``B`` prompts against one image.
 
@@ -76,15 +77,31 @@ class MaskDecoder(nn.Module):
             sparse_prompt_embeddings: ``(B, N, C)``.
             dense_prompt_embeddings: ``(B, C, h, w)``.
             multimask_output: return the 3 multimask outputs instead of the single one.
+            context: from :meth:`prepare` for this image and this ``dense_prompt_embeddings``
+                (then ``image_embeddings``, ``image_pe`` and the dense embeddings are unused).
 
         Returns:
             mask logits ``(B, 3 or 1, 4h, 4w)`` and predicted IoUs ``(B, 3 or 1)``.
         """
         masks, iou = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            image_embeddings,
+            image_pe,
+            sparse_prompt_embeddings,
+            dense_prompt_embeddings,
+            context=context,
         )
         sel = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sel], iou[:, sel]
+
+    def prepare(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> DecoderContext:
+        """Prompt-independent work for one image ``(1, C, h, w)`` and one dense prompt
+        embedding (the no-mask one, shared by all prompts without a mask input)."""
+        return self.transformer.prepare(image_embeddings + dense_prompt_embeddings, image_pe)
 
     def predict_masks(
         self,
@@ -92,26 +109,39 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        context: DecoderContext | None = None,
+        few_tokens: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ``num_mask_tokens`` outputs: logits ``(B, 4, 4h, 4w)``, IoUs ``(B, 4)``."""
+        """All ``num_mask_tokens`` outputs: logits ``(B, 4, 4h, 4w)``, IoUs ``(B, 4)``.
+        ``few_tokens``: see :meth:`TwoWayTransformer.forward`."""
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat(
             [output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1
         )
-        src = image_embeddings + dense_prompt_embeddings
-        if src.shape[0] != b:
-            src = src.expand(b, -1, -1, -1)
-        pos_src = image_pe.expand(b, -1, -1, -1)
-        _, c, h, w = src.shape
-        hs, src = self.transformer(src, pos_src, tokens)
+        if context is None:
+            src = image_embeddings + dense_prompt_embeddings
+            if src.shape[0] != b:
+                src = src.expand(b, -1, -1, -1)
+            pos_src = image_pe.expand(b, -1, -1, -1)
+            _, c, h, w = src.shape
+            hs, src = self.transformer(src, pos_src, tokens, few_tokens=few_tokens)
+        else:
+            _, c, h, w = image_embeddings.shape
+            hs, src = self.transformer(None, None, tokens, context=context)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        # (B, h*w, C) tokens seen as a channels-last (B, C, h, w) map: no copy.
+        src = src.expand(b, -1, -1).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        upscaled = self.output_upscaling(src)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )
         _, c2, h2, w2 = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, -1, h2, w2)
+        if upscaled.is_contiguous(memory_format=torch.channels_last):
+            flat = upscaled.permute(0, 2, 3, 1).reshape(b, h2 * w2, c2)
+            masks = (hyper_in @ flat.transpose(1, 2)).reshape(b, -1, h2, w2)
+        else:
+            masks = (hyper_in @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, -1, h2, w2)
         return masks, self.iou_prediction_head(iou_token_out)

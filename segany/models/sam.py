@@ -7,6 +7,7 @@ from torch import nn
 
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
+from .transformer import DecoderContext
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -57,6 +58,15 @@ class Sam(nn.Module):
         """``(B, 3, S, S)`` normalised, padded images -> ``(B, C, S/16, S/16)``."""
         return self.image_encoder(images)
 
+    def prepare_decoder(self, image_embeddings: torch.Tensor) -> DecoderContext:
+        """The prompt-independent part of decoding for one image ``(1, C, h, w)``: compute
+        once per image and pass as ``context`` to :meth:`decode` (prompts without a mask
+        input use it; the results are the same as without it)."""
+        pe = self.prompt_encoder
+        h, w = pe.image_embedding_size
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, h, w)
+        return self.mask_decoder.prepare(image_embeddings, pe.get_dense_pe(), dense)
+
     def decode(
         self,
         image_embeddings: torch.Tensor,
@@ -66,6 +76,7 @@ class Sam(nn.Module):
         boxes: torch.Tensor | None = None,
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
+        context: DecoderContext | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode ``B`` prompts against one image embedding.
 
@@ -75,6 +86,8 @@ class Sam(nn.Module):
                 1 foreground, 0 background, -1 ignored.
             boxes: ``(B, 4)`` model-frame XYXY.
             mask_input: ``(B, 1, 4h, 4w)`` low-res logits from an earlier call.
+            context: :meth:`prepare_decoder` of ``image_embeddings``; used when no
+                ``mask_input`` is given.
 
         Returns:
             low-res mask logits ``(B, K, 4h, 4w)`` and predicted IoUs ``(B, K)``,
@@ -86,6 +99,10 @@ class Sam(nn.Module):
                 raise ValueError("point_labels are required with point_coords")
             points = (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points, boxes, mask_input)
+        if context is not None and mask_input is None:
+            return self.mask_decoder(
+                image_embeddings, None, sparse, None, multimask_output, context=context
+            )
         return self.mask_decoder(
             image_embeddings,
             self.prompt_encoder.get_dense_pe(),

@@ -103,12 +103,21 @@ class Attention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window * window))
         self.register_buffer("bias_index", offset_index(window), persistent=False)
 
+    def bias(self) -> torch.Tensor:
+        """``(heads, N, N)`` attention bias gathered from the learned table; the gather is
+        skipped when :func:`~segany.models.fuse.fuse_for_inference` stored it (``ab``)."""
+        ab = getattr(self, "ab", None)
+        return ab if ab is not None else self.attention_biases[:, self.bias_index]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
-        bias = self.attention_biases[:, self.bias_index]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        # Written out rather than SDPA: with a float bias SDPA takes its "math" path on the
+        # CPU, which adds a masked-row check (where/all/isneginf) over every score matrix.
+        attn = q @ k.transpose(-2, -1)
+        attn = attn.mul_(self.head_dim**-0.5).add_(self.bias()).softmax(-1)
+        out = attn @ v
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -161,7 +170,9 @@ class ConvLayer(nn.Module):
 
     def __init__(self, *, dim: int, depth: int, expand_ratio: float, downsample: nn.Module) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(MBConv(dim=dim, expand_ratio=expand_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            MBConv(dim=dim, expand_ratio=expand_ratio) for _ in range(depth)
+        )
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

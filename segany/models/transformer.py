@@ -3,6 +3,8 @@ other in turn (token self-attention, token->image, MLP on tokens, image->token).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,12 +32,99 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q (B, Nq, C)``, ``k, v (B, Nk, C)`` -> ``(B, Nq, C)``."""
-        q = self._heads(self.q_proj(q))
-        k = self._heads(self.k_proj(k))
-        v = self._heads(self.v_proj(v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        b, h, n, d = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+        return self.attend(self.q_proj(q), self.k_proj(k), self.v_proj(v))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention over already projected ``q, k, v`` (inner width), then ``out_proj``.
+
+        ``k`` and ``v`` may have batch 1 while ``q`` has batch ``B``: the keys are then
+        shared, and the queries of all batch items attend in one call."""
+        b, nq, _ = q.shape
+        if k.shape[0] == 1 and b > 1:
+            q = q.reshape(1, b * nq, -1)
+        elif q.shape[0] == 1 and k.shape[0] > 1:
+            q = q.expand(k.shape[0], -1, -1)
+        out = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
+        bo, h, n, d = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(bo * n // nq, nq, h * d))
+
+    # -- the same attention, re-associated for few tokens against many image tokens --------
+    # With Nt prompt tokens (about 7) and Ni image tokens (4096), projecting the image tokens
+    # costs Ni * C * I multiply-adds per projection. Folding the projection weights into
+    # the few tokens instead costs Ni * C * heads * Nt: less than half. Same function, only
+    # the order of the products changes (float rounding); used by the inference path that
+    # runs with a DecoderContext.
+
+    def _split_weight(self, linear: nn.Linear) -> torch.Tensor:
+        """``(I, C)`` weight -> ``(heads, d, C)``."""
+        d = self.internal_dim // self.num_heads
+        return linear.weight.view(self.num_heads, d, -1)
+
+    def attend_image(
+        self, q: torch.Tensor, k_img: torch.Tensor, v_img: torch.Tensor
+    ) -> torch.Tensor:
+        """Few queries ``q (B, Nq, C)`` (not projected) attending image tokens ``k_img``,
+        ``v_img`` ``(1 or B, Ni, C)`` (not projected) -> ``(B, Nq, C)``, i.e.
+        ``forward(q, k_img, v_img)`` without projecting the image tokens."""
+        h = self.num_heads
+        d = self.internal_dim // h
+        b, nq, c = q.shape
+        qh = self.q_proj(q).view(b, nq, h, d).transpose(1, 2)  # (B, h, Nq, d)
+        # scores = q_h (W_k,h x + b_k,h): the bias term is constant over keys -> cancels.
+        qk = (qh @ self._split_weight(self.k_proj)).reshape(b, h * nq, c)
+        attn = (qk @ k_img.transpose(1, 2)).mul_(d**-0.5).softmax(-1)  # (B, h*Nq, Ni)
+        # A (x W_v,h^T + b_v,h) = (A x) W_v,h^T + b_v,h since the rows of A sum to 1.
+        ax = (attn @ v_img).view(b, h, nq, c)
+        out = ax @ self._split_weight(self.v_proj).transpose(1, 2) + self.v_proj.bias.view(h, 1, d)
+        return self.out_proj(out.transpose(1, 2).reshape(b, nq, h * d))
+
+    def image_attend(
+        self,
+        q_img: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        projected: bool = False,
+    ) -> torch.Tensor:
+        """Image tokens ``q_img (1 or B, Ni, C)`` attending few tokens ``k, v (B, Nk, C)``
+        -> ``(B, Ni, C)``, i.e. ``forward(q_img, k, v)`` without projecting the image tokens
+        (``projected``: ``q_img`` is already ``q_proj(image tokens)``, width ``I``) and with
+        the output projection folded into the few values."""
+        h = self.num_heads
+        d = self.internal_dim // h
+        b, nk, _ = k.shape
+        kh = self.k_proj(k).view(b, nk, h, d).transpose(1, 2)  # (B, h, Nk, d)
+        # Scores are laid out (B, h, Nk, Ni): the softmax over the few keys then runs along
+        # a strided axis and vectorises over the many image tokens.
+        if projected:
+            qh = q_img.view(q_img.shape[0], -1, h, d).permute(0, 2, 3, 1)  # (., h, d, Ni)
+            scores = kh @ qh  # (B, h, Nk, Ni)
+        else:
+            # (x W_q,h^T + b_q,h) k_h^T = x (k_h W_q,h)^T + b_q,h k_h^T
+            kq = (kh @ self._split_weight(self.q_proj)).reshape(b, h * nk, -1)
+            bias = (kh @ self.q_proj.bias.view(h, d, 1)).reshape(b, h * nk, 1)
+            scores = torch.baddbmm(bias, kq, q_img.expand(b, -1, -1).transpose(1, 2))
+            scores = scores.view(b, h, nk, -1)
+        attn = scores.mul_(d**-0.5).softmax(2).reshape(b, h * nk, -1).transpose(1, 2)
+        vh = self.v_proj(v).view(b, nk, h, d).transpose(1, 2)  # (B, h, Nk, d)
+        w_out = self.out_proj.weight.view(-1, h, d).permute(1, 2, 0)  # (h, d, C)
+        vo = (vh @ w_out).reshape(b, h * nk, -1)  # (B, h*Nk, C)
+        return torch.baddbmm(self.out_proj.bias.view(1, 1, -1), attn, vo)
+
+
+@dataclass(frozen=True)
+class DecoderContext:
+    """The prompt-independent part of the two-way transformer for one image: image tokens
+    ``keys`` (embedding plus the no-mask dense embedding), their positional encoding
+    ``key_pe``, and the first layer's projections of the image tokens (``k``, ``v`` of the
+    token-to-image attention, ``q`` of the image-to-token attention). All have batch 1.
+    Only valid for prompts without a mask input."""
+
+    keys: torch.Tensor
+    key_pe: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    q: torch.Tensor
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -76,7 +165,12 @@ class TwoWayAttentionBlock(nn.Module):
         keys: torch.Tensor,
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
+        context: DecoderContext | None = None,
+        few_tokens: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``context`` holds this layer's image-token projections (first layer only);
+        ``few_tokens`` re-associates the cross attentions so that the image tokens are never
+        projected (see :meth:`Attention.attend_image`), for the inference path."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(queries, queries, queries)
         else:
@@ -84,13 +178,26 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q, q, queries)
         queries = self.norm1(queries)
 
+        t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
         q = queries + query_pe
-        k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+        k = None if context is not None else keys + key_pe
+        if context is not None:
+            attn = t2i.attend(t2i.q_proj(q), context.k, context.v)
+        elif few_tokens:
+            attn = t2i.attend_image(q, k, keys)
+        else:
+            attn = t2i(q, k, keys)
+        queries = self.norm2(queries + attn)
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
+        if context is not None:
+            attn = i2t.image_attend(context.q, q, queries, projected=True)
+        elif few_tokens:
+            attn = i2t.image_attend(k, q, queries)
+        else:
+            attn = i2t(k, q, queries)
+        keys = self.norm4(keys + attn)
         return queries, keys
 
 
@@ -124,17 +231,45 @@ class TwoWayTransformer(nn.Module):
         )
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
-    def forward(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``image_embedding``, ``image_pe``: ``(B, C, h, w)``; ``point_embedding``:
-        ``(B, N, C)``. Returns tokens ``(B, N, C)`` and image tokens ``(B, h*w, C)``."""
+    def prepare(self, image_embedding: torch.Tensor, image_pe: torch.Tensor) -> DecoderContext:
+        """Precompute the prompt-independent work for ``(1, C, h, w)`` image tokens (the
+        embedding plus a dense prompt embedding that every later prompt shares)."""
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
+        first = self.layers[0]
+        k = keys + key_pe
+        t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+        return DecoderContext(
+            keys=keys, key_pe=key_pe, k=t2i.k_proj(k), v=t2i.v_proj(keys), q=i2t.q_proj(k)
+        )
+
+    def forward(
+        self,
+        image_embedding: torch.Tensor | None,
+        image_pe: torch.Tensor | None,
+        point_embedding: torch.Tensor,
+        context: DecoderContext | None = None,
+        few_tokens: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``image_embedding``, ``image_pe``: ``(B, C, h, w)``; ``point_embedding``:
+        ``(B, N, C)``. Returns tokens ``(B, N, C)`` and image tokens ``(B, h*w, C)``.
+        With a ``context`` from :meth:`prepare` the image arguments are not used, and the
+        cross attentions run in their few-token form (same function, less work);
+        ``few_tokens`` forces that form on or off."""
+        if context is None:
+            keys = image_embedding.flatten(2).transpose(1, 2)
+            key_pe = image_pe.flatten(2).transpose(1, 2)
+        else:
+            keys, key_pe = context.keys, context.key_pe
         queries = point_embedding
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
+        fast = context is not None if few_tokens is None else few_tokens
+        for i, layer in enumerate(self.layers):
+            queries, keys = layer(
+                queries, keys, point_embedding, key_pe, context if i == 0 else None, fast
+            )
         q = queries + point_embedding
         k = keys + key_pe
-        queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
+        final = self.final_attn_token_to_image
+        attn = final.attend_image(q, k, keys) if fast else final(q, k, keys)
+        queries = self.norm_final_attn(queries + attn)
         return queries, keys

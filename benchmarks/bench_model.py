@@ -1,0 +1,241 @@
+"""Encoder and one-click latency of segany (each backend) against the reference code.
+
+One invocation times, on the same images and in interleaved rounds (so that load from
+other processes hits every contestant alike):
+- the reference implementation (MobileSAM's own ``SamPredictor``), run by the python of
+  the reference venv (``--reference-python``; see ``../shared/tools/reference-venv.sh``);
+- segany's ``Predictor`` with each requested backend (default: torch, onnx).
+Each contestant is a separate worker process (so peak memory is its own), loaded once,
+given the same thread count. "encoder" = ``set_image`` on an image not seen before (resize,
+normalise, encode; segany's embedding cache is off); "click" = ``predict`` with one
+positive point, multimask output, masks at image size. Reported: the minimum and the median
+over all repetitions, the ratio of the reference's median to ours, and each worker's peak
+resident memory.
+
+    python benchmarks/bench_model.py --reference-python /path/to/reference/venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+IMAGES = ("mobilesam_astronaut.npz", "mobilesam_coffee.npz", "mobilesam_bike_trial.npz")
+WEIGHTS = Path.home() / ".cache" / "segany" / "weights" / "mobile_sam.pt"
+
+# The worker loop shared by both sides: read a command per line, answer one JSON line.
+WORKER = r"""
+import json, resource, sys, time
+import numpy as np
+images = {}
+def load(path):
+    if path not in images:
+        z = np.load(path)
+        images[path] = (z["image"], z["c0_point_coords"] if "c0_point_coords" in z.files else None)
+    return images[path]
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "quit":
+        break
+    img, _ = load(cmd["image"])
+    c, t = time.process_time(), time.perf_counter()
+    if cmd["op"] == "embed":
+        set_image(img)
+    else:
+        click(np.array([cmd["point"]], dtype=np.float64))
+    dt, dc = time.perf_counter() - t, time.process_time() - c
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": dt, "cpu": dc, "peak_mb": rss}), flush=True)
+"""
+
+REFERENCE_SETUP = r"""
+import sys, torch
+torch.set_num_threads(int(sys.argv[2]))
+from mobile_sam import SamPredictor, sam_model_registry
+sam = sam_model_registry["vit_t"](checkpoint=sys.argv[1]).eval()
+pred = SamPredictor(sam)
+def set_image(img):
+    pred.set_image(img)
+def click(pt):
+    pred.predict(point_coords=pt, point_labels=np.array([1]), multimask_output=True)
+"""
+
+OURS_SETUP = r"""
+import sys
+from segany import load_predictor
+from segany.predictor import EmbeddingCache
+from segany.runtime import set_threads
+set_threads(int(sys.argv[2]))
+pred = load_predictor(sys.argv[1], backend=sys.argv[3], cache=EmbeddingCache(max_items=0))
+def set_image(img):
+    pred.set_image(img)
+def click(pt):
+    pred.predict(point_coords=pt, point_labels=np.array([1]), multimask_output=True)
+"""
+
+
+class Worker:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        self.peak_mb = 0.0
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {name} failed to start")
+
+    def ask(self, **cmd) -> tuple[float, float]:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.name} died")
+        out = json.loads(line)
+        self.peak_mb = max(self.peak_mb, out["peak_mb"])
+        return out["seconds"], out["cpu"]
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        self.proc.wait(timeout=60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--reference-python", help="python of the reference venv (optional)")
+    ap.add_argument("--backends", default="torch,onnx", help="comma-separated segany backends")
+    ap.add_argument("--weights", default=str(WEIGHTS), help="mobile_sam.pt")
+    ap.add_argument("--threads", type=int, default=None, help="threads per worker")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over all images")
+    ap.add_argument("--clicks", type=int, default=5, help="clicks per image and round")
+    ap.add_argument(
+        "--passive",
+        action="store_true",
+        help="OMP_WAIT_POLICY=PASSIVE for every worker: on a machine shared with other jobs,"
+        " spinning OpenMP threads otherwise burn the time slices their partners need",
+    )
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    from segany.runtime import default_threads
+
+    threads = args.threads or default_threads()
+    base = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if args.passive:
+        base["OMP_WAIT_POLICY"] = "PASSIVE"
+    env = dict(base, PYTHONPATH=str(root))
+    # The workers run one after the other, never at the same time: each may use all threads.
+    workers: list[Worker] = []
+    if args.reference_python:
+        code = "import numpy as np\n" + REFERENCE_SETUP + WORKER
+        workers.append(
+            Worker(
+                "reference",
+                [args.reference_python, "-c", code, args.weights, str(threads)],
+                env=base,
+            )
+        )
+    for b in args.backends.split(","):
+        code = "import numpy as np\n" + OURS_SETUP + WORKER
+        workers.append(
+            Worker(
+                f"segany-{b}",
+                [sys.executable, "-c", code, args.weights, str(threads), b],
+                env=env,
+            )
+        )
+    import numpy as np
+
+    images = [str(REFERENCE / f) for f in IMAGES]
+    points = []
+    for f in images:
+        z = np.load(f)
+        h, w = z["image"].shape[:2]
+        points.append([w / 2.0, h / 2.0])
+    ops = ("embed", "click", "embed_cpu", "click_cpu")
+    times: dict[str, dict[str, list[float]]] = {w.name: {k: [] for k in ops} for w in workers}
+    for w in workers:  # warm-up: first calls allocate and (onnxruntime) plan
+        w.ask(op="embed", image=images[0])
+        w.ask(op="click", image=images[0], point=points[0])
+    for _ in range(args.rounds):
+        for img, pt in zip(images, points):
+            for w in workers:
+                wall, cpu = w.ask(op="embed", image=img)
+                times[w.name]["embed"].append(wall)
+                times[w.name]["embed_cpu"].append(cpu)
+                for _ in range(args.clicks):
+                    wall, cpu = w.ask(op="click", image=img, point=pt)
+                    times[w.name]["click"].append(wall)
+                    times[w.name]["click_cpu"].append(cpu)
+    for w in workers:
+        w.close()
+
+    def med(name: str, op: str) -> float:
+        return statistics.median(times[name][op])
+
+    ref = "reference" if args.reference_python else None
+    print(
+        f"threads {threads}, {args.rounds} rounds x {len(images)} images, {args.clicks} clicks"
+        + (", OMP_WAIT_POLICY=PASSIVE" if args.passive else "")
+    )
+    print(
+        f"{'':18s} {'encoder min/median s':>22s} {'click min/median ms':>22s} {'peak MB':>8s}"
+        f" {'ref/ours enc':>12s} {'ref/ours click':>14s}"
+    )
+    rows = {}
+    for w in workers:
+        e, c = times[w.name]["embed"], times[w.name]["click"]
+        row = dict(
+            encoder_min=min(e),
+            encoder_median=med(w.name, "embed"),
+            click_min=min(c),
+            click_median=med(w.name, "click"),
+            peak_mb=w.peak_mb,
+        )
+        ratio_e = ratio_c = ""
+        if ref and w.name != ref:
+            row["encoder_speedup"] = med(ref, "embed") / row["encoder_median"]
+            row["click_speedup"] = med(ref, "click") / row["click_median"]
+            ratio_e = f"{row['encoder_speedup']:.2f}x"
+            ratio_c = f"{row['click_speedup']:.2f}x"
+        rows[w.name] = row
+        print(
+            f"{w.name:18s} {min(e):10.3f} / {row['encoder_median']:6.3f}     "
+            f"{1e3 * min(c):9.1f} / {1e3 * row['click_median']:6.1f}   {w.peak_mb:8.0f}"
+            f" {ratio_e:>12s} {ratio_c:>14s}"
+        )
+    print("CPU time (process time of the worker; with --threads 1 it hardly depends on load):")
+    for w in workers:
+        e, c = med(w.name, "embed_cpu"), med(w.name, "click_cpu")
+        rows[w.name].update(encoder_cpu_median=e, click_cpu_median=c)
+        ratio = ""
+        if ref and w.name != ref:
+            ratio = (
+                f"   ref/ours enc {med(ref, 'embed_cpu') / e:.2f}x"
+                f"  click {med(ref, 'click_cpu') / c:.2f}x"
+            )
+        print(f"{w.name:18s} encoder {e:7.3f} s   click {1e3 * c:7.1f} ms{ratio}")
+    load = os.getloadavg()
+    print(f"load average during the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"threads": threads, "results": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    main()
+    print(f"total {time.perf_counter() - t0:.0f} s")

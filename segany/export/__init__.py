@@ -1,0 +1,8 @@
+"""ONNX export of the model and an onnxruntime backend for the predictor.
+
+Needs the optional dependencies ``onnx`` and ``onnxruntime`` (``pip install segany[onnx]``).
+"""
+
+from .onnx import export_decoder, export_encoder, export_onnx
+
+__all__ = ["export_decoder", "export_encoder", "export_onnx"]

@@ -1,0 +1,199 @@
+"""Export the image encoder and the prompt encoder + mask decoder to ONNX.
+
+Two graphs, both in the *model frame* (see :mod:`segany.transforms`, which stays the one
+place for image geometry):
+
+``encoder.onnx``
+    ``image`` ``(1, 3, S, S)`` normalised, padded pixels -> ``image_embeddings``
+    ``(1, 256, S/16, S/16)``.
+
+``decoder.onnx``
+    inputs ``image_embeddings`` ``(1, 256, h, w)``; ``point_coords`` ``(B, N, 2)`` float
+    model-frame ``(x, y)`` pixels; ``point_labels`` ``(B, N)`` float: 1 object, 0 background,
+    -1 padding, 2 / 3 the top-left / bottom-right corner of a box (a box is given as two
+    points, as in Meta's export); ``mask_input`` ``(B, 1, 4h, 4w)`` low-res logits and
+    ``has_mask_input`` ``(1,)`` (1 to use the mask, 0 to ignore it). ``B`` and ``N`` are
+    dynamic. Outputs ``low_res_masks`` ``(B, 4, 4h, 4w)`` logits and ``iou_predictions``
+    ``(B, 4)``: index 0 is the single-mask output, 1..3 the multimask outputs.
+    As the released models were trained, prompts without a box must end with a padding
+    point (``(0, 0)``, label -1); :class:`segany.export.runtime.OnnxBackend` adds it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models import Sam
+from ..models.fuse import fuse_for_inference
+
+OPSET = 18
+#: Bumped whenever the exported graphs change, so that cached exports are redone.
+EXPORT_VERSION = 2
+
+
+class EncoderGraph(nn.Module):
+    """The image encoder alone."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.image_encoder = sam.image_encoder
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(image)
+
+
+class DecoderGraph(nn.Module):
+    """Prompt encoder + mask decoder with all prompts as tensors (no optional inputs, no
+    control flow): points of any label -1..3 and a mask gated by ``has_mask_input``."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+        self.register_buffer("dense_pe", sam.prompt_encoder.get_dense_pe().detach().clone())
+
+    def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pe = self.prompt_encoder
+        emb = pe.pe_layer.points(coords + 0.5, pe.input_image_size)
+        labels = labels.unsqueeze(-1)
+        emb = emb * (labels != -1) + pe.not_a_point_embed.weight * (labels == -1)
+        for i, point_embed in enumerate(pe.point_embeddings):
+            emb = emb + point_embed.weight * (labels == i)
+        return emb
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        pe = self.prompt_encoder
+        sparse = self.embed_points(point_coords, point_labels)
+        gate = has_mask_input.reshape(1, 1, 1, 1)
+        no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        dense = gate * pe.mask_downscaling(mask_input) + (1 - gate) * no_mask
+        return self.mask_decoder.predict_masks(
+            image_embeddings, self.dense_pe, sparse, dense, few_tokens=True
+        )
+
+
+def _prepared(sam: Sam) -> Sam:
+    """A fused, float32, CPU copy of ``sam`` (the caller's model is left untouched)."""
+    model = copy.deepcopy(sam).float().cpu().eval()
+    fuse_for_inference(model)
+    # channels-last strides are a torch CPU detail; ONNX graphs are layout-free.
+    return model.to(memory_format=torch.contiguous_format)
+
+
+def _export(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    *,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(tmp),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+    os.replace(tmp, path)
+    return path
+
+
+def export_encoder(sam: Sam, path: str | os.PathLike[str]) -> Path:
+    """Write the image encoder of ``sam`` to ``path`` (see the module docstring)."""
+    model = _prepared(sam)
+    s = model.img_size
+    with torch.no_grad():
+        return _export(
+            EncoderGraph(model),
+            (torch.zeros(1, 3, s, s),),
+            Path(path),
+            input_names=["image"],
+            output_names=["image_embeddings"],
+            dynamic_axes={},
+        )
+
+
+def export_decoder(sam: Sam, path: str | os.PathLike[str]) -> Path:
+    """Write the prompt encoder + mask decoder of ``sam`` to ``path``."""
+    model = _prepared(sam)
+    pe = model.prompt_encoder
+    h, w = pe.image_embedding_size
+    mh, mw = pe.mask_input_size
+    args = (
+        torch.randn(1, pe.embed_dim, h, w),
+        torch.randint(0, 1024, (2, 3, 2)).float(),
+        torch.tensor([[1.0, 0.0, -1.0], [2.0, 3.0, 1.0]]),
+        torch.zeros(2, 1, mh, mw),
+        torch.zeros(1),
+    )
+    with torch.no_grad():
+        return _export(
+            DecoderGraph(model),
+            args,
+            Path(path),
+            input_names=[
+                "image_embeddings",
+                "point_coords",
+                "point_labels",
+                "mask_input",
+                "has_mask_input",
+            ],
+            output_names=["low_res_masks", "iou_predictions"],
+            dynamic_axes={
+                "point_coords": {0: "batch", 1: "num_points"},
+                "point_labels": {0: "batch", 1: "num_points"},
+                "mask_input": {0: "batch"},
+                "low_res_masks": {0: "batch"},
+                "iou_predictions": {0: "batch"},
+            },
+        )
+
+
+def export_onnx(sam: Sam, directory: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write ``encoder.onnx`` and ``decoder.onnx`` into ``directory``."""
+    d = Path(directory)
+    return export_encoder(sam, d / "encoder.onnx"), export_decoder(sam, d / "decoder.onnx")
+
+
+def quantize_dynamic_int8(path: str | os.PathLike[str]) -> Path:
+    """Dynamic int8 quantisation (weights int8, activations quantised on the fly) of an
+    exported graph, written next to it as ``<name>.int8.onnx`` once. Only ``MatMul`` and
+    ``Gemm`` weights are quantised (convolutions stay float). Less accurate than the float
+    graph: the measured cost is in ``docs/performance.md``; never a default."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = Path(path)
+    dst = src.with_name(src.stem + ".int8.onnx")
+    if not dst.is_file():
+        tmp = dst.with_suffix(f".tmp{os.getpid()}.onnx")
+        quantize_dynamic(
+            str(src),
+            str(tmp),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+        )
+        os.replace(tmp, dst)
+    return dst

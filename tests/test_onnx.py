@@ -1,0 +1,101 @@
+"""ONNX export + onnxruntime backend == the torch model.
+
+Tolerances: on a tiny random model, embeddings and logits within 1e-4 (float rounding);
+on the MobileSAM golden (astronaut) the same parity tolerances as the torch backend
+(embedding 5e-4, IoU 1e-3, low-res logits 2e-2, <= 25 mask pixels).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from segany.export.onnx import export_onnx  # noqa: E402
+from segany.export.runtime import OnnxBackend  # noqa: E402
+from segany.predictor import Predictor  # noqa: E402
+
+from .conftest import SHARED_REFERENCE  # noqa: E402
+from .test_speed_paths import tiny_tinyvit_sam  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    sam = tiny_tinyvit_sam(3)
+    enc, dec = export_onnx(sam, tmp_path_factory.mktemp("onnx"))
+    return sam, OnnxBackend(enc, dec, mask_input_size=sam.prompt_encoder.mask_input_size)
+
+
+def test_encoder_matches_torch(tiny_onnx) -> None:
+    sam, backend = tiny_onnx
+    x = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        ref = sam.embed_image(x)
+    torch.testing.assert_close(backend.embed(x), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_decoder_matches_torch_dynamic_prompts(tiny_onnx, multimask: bool) -> None:
+    sam, backend = tiny_onnx
+    torch.manual_seed(4)
+    emb = torch.randn(1, 256, 8, 8)
+    cases = [
+        dict(point_coords=torch.rand(1, 1, 2) * 128, point_labels=torch.tensor([[1]])),
+        dict(point_coords=torch.rand(3, 4, 2) * 128, point_labels=torch.tensor([[1, 0, 1, 0]] * 3)),
+        dict(boxes=torch.tensor([[10.0, 10.0, 80.0, 90.0], [0.0, 5.0, 30.0, 40.0]])),
+        dict(
+            boxes=torch.tensor([[10.0, 10.0, 80.0, 90.0]]),
+            point_coords=torch.tensor([[[40.0, 50.0]]]),
+            point_labels=torch.tensor([[0]]),
+        ),
+        dict(
+            point_coords=torch.tensor([[[40.0, 50.0], [70.0, 20.0]]]),
+            point_labels=torch.tensor([[1, 0]]),
+            mask_input=torch.randn(1, 1, 32, 32),
+        ),
+    ]
+    for kw in cases:
+        with torch.inference_mode():
+            ref = sam.decode(emb, multimask_output=multimask, **kw)
+        got = backend.decode(emb, multimask_output=multimask, **kw)
+        for u, v in zip(ref, got):
+            torch.testing.assert_close(v, u, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.weights
+@pytest.mark.skipif(not (SHARED_REFERENCE / "index.json").exists(), reason="no goldens")
+def test_onnx_backend_on_golden(mobile_sam, tmp_path) -> None:
+    pred = Predictor(mobile_sam, backend=OnnxBackend.from_model(mobile_sam, directory=tmp_path))
+    idx = json.loads((SHARED_REFERENCE / "index.json").read_text())
+    name = "mobilesam_astronaut.npz"
+    z = np.load(SHARED_REFERENCE / name)
+    width = z["image"].shape[1]
+    pred.set_image(z["image"])
+    np.testing.assert_allclose(pred.embedding.numpy(), z["embedding"], atol=5e-4)
+    for key, case in idx[name]["cases"].items():
+        out = pred.predict(
+            point_coords=np.array(case["point_coords"]) if "point_coords" in case else None,
+            point_labels=np.array(case["point_labels"]) if "point_labels" in case else None,
+            box=np.array(case["box"]) if "box" in case else None,
+            multimask_output=case["multimask_output"],
+        )
+        ref = np.unpackbits(z[f"{key}_masks"], axis=-1, count=width).astype(bool)
+        np.testing.assert_allclose(out.scores, z[f"{key}_iou"], atol=1e-3)
+        np.testing.assert_allclose(out.low_res_logits, z[f"{key}_lowres"], atol=2e-2)
+        assert (out.masks != ref).sum() <= 25
+    r = idx[name]["refine"]
+    out = pred.predict(
+        point_coords=np.array(r["point_coords"]),
+        point_labels=np.array(r["point_labels"]),
+        mask_input=z["refine_mask_input"],
+        multimask_output=False,
+    )
+    ref = np.unpackbits(z["refine_masks"], axis=-1, count=width).astype(bool)
+    assert (out.masks != ref).sum() <= 25
+    out = pred.predict_batch(boxes=z["batch_boxes"], multimask_output=True)
+    ref = np.unpackbits(z["batch_masks"], axis=-1, count=width).astype(bool)
+    assert (out.masks != ref).sum() <= 25

@@ -1,0 +1,165 @@
+"""Inference-only speed paths give the same results as the plain model.
+
+- ``fuse_for_inference`` (batch norm folded, attention bias stored, channels-last) ==
+  the unfused model, on a tiny random TinyViT SAM and on the MobileSAM goldens;
+- the per-image decoder context (prompt-independent projections computed once) == the
+  full decoder, for single and batched prompts;
+- ``masks_to_image`` (crop before upsampling) == upsample-then-crop, bit for bit;
+- the thread setting.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segany import transforms as T
+from segany.models.fuse import fold_batch_norm, fuse_for_inference, is_fused
+from segany.models.registry import vit_t
+from segany.predictor import Predictor
+from segany.runtime import available_cpus, get_threads, set_threads
+
+from .conftest import SHARED_REFERENCE
+
+
+def tiny_tinyvit_sam(seed: int = 0):
+    """MobileSAM's architecture at 128 px with narrow stages and random BN statistics."""
+    torch.manual_seed(seed)
+    sam = vit_t(
+        img_size=128,
+        embed_dims=(16, 32, 40, 48),
+        depths=(1, 1, 2, 1),
+        num_heads=(1, 2, 2, 3),
+        window_sizes=(7, 7, 7, 7),
+        num_classes=0,
+    )
+    for m in sam.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    for m in sam.modules():
+        if hasattr(m, "attention_biases"):
+            nn.init.normal_(m.attention_biases, std=0.5)
+    return sam.eval()
+
+
+def test_fold_batch_norm_equals_conv_then_bn() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+    bn = nn.BatchNorm2d(8).eval()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2)
+    nn.init.normal_(bn.weight)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fold_batch_norm(conv, bn)(x), bn(conv(x)), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_tiny_model_matches_unfused() -> None:
+    plain = tiny_tinyvit_sam()
+    fused = fuse_for_inference(copy.deepcopy(plain))
+    assert is_fused(fused) and not is_fused(plain)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        a, b = plain.embed_image(x), fused.embed_image(x)
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        pts = torch.tensor([[[30.0, 40.0], [90.0, 20.0]]])
+        lab = torch.tensor([[1, 0]])
+        ra = plain.decode(a, point_coords=pts, point_labels=lab)
+        rb = fused.decode(a, point_coords=pts, point_labels=lab)
+    for u, v in zip(ra, rb):
+        torch.testing.assert_close(v, u, atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_context_matches_full_decoder() -> None:
+    sam = tiny_tinyvit_sam(1)
+    torch.manual_seed(2)
+    emb = torch.randn(1, 256, 8, 8)
+    ctx = sam.prepare_decoder(emb)
+    cases = [
+        dict(
+            point_coords=torch.rand(1, 1, 2) * 128, point_labels=torch.ones(1, 1, dtype=torch.long)
+        ),
+        dict(point_coords=torch.rand(3, 2, 2) * 128, point_labels=torch.tensor([[1, 0]] * 3)),
+        dict(boxes=torch.tensor([[10.0, 10.0, 80.0, 90.0], [0.0, 5.0, 30.0, 40.0]])),
+        dict(
+            boxes=torch.tensor([[10.0, 10.0, 80.0, 90.0]]),
+            point_coords=torch.tensor([[[40.0, 50.0]]]),
+            point_labels=torch.tensor([[0]]),
+        ),
+    ]
+    with torch.inference_mode():
+        for kw in cases:
+            for multi in (True, False):
+                full = sam.decode(emb, multimask_output=multi, **kw)
+                fast = sam.decode(emb, multimask_output=multi, context=ctx, **kw)
+                for u, v in zip(full, fast):
+                    torch.testing.assert_close(v, u, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "size", [(512, 512), (400, 600), (333, 1000), (1000, 17), (3000, 2000), (5, 7), (1024, 768)]
+)
+def test_masks_to_image_matches_upsample_crop_resize(size: tuple[int, int]) -> None:
+    """Crop-first is exact; the composed-matrix path (images below the model size) equals
+    the two resizings up to float rounding."""
+    torch.manual_seed(0)
+    low = 5 * torch.randn(2, 3, 256, 256)
+    input_size = T.preprocess_shape(*size, 1024)
+    naive = F.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False)
+    naive = naive[..., : input_size[0], : input_size[1]]
+    naive = F.interpolate(naive, size, mode="bilinear", align_corners=False)
+    fast = T.masks_to_image(low, input_size=input_size, original_size=size, img_size=1024)
+    assert fast.shape == naive.shape
+    if size[0] * size[1] >= input_size[0] * input_size[1]:
+        assert torch.equal(fast, naive)
+    torch.testing.assert_close(fast, naive, atol=5e-4, rtol=1e-5)
+    assert ((fast > 0) != (naive > 0)).float().mean() < 1e-4
+
+
+def test_set_threads() -> None:
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1 and torch.get_num_threads() == 1 and get_threads() == 1
+        with pytest.raises(ValueError, match="oversubscribe"):
+            set_threads(available_cpus() + 1)
+        with pytest.raises(ValueError):
+            set_threads(0)
+    finally:
+        set_threads(before)
+
+
+@pytest.mark.weights
+@pytest.mark.skipif(not (SHARED_REFERENCE / "index.json").exists(), reason="no goldens")
+def test_fused_mobile_sam_on_goldens(mobile_sam) -> None:
+    model = fuse_for_inference(copy.deepcopy(mobile_sam))
+    pred = Predictor(model)
+    idx = json.loads((SHARED_REFERENCE / "index.json").read_text())
+    name = "mobilesam_astronaut.npz"
+    z = np.load(SHARED_REFERENCE / name)
+    width = z["image"].shape[1]
+    pred.set_image(z["image"])
+    np.testing.assert_allclose(pred.embedding.numpy(), z["embedding"], atol=5e-4)
+    for key, case in idx[name]["cases"].items():
+        out = pred.predict(
+            point_coords=np.array(case["point_coords"]) if "point_coords" in case else None,
+            point_labels=np.array(case["point_labels"]) if "point_labels" in case else None,
+            box=np.array(case["box"]) if "box" in case else None,
+            multimask_output=case["multimask_output"],
+        )
+        ref = np.unpackbits(z[f"{key}_masks"], axis=-1, count=width).astype(bool)
+        np.testing.assert_allclose(out.scores, z[f"{key}_iou"], atol=1e-3)
+        np.testing.assert_allclose(out.low_res_logits, z[f"{key}_lowres"], atol=2e-2)
+        assert (out.masks != ref).sum() <= 25
+    out = pred.predict_batch(boxes=z["batch_boxes"], multimask_output=True)
+    ref = np.unpackbits(z["batch_masks"], axis=-1, count=width).astype(bool)
+    assert (out.masks != ref).sum() <= 25
