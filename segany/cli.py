@@ -1,8 +1,15 @@
 """Command line: one thin command per job; defaults live in the library.
 
 segany segment IMAGE --point X,Y[,LABEL] ... [--box X0,Y0,X1,Y1] --out mask.png
+segany segment IMAGE --text "dog . person" [--detector NAME|PATH] --out mask.png
 segany everything IMAGE_OR_DIR... --out DIR [--format sa1b|coco|png|yolo] [--preset fast]
 segany weights list | fetch NAME | path NAME
+segany eval points|boxes|proposals|instances DATASET [--model M]... --out DIR
+segany annotate IMAGES_DIR [--db URL] [--model NAME|PATH] [--host H] [--port P]
+segany label SOURCE --out DIR [--preset P] [--workers N] [--ray [ADDRESS]] [--resume]
+segany stats DIR|COCO.json [--compare OTHER] --out DIR
+segany train --data SRC --model mobile_sam --train decoder --steps N --out CKPT
+segany retrain IMAGES_DIR [--db URL] [--out CKPT] [--server URL]
 """
 
 from __future__ import annotations
@@ -55,11 +62,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=W.DEFAULT_WEIGHTS,
         help=f"catalogue name or checkpoint path (default: {W.DEFAULT_WEIGHTS})",
     )
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnx", "onnx-int8"),
+        default="torch",
+        help="inference engine (onnx: exported once and cached; onnx-int8: quantised, "
+        "see docs/performance.md for its accuracy cost)",
+    )
 
 
 # -- segment ---------------------------------------------------------------------------------
 def _add_segment(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("segment", help="segment one image from point and box prompts")
+    p = sub.add_parser("segment", help="segment one image from point, box or text prompts")
     p.add_argument("image", help="image file")
     p.add_argument(
         "--point",
@@ -89,7 +103,45 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     )
     mm.add_argument("--single", dest="multimask", action="store_const", const=False)
     p.add_argument("--embedding-cache", help="folder keeping image embeddings across runs")
+    _add_text_args(p)
     p.set_defaults(func=_run_segment, multimask=None)
+
+
+def _add_text_args(p: argparse.ArgumentParser) -> None:
+    from .text import detectors as D
+    from .text import pipeline as TP
+
+    g = p.add_argument_group(
+        "text prompts", "find objects by name with an open-vocabulary detector, then segment "
+        "each box (needs: pip install 'segany[text]'); --out is then the union of the masks",
+    )  # fmt: skip
+    g.add_argument("--text", metavar='"dog . person"', help="class names separated by ' . '")
+    g.add_argument(
+        "--detector",
+        default=D.DEFAULT_DETECTOR,
+        metavar="NAME|PATH",
+        help=f"{', '.join(D.DETECTORS)}, a hub id or a local folder "
+        f"(default: {D.DEFAULT_DETECTOR})",
+    )
+    g.add_argument(
+        "--box-threshold",
+        type=float,
+        help=f"keep boxes scoring above this (default: {D.BOX_THRESHOLD} for Grounding DINO, "
+        f"{D.OWL_BOX_THRESHOLD} for OWLv2)",
+    )
+    g.add_argument(
+        "--text-threshold",
+        type=float,
+        help=f"Grounding DINO: words scoring above this form a box's phrase "
+        f"(default: {D.TEXT_THRESHOLD})",
+    )
+    g.add_argument(
+        "--nms-threshold",
+        type=float,
+        default=TP.NMS_THRESHOLD,
+        help=f"class-wise NMS IoU (default: {TP.NMS_THRESHOLD})",
+    )
+    g.add_argument("--coco", help="also write COCO JSON with the classes as categories")
 
 
 def _run_segment(args: argparse.Namespace) -> int:
@@ -99,10 +151,14 @@ def _run_segment(args: argparse.Namespace) -> int:
     from .transforms import load_image
     from .viz import candidates_panel, overlay_prediction
 
+    if args.text is not None:
+        if args.point or args.box is not None:
+            raise CliError("--text finds its own boxes: give --text, or --point/--box, not both")
+        return _run_segment_text(args)
     if not args.point and args.box is None:
-        raise CliError("give at least one --point or a --box")
+        raise CliError("give at least one --point, a --box or --text")
     image = load_image(args.image)
-    predictor = load_predictor(args.model, cache_dir=args.embedding_cache)
+    predictor = load_predictor(args.model, cache_dir=args.embedding_cache, backend=args.backend)
     predictor.set_image(image)
     pts = np.asarray(args.point, dtype=np.float64).reshape(-1, 3)
     coords = pts[:, :2] if len(pts) else None
@@ -162,6 +218,65 @@ def _run_segment(args: argparse.Namespace) -> int:
         "best": best,
         "mask": str(out),
         "overlay": args.overlay,
+        "masks": records,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _run_segment_text(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .text import TextSegmenter, coco_writer, parse_queries
+    from .transforms import load_image
+    from .viz import overlay_labeled
+
+    image = load_image(args.image)
+    try:
+        queries = parse_queries(args.text)
+        seg = TextSegmenter.load(
+            args.model,
+            args.detector,
+            cache_dir=args.embedding_cache,
+            box_threshold=args.box_threshold,
+            text_threshold=args.text_threshold,
+            nms_threshold=args.nms_threshold,
+            multimask_output=bool(args.multimask),
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    result = seg.segment(image, queries)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    union = result.masks.any(0) if len(result) else np.zeros(image.shape[:2], bool)
+    Image.fromarray(union.astype(np.uint8) * 255).save(out)
+    records = result.summary()
+    for i, rec in enumerate(records):
+        rec["index"] = i
+        if args.all_masks:
+            path = out.with_name(f"{out.stem}_{i}{out.suffix}")
+            Image.fromarray(result.masks[i].astype(np.uint8) * 255).save(path)
+            rec["file"] = str(path)
+    if args.overlay:
+        captions = [f"{p} {s:.2f}" for p, s in zip(result.phrases, result.scores)]
+        pic = overlay_labeled(
+            image, result.masks, captions, boxes=result.boxes, class_ids=result.labels
+        )
+        Path(args.overlay).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pic).save(args.overlay)
+    if args.coco:
+        writer = coco_writer(queries)
+        result.add_to(writer, file_name=Path(args.image).name)
+        writer.write(args.coco)
+    summary = {
+        "image": str(args.image),
+        "size": [int(image.shape[1]), int(image.shape[0])],
+        "model": str(args.model),
+        "detector": str(args.detector),
+        "classes": queries,
+        "mask": str(out),
+        "overlay": args.overlay,
+        "coco": args.coco,
         "masks": records,
     }
     print(json.dumps(summary, indent=2))
@@ -228,7 +343,7 @@ def _run_everything(args: argparse.Namespace) -> int:
         raise CliError("no images found in " + " ".join(args.inputs))
     try:
         gen = MaskGenerator(
-            load_predictor(args.model),
+            load_predictor(args.model, backend=args.backend),
             preset=args.preset,
             points_per_side=args.points_per_side,
             crop_n_layers=args.crop_layers,
@@ -331,6 +446,35 @@ def _run_weights_path(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- eval ------------------------------------------------------------------------------------
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from .eval.cli import add_parser
+
+    add_parser(sub)  # segany/eval/cli.py: protocols, report and plots (docs/evaluation.md)
+
+
+# -- annotate --------------------------------------------------------------------------------
+def _add_annotate(sub: argparse._SubParsersAction) -> None:
+    from .engine.cli import add_parser
+
+    add_parser(sub)  # segany/engine/cli.py: the web annotator (docs/annotate.md)
+
+
+# -- label, stats ----------------------------------------------------------------------------
+def _add_label(sub: argparse._SubParsersAction) -> None:
+    from .engine.label_cli import add_label_parser, add_stats_parser
+
+    add_label_parser(sub)  # segany/engine/label_cli.py: stage 3 labeling (docs/labeling.md)
+    add_stats_parser(sub)
+
+
+# -- train, retrain --------------------------------------------------------------------------
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .train.cli import add_parser
+
+    add_parser(sub)  # segany/train/cli.py: fine-tuning, model in the loop (docs/training.md)
+
+
 # -- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segany", description=__doc__.splitlines()[0])
@@ -341,24 +485,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment(sub)
     _add_everything(sub)
     _add_weights(sub)
+    _add_eval(sub)
+    _add_annotate(sub)
+    _add_label(sub)
+    _add_train(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .predictor import PromptError
+    from .text.detectors import DetectorError
     from .transforms import ImageError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.threads is not None:
-        import torch
+        from .runtime import set_threads
 
-        if args.threads < 1:
-            parser.error("--threads must be at least 1")
-        torch.set_num_threads(args.threads)
+        try:
+            set_threads(args.threads)
+        except ValueError as exc:
+            parser.error(f"--threads: {exc}")
     try:
         return int(args.func(args) or 0)
-    except (CliError, ImageError, PromptError, W.WeightsError) as exc:
+    except (CliError, DetectorError, ImageError, PromptError, W.WeightsError) as exc:
         print(f"segany: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

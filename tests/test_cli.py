@@ -83,3 +83,12 @@ def test_weights_list_and_path(capsys, mobile_sam):
     assert {r["name"] for r in rows} >= {"mobile_sam", "sam_vit_b", "sam_vit_l", "sam_vit_h"}
     assert main(["weights", "path", "mobile_sam"]) == 0
     assert capsys.readouterr().out.strip().endswith("mobile_sam.pt")
+
+
+def test_threads_oversubscription_refused(capsys):
+    import os
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--threads", str((os.cpu_count() or 1) + 1), "weights", "list"])
+    assert exc.value.code == 2
+    assert "oversubscribe" in capsys.readouterr().err
