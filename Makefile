@@ -5,7 +5,22 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT := demo-out
 
-.PHONY: demo test lint weights install clean
+.PHONY: demo test lint weights install clean system-deps
+
+# Debian packages the tests use (the annotator's e2e tests run the system Chromium, its API
+# tests start a PostgreSQL server); installed only when missing. CI runs as root, no stdin.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@missing=0; \
+	command -v chromium >/dev/null 2>&1 || missing=1; \
+	command -v chromedriver >/dev/null 2>&1 || missing=1; \
+	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing=1; \
+	if [ $$missing = 1 ]; then \
+		echo "installing Debian packages: chromium chromium-driver postgresql fonts-dejavu-core"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			chromium chromium-driver postgresql fonts-dejavu-core; \
+	fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +41,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check segany tests benchmarks
 	$(PY) -m ruff format --check segany tests benchmarks
 
-test: weights lint
+test: weights lint system-deps
 	$(PY) -m pytest -q
 
 clean:

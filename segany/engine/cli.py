@@ -1,0 +1,123 @@
+"""``segany annotate``: the web annotator (data engine stages 1 and 2).
+
+segany annotate IMAGES_DIR [--db URL] [--model NAME|PATH] [--host H] [--port P]
+segany annotate IMAGES_DIR --add-user NAME [--admin]     # prints a new token, then exits
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from ..weights import DEFAULT_WEIGHTS
+
+    p = sub.add_parser(
+        "annotate",
+        help="web annotator with the model in the loop (data engine stages 1 and 2)",
+        description="Serve a web UI and JSON API to annotate the images of a folder with SAM "
+        "in the loop. API docs at http://HOST:PORT/docs.",
+    )
+    p.add_argument(
+        "images_dir", metavar="IMAGES_DIR", help="folder of images (searched recursively)"
+    )
+    p.add_argument(
+        "--db",
+        help="database URL or SQLite file: sqlite:///path.db, postgresql://user:pw@host/db "
+        "(default: IMAGES_DIR/.segany/annotations.db)",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_WEIGHTS,
+        help=f"catalogue name or checkpoint path (default: {DEFAULT_WEIGHTS})",
+    )
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnx", "onnx-int8"),
+        help="inference backend (default: torch)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument(
+        "--auth",
+        dest="auth",
+        action="store_const",
+        const=True,
+        help="require tokens (default when --host is not localhost)",
+    )
+    auth.add_argument("--no-auth", dest="auth", action="store_const", const=False)
+    p.add_argument("--cache-dir", help="embedding cache (default: ~/.cache/segany/embeddings)")
+    p.add_argument(
+        "--memory-items", type=int, default=16, help="embeddings kept in memory (default: 16)"
+    )
+    p.add_argument(
+        "--no-prefetch", action="store_true", help="do not embed the next image in the background"
+    )
+    p.add_argument("--max-pixels", type=int, help="refuse larger images (default: 50e6)")
+    p.add_argument(
+        "--add-user",
+        metavar="NAME",
+        help="create the annotator NAME (or give it a new token), print the token and exit",
+    )
+    p.add_argument("--admin", action="store_true", help="with --add-user: may create users")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=run, auth=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .server import build_service, default_db, is_local, serve
+    from .store import Store, StoreError, redact
+
+    root = Path(args.images_dir)
+    if not root.is_dir():
+        print(f"segany: error: images folder not found: {args.images_dir}", file=sys.stderr)
+        return 2
+    db = args.db or default_db(root)
+    try:
+        if args.add_user:
+            store = Store(db)
+            user, token = store.issue_token(args.add_user, is_admin=args.admin)
+            store.close()
+            print(json.dumps({"user": user.name, "admin": user.is_admin, "token": token}))
+            return 0
+        svc = build_service(
+            root,
+            db=db,
+            model=args.model,
+            backend=args.backend,
+            auth=args.auth,
+            host=args.host,
+            cache_dir=args.cache_dir,
+            prefetch=not args.no_prefetch,
+            max_pixels=args.max_pixels,
+            memory_items=args.memory_items,
+        )
+    except (StoreError, ValueError) as exc:
+        hint = "" if args.db else " (use --db to keep the database elsewhere)"
+        print(f"segany: error: {exc}{hint}", file=sys.stderr)
+        return 2
+    if svc.auth and not any(u.token_hash for u in svc.store.users()):
+        _, token = svc.store.issue_token("admin", is_admin=True)
+        print(f"segany annotate: created user 'admin' with token {token}", file=sys.stderr)
+    images = svc.list_images()
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"segany annotate: http://{host}:{args.port}/  ({images.total} images, "
+        f"model {svc.model_name}, db {redact(svc.store.url)}, "
+        f"auth {'on' if svc.auth else 'off'})",
+        file=sys.stderr,
+        flush=True,
+    )
+    if not svc.auth and not is_local(args.host):
+        print(
+            "segany annotate: warning: auth is off and the server listens beyond this machine",
+            file=sys.stderr,
+        )
+    serve(svc, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,392 @@
+"""The annotator's web server: FastAPI routes over :class:`~.service.AnnotationService`.
+
+Routes are thin: they parse, authenticate, call one service method and map
+:class:`~.service.ServiceError` to its 4xx status. The browser UI is served from ``web/``
+(no external assets). The API is described at ``/docs`` (OpenAPI).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Body, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .service import (
+    AcceptRequest,
+    AnnotationList,
+    AnnotationOut,
+    AnnotationService,
+    ConfigOut,
+    DoneRequest,
+    EventRequest,
+    ImageList,
+    ImageOut,
+    ImportOut,
+    NewUserRequest,
+    OpenOut,
+    PredictOut,
+    PredictRequest,
+    PrefillOut,
+    PrefillRequest,
+    RescanOut,
+    ServiceError,
+    TokenOut,
+    Unauthorized,
+    UpdateRequest,
+    UserOut,
+    UserRef,
+)
+from .stats import StatsOut
+
+WEB = Path(__file__).resolve().parent / "web"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+log = logging.getLogger("segany.engine")
+
+
+class _BodyLimit:
+    """ASGI middleware: requests whose body exceeds ``max_bytes`` get 413."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for k, v in scope.get("headers", []):
+            if k == b"content-length":
+                try:
+                    n = int(v)
+                except ValueError:
+                    n = -1
+                if n < 0 or n > self.max_bytes:
+                    await _send_json(send, 413, f"request body over {self.max_bytes} bytes")
+                    return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _send_json(send, 413, f"request body over {self.max_bytes} bytes")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _send_json(send: Any, status: int, detail: str) -> None:
+    import json
+
+    body = json.dumps({"detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(body)),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _token(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip() or None
+    return request.headers.get("x-segany-token") or None
+
+
+def _user(request: Request) -> UserRef:
+    """The caller (FastAPI dependency): from the token, or the local user when auth is off."""
+    return request.app.state.service.authenticate(_token(request))
+
+
+def _optional_user(request: Request) -> UserRef | None:
+    try:
+        return request.app.state.service.authenticate(_token(request))
+    except Unauthorized:
+        return None
+
+
+Who = Annotated[UserRef, Depends(_user)]
+MaybeWho = Annotated[UserRef | None, Depends(_optional_user)]
+
+
+def create_app(service: AnnotationService, *, max_body: int = 256 * 2**20) -> FastAPI:
+    """The FastAPI app for one service (one images folder, one model, one database)."""
+    app = FastAPI(
+        title="segany annotate",
+        description="Data engine stages 1-2: interactive annotation with SAM in the loop.",
+        version="0.1.0",
+    )
+    app.state.service = service
+
+    # -- errors ------------------------------------------------------------------------------
+    @app.exception_handler(ServiceError)
+    async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            ctx = next(e for e in errors if e.get("type") == "json_invalid").get("ctx") or {}
+            msg = f"malformed JSON: {ctx.get('error', 'cannot parse the body')}"
+            return JSONResponse({"detail": msg}, status_code=400)
+        parts = []
+        for e in errors[:5]:
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            parts.append(f"{loc or 'body'}: {e.get('msg')}")
+        return JSONResponse(
+            {"detail": "; ".join(parts), "errors": _jsonable(errors[:20])}, status_code=422
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    # -- pages -------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(WEB / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/stats", include_in_schema=False)
+    def stats_page() -> FileResponse:
+        return FileResponse(WEB / "stats.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        return FileResponse(WEB / "favicon.svg", media_type="image/svg+xml")
+
+    app.mount("/static", StaticFiles(directory=WEB), name="static")
+
+    # -- API ---------------------------------------------------------------------------------
+    @app.get("/api/health")
+    def health() -> dict[str, Any]:
+        return {"ok": True}
+
+    @app.get("/api/config", response_model=ConfigOut)
+    def config(u: MaybeWho) -> ConfigOut:
+        cfg = service.config(u)
+        if u is None:
+            cfg.categories = []
+        return cfg
+
+    @app.get("/api/me", response_model=UserOut)
+    def me(u: Who) -> UserOut:
+        return UserOut(id=u.id, name=u.name, is_admin=u.is_admin)
+
+    @app.get("/api/images", response_model=ImageList)
+    def images(u: Who) -> ImageList:
+        return service.list_images()
+
+    @app.post("/api/rescan", response_model=RescanOut)
+    def rescan(u: Who) -> RescanOut:
+        return service.rescan()
+
+    @app.get("/api/images/{image_id}", response_model=ImageOut)
+    def image(image_id: int, u: Who) -> ImageOut:
+        return service.get_image(image_id)
+
+    @app.get("/api/images/{image_id}/file", response_class=FileResponse)
+    def image_file(image_id: int, u: Who) -> FileResponse:
+        return FileResponse(service.image_file(image_id))
+
+    @app.post("/api/images/{image_id}/open", response_model=OpenOut)
+    def open_image(image_id: int, u: Who) -> OpenOut:
+        return service.open_image(image_id, u)
+
+    @app.post("/api/images/{image_id}/done", response_model=ImageOut)
+    def done(image_id: int, req: DoneRequest, u: Who) -> ImageOut:
+        return service.set_done(image_id, req, u)
+
+    @app.post("/api/images/{image_id}/predict", response_model=PredictOut)
+    def predict(image_id: int, req: PredictRequest, u: Who) -> PredictOut:
+        return service.predict(image_id, req, u)
+
+    @app.get("/api/images/{image_id}/annotations", response_model=AnnotationList)
+    def annotations(
+        image_id: int,
+        u: Who,
+        status: Annotated[
+            str | None, Query(description="comma-separated: accepted,pending,rejected")
+        ] = None,
+    ) -> AnnotationList:
+        statuses = [s for s in status.split(",") if s] if status else None
+        return service.list_annotations(image_id, statuses)
+
+    @app.post("/api/images/{image_id}/annotations", response_model=AnnotationOut, status_code=201)
+    def accept(image_id: int, req: AcceptRequest, u: Who) -> AnnotationOut:
+        return service.accept(image_id, req, u)
+
+    @app.post("/api/images/{image_id}/prefill", response_model=PrefillOut)
+    def prefill(image_id: int, u: Who, req: PrefillRequest | None = None) -> PrefillOut:
+        return service.prefill(image_id, req or PrefillRequest(), u)
+
+    @app.post("/api/images/{image_id}/events", status_code=204)
+    def event(image_id: int, req: EventRequest, u: Who) -> Response:
+        service.record_event(image_id, req, u)
+        return Response(status_code=204)
+
+    @app.get("/api/annotations/{ann_id}", response_model=AnnotationOut)
+    def get_annotation(ann_id: int, u: Who) -> AnnotationOut:
+        return service.get_annotation(ann_id)
+
+    @app.patch("/api/annotations/{ann_id}", response_model=AnnotationOut)
+    def update_annotation(ann_id: int, req: UpdateRequest, u: Who) -> AnnotationOut:
+        return service.update_annotation(ann_id, req, u)
+
+    @app.delete("/api/annotations/{ann_id}", status_code=204)
+    def delete_annotation(ann_id: int, u: Who) -> Response:
+        service.delete_annotation(ann_id, u)
+        return Response(status_code=204)
+
+    @app.get("/api/stats", response_model=StatsOut)
+    def stats(u: Who) -> StatsOut:
+        return service.stats()
+
+    @app.get("/api/export/coco")
+    def export_coco(u: Who, include_pending: bool = False) -> JSONResponse:
+        return JSONResponse(
+            service.export_coco(include_pending),
+            headers={"Content-Disposition": 'attachment; filename="annotations_coco.json"'},
+        )
+
+    @app.get("/api/export/sa1b")
+    def export_sa1b(u: Who, include_pending: bool = False) -> Response:
+        return Response(
+            service.export_sa1b(include_pending),
+            media_type="application/zip",
+            headers={"Content-Disposition": 'attachment; filename="annotations_sa1b.zip"'},
+        )
+
+    @app.get("/api/export/yolo")
+    def export_yolo(u: Who, include_pending: bool = False) -> Response:
+        return Response(
+            service.export_yolo(include_pending),
+            media_type="application/zip",
+            headers={"Content-Disposition": 'attachment; filename="annotations_yolo.zip"'},
+        )
+
+    @app.post("/api/import/coco", response_model=ImportOut)
+    def import_coco(
+        data: Annotated[dict[str, Any], Body(description="a COCO instances JSON")],
+        u: Who,
+        status: str = "pending",
+    ) -> ImportOut:
+        return service.import_coco(data, u, status=status)
+
+    @app.get("/api/users", response_model=list[UserOut])
+    def users(u: Who) -> list[UserOut]:
+        return service.users()
+
+    @app.post("/api/users", response_model=TokenOut, status_code=201)
+    def new_user(req: NewUserRequest, u: Who) -> TokenOut:
+        return service.create_user(req, u)
+
+    from ..train.loop import add_routes  # /api/model, /api/model/retrain (docs/training.md)
+
+    add_routes(app, service)
+    app.add_middleware(_BodyLimit, max_bytes=max_body)
+    return app
+
+
+def _jsonable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for e in errors:
+        out.append(
+            {
+                k: (v if k in ("loc", "msg", "type") else str(v))
+                for k, v in e.items()
+                if k in ("loc", "msg", "type")
+            }
+        )
+    return out
+
+
+def is_local(host: str) -> bool:
+    return host in LOCAL_HOSTS
+
+
+def default_db(images_dir: str | Path) -> str:
+    """The SQLite file used when no ``--db`` is given: ``IMAGES_DIR/.segany/annotations.db``
+    (hidden folders are not scanned for images)."""
+    return str(Path(images_dir).expanduser().resolve() / ".segany" / "annotations.db")
+
+
+def build_service(
+    images_dir: str | Path,
+    *,
+    db: str | None = None,
+    model: str = "mobile_sam",
+    backend: str = "torch",
+    auth: bool | None = None,
+    host: str = "127.0.0.1",
+    cache_dir: str | Path | None = None,
+    prefetch: bool = True,
+    max_pixels: int | None = None,
+    memory_items: int = 16,
+) -> AnnotationService:
+    """Open the database, load the model and register the images."""
+    from ..loader import load_predictor
+    from ..weights import cache_dir as segany_cache
+    from .service import DEFAULT_MAX_PIXELS
+    from .store import Store
+
+    root = Path(images_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise ValueError(f"images folder not found: {images_dir}")
+    store = Store(db or default_db(root))
+    predictor = load_predictor(model, backend=backend)
+    svc = AnnotationService(
+        store,
+        root,
+        predictor,
+        model_name=Path(model).name if Path(str(model)).suffix else str(model),
+        cache_dir=cache_dir if cache_dir is not None else segany_cache() / "embeddings",
+        memory_items=memory_items,
+        auth=(not is_local(host)) if auth is None else auth,
+        prefetch=prefetch,
+        max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+    )
+    svc.rescan()
+    return svc
+
+
+def serve(
+    service: AnnotationService,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+) -> None:
+    """Run the server until interrupted (uvicorn, one process: the model is shared by all
+    request threads)."""
+    import uvicorn
+
+    app = create_app(service)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    finally:
+        service.close()
+        print("segany annotate: stopped", file=sys.stderr)

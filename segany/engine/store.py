@@ -1,0 +1,457 @@
+"""Storage of the data engine through SQLAlchemy: a SQLite file by default, PostgreSQL by URL.
+
+Tables: ``images`` (files registered from the images folder), ``annotations`` (one object:
+COCO RLE segmentation, category, status, stage and source, the model that produced it, the
+clicks and seconds it took), ``events`` (clicks and actions with timestamps, for the
+measurements), ``users`` (annotators and the SHA-256 of their tokens) and ``segany_meta``
+(schema version).
+
+Every write commits before the function returns, so an acknowledged write survives a
+``kill -9`` of the server (SQLite runs in WAL mode with ``synchronous=FULL``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    defer,
+    mapped_column,
+    sessionmaker,
+)
+from sqlalchemy.pool import StaticPool
+
+SCHEMA_VERSION = 1
+
+#: Annotation statuses: ``accepted`` objects are the dataset; ``pending`` ones wait for review
+#: (stage-2 pre-fill, imports); ``rejected`` pre-fills are kept for the measurements.
+STATUSES = ("accepted", "pending", "rejected")
+#: Where an annotation came from.
+SOURCES = ("manual", "prefill", "import")
+
+
+class StoreError(RuntimeError):
+    """The database cannot be opened or has an incompatible schema."""
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Meta(Base):
+    __tablename__ = "segany_meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True, index=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Image(Base):
+    __tablename__ = "images"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: POSIX path relative to the images folder; never absolute, never with ``..``.
+    path: Mapped[str] = mapped_column(String(1024), unique=True)
+    width: Mapped[int] = mapped_column(Integer, default=0)
+    height: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    mtime: Mapped[float] = mapped_column(Float, default=0.0)
+    #: ``ok``, ``error`` (unreadable, too large: see ``error``) or ``missing`` (file gone).
+    status: Mapped[str] = mapped_column(String(16), default="ok")
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    #: Embedding-cache key (model-independent part: hash of the decoded pixels).
+    content_key: Mapped[str | None] = mapped_column(String(80), default=None)
+    #: 1: manual (model-assisted) annotation; 2: semi-automatic (pre-filled masks).
+    stage: Mapped[int] = mapped_column(Integer, default=1)
+    done: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Annotation(Base):
+    __tablename__ = "annotations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    category: Mapped[str] = mapped_column(String(128), default="object")
+    status: Mapped[str] = mapped_column(String(16), default="accepted", index=True)
+    stage: Mapped[int] = mapped_column(Integer, default=1)
+    source: Mapped[str] = mapped_column(String(16), default="manual")
+    #: COCO RLE ``{"size": [H, W], "counts": str}``.
+    segmentation: Mapped[dict[str, Any]] = mapped_column(JSON)
+    #: XYWH in image pixels.
+    bbox: Mapped[list[Any]] = mapped_column(JSON)
+    area: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float | None] = mapped_column(Float, default=None)
+    stability: Mapped[float | None] = mapped_column(Float, default=None)
+    model_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), default=None
+    )
+    #: Prompts spent on this object and seconds from the start of the object to its accept.
+    clicks: Mapped[int] = mapped_column(Integer, default=0)
+    seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    #: The prompt that produced the mask: ``{"points", "labels", "box"}`` (or None).
+    prompt: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    updated_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    user_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    image_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
+    annotation_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    stage: Mapped[int] = mapped_column(Integer, default=1)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+@dataclass(frozen=True)
+class ImageCounts:
+    accepted: int = 0
+    pending: int = 0
+    rejected: int = 0
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def normalize_url(url: str | Path) -> str:
+    """A database URL: a plain path means a SQLite file; ``postgresql://`` and
+    ``postgres://`` use the psycopg (3) driver."""
+    text = str(url)
+    if "://" not in text:
+        return f"sqlite:///{Path(text).expanduser().resolve()}"
+    if text.startswith("postgres://"):
+        text = "postgresql://" + text[len("postgres://") :]
+    if text.startswith("postgresql://"):
+        text = "postgresql+psycopg://" + text[len("postgresql://") :]
+    return text
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, for logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<database>"
+
+
+class Store:
+    """Opens (and creates) the schema and answers the queries the service needs."""
+
+    def __init__(self, url: str | Path, *, echo: bool = False) -> None:
+        self.url = normalize_url(url)
+        try:
+            parsed: URL = make_url(self.url)
+        except Exception as exc:
+            raise StoreError(f"not a database URL: {url!r} ({exc})") from None
+        self.dialect = parsed.get_backend_name()
+        kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        if self.dialect == "sqlite":
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            db = parsed.database
+            if not db or db == ":memory:":
+                kwargs["poolclass"] = StaticPool
+            else:
+                Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        else:
+            kwargs["pool_pre_ping"] = True
+            kwargs["pool_size"] = 10
+            kwargs["max_overflow"] = 20
+        try:
+            self.engine: Engine = create_engine(self.url, **kwargs)
+        except Exception as exc:
+            raise StoreError(f"cannot open database {redact(self.url)}: {exc}") from None
+        if self.dialect == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._create()
+
+    def _create(self) -> None:
+        try:
+            Base.metadata.create_all(self.engine)
+            with self.session() as s:
+                row = s.get(Meta, "schema_version")
+                if row is None:
+                    s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+                    s.commit()
+                elif int(row.value) > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"database schema version {row.value} is newer than this segany "
+                        f"({SCHEMA_VERSION}); upgrade segany"
+                    )
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"cannot open database {redact(self.url)}: {exc}") from None
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        s = self._sessions()
+        try:
+            yield s
+        except BaseException:
+            s.rollback()
+            raise
+        finally:
+            s.close()
+
+    # -- images ------------------------------------------------------------------------------
+    def sync_images(self, found: dict[str, dict[str, Any]]) -> dict[str, int]:
+        """Register files found in the images folder (``path -> fields``): new ones are
+        added, changed ones (size or mtime) updated, vanished ones marked ``missing``."""
+        added = updated = missing = 0
+        with self.session() as s:
+            known = {im.path: im for im in s.scalars(select(Image))}
+            for path, fields in found.items():
+                im = known.get(path)
+                if im is None:
+                    s.add(Image(path=path, **fields))
+                    added += 1
+                elif (
+                    im.size_bytes != fields["size_bytes"]
+                    or abs(im.mtime - fields["mtime"]) > 1e-6
+                    or im.status == "missing"
+                ):
+                    for k, v in fields.items():
+                        setattr(im, k, v)
+                    im.content_key = None
+                    updated += 1
+            for path, im in known.items():
+                if path not in found and im.status != "missing":
+                    im.status, im.error = "missing", "file no longer in the images folder"
+                    missing += 1
+            s.commit()
+        return {"added": added, "updated": updated, "missing": missing, "total": len(found)}
+
+    def images(self) -> list[Image]:
+        with self.session() as s:
+            return list(s.scalars(select(Image).order_by(Image.id)))
+
+    def image(self, image_id: int) -> Image | None:
+        with self.session() as s:
+            return s.get(Image, image_id)
+
+    def image_by_path(self, path: str) -> Image | None:
+        with self.session() as s:
+            return s.scalars(select(Image).where(Image.path == path)).first()
+
+    def update_image(self, image_id: int, **fields: Any) -> Image | None:
+        with self.session() as s:
+            im = s.get(Image, image_id)
+            if im is None:
+                return None
+            for k, v in fields.items():
+                setattr(im, k, v)
+            s.commit()
+            return im
+
+    def counts(self) -> dict[int, ImageCounts]:
+        """Per image id: numbers of accepted, pending and rejected annotations."""
+        out: dict[int, dict[str, int]] = {}
+        with self.session() as s:
+            rows = s.execute(
+                select(Annotation.image_id, Annotation.status, func.count()).group_by(
+                    Annotation.image_id, Annotation.status
+                )
+            )
+            for image_id, status, n in rows:
+                out.setdefault(image_id, {})[status] = n
+        return {k: ImageCounts(**v) for k, v in out.items()}
+
+    # -- annotations -------------------------------------------------------------------------
+    def add_annotations(
+        self,
+        items: Iterable[dict[str, Any]],
+        events: Iterable[dict[str, Any]] = (),
+        set_status: dict[int, str] | None = None,
+    ) -> list[Annotation]:
+        """Insert annotations (and events referring to them by position: an event's
+        ``annotation_index`` is replaced by the new id), and change the status of other
+        annotations (``id -> status``), in one transaction."""
+        now = time.time()
+        with self.session() as s:
+            anns = [Annotation(created_at=now, updated_at=now, **it) for it in items]
+            s.add_all(anns)
+            for ann_id, status in (set_status or {}).items():
+                old = s.get(Annotation, ann_id)
+                if old is not None:
+                    old.status, old.updated_at = status, now
+            s.flush()
+            for ev in events:
+                ev = dict(ev)
+                idx = ev.pop("annotation_index", None)
+                if idx is not None:
+                    ev["annotation_id"] = anns[idx].id
+                s.add(Event(ts=ev.pop("ts", now), **ev))
+            s.commit()
+            return anns
+
+    def categories(self, statuses: Iterable[str] = ("accepted",)) -> list[str]:
+        """The distinct categories of the annotations with these statuses, sorted."""
+        with self.session() as s:
+            q = select(Annotation.category).where(Annotation.status.in_(list(statuses)))
+            return sorted(set(s.scalars(q.distinct())))
+
+    def annotation(self, ann_id: int) -> Annotation | None:
+        with self.session() as s:
+            return s.get(Annotation, ann_id)
+
+    def annotations(
+        self,
+        image_id: int | None = None,
+        statuses: Iterable[str] | None = None,
+        source: str | None = None,
+        *,
+        light: bool = False,
+    ) -> list[Annotation]:
+        """Annotations by image, status and source; ``light`` leaves out the masks and
+        prompts (for counting)."""
+        with self.session() as s:
+            q = select(Annotation)
+            if light:
+                q = q.options(defer(Annotation.segmentation), defer(Annotation.prompt))
+            if image_id is not None:
+                q = q.where(Annotation.image_id == image_id)
+            if statuses is not None:
+                q = q.where(Annotation.status.in_(list(statuses)))
+            if source is not None:
+                q = q.where(Annotation.source == source)
+            return list(s.scalars(q.order_by(Annotation.image_id, Annotation.id)))
+
+    def update_annotation(
+        self, ann_id: int, fields: dict[str, Any], ev: dict[str, Any] | None = None
+    ) -> Annotation | None:
+        with self.session() as s:
+            ann = s.get(Annotation, ann_id)
+            if ann is None:
+                return None
+            for k, v in fields.items():
+                setattr(ann, k, v)
+            ann.updated_at = time.time()
+            if ev is not None:
+                s.add(Event(ts=ev.pop("ts", ann.updated_at), annotation_id=ann_id, **ev))
+            s.commit()
+            return ann
+
+    def delete_annotations(
+        self, ids: Iterable[int], ev: dict[str, Any] | None = None
+    ) -> list[Annotation]:
+        ids = list(ids)
+        with self.session() as s:
+            gone = list(s.scalars(select(Annotation).where(Annotation.id.in_(ids))))
+            if gone:
+                s.execute(delete(Annotation).where(Annotation.id.in_([a.id for a in gone])))
+                if ev is not None:
+                    now = time.time()
+                    for a in gone:
+                        s.add(Event(ts=now, annotation_id=a.id, **ev))
+                s.commit()
+            return gone
+
+    # -- events ------------------------------------------------------------------------------
+    def add_events(self, events: Iterable[dict[str, Any]]) -> None:
+        rows = [Event(**ev) for ev in events]
+        if not rows:
+            return
+        with self.session() as s:
+            s.add_all(rows)
+            s.commit()
+
+    def events(self, kinds: Iterable[str] | None = None) -> list[Event]:
+        with self.session() as s:
+            q = select(Event)
+            if kinds is not None:
+                q = q.where(Event.kind.in_(list(kinds)))
+            return list(s.scalars(q.order_by(Event.ts)))
+
+    # -- users -------------------------------------------------------------------------------
+    def users(self) -> list[User]:
+        with self.session() as s:
+            return list(s.scalars(select(User).order_by(User.id)))
+
+    def user_by_name(self, name: str) -> User | None:
+        with self.session() as s:
+            return s.scalars(select(User).where(User.name == name)).first()
+
+    def user_by_token(self, token: str) -> User | None:
+        with self.session() as s:
+            return s.scalars(select(User).where(User.token_hash == hash_token(token))).first()
+
+    def ensure_user(self, name: str, *, is_admin: bool = False) -> User:
+        """The user called ``name``, created (without a token) if absent."""
+        with self.session() as s:
+            u = s.scalars(select(User).where(User.name == name)).first()
+            if u is None:
+                u = User(name=name, is_admin=is_admin, token_hash=None)
+                s.add(u)
+                s.commit()
+            return u
+
+    def issue_token(self, name: str, *, is_admin: bool = False) -> tuple[User, str]:
+        """Create the user (or keep it) and give it a new token; the old token stops working.
+        Only the token's SHA-256 is stored."""
+        token = new_token()
+        with self.session() as s:
+            u = s.scalars(select(User).where(User.name == name)).first()
+            if u is None:
+                u = User(name=name, is_admin=is_admin)
+                s.add(u)
+            elif is_admin:
+                u.is_admin = True
+            u.token_hash = hash_token(token)
+            s.commit()
+            return u, token
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute("PRAGMA journal_mode=WAL")
+    except Exception:  # e.g. in-memory databases keep their own journal mode
+        pass
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()

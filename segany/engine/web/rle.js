@@ -1,0 +1,74 @@
+// COCO run-length encoding, read side only (the server writes RLEs with pycocotools).
+"use strict";
+
+// The compressed "counts" string -> run lengths (pycocotools' rleFrString).
+function rleCounts(s) {
+  if (Array.isArray(s)) return s;
+  const cnts = [];
+  let p = 0;
+  while (p < s.length) {
+    let x = 0, k = 0, more = 1;
+    while (more) {
+      const c = s.charCodeAt(p) - 48;
+      x |= (c & 0x1f) << (5 * k);
+      more = c & 0x20;
+      p++; k++;
+      if (!more && (c & 0x10)) x |= -1 << (5 * k);
+    }
+    if (cnts.length > 2) x += cnts[cnts.length - 2];
+    cnts.push(x);
+  }
+  return cnts;
+}
+
+// RLE {size: [h, w], counts} -> Uint8Array of h*w, row-major, 1 inside the mask.
+function rleDecode(rle) {
+  const h = rle.size[0], w = rle.size[1];
+  const out = new Uint8Array(h * w);
+  const cnts = rleCounts(rle.counts);
+  let idx = 0;
+  for (let i = 0; i < cnts.length; i++) {
+    const n = cnts[i];
+    if (i % 2 === 1) {
+      // column-major run: pixel idx -> (row idx % h, col idx / h)
+      let row = idx % h, col = (idx - row) / h;
+      for (let j = 0; j < n; j++) {
+        out[row * w + col] = 1;
+        if (++row === h) { row = 0; col++; }
+      }
+    }
+    idx += n;
+  }
+  return out;
+}
+
+// A mask painted into a canvas of the image's size, in one colour.
+function maskCanvas(rle, rgba) {
+  const h = rle.size[0], w = rle.size[1];
+  const m = rleDecode(rle);
+  const c = document.createElement("canvas");
+  c.width = w; c.height = h;
+  const ctx = c.getContext("2d");
+  const img = ctx.createImageData(w, h);
+  const d = img.data;
+  for (let i = 0; i < m.length; i++) {
+    if (m[i]) {
+      const o = i * 4;
+      d[o] = rgba[0]; d[o + 1] = rgba[1]; d[o + 2] = rgba[2]; d[o + 3] = rgba[3];
+    }
+  }
+  // outline: mask pixels with a background 4-neighbour, drawn opaque
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      const i = y * w + x;
+      if (!m[i]) continue;
+      if (x === 0 || y === 0 || x === w - 1 || y === h - 1 || !m[i - 1] || !m[i + 1] || !m[i - w] || !m[i + w]) {
+        d[i * 4 + 3] = 255;
+      }
+    }
+  }
+  ctx.putImageData(img, 0, 0);
+  return c;
+}
+
+if (typeof module !== "undefined") module.exports = { rleCounts, rleDecode };
