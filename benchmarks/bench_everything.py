@@ -163,6 +163,11 @@ def main() -> int:
     ap.add_argument("--skip-reference-compat", action="store_true")
     ap.add_argument("--measure-reference-recall", action="store_true")
     ap.add_argument("--preset", default="fast")
+    ap.add_argument(
+        "--reference-json",
+        help="reuse the output of a reference run (_reference_amg.py --out) instead of "
+        "running the reference again (it must cover the speed images)",
+    )
     args = ap.parse_args()
     sets = [s for s in args.sets.split(",") if s]
     stored = json.loads(STORED.read_text()) if STORED.is_file() else {"sets": {}}
@@ -206,7 +211,13 @@ def main() -> int:
     imgs = imgs[: args.speed_images]
     print(f"\n# speed side by side on {len(imgs)} coco10 images (2 threads)")
     sec_cli, fast_res = run_cli(imgs, args.preset, tmp / "speed_fast")
-    ref = run_reference(args.reference_python, imgs, tmp / "speed_ref.json")
+    if args.reference_json:
+        ref = json.loads(Path(args.reference_json).read_text())
+        ref["images"] = [i for i in ref["images"] if Path(i["path"]).name in {p.name for p in imgs}]
+        print(f"(reference timings reused from {args.reference_json})")
+    else:
+        ref = run_reference(args.reference_python, imgs, tmp / "speed_ref.json")
+    print(f"load average: {os.getloadavg()[0]:.1f}")
     ref_sec = float(np.mean([i["seconds"] for i in ref["images"]]))
     ref_res = {Path(i["path"]).name: i["records"] for i in ref["images"]}
     print(f"reference generate():             {ref_sec:8.2f} s/image (model load excluded)")

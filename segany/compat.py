@@ -172,4 +172,60 @@ class SamPredictor:
         return self.model.device
 
 
-__all__ = ["ResizeLongestSide", "SamPredictor", "sam_model_registry"]
+class SamAutomaticMaskGenerator:
+    """``segment_anything.SamAutomaticMaskGenerator``: same constructor arguments and
+    defaults, same records, over :class:`segany.everything.MaskGenerator` in its
+    reference-compatible mode."""
+
+    def __init__(
+        self,
+        model: Sam,
+        points_per_side: int | None = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: list[np.ndarray] | None = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+    ) -> None:
+        from .everything import MaskGenerator
+
+        if (points_per_side is None) == (point_grids is None):
+            raise ValueError("exactly one of points_per_side or point_grids must be given")
+        self._gen = MaskGenerator(
+            model,
+            preset="reference",
+            output_mode=output_mode,  # type: ignore[arg-type]
+            points_per_side=points_per_side or 1,
+            points_per_batch=points_per_batch,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+            stability_score_offset=stability_score_offset,
+            box_nms_thresh=box_nms_thresh,
+            crop_n_layers=crop_n_layers,
+            crop_nms_thresh=crop_nms_thresh,
+            crop_overlap_ratio=crop_overlap_ratio,
+            crop_n_points_downscale_factor=crop_n_points_downscale_factor,
+            min_mask_region_area=min_mask_region_area,
+        )
+        if point_grids is not None:
+            if len(point_grids) != crop_n_layers + 1:
+                raise ValueError("point_grids needs one grid per crop layer")
+            self._gen.point_grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
+        self.point_grids = self._gen.point_grids
+        self.predictor = SamPredictor(model)
+        self.output_mode = output_mode
+
+    @torch.no_grad()
+    def generate(self, image: np.ndarray) -> list[dict]:
+        """Records for an ``(H, W, 3)`` uint8 RGB image, as Meta's generator returns them."""
+        return self._gen.generate(image)
+
+
+__all__ = ["ResizeLongestSide", "SamAutomaticMaskGenerator", "SamPredictor", "sam_model_registry"]

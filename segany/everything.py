@@ -39,8 +39,12 @@ class GeneratorSettings:
 
     algorithm: ``"reference"`` or ``"fast"`` (see module doc).
     points_per_side: grid size on the whole image (layer 0).
-    refine_points_per_side: ``fast`` only: a finer grid whose points are prompted only where
-        no accepted mask covers them yet (``None``: no second pass).
+    refine_points_per_side: ``fast`` only: a finer grid (or several, finest last) whose
+        points are prompted only where no accepted mask covers them yet (``None``: no
+        second pass).
+    refine_cover_max_fraction: ``fast`` only: accepted masks covering at least this
+        fraction of the image do not count as covering a point (so small objects lying on
+        a large accepted region still get prompted); 1.0: every mask counts.
     max_masks: keep at most this many masks, by predicted IoU (``None``: all).
     max_mask_region_fraction: drop masks covering at least this fraction of the image
         (SA-1B drops masks covering 95% or more); 1.0 keeps everything.
@@ -59,7 +63,8 @@ class GeneratorSettings:
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
     max_mask_region_fraction: float = 1.0
-    refine_points_per_side: int | None = None
+    refine_points_per_side: int | tuple[int, ...] | None = None
+    refine_cover_max_fraction: float = 1.0
     max_masks: int | None = None
 
     def replace(self, **changes: Any) -> GeneratorSettings:
@@ -80,7 +85,7 @@ PRESETS: dict[str, GeneratorSettings] = {
     "fast": GeneratorSettings(
         algorithm="fast",
         points_per_side=8,
-        refine_points_per_side=16,
+        refine_points_per_side=(16, 32),
         points_per_batch=32,
         pred_iou_thresh=0.7,
         stability_score_thresh=0.8,
@@ -149,7 +154,8 @@ class MaskGenerator:
         crop_n_points_downscale_factor: int | None = None,
         min_mask_region_area: int | None = None,
         max_mask_region_fraction: float | None = None,
-        refine_points_per_side: int | None = None,
+        refine_points_per_side: int | tuple[int, ...] | None = None,
+        refine_cover_max_fraction: float | None = None,
         max_masks: int | None = None,
     ) -> None:
         if isinstance(preset, str):
@@ -175,6 +181,7 @@ class MaskGenerator:
                 min_mask_region_area=min_mask_region_area,
                 max_mask_region_fraction=max_mask_region_fraction,
                 refine_points_per_side=refine_points_per_side,
+                refine_cover_max_fraction=refine_cover_max_fraction,
                 max_masks=max_masks,
             ).items()
             if v is not None
@@ -249,12 +256,7 @@ class MaskGenerator:
         self.last_prompts += len(points)
         coords = T.coords_to_model(points, st.original_size, self.model.img_size)
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int64)
-        low, iou = self.model.decode(
-            st.embedding,
-            point_coords=coords[:, None, :].to(self.model.device),
-            point_labels=labels.to(self.model.device),
-            multimask_output=True,
-        )
+        low, iou = self.predictor.decode_low_res(coords[:, None, :], labels)
         return low.flatten(0, 1).cpu(), iou.flatten(0, 1).cpu()
 
     def _to_image(self, low: torch.Tensor) -> torch.Tensor:
@@ -385,8 +387,9 @@ class MaskGenerator:
             return out
 
         batches = run(grid)
-        if s.refine_points_per_side:
-            fine = M.point_grid(s.refine_points_per_side) * np.array([cw, ch], dtype=np.float64)
+        refine = s.refine_points_per_side
+        for n in (refine,) if isinstance(refine, int) else refine or ():
+            fine = M.point_grid(n) * np.array([cw, ch], dtype=np.float64)
             covered = self._covered(batches, fine, sx, sy, lh, lw)
             batches += run(fine[~covered])
         if not batches:
@@ -436,7 +439,11 @@ class MaskGenerator:
         if len(iou) == 0:
             return np.zeros(len(fine), dtype=bool)
         keep = M.nms(boxes, iou, self.settings.box_nms_thresh)
-        cover = binary[keep].any(0)
+        kept = binary[keep]
+        if self.settings.refine_cover_max_fraction < 1.0:
+            small = kept.flatten(1).sum(1) < self.settings.refine_cover_max_fraction * lh * lw
+            kept = kept[small]
+        cover = kept.any(0)
         cols = np.clip((fine[:, 0] / sx).astype(int), 0, lw - 1)
         rows = np.clip((fine[:, 1] / sy).astype(int), 0, lh - 1)
         return cover.numpy()[rows, cols]

@@ -339,19 +339,9 @@ class Predictor:
         ``(B, K)``, low-res logits ``(B, K, S/4, S/4)``."""
         st = self.state
         with torch.inference_mode():
-            if self.backend is not None:
-                low_res, iou = self.backend.decode(
-                    st.embedding,
-                    point_coords=point_coords,
-                    point_labels=point_labels,
-                    boxes=boxes,
-                    mask_input=mask_input,
-                    multimask_output=multimask_output,
-                )
-            else:
-                low_res, iou = self._decode_torch(
-                    point_coords, point_labels, boxes, mask_input, multimask_output
-                )
+            low_res, iou = self.decode_low_res(
+                point_coords, point_labels, boxes, mask_input, multimask_output
+            )
             masks = T.masks_to_image(
                 low_res,
                 input_size=st.input_size,
@@ -361,6 +351,32 @@ class Predictor:
             if not return_logits:
                 masks = masks > self.model.mask_threshold
         return masks.cpu(), iou.cpu(), low_res.cpu()
+
+    def decode_low_res(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model-frame prompts -> low-res logits ``(B, K, S/4, S/4)`` and IoUs ``(B, K)`` on
+        the model's device, without upsampling (for callers that filter first, e.g.
+        :class:`~segany.everything.MaskGenerator`). The torch backend reuses the image's
+        prepared decoder context."""
+        with torch.inference_mode():
+            if self.backend is not None:
+                return self.backend.decode(
+                    self.state.embedding,
+                    point_coords=point_coords,
+                    point_labels=point_labels,
+                    boxes=boxes,
+                    mask_input=mask_input,
+                    multimask_output=multimask_output,
+                )
+            return self._decode_torch(
+                point_coords, point_labels, boxes, mask_input, multimask_output
+            )
 
     def _decode_torch(
         self,

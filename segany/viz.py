@@ -143,3 +143,47 @@ def candidates_panel(
         tiles.append(tile)
         tiles.append(np.full((tile.shape[0], 6, 3), 255, np.uint8))
     return np.concatenate(tiles[:-1], axis=1)
+
+
+def overlay_labeled(
+    image: np.ndarray,
+    masks: Sequence[np.ndarray] | np.ndarray,
+    captions: Sequence[str],
+    *,
+    boxes: np.ndarray | None = None,
+    class_ids: Sequence[int] | np.ndarray | None = None,
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """Masks tinted by class (``class_ids``, else one colour per mask), each with its XYXY
+    box (if given) and a caption such as ``"dog 0.87"`` on a filled tag at the box's (else
+    the mask's) top-left corner. Larger masks are drawn first."""
+    out = np.array(image, dtype=np.uint8, copy=True)
+    ms = [np.asarray(m, dtype=bool) for m in masks]
+    if len(captions) != len(ms):
+        raise ValueError(f"{len(captions)} captions for {len(ms)} masks")
+    ids = list(range(len(ms))) if class_ids is None else [int(c) for c in class_ids]
+    order = np.argsort([-int(m.sum()) for m in ms], kind="stable")
+    for k in order:
+        out = draw_mask(out, ms[k], color(ids[k]), alpha=alpha)
+    h, w = out.shape[:2]
+    scale = max(0.4, min(1.2, max(h, w) / 1200))
+    thick = max(1, round(scale * 2))
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for k in order:
+        rgb = color(ids[k])
+        if boxes is not None:
+            x0, y0, x1, y1 = (int(round(v)) for v in np.asarray(boxes[k]).reshape(4))
+            cv2.rectangle(out, (x0, y0), (x1, y1), rgb, thick)
+        else:
+            ys, xs = np.nonzero(ms[k])
+            if len(xs) == 0:
+                continue
+            x0, y0 = int(xs.min()), int(ys.min())
+        text = str(captions[k])
+        (tw, th), base = cv2.getTextSize(text, font, scale, thick)
+        tx = min(max(0, x0), max(0, w - tw - 4))
+        ty = y0 - th - base - 4 if y0 - th - base - 4 >= 0 else y0  # above the box, else inside
+        cv2.rectangle(out, (tx, ty), (tx + tw + 4, ty + th + base + 4), rgb, -1)
+        ink = (0, 0, 0) if sum(rgb) > 380 else (255, 255, 255)
+        cv2.putText(out, text, (tx + 2, ty + th + 2), font, scale, ink, thick, cv2.LINE_AA)
+    return out

@@ -167,3 +167,18 @@ def test_compat_generator(tiny_model, rgb_image):
     assert recs and set(recs[0]) == KEYS and isinstance(recs[0]["segmentation"]["counts"], str)
     with pytest.raises(ValueError):
         SamAutomaticMaskGenerator(tiny_model, points_per_side=None)
+
+
+def test_fast_refine_passes(tiny_model, rgb_image):
+    """Several refine grids (finest last) and the cover-fraction rule: every extra pass can
+    only add prompts, and ignoring large covering masks can only add prompts."""
+
+    def prompts(**kw):
+        gen = MaskGenerator(tiny_model, preset="fast", box_nms_thresh=1.0, **_loose(**kw))
+        gen.generate(rgb_image)
+        return gen.last_prompts
+
+    one = prompts(refine_points_per_side=4)
+    two = prompts(refine_points_per_side=(4, 6))
+    assert 9 <= one <= two <= 9 + 16 + 36
+    assert prompts(refine_points_per_side=(4, 6), refine_cover_max_fraction=0.0) == 9 + 16 + 36

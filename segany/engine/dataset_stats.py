@@ -343,10 +343,12 @@ def _plot_mask_counts(ax: Any, sets: list[DatasetStats]) -> None:
                     fontsize=8,
                 )
     ax.set_xticks(x, groups)
+    ax.set_ylim(0, 100 * 1.22)  # room for the legend above the bars
+    ax.set_yticks(range(0, 101, 20))
     ax.set_xlabel("masks per image")
     ax.set_ylabel("percent of images")
     ax.set_title("Masks per image")
-    ax.legend(fontsize=9)
+    ax.legend(fontsize=9, loc="upper right")
 
 
 def _plot_hist(ax: Any, sets: list[DatasetStats], attr: str, xlabel: str, title: str) -> None:
@@ -387,27 +389,58 @@ def _plot_heatmap(ax: Any, st: DatasetStats, fig: Any) -> None:
 
 
 def _plot_resolution(ax: Any, sets: list[DatasetStats]) -> None:
+    """One marker per distinct size, its area growing with the number of images."""
     for k, st in enumerate(sets):
         w, h = np.asarray(st.widths), np.asarray(st.heights)
+        sizes, counts = np.unique(np.stack([w, h], 1), axis=0, return_counts=True)
         mp = np.median(w * h) / 1e6
         ax.scatter(
-            w,
-            h,
-            s=18,
-            alpha=0.6,
-            color=COLORS[k],
-            marker="os"[k],
+            sizes[:, 0],
+            sizes[:, 1],
+            s=25 + 220 * counts / counts.max(),
+            facecolors="none" if k == 0 else COLORS[k],
+            edgecolors=COLORS[k],
+            linewidths=1.5,
+            alpha=0.9 if k == 0 else 0.5,
+            marker="os"[k % 2],
             label=f"{st.name}: median {np.median(w):.0f}x{np.median(h):.0f} ({mp:.2f} MP)",
         )
-    lim = max(max(st.widths + st.heights) for st in sets) * 1.08
+        if len(sizes) <= 12:
+            for (x, y), c in zip(sizes, counts):
+                if c > 1:
+                    ax.annotate(
+                        f"{c}",
+                        (x, y),
+                        xytext=(8, 2) if k == 0 else (-16, 2),
+                        textcoords="offset points",
+                        color=COLORS[k],
+                        fontsize=8,
+                    )
+    lim = max(max(st.widths + st.heights) for st in sets) * 1.1
     ax.plot([0, lim], [0, lim], color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlim(0, lim)
     ax.set_ylim(0, lim)
     ax.set_aspect("equal")
     ax.set_xlabel("width (px)")
     ax.set_ylabel("height (px)")
-    ax.set_title("Image resolution")
+    ax.set_title("Image resolution (marker area ~ images)")
     ax.legend(fontsize=8, loc="lower right")
+
+
+def _plot_numbers(ax: Any, st: DatasetStats) -> None:
+    """The headline numbers as text (fills the overview's free panel for one dataset)."""
+    mpi = np.asarray(st.masks_per_image)
+    lines = [
+        f"images: {st.images:,}",
+        f"masks: {st.masks:,}",
+        f"masks per image: mean {mpi.mean():.1f}, median {np.median(mpi):.0f}, max {mpi.max()}",
+        f"relative mask size: median {np.median(st.rel_size):.3f}" if st.masks else "",
+        f"concavity: median {np.median(st.concavity):.3f}" if st.masks else "",
+        f"image size: median {np.median(st.widths):.0f} x {np.median(st.heights):.0f}",
+    ]
+    ax.text(0.02, 0.95, "\n".join(x for x in lines if x), va="top", fontsize=12, family="monospace")
+    ax.set_title(st.name)
+    ax.axis("off")
 
 
 def plot(sets: list[DatasetStats], out: str | os.PathLike[str]) -> list[Path]:
@@ -461,6 +494,8 @@ def plot(sets: list[DatasetStats], out: str | os.PathLike[str]) -> list[Path]:
     for k, st in enumerate(sets[:2]):
         _plot_heatmap(fig.add_subplot(grid[1, k]), st, fig)
     _plot_resolution(fig.add_subplot(grid[1, len(sets[:2])]), sets)
+    if len(sets) == 1:
+        _plot_numbers(fig.add_subplot(grid[1, 2]), sets[0])
     fig.suptitle(" vs ".join(_label(st) for st in sets), fontsize=13)
     save(fig, "overview.png")
     return written

@@ -756,11 +756,41 @@ def label(
             or ``None``: ``RAY_ADDRESS``, a ``ray start`` cluster on this machine, else a new
             local one. An already initialised Ray connection is used as is.
     """
+    t_start = time.perf_counter()
     say = log or (lambda msg: print(f"segany label: {msg}", file=sys.stderr))
     out = Path(out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     if shard_size is not None and shard_size < 1:
         raise LabelError("shard size must be >= 1")
+    ray_started = False
+    if ray and not _ray_ready():  # before anything is written: a bad address leaves no job
+        _ray_connect(ray_address)
+        ray_started = True
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _label(source, out, model, preset, overrides, workers, threads, shard_size,
+                      resume, ray, progress, say, t_start)  # fmt: skip
+    finally:
+        if ray_started:
+            import ray as ray_module
+
+            ray_module.shutdown()
+
+
+def _label(
+    source: str | os.PathLike[str],
+    out: Path,
+    model: str | None,
+    preset: str | None,
+    overrides: dict[str, Any] | None,
+    workers: int | None,
+    threads: int | None,
+    shard_size: int | None,
+    resume: bool,
+    ray: bool,
+    progress: bool,
+    say: Callable[[str], None],
+    t_start: float,
+) -> dict[str, Any]:
     with _lock(out):
         plan_path = out / PLAN
         if plan_path.is_file():
@@ -792,7 +822,7 @@ def label(
                 shard_size or DEFAULT_SHARD_SIZE,
             )
             _write_json(plan_path, plan)
-        return _run(plan, out, workers, threads, ray, ray_address, progress, say)
+        return _run(plan, out, workers, threads, ray, progress, say, t_start)
 
 
 def _run(
@@ -801,13 +831,12 @@ def _run(
     workers: int | None,
     threads: int | None,
     use_ray: bool,
-    ray_address: str | None,
     progress: bool,
     say: Callable[[str], None],
+    t_start: float,
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
-    t_start = time.perf_counter()
     shards: dict[int, list[Item]] = {}
     for i, p, s in plan["items"]:
         shards.setdefault(s, []).append(Item(i, p, s))
@@ -828,11 +857,7 @@ def _run(
     remaining = {s: n for s, n in remaining.items() if n > 0}
 
     settings = GeneratorSettings(**plan["settings"])
-    ray_started = False
-    if use_ray and pending and not _ray_ready():
-        _ray_connect(ray_address)
-        ray_started = True
-    backend, workers, threads = _plan_workers(workers, threads, use_ray and bool(pending), say)
+    backend, workers, threads = _plan_workers(workers, threads, use_ray, say)
     cfg = WorkerConfig(plan["model"]["name"], settings, os.fspath(out), threads)
     if pending:
         say(
@@ -888,8 +913,10 @@ def _run(
                     n_err += 1
                     errors.append(res)
                     bar.write(f"segany label: skipped image {res['image_id']}: {res['reason']}")
+                bar.set_postfix(
+                    masks_per_img=f"{n_masks / max(n_ok, 1):.1f}", errors=n_err, refresh=False
+                )
                 bar.update(1)
-                bar.set_postfix(masks_per_img=f"{n_masks / max(n_ok, 1):.1f}", errors=n_err)
                 s = res["shard"]
                 remaining[s] -= 1
                 if remaining[s] == 0:
@@ -899,10 +926,6 @@ def _run(
                     del remaining[s]
     finally:
         bar.close()
-        if ray_started:
-            import ray
-
-            ray.shutdown()
     t_end = time.perf_counter()
     manifest = write_manifest(out, plan)
     wall = t_end - t_start
@@ -929,7 +952,8 @@ def _run(
         "seconds": round(wall, 2),
         "images_per_second": round(n_ok / wall, 4) if wall > 0 else 0.0,
         "steady_images_per_second": steady,
-        "startup_seconds": round(first_result - t_start, 2) if first_result else None,
+        # job start to the first finished image: start-up, model load and one image
+        "first_image_seconds": round(first_result - t_start, 2) if first_result else None,
         "model_load_seconds": round(max(load_times), 2) if load_times else None,
         "seconds_per_image": {k: round(v / n_ok, 3) for k, v in stage.items()} if n_ok else {},
         # CPU time of generate per image: what the model costs, whatever else runs here
@@ -954,12 +978,18 @@ def _ray_connect(address: str | None) -> None:
         import ray
     except ImportError:
         raise LabelError("--ray needs Ray: pip install 'segany[ray]'") from None
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        logging_level="WARNING",
-        log_to_driver=True,
-    )
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level="WARNING",
+            log_to_driver=True,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise LabelError(
+            f"cannot connect to Ray at {address or 'the default address'}: {exc} "
+            "(for a `ray start` cluster on this machine use --ray auto)"
+        ) from None
 
 
 def _plan_workers(

@@ -74,6 +74,18 @@ def _errors(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
 
 
+def _same_json(x: dict, y: dict) -> None:
+    """Same image record and masks; scores equal up to float noise (CPU kernels are not
+    bitwise reproducible across processes in general, though they mostly are here)."""
+    assert x["image"] == y["image"]
+    assert len(x["annotations"]) == len(y["annotations"])
+    for p, q in zip(x["annotations"], y["annotations"]):
+        for k in ("segmentation", "bbox", "area", "point_coords", "crop_box", "id"):
+            assert p[k] == q[k], (x["image"], k)
+        for k in ("predicted_iou", "stability_score"):
+            assert p[k] == pytest.approx(q[k], abs=1e-4)
+
+
 def test_local_and_ray_give_the_same_dataset(images, tiny_ckpt, tmp_path):
     ray = pytest.importorskip("ray")
     common = dict(
@@ -89,7 +101,7 @@ def test_local_and_ray_give_the_same_dataset(images, tiny_ckpt, tmp_path):
     assert local["backend"] == "local" and local["workers"] == 2
     assert local["images"] == N_IMAGES and local["errors"] == 1
     assert local["masks"] > 0 and local["images_per_second"] > 0
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         remote = L.label(images, tmp_path / "ray", ray=True, **common)
     finally:
@@ -100,7 +112,7 @@ def test_local_and_ray_give_the_same_dataset(images, tiny_ckpt, tmp_path):
     a, b = _contents(tmp_path / "local"), _contents(tmp_path / "ray")
     assert len(a) == N_IMAGES and a.keys() == b.keys()
     for key in a:
-        assert a[key][0] == b[key][0], key  # identical SA-1B JSON
+        _same_json(a[key][0], b[key][0])
         assert a[key][1] == b[key][1], key  # identical image bytes
     for out in (tmp_path / "local", tmp_path / "ray"):
         assert L.check_dataset(out) == {"images": N_IMAGES, "errors": 1}

@@ -1,0 +1,940 @@
+"""The trainer: SAM's simulated interactive training (see :mod:`.prompts` and :mod:`.losses`)
+with AdamW, linear warmup and step decay, gradient accumulation, periodic checkpoints,
+exact resume, a CSV/JSON-lines log, a loss-curve PNG and a progress bar.
+
+Modes (``TrainConfig.train``):
+
+- ``decoder``: only the mask decoder learns; image embeddings are computed once with the
+  frozen encoder and kept on disk (:class:`EmbeddingSource`), so a step costs decoder
+  passes only. This is what a CPU can afford.
+- ``decoder+prompt``: the prompt encoder learns too (still on cached embeddings).
+- ``full``: every part learns; images go through the encoder at each step (meant for a
+  GPU; it runs on the CPU with a tiny model).
+
+Files written for ``out = DIR/NAME.pt``:
+
+- ``NAME.pt``: the weights, a plain state dict with the official key names (loads with
+  :func:`segany.load_model` and ``--model DIR/NAME.pt`` everywhere);
+- ``NAME.json``: metadata (base model, data, split, configuration, steps, wall time);
+- ``NAME.train-state.pt``: optimizer, scheduler, step and random states for ``resume``;
+- ``NAME.log.csv`` and ``NAME.log.jsonl``: one row per ``log_every`` steps;
+- ``NAME.loss.png``: the loss curve;
+- ``NAME.val.json``: the validation images as COCO instances (for ``segany eval``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import transforms as T
+from ..models import Sam
+from ..predictor import EmbeddingCache, ImageEmbedding, image_key
+from . import prompts as P
+from .data import TrainData, TrainImage, lowres_targets, model_input_size, to_coco
+from .losses import sam_loss
+
+MODES = ("decoder", "decoder+prompt", "full")
+LOG_FIELDS = (
+    "step",
+    "lr",
+    "loss",
+    "focal",
+    "dice",
+    "iou_mse",
+    "iou_first",
+    "iou_last",
+    "replay",
+    "masks",
+    "val_loss",
+    "val_iou_first",
+    "seconds",
+)
+STATE_FORMAT = "segany-train-state/1"
+META_FORMAT = "segany-train/1"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run (saved in the metadata and the training state).
+
+    The recipe defaults are the paper's (11 rounds: 8 points + 2 without; focal:dice 20:1;
+    IoU MSE x1; AdamW, weight decay 0.1, warmup then x0.1 at 2/3 and 26/27 of the steps)
+    with a fine-tuning learning rate and a CPU-sized batch. ``replay_*`` apply only when
+    the trainer is given replay images (see :meth:`Trainer.replay_loss`).
+    """
+
+    steps: int = 1000
+    train: str = "decoder"
+    lr: float = 1e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 50
+    decay_at: tuple[float, ...] = (2 / 3, 26 / 27)
+    decay_factor: float = 0.1
+    images_per_step: int = 2
+    masks_per_image: int = 8
+    accumulate: int = 1
+    point_rounds: int = P.POINT_ROUNDS
+    empty_rounds: int = P.EMPTY_ROUNDS
+    box_prob: float = 0.5
+    box_noise: float = P.BOX_NOISE
+    box_max_shift: float = P.BOX_MAX_SHIFT
+    box_multimask: bool = False
+    focal_weight: float = 20.0
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0
+    grad_clip: float = 0.0
+    seed: int = 0
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 10
+    val_every: int = 0
+    val_masks: int = 64
+    replay_weight: float = 1.0
+    replay_points: int = 4
+
+    def __post_init__(self) -> None:
+        if self.train not in MODES:
+            raise ValueError(f"train must be one of {MODES}, got {self.train!r}")
+        for name in ("steps", "images_per_step", "masks_per_image", "accumulate", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if not 0 <= self.box_prob <= 1:
+            raise ValueError("box_prob must be in [0, 1]")
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        self.decay_at = tuple(self.decay_at)
+
+    @property
+    def rounds(self) -> int:
+        return P.num_rounds(self.point_rounds, self.empty_rounds)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        d["decay_at"] = list(self.decay_at)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()
+                      if k in names})  # fmt: skip
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier after ``step`` optimizer steps: linear warmup over
+    ``warmup_steps``, then ``decay_factor`` per passed milestone (fractions of ``steps``)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    passed = sum(step >= int(round(f * cfg.steps)) for f in cfg.decay_at)
+    return cfg.decay_factor**passed
+
+
+def output_paths(out: str | Path) -> dict[str, Path]:
+    """The files of a run whose weights go to ``out`` (see the module doc)."""
+    out = Path(out)
+    stem = out.with_suffix("") if out.suffix else out
+    return {
+        "weights": out,
+        "meta": stem.with_name(stem.name + ".json"),
+        "state": stem.with_name(stem.name + ".train-state.pt"),
+        "csv": stem.with_name(stem.name + ".log.csv"),
+        "jsonl": stem.with_name(stem.name + ".log.jsonl"),
+        "plot": stem.with_name(stem.name + ".loss.png"),
+        "val": stem.with_name(stem.name + ".val.json"),
+    }
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def encoder_fingerprint(model: Sam) -> str:
+    """Hash of the image encoder's weights: embeddings are shared by every model with the
+    same encoder (e.g. a base model and its decoder fine-tunes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in model.image_encoder.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+class EmbeddingSource:
+    """Image embeddings of a frozen encoder, computed once and kept in an
+    :class:`~segany.predictor.EmbeddingCache` (on disk when ``cache_dir`` is given) under
+    ``enc<encoder hash>-<image content hash>``."""
+
+    def __init__(self, model: Sam, cache_dir: str | Path | None, *, max_items: int = 256) -> None:
+        self.model = model
+        self.cache = EmbeddingCache(cache_dir, max_items=max_items)
+        self.prefix = f"enc{encoder_fingerprint(model)}"
+        self._keys: dict[str, str] = {}
+
+    def _key(self, image: TrainImage, rgb: np.ndarray) -> str:
+        return f"{self.prefix}-{image_key(rgb)}"
+
+    def get(self, image: TrainImage) -> ImageEmbedding:
+        key = self._keys.get(image.key)
+        if key is not None:
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit
+        rgb = T.load_image(image.path)
+        if rgb.shape[:2] != (image.height, image.width):
+            raise ValueError(
+                f"{image.path} is {rgb.shape[1]}x{rgb.shape[0]} but the annotations say "
+                f"{image.width}x{image.height}"
+            )
+        key = self._key(image, rgb)
+        self._keys[image.key] = key
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        m = self.model
+        x, input_size = T.to_model_input(
+            rgb, img_size=m.img_size, pixel_mean=m.pixel_mean, pixel_std=m.pixel_std
+        )
+        with torch.no_grad():
+            emb = m.embed_image(x).cpu()
+        item = ImageEmbedding(
+            embedding=emb, original_size=(image.height, image.width), input_size=input_size
+        )
+        self.cache.put(key, item)
+        return item
+
+    def prepare(self, images: Sequence[TrainImage], progress: bool = True) -> float:
+        """Embed every image not cached yet; returns the seconds spent."""
+        from tqdm import tqdm
+
+        t0 = time.perf_counter()
+        for im in tqdm(images, desc="embeddings", unit="img", disable=not progress):
+            self.get(im)
+        return time.perf_counter() - t0
+
+
+@dataclass
+class Batch:
+    """``B`` masks from a few images, ready for the simulation (model frame, low-res)."""
+
+    embeddings: torch.Tensor | None  # (n_images, C, h, w); None in full mode
+    images: list[TrainImage]
+    image_index: np.ndarray  # (B,) into images / embeddings
+    input_size: np.ndarray  # (B, 2) (h, w)
+    targets: torch.Tensor  # (B, G, G) bool
+    valid: torch.Tensor  # (B, G, G) bool
+    first_is_box: np.ndarray  # (B,) bool
+    first_points: np.ndarray  # (B, 2) model frame
+    boxes: np.ndarray  # (B, 4) model frame, jittered
+
+    def __len__(self) -> int:
+        return len(self.image_index)
+
+
+@dataclass
+class StepStats:
+    loss: float = 0.0
+    focal: float = 0.0
+    dice: float = 0.0
+    iou_mse: float = 0.0
+    iou_first: float = 0.0
+    iou_last: float = 0.0
+    masks: int = 0
+    replay: float = 0.0
+
+
+class Trainer:
+    """Trains ``model`` on ``train_images`` (see the module doc).
+
+    Args:
+        model: a :class:`~segany.models.Sam` (not fused for inference).
+        train_images, val_images: the split (:func:`.data.split_by_image`).
+        config: the run's :class:`TrainConfig`.
+        out: the weights file; the other files go beside it (:func:`output_paths`).
+        embedding_cache: folder of cached embeddings (decoder modes); ``None``: memory only.
+        replay_images: unlabeled images on which the fine-tuned decoder is kept close to the
+            starting one (:meth:`replay_loss`), against forgetting their domain.
+        meta: extra fields for the metadata file (base model, data description...).
+        progress: show progress bars.
+        device: where the model runs.
+    """
+
+    def __init__(
+        self,
+        model: Sam,
+        train_images: Sequence[TrainImage],
+        val_images: Sequence[TrainImage],
+        config: TrainConfig,
+        out: str | Path,
+        *,
+        embedding_cache: str | Path | None = None,
+        meta: dict[str, Any] | None = None,
+        progress: bool = True,
+        device: str | torch.device = "cpu",
+        replay_images: Sequence[TrainImage] = (),
+    ) -> None:
+        self.cfg = config
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.train_images = [im for im in train_images if im.num_masks]
+        self.val_images = [im for im in val_images if im.num_masks]
+        if not self.train_images:
+            raise ValueError("no training image has masks")
+        self.paths = output_paths(out)
+        self.meta = dict(meta or {})
+        self.progress = progress
+        self.grid = int(model.prompt_encoder.mask_input_size[0])
+        self.stride = model.img_size // self.grid
+        self.params = self._set_trainable()
+        self.optimizer = _adamw(self.params, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.cfg)
+        )
+        self.rng = np.random.default_rng(config.seed)
+        self.step = 0
+        self.elapsed = 0.0
+        self.embed_seconds = 0.0
+        self.embedding_cache = embedding_cache
+        self.embeddings: EmbeddingSource | None = None
+        if config.train != "full":
+            self.embeddings = EmbeddingSource(self.model, embedding_cache)
+        self.on_step: Callable[[int, dict[str, Any]], None] | None = None
+        self.replay_images = list(replay_images)
+        self.teacher: tuple[torch.nn.Module, torch.nn.Module] | None = None
+        if self.replay_images and config.replay_weight > 0:
+            if config.train == "full":
+                raise ValueError("replay works on cached embeddings: not with train='full'")
+            self.teacher = self._freeze_teacher()
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _set_trainable(self) -> list[torch.nn.Parameter]:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        parts = {
+            "decoder": [self.model.mask_decoder],
+            "decoder+prompt": [self.model.mask_decoder, self.model.prompt_encoder],
+            "full": [self.model],
+        }[self.cfg.train]
+        params = []
+        for part in parts:
+            for p in part.parameters():
+                p.requires_grad_(True)
+                params.append(p)
+        return params
+
+    # -- batches -----------------------------------------------------------------------------
+    def sample_batch(
+        self, rng: np.random.Generator, images: Sequence[TrainImage] | None = None
+    ) -> Batch | None:
+        """Pick ``images_per_step`` images and up to ``masks_per_image`` masks of each, and
+        draw their first prompts. ``None`` if every picked mask vanished at low res."""
+        cfg = self.cfg
+        pool = self.train_images if images is None else images
+        n_img = min(cfg.images_per_step, len(pool))
+        picked = [pool[i] for i in rng.choice(len(pool), size=n_img, replace=False)]
+        img_list: list[TrainImage] = []
+        index, sizes, targets, valids, is_box, points, boxes = [], [], [], [], [], [], []
+        s = self.model.img_size
+        for im in picked:
+            k = min(cfg.masks_per_image, im.num_masks)
+            sel = np.sort(rng.choice(im.num_masks, size=k, replace=False))
+            masks = im.masks(sel)
+            input_size = model_input_size(im, s)
+            tgt, valid = lowres_targets(masks, input_size, s, self.grid)
+            keep = tgt.reshape(len(tgt), -1).any(axis=1)
+            if not keep.any():
+                continue
+            sel, masks, tgt = sel[keep], masks[keep], tgt[keep]
+            j = len(img_list)
+            img_list.append(im)
+            n = len(sel)
+            first_box = P.choose_first_prompts(n, rng, cfg.box_prob)
+            pts = T.coords_to_model(P.sample_points(masks, rng), (im.height, im.width), s)
+            bxs = T.boxes_to_model(im.boxes_xyxy(sel), (im.height, im.width), s).numpy()
+            bxs = P.jitter_boxes(bxs, rng, cfg.box_noise, cfg.box_max_shift)
+            index += [j] * n
+            sizes += [input_size] * n
+            targets.append(tgt)
+            valids.append(np.broadcast_to(valid, tgt.shape))
+            is_box.append(first_box)
+            points.append(pts.numpy())
+            boxes.append(bxs)
+        if not img_list:
+            return None
+        emb = None
+        if self.embeddings is not None:
+            emb = torch.cat([self.embeddings.get(im).embedding for im in img_list]).to(self.device)
+        return Batch(
+            embeddings=emb,
+            images=img_list,
+            image_index=np.asarray(index, dtype=np.int64),
+            input_size=np.asarray(sizes, dtype=np.int64),
+            targets=torch.from_numpy(np.concatenate(targets)).to(self.device),
+            valid=torch.from_numpy(np.concatenate(valids)).to(self.device),
+            first_is_box=np.concatenate(is_box),
+            first_points=np.concatenate(points),
+            boxes=np.concatenate(boxes),
+        )
+
+    def _embed_full(self, images: list[TrainImage]) -> torch.Tensor:
+        """Full mode: the images of the batch through the encoder, with gradients."""
+        m = self.model
+        xs = []
+        for im in images:
+            x, _ = T.to_model_input(
+                T.load_image(im.path), img_size=m.img_size, pixel_mean=m.pixel_mean,
+                pixel_std=m.pixel_std,
+            )  # fmt: skip
+            xs.append(x)
+        return m.embed_image(torch.cat(xs).to(self.device))
+
+    # -- the simulation ----------------------------------------------------------------------
+    def simulate(
+        self, batch: Batch, rng: np.random.Generator, *, train: bool, scale: float = 1.0
+    ) -> StepStats:
+        """Run the rounds of interaction on ``batch``; with ``train``, back-propagate each
+        round's loss (times ``scale``) as soon as it is computed (previous logits are
+        detached, so rounds are independent graphs, except the shared encoder in full mode).
+        """
+        cfg = self.cfg
+        b = len(batch)
+        schedule = P.round_schedule(rng, cfg.point_rounds, cfg.empty_rounds)
+        rounds = 1 + len(schedule)
+        if batch.embeddings is None:
+            emb_all = self._embed_full(batch.images)
+        else:
+            emb_all = batch.embeddings
+        idx = torch.from_numpy(batch.image_index).to(self.device)
+        groups = [np.flatnonzero(~batch.first_is_box), np.flatnonzero(batch.first_is_box)]
+        groups = [g for g in groups if len(g)]
+        coords = np.zeros((b, 0, 2))
+        labels = np.zeros((b, 0), dtype=np.int64)
+        coords = np.concatenate([coords, batch.first_points[:, None]], axis=1)
+        labels = np.concatenate([labels, np.ones((b, 1), dtype=np.int64)], axis=1)
+        logits_prev: torch.Tensor | None = None
+        valid_np = batch.valid.cpu().numpy()
+        target_np = batch.targets.cpu().numpy()
+        stats = StepStats(masks=b)
+        n_backward = rounds * len(groups)
+        done = 0
+        for r in range(rounds):
+            if r > 0 and schedule[r - 1]:
+                assert logits_prev is not None
+                pred = (logits_prev[:, 0] > 0).cpu().numpy()
+                cells, lab = P.sample_error_points(target_np, pred, rng, valid_np)
+                pts = P.lowres_to_model_points(cells, rng, self.stride, batch.input_size)
+                coords = np.concatenate([coords, pts[:, None]], axis=1)
+                labels = np.concatenate([labels, lab[:, None]], axis=1)
+            new_logits = torch.zeros(b, 1, self.grid, self.grid, device=self.device)
+            round_iou = torch.zeros(b, device=self.device)
+            for g in groups:
+                is_box_group = bool(batch.first_is_box[g[0]])
+                gt = torch.from_numpy(g).to(self.device)
+                kwargs: dict[str, Any] = {}
+                n_pts = coords.shape[1] - (1 if is_box_group else 0)
+                if n_pts > 0:
+                    sl = slice(1, None) if is_box_group else slice(None)
+                    kwargs["point_coords"] = (
+                        torch.from_numpy(coords[g][:, sl]).float().to(self.device)
+                    )
+                    kwargs["point_labels"] = torch.from_numpy(labels[g][:, sl]).to(self.device)
+                if is_box_group:
+                    kwargs["boxes"] = torch.from_numpy(batch.boxes[g]).float().to(self.device)
+                if logits_prev is not None:
+                    kwargs["mask_input"] = logits_prev[gt]
+                multimask = r == 0 and (not is_box_group or cfg.box_multimask)
+                with torch.set_grad_enabled(train):
+                    emb = emb_all[idx[gt]]
+                    logits, iou = self.model.decode(emb, multimask_output=multimask, **kwargs)
+                    out = sam_loss(
+                        logits,
+                        iou,
+                        batch.targets[gt],
+                        batch.valid[gt],
+                        focal_weight=cfg.focal_weight,
+                        dice_weight=cfg.dice_weight,
+                        iou_weight=cfg.iou_weight,
+                    )
+                done += 1
+                share = len(g) / b / rounds
+                if train:
+                    last = done == n_backward
+                    (out.loss * share * scale).backward(
+                        retain_graph=batch.embeddings is None and not last
+                    )
+                stats.loss += float(out.loss.detach()) * share
+                stats.focal += float(out.focal) * share
+                stats.dice += float(out.dice) * share
+                stats.iou_mse += float(out.iou_mse) * share
+                pick = iou.detach().argmax(dim=1)  # the paper feeds the best-scored mask back
+                rows = torch.arange(len(g), device=self.device)
+                new_logits[gt, 0] = logits.detach()[rows, pick]
+                round_iou[gt] = out.true_iou[rows, pick]
+            logits_prev = new_logits
+            if r == 0:
+                stats.iou_first = float(round_iou.mean())
+            stats.iou_last = float(round_iou.mean())
+        return stats
+
+    # -- replay ------------------------------------------------------------------------------
+    def _freeze_teacher(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """Frozen copies of the starting prompt encoder and mask decoder."""
+        import copy
+
+        pe = copy.deepcopy(self.model.prompt_encoder).eval()
+        md = copy.deepcopy(self.model.mask_decoder).eval()
+        for p in [*pe.parameters(), *md.parameters()]:
+            p.requires_grad_(False)
+        return pe, md
+
+    def _teacher_decode(self, emb: torch.Tensor, multimask: bool, **prompts: Any) -> Any:
+        assert self.teacher is not None
+        pe, md = self.teacher
+        points = None
+        if prompts.get("point_coords") is not None:
+            points = (prompts["point_coords"], prompts["point_labels"])
+        sparse, dense = pe(points, prompts.get("boxes"), None)
+        return md(emb, pe.get_dense_pe(), sparse, dense, multimask)
+
+    def replay_loss(self, rng: np.random.Generator, *, train: bool, scale: float = 1.0) -> float:
+        """Self-distillation on one replay image: ``replay_points`` random points (three
+        outputs) and the boxes of the starting model's best masks for them (single output);
+        the trained decoder's logits and IoUs are pulled towards those of the frozen
+        starting decoder: ``focal_weight`` x per-pixel Bernoulli KL + IoU MSE, times
+        ``replay_weight``. Back-propagated with ``train``; returns the loss."""
+        cfg = self.cfg
+        assert self.embeddings is not None
+        im = self.replay_images[int(rng.integers(len(self.replay_images)))]
+        item = self.embeddings.get(im)
+        emb = item.embedding.to(self.device)
+        h, w = item.input_size
+        n = cfg.replay_points
+        pts = np.stack([rng.integers(w, size=n), rng.integers(h, size=n)], axis=1)
+        coords = torch.from_numpy(pts[:, None].astype(np.float32)).to(self.device)
+        labels = torch.ones(n, 1, dtype=torch.long, device=self.device)
+        valid = torch.zeros(self.grid, self.grid, dtype=torch.bool, device=self.device)
+        valid[: -(-h // self.stride), : -(-w // self.stride)] = True
+        with torch.no_grad():
+            t_logits, t_iou = self._teacher_decode(
+                emb, True, point_coords=coords, point_labels=labels
+            )
+            best = t_logits[torch.arange(n), t_iou.argmax(dim=1)] > 0
+            boxes = _lowres_boxes(best & valid, self.stride, (h, w))
+            t_box_logits, t_box_iou = self._teacher_decode(emb, False, boxes=boxes)
+        total = 0.0
+        runs = [
+            ({"point_coords": coords, "point_labels": labels}, True, t_logits, t_iou),
+            ({"boxes": boxes}, False, t_box_logits, t_box_iou),
+        ]
+        for prompts, multimask, t_l, t_i in runs:
+            with torch.set_grad_enabled(train):
+                s_l, s_i = self.model.decode(emb, multimask_output=multimask, **prompts)
+                p_t = torch.sigmoid(t_l)
+                kl = F.binary_cross_entropy_with_logits(s_l, p_t, reduction="none")
+                kl = kl - F.binary_cross_entropy_with_logits(t_l, p_t, reduction="none")
+                kl = (kl * valid).sum(dim=(-1, -2)) / valid.sum()
+                loss = cfg.focal_weight * kl.mean() + ((s_i - t_i) ** 2).mean()
+                loss = cfg.replay_weight * loss / len(runs)
+            if train:
+                (loss * scale).backward()
+            total += float(loss.detach())
+        return total
+
+    # -- validation --------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        """Loss and first-round IoU on a fixed, seeded sample of validation masks (the same
+        prompts every time, so the numbers are comparable across steps)."""
+        if not self.val_images:
+            return {}
+        rng = np.random.default_rng(self.cfg.seed + 1_000_003)
+        per_batch = self.cfg.images_per_step * self.cfg.masks_per_image
+        n_batches = max(1, math.ceil(self.cfg.val_masks / per_batch))
+        tot: dict[str, float] = {"val_loss": 0.0, "val_iou_first": 0.0}
+        masks = 0
+        with torch.no_grad():
+            for _ in range(n_batches):
+                batch = self.sample_batch(rng, self.val_images)
+                if batch is None:
+                    continue
+                st = self.simulate(batch, rng, train=False)
+                tot["val_loss"] += st.loss * len(batch)
+                tot["val_iou_first"] += st.iou_first * len(batch)
+                masks += len(batch)
+        return {k: v / max(1, masks) for k, v in tot.items()}
+
+    # -- state -------------------------------------------------------------------------------
+    def save(self, rng_state: dict[str, Any] | None = None) -> None:
+        """Write the weights, the training state and the metadata (atomically)."""
+        _atomic_save(self.model.state_dict(), self.paths["weights"])
+        _atomic_save(
+            {
+                "format": STATE_FORMAT,
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "numpy_rng": json.dumps(rng_state or self.rng.bit_generator.state),
+                "torch_rng": torch.get_rng_state(),
+                "config": json.dumps(self.cfg.to_dict()),
+                "elapsed": self.elapsed,
+            },
+            self.paths["state"],
+        )
+        self.write_meta()
+
+    def load_state(self) -> None:
+        """Continue from the files of an earlier run with the same ``out``."""
+        from ..weights import load_checkpoint
+
+        path = self.paths["state"]
+        if not path.is_file():
+            raise FileNotFoundError(f"no training state to resume from at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path} is not a segany training state")
+        saved = TrainConfig.from_dict(json.loads(state["config"]))
+        saved.steps = self.cfg.steps  # the one setting that may change on resume
+        self.cfg = saved
+        self.model.load_state_dict(load_checkpoint(self.paths["weights"]), strict=True)
+        self.params = self._set_trainable()
+        self.optimizer = _adamw(self.params, saved)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.cfg)
+        )
+        # after the scheduler's constructor (which resets the learning rate to step 0's)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = json.loads(state["numpy_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+        if self.cfg.train != "full":  # the loaded encoder names the cached embeddings
+            self.embeddings = EmbeddingSource(self.model, self.embedding_cache)
+        else:
+            self.embeddings = None
+        _truncate_logs(self.paths, self.step)
+
+    def write_meta(self, extra: dict[str, Any] | None = None) -> None:
+        meta = {
+            "format": META_FORMAT,
+            "weights": self.paths["weights"].name,
+            **self.meta,
+            "train": self.cfg.train,
+            "steps_done": self.step,
+            "config": self.cfg.to_dict(),
+            "split": {
+                "val_fraction": self.cfg.val_fraction,
+                "split_seed": self.cfg.split_seed,
+                "train_images": [im.key for im in self.train_images],
+                "val_images": [im.key for im in self.val_images],
+                "train_masks": sum(im.num_masks for im in self.train_images),
+                "val_masks": sum(im.num_masks for im in self.val_images),
+            },
+            "wall_seconds": round(self.elapsed, 1),
+            "embedding_seconds": round(self.embed_seconds, 1),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **(extra or {}),
+        }
+        _atomic_text(json.dumps(meta, indent=2) + "\n", self.paths["meta"])
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, *, resume: bool = False) -> dict[str, Any]:
+        """Train to ``config.steps`` optimizer steps (from the saved state with ``resume``)
+        and return the metadata. On ``KeyboardInterrupt`` the last completed step is saved
+        (resume continues from it) and the interrupt is re-raised."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.paths["weights"].parent.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.load_state()
+            cfg = self.cfg
+        else:
+            for key in ("csv", "jsonl"):
+                self.paths[key].unlink(missing_ok=True)
+        if not resume:
+            torch.manual_seed(cfg.seed)
+        if self.val_images:
+            _atomic_text(json.dumps(to_coco(self.val_images)) + "\n", self.paths["val"])
+        if self.embeddings is not None:
+            need = self.train_images + (self.val_images if cfg.val_every else [])
+            need += self.replay_images if self.teacher is not None else []
+            self.embed_seconds += self.embeddings.prepare(need, progress=self.progress)
+        t_start = time.perf_counter() - self.elapsed
+        acc = StepStats()
+        acc_steps = 0
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
+                   disable=not self.progress)  # fmt: skip
+        # the random state after the last completed step: an interrupted step is discarded
+        # and its draws replayed on resume
+        rng_at_step = self.rng.bit_generator.state
+        try:
+            while self.step < cfg.steps:
+                self.optimizer.zero_grad(set_to_none=True)
+                for _ in range(cfg.accumulate):
+                    batch = None
+                    while batch is None:
+                        batch = self.sample_batch(self.rng)
+                    st = self.simulate(batch, self.rng, train=True, scale=1 / cfg.accumulate)
+                    if self.teacher is not None:
+                        st.replay = self.replay_loss(self.rng, train=True, scale=1 / cfg.accumulate)
+                    _add(acc, st, 1 / cfg.accumulate)
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                rng_at_step = self.rng.bit_generator.state
+                acc_steps += 1
+                self.elapsed = time.perf_counter() - t_start
+                bar.update(1)
+                bar.set_postfix(loss=f"{st.loss:.4f}", iou=f"{st.iou_first:.3f}")
+                row: dict[str, Any] | None = None
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    row = _row(self.step, lr, acc, acc_steps, self.elapsed)
+                    if cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
+                        row.update({k: round(v, 6) for k, v in self.validate().items()})
+                    _append_log(self.paths, row)
+                    acc, acc_steps = StepStats(), 0
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+                if self.on_step is not None:
+                    self.on_step(self.step, row or {})
+        except KeyboardInterrupt:
+            bar.close()
+            if self.step > 0:
+                self.save(rng_state=rng_at_step)
+            raise
+        bar.close()
+        self.elapsed = time.perf_counter() - t_start
+        self.save()
+        plot_log(self.paths["csv"], self.paths["plot"])
+        return json.loads(self.paths["meta"].read_text())
+
+
+def _lowres_boxes(masks: torch.Tensor, stride: int, input_size: tuple[int, int]) -> torch.Tensor:
+    """XYXY model-frame boxes ``(B, 4)`` around low-res masks ``(B, G, G)`` (cell edges);
+    an empty mask gets the whole image."""
+    h, w = input_size
+    out = torch.tensor([[0.0, 0.0, float(w), float(h)]]).repeat(len(masks), 1)
+    for i, m in enumerate(masks.cpu()):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        if len(xs):
+            x0, y0 = int(xs.min()) * stride, int(ys.min()) * stride
+            x1, y1 = (int(xs.max()) + 1) * stride, (int(ys.max()) + 1) * stride
+            out[i] = torch.tensor([x0, y0, x1, y1], dtype=torch.float32)
+    out[:, [0, 2]] = out[:, [0, 2]].clamp(0, w)
+    out[:, [1, 3]] = out[:, [1, 3]].clamp(0, h)
+    return out.to(masks.device)
+
+
+def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; the fused kernel where torch has one for the parameters' device."""
+    kw: dict[str, Any] = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, **kw)
+
+
+def _add(acc: StepStats, st: StepStats, w: float) -> None:
+    for name in ("loss", "focal", "dice", "iou_mse", "iou_first", "iou_last", "replay"):
+        setattr(acc, name, getattr(acc, name) + getattr(st, name) * w)
+    acc.masks += st.masks
+
+
+def _row(step: int, lr: float, acc: StepStats, n: int, seconds: float) -> dict[str, Any]:
+    n = max(1, n)
+    return {
+        "step": step,
+        "lr": lr,
+        "loss": round(acc.loss / n, 6),
+        "focal": round(acc.focal / n, 6),
+        "dice": round(acc.dice / n, 6),
+        "iou_mse": round(acc.iou_mse / n, 6),
+        "iou_first": round(acc.iou_first / n, 5),
+        "iou_last": round(acc.iou_last / n, 5),
+        "replay": round(acc.replay / n, 6),
+        "masks": acc.masks,
+        "seconds": round(seconds, 1),
+    }
+
+
+def _append_log(paths: dict[str, Path], row: dict[str, Any]) -> None:
+    new = not paths["csv"].is_file()
+    with paths["csv"].open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow({k: row.get(k, "") for k in LOG_FIELDS})
+    with paths["jsonl"].open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a CSV log, numbers as floats (empty cells dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [
+            {k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)
+        ]
+
+
+def _truncate_logs(paths: dict[str, Path], step: int) -> None:
+    """Drop log rows after ``step`` (written after the last checkpoint of a stopped run)."""
+    rows = [r for r in read_log(paths["csv"]) if r["step"] <= step]
+    for key in ("csv", "jsonl"):
+        paths[key].unlink(missing_ok=True)
+    for r in rows:
+        r["step"] = int(r["step"])
+        r["masks"] = int(r.get("masks", 0))
+        _append_log(paths, r)
+
+
+def plot_log(csv_path: str | Path, png_path: str | Path) -> Path | None:
+    """Loss and first-round IoU against the step (train, and validation when logged)."""
+    rows = read_log(csv_path)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax1.plot(steps, [r["loss"] for r in rows], label="train")
+    ax2.plot(steps, [r["iou_first"] for r in rows], label="train, round 1")
+    ax2.plot(steps, [r["iou_last"] for r in rows], label="train, last round", alpha=0.7)
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax1.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+        ax2.plot([r["step"] for r in val], [r["val_iou_first"] for r in val], "o-",
+                 label="validation, round 1")  # fmt: skip
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("loss (focal x20 + dice + IoU MSE)")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("IoU of the fed-back mask")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def default_embedding_cache() -> Path:
+    """Where training keeps image embeddings by default (``<segany cache>/embeddings``)."""
+    from ..weights import cache_dir
+
+    return cache_dir() / "embeddings"
+
+
+def train(
+    data: str | Path | TrainData,
+    out: str | Path,
+    *,
+    model: str | Path | Sam = "mobile_sam",
+    config: TrainConfig | None = None,
+    images: str | Path | None = None,
+    data_kind: str = "auto",
+    embedding_cache: str | Path | None = "default",
+    resume: bool = False,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    meta: dict[str, Any] | None = None,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    replay: str | Path | TrainData | None = None,
+) -> dict[str, Any]:
+    """Fine-tune ``model`` (catalogue name, checkpoint path or a model) on ``data`` (a
+    source for :func:`.data.open_source`, or opened data) and write the run's files beside
+    ``out``; returns the metadata. ``embedding_cache="default"`` keeps embeddings under
+    :func:`default_embedding_cache`, ``None`` in memory only; ``on_step(step, log_row)`` is
+    called after every optimizer step; ``replay`` (images: a folder or a COCO source) keeps
+    the decoder close to the starting one on those images (:meth:`Trainer.replay_loss`)."""
+    from ..loader import load_model
+    from .data import image_source, open_source, split_by_image
+
+    cfg = config or TrainConfig()
+    if resume:
+        cfg = _resumed_config(out, cfg)
+    dataset = data if isinstance(data, TrainData) else open_source(
+        data, images=images, kind=data_kind
+    )  # fmt: skip
+    train_images, val_images = split_by_image(dataset.images, cfg.val_fraction, cfg.split_seed)
+    if isinstance(model, Sam):
+        sam, base = model, {"base_model": "<in-memory model>"}
+    else:
+        sam = load_model(model, device=device, progress=progress)
+        base = {"base_model": str(model)}
+    cache = default_embedding_cache() if embedding_cache == "default" else embedding_cache
+    extra: dict[str, Any] = {}
+    replay_images: list[TrainImage] = []
+    if replay is not None:
+        rdata = replay if isinstance(replay, TrainData) else image_source(replay)
+        replay_images = rdata.images
+        extra["replay"] = {"source": rdata.source, "images": len(replay_images)}
+    trainer = Trainer(
+        sam,
+        train_images,
+        val_images,
+        cfg,
+        out,
+        embedding_cache=cache,
+        meta={**base, "data": dataset.describe(), **extra, **(meta or {})},
+        progress=progress,
+        device=device,
+        replay_images=replay_images,
+    )
+    trainer.on_step = on_step
+    return trainer.run(resume=resume)
+
+
+def _resumed_config(out: str | Path, cfg: TrainConfig) -> TrainConfig:
+    """The configuration saved with ``out``'s training state (``steps`` from ``cfg``), so the
+    split and the recipe stay those of the interrupted run."""
+    path = output_paths(out)["state"]
+    if not path.is_file():
+        raise FileNotFoundError(f"no training state to resume from at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = TrainConfig.from_dict(json.loads(state["config"]))
+    saved.steps = cfg.steps
+    return saved

@@ -1,0 +1,314 @@
+"""Training: losses on hand-computed cases, the prompt samplers, data sources and the split,
+a few steps that lower the loss, and resume == uninterrupted (tiny random model)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from segany.train import data as D
+from segany.train import prompts as P
+from segany.train.losses import dice_loss, focal_loss, iou_mse, mask_iou, sam_loss
+from segany.train.trainer import TrainConfig, Trainer, lr_factor, output_paths
+
+from .conftest import tiny_sam
+
+LN2 = math.log(2.0)
+
+
+# -- losses ----------------------------------------------------------------------------------
+def test_focal_loss_hand_computed() -> None:
+    logits = torch.zeros(1, 2, 2)  # p = 0.5 everywhere
+    target = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    pos = 0.25 * 0.5**2 * LN2  # alpha (1 - p)^2 (-log p)
+    neg = 0.75 * 0.5**2 * LN2  # (1 - alpha) p^2 (-log(1 - p))
+    assert focal_loss(logits, target).item() == pytest.approx((pos + 3 * neg) / 4, rel=1e-6)
+    valid = torch.tensor([[[True, True], [True, False]]])
+    assert focal_loss(logits, target, valid).item() == pytest.approx((pos + 2 * neg) / 3, rel=1e-6)
+    # a confident, correct prediction costs almost nothing; a confident wrong one a lot
+    good = torch.tensor([[[10.0, -10.0], [-10.0, -10.0]]])
+    assert focal_loss(good, target).item() < 1e-6
+    assert focal_loss(-good, target).item() > 1.0
+
+
+def test_dice_loss_hand_computed() -> None:
+    logits = torch.zeros(1, 2, 2)
+    target = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    # sum p = 2, sum t = 1, sum p t = 0.5: 1 - (2 * 0.5 + 1) / (2 + 1 + 1)
+    assert dice_loss(logits, target).item() == pytest.approx(0.5)
+    valid = torch.tensor([[[True, True], [True, False]]])
+    assert dice_loss(logits, target, valid).item() == pytest.approx(1 - 2 / 3.5)
+    assert dice_loss(torch.full((1, 2, 2), 50.0), torch.ones(1, 2, 2)).item() == pytest.approx(0.0)
+
+
+def test_iou_and_mse_hand_computed() -> None:
+    logits = torch.tensor([[[5.0, 5.0], [-5.0, -5.0]]])
+    target = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    assert mask_iou(logits, target).item() == pytest.approx(0.5)
+    assert mask_iou(-torch.ones(1, 2, 2), torch.zeros(1, 2, 2)).item() == 1.0  # both empty
+    assert mask_iou(logits, target, torch.tensor([[[True, False], [True, True]]])).item() == 1.0
+    assert iou_mse(torch.tensor([0.8]), torch.tensor([0.5])).item() == pytest.approx(0.09)
+
+
+def test_sam_loss_weights_and_lowest_loss_gets_the_gradient() -> None:
+    target = torch.zeros(1, 4, 4)
+    target[0, :2, :2] = 1
+    good = torch.where(target[0] > 0, 8.0, -8.0)
+    logits = torch.stack([torch.zeros(4, 4), good, -good])[None].requires_grad_(True)
+    pred_iou = torch.tensor([[0.5, 0.9, 0.1]], requires_grad=True)
+    out = sam_loss(logits, pred_iou, target)
+    assert out.chosen.tolist() == [1]
+    assert out.true_iou[0].tolist() == pytest.approx([0.0, 1.0, 0.0])  # logit 0 is not > 0
+    # total = 20 focal + dice of the chosen mask + mean IoU MSE over the three outputs
+    f = focal_loss(good[None], target).item()
+    d = dice_loss(good[None], target).item()
+    mse = ((0.5 - 0.0) ** 2 + (0.9 - 1.0) ** 2 + (0.1 - 0.0) ** 2) / 3
+    assert out.loss.item() == pytest.approx(20 * f + d + mse, rel=1e-5)
+    out.loss.backward()
+    g = logits.grad[0].abs().sum(dim=(1, 2))
+    assert g[0] == 0 and g[2] == 0 and g[1] > 0  # only the lowest-loss mask learns
+    assert (pred_iou.grad != 0).all()  # the IoU head learns for every output
+
+
+# -- prompts ---------------------------------------------------------------------------------
+def test_error_region_sampler_stays_in_the_region() -> None:
+    rng = np.random.default_rng(0)
+    gt = rng.random((64, 24, 32)) < 0.3
+    pred = rng.random((64, 24, 32)) < 0.3
+    pred[0] = gt[0]  # no error at all
+    pred[1] = gt[1] | (rng.random((24, 32)) < 0.05)  # only false positives
+    valid = np.zeros((24, 32), dtype=bool)
+    valid[:20, :28] = True
+    fn, fp = P.error_regions(gt, pred)
+    for _ in range(20):
+        for v in (None, valid):
+            coords, labels = P.sample_error_points(gt, pred, rng, v)
+            assert labels[0] == -1
+            for i in range(1, len(gt)):
+                x, y = int(coords[i, 0]), int(coords[i, 1])
+                assert labels[i] in (0, 1)
+                region = fn[i] if labels[i] == 1 else fp[i]
+                assert region[y, x], (i, x, y, labels[i])
+                if v is not None:
+                    assert v[y, x]
+            assert (labels[1] == 0) or not fn[1].any()
+
+
+def test_point_box_and_schedule_samplers() -> None:
+    rng = np.random.default_rng(1)
+    masks = np.zeros((3, 20, 30), dtype=bool)
+    masks[0, 2:5, 3:9] = True
+    masks[1, 10, 20] = True
+    masks[2, 15:20, :] = True
+    for _ in range(20):
+        pts = P.sample_points(masks, rng)
+        assert all(masks[i, int(y), int(x)] for i, (x, y) in enumerate(pts))
+    with pytest.raises(ValueError):
+        P.sample_points(np.zeros((1, 4, 4), dtype=bool), rng)
+    boxes = np.array([[10.0, 10.0, 110.0, 60.0], [0.0, 0.0, 1000.0, 1000.0]])
+    for _ in range(50):
+        j = P.jitter_boxes(boxes, rng)
+        assert (j[:, 2] >= j[:, 0]).all() and (j[:, 3] >= j[:, 1]).all()
+        assert np.abs(j - boxes).max() <= 20.0 + 1e-9  # capped at 20 px
+    assert np.array_equal(P.jitter_boxes(boxes, rng, noise=0.0), boxes)
+    for _ in range(10):
+        s = P.round_schedule(rng)
+        assert len(s) == 10 and sum(s) == 8 and s[-1] is False
+    assert P.num_rounds() == 11
+    assert P.round_schedule(rng, 3, 0) == [True] * 3
+    cells = np.array([[0, 0], [5, 7]])
+    sizes = np.array([[10, 10], [1024, 1024]])
+    for _ in range(10):
+        pix = P.lowres_to_model_points(cells, rng, 4, sizes)
+        assert (pix // 4 == cells).all()
+
+
+# -- data ------------------------------------------------------------------------------------
+def _rle(mask: np.ndarray) -> dict:
+    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": list(r["size"]), "counts": r["counts"].decode()}
+
+
+def make_squares(root: Path, n: int = 4, seed: int = 0) -> Path:
+    """A COCO dataset of ``n`` small images with three bright squares each."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    images, anns = [], []
+    for i in range(n):
+        h, w = 48, 64
+        img = rng.integers(0, 40, (h, w, 3)).astype(np.uint8)
+        for _ in range(3):
+            y0, x0, s = int(rng.integers(2, h - 18)), int(rng.integers(2, w - 18)), 14
+            m = np.zeros((h, w), dtype=bool)
+            m[y0 : y0 + s, x0 : x0 + s] = True
+            img[m] = 220
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1,
+                         "segmentation": _rle(m), "area": int(m.sum()),
+                         "bbox": [x0, y0, s, s], "iscrowd": 0})  # fmt: skip
+        Image.fromarray(img).save(root / "images" / f"im{i}.png")
+        images.append({"id": i + 1, "file_name": f"im{i}.png", "width": w, "height": h})
+    data = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "sq"}]}
+    (root / "annotations.json").write_text(json.dumps(data))
+    return root
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_squares(tmp_path_factory.mktemp("squares"))
+
+
+def test_sources_and_split(squares: Path, tmp_path: Path) -> None:
+    coco = D.open_source(squares)
+    assert coco.kind == "coco" and len(coco.images) == 4 and coco.num_masks == 12
+    tr, va = D.split_by_image(coco.images, 0.5, seed=3)
+    assert len(tr) == len(va) == 2 and not {i.key for i in tr} & {i.key for i in va}
+    tr2, va2 = D.split_by_image(list(reversed(coco.images)), 0.5, seed=3)
+    assert [i.key for i in va2] == [i.key for i in va]  # seeded, order-independent
+    # SA-1B layout: one JSON per image beside it
+    sa = tmp_path / "sa1b"
+    sa.mkdir()
+    src = json.loads((squares / "annotations.json").read_text())
+    for im in src["images"][:2]:
+        Image.open(squares / "images" / im["file_name"]).save(sa / im["file_name"])
+        anns = [a for a in src["annotations"] if a["image_id"] == im["id"]]
+        (sa / (Path(im["file_name"]).stem + ".json")).write_text(json.dumps(
+            {"image": {**im, "image_id": im["id"]}, "annotations": anns}))  # fmt: skip
+    sa1b = D.open_source(sa)
+    assert sa1b.kind == "sa1b" and sa1b.num_masks == 6
+    assert np.array_equal(sa1b.images[0].masks(), coco.images[0].masks())
+    # the COCO written for the evaluation round-trips
+    again = tmp_path / "val.json"
+    again.write_text(json.dumps(D.to_coco(va)))
+    back = D.coco_source(again, squares / "images")
+    assert [i.key for i in back.images] == [i.key for i in va]
+    assert np.array_equal(back.images[0].masks(), va[0].masks())
+
+
+def test_store_source(squares: Path, tmp_path: Path) -> None:
+    from segany.engine.store import Store
+
+    src = json.loads((squares / "annotations.json").read_text())
+    db = tmp_path / "a.db"
+    store = Store(db)
+    store.sync_images({im["file_name"]: {"width": im["width"], "height": im["height"],
+                       "size_bytes": 1, "mtime": 0.0} for im in src["images"]})  # fmt: skip
+    ids = {im.path: im.id for im in store.images()}
+    items = []
+    for a in src["annotations"]:
+        name = src["images"][a["image_id"] - 1]["file_name"]
+        status = "rejected" if a["id"] % 3 == 0 else "accepted"
+        items.append({"image_id": ids[name], "segmentation": a["segmentation"],
+                      "bbox": a["bbox"], "area": a["area"], "status": status})  # fmt: skip
+    store.add_annotations(items)
+    store.close()
+    data = D.open_source(db, images=squares / "images")
+    assert data.kind == "store" and data.num_masks == 8  # rejected objects are left out
+
+
+def test_lowres_targets_match_the_pixels_under_cell_centres() -> None:
+    m = np.zeros((1, 256, 256), dtype=bool)
+    m[0, 10:20, 30:35] = True
+    t, valid = D.lowres_targets(m, (1024, 1024), 1024, 256)
+    assert np.array_equal(t, m) and valid.all()  # 256 px image: one cell per pixel
+    m2 = np.zeros((1, 100, 200), dtype=bool)
+    m2[0, 50:, :100] = True
+    t2, valid2 = D.lowres_targets(m2, (512, 1024), 1024, 256)
+    assert valid2[:128].all() and not valid2[128:].any()
+    assert t2[0, 64:128, :128].all() and not t2[0, :64].any() and not t2[0, :, 128:].any()
+
+
+# -- training --------------------------------------------------------------------------------
+def _cfg(**kw) -> TrainConfig:
+    # small: one image of two masks, a first prompt and one error-region point per step
+    base = dict(steps=4, lr=2e-3, warmup_steps=1, images_per_step=1, masks_per_image=2,
+                point_rounds=1, empty_rounds=0, val_fraction=0.25, log_every=1)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_lr_schedule() -> None:
+    cfg = TrainConfig(steps=90, warmup_steps=10, decay_at=(2 / 3, 26 / 27))
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == 1.0
+    assert lr_factor(59, cfg) == 1.0 and lr_factor(60, cfg) == pytest.approx(0.1)
+    assert lr_factor(87, cfg) == pytest.approx(0.01)
+
+
+def test_a_few_steps_lower_the_loss(squares: Path, tmp_path: Path) -> None:
+    data = D.open_source(squares)
+    tr, va = D.split_by_image(data.images, 0.25, 0)
+    trainer = Trainer(tiny_sam(), tr, va, _cfg(steps=5), tmp_path / "m.pt", progress=False)
+    trainer.embeddings.prepare(tr, progress=False)
+
+    def fixed_loss() -> float:
+        rng = np.random.default_rng(123)
+        batch = trainer.sample_batch(rng)
+        with torch.no_grad():
+            return trainer.simulate(batch, rng, train=False).loss
+
+    before = fixed_loss()
+    meta = trainer.run()
+    after = fixed_loss()
+    assert after < 0.8 * before, (before, after)
+    paths = output_paths(tmp_path / "m.pt")
+    for key in ("weights", "meta", "state", "csv", "jsonl", "plot", "val"):
+        assert paths[key].is_file(), key
+    assert meta["steps_done"] == 5 and meta["split"]["val_images"]
+    from segany.loader import load_model
+
+    loaded = load_model(paths["weights"])  # a normal checkpoint of the registry
+    sd = trainer.model.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in loaded.state_dict().items())
+
+
+def test_resume_equals_uninterrupted(squares: Path, tmp_path: Path) -> None:
+    data = D.open_source(squares)
+    tr, va = D.split_by_image(data.images, 0.25, 0)
+    cfg = _cfg(steps=3, checkpoint_every=1, accumulate=2, box_prob=1.0)
+    full = Trainer(tiny_sam(), tr, va, cfg, tmp_path / "a.pt", progress=False)
+    full.run()
+
+    part = Trainer(tiny_sam(), tr, va, cfg, tmp_path / "b.pt", progress=False)
+
+    def stop(step: int, _row: dict) -> None:
+        if step == 2:
+            raise KeyboardInterrupt  # the "crash" after step 2
+
+    part.on_step = stop
+    with pytest.raises(KeyboardInterrupt):
+        part.run()
+    state = torch.load(output_paths(tmp_path / "b.pt")["state"], weights_only=True)
+    assert state["step"] == 2  # saved on the interrupt
+    resumed = Trainer(tiny_sam(seed=7), tr, va, _cfg(steps=3), tmp_path / "b.pt", progress=False)
+    meta = resumed.run(resume=True)
+    assert meta["steps_done"] == 3 and meta["config"]["accumulate"] == 2  # saved recipe kept
+    a = full.model.state_dict()
+    b = resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in output_paths(tmp_path / "b.pt")["jsonl"].open()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_replay_distillation_runs_and_starts_at_zero(squares: Path, tmp_path: Path) -> None:
+    data = D.open_source(squares)
+    tr, va = D.split_by_image(data.images, 0.25, 0)
+    replay = D.image_source(squares / "images").images
+    assert len(replay) == 4 and all(im.num_masks == 0 for im in replay)
+    cfg = _cfg(steps=1, replay_points=2)
+    trainer = Trainer(tiny_sam(), tr, va, cfg, tmp_path / "r.pt", progress=False,
+                      replay_images=replay)  # fmt: skip
+    trainer.embeddings.prepare(replay, progress=False)
+    # before any update the student is the teacher: the distillation loss is zero
+    assert trainer.replay_loss(np.random.default_rng(0), train=False) == pytest.approx(0, abs=1e-5)
+    teacher = [p.clone() for p in trainer.teacher[1].parameters()]
+    trainer.run()
+    rows = [json.loads(line) for line in output_paths(tmp_path / "r.pt")["jsonl"].open()]
+    assert rows[-1]["replay"] >= 0
+    assert all(torch.equal(a, b) for a, b in zip(teacher, trainer.teacher[1].parameters()))
+    assert trainer.replay_loss(np.random.default_rng(0), train=False) > 0  # the student moved
