@@ -158,28 +158,38 @@ def main() -> int:
         for r in rows
         if r["workers"] == 1
     }
+    cpu_base = {
+        (r["backend"], r["threads"]): r["generate_cpu_seconds_per_image"]
+        for r in rows
+        if r["workers"] == 1
+    }
     for r in rows:
         b = base.get((r["backend"], r["threads"]))
         s = r["steady_images_per_second"]
         r["scaling_efficiency"] = round(s / (r["workers"] * b), 3) if b and s else None
+        # CPU work per image of 1 worker / of N workers: < 1 when workers slow each other
+        # down (memory bandwidth, caches); independent of the CPU share the job gets
+        c, c1 = r["generate_cpu_seconds_per_image"], cpu_base.get((r["backend"], r["threads"]))
+        r["cpu_scaling_efficiency"] = round(c1 / c, 3) if c and c1 else None
 
     print()
     print(f"median of {args.repeat} run(s) per configuration")
     print(
         "| config | workers x threads | images/s (command) | steady images/s | first image s "
         "| model load s | generate s/img | generate CPU s/img | write s/img "
-        "| scaling efficiency | load avg |"
+        "| scaling efficiency | CPU scaling efficiency | load avg |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         eff = "" if r["scaling_efficiency"] is None else f"{r['scaling_efficiency']:.2f}"
+        ceff = "" if r["cpu_scaling_efficiency"] is None else f"{r['cpu_scaling_efficiency']:.2f}"
         loads = ", ".join(f"{a:.1f}" for a, _ in r["load_average"])
         print(
             f"| {r['backend']} | {r['workers']} x {r['threads']} | {r['images_per_second']:.4f} "
             f"| {r['steady_images_per_second']} | {r['first_image_seconds']} "
             f"| {r['model_load_seconds']} | {r['generate_seconds_per_image']} "
             f"| {r['generate_cpu_seconds_per_image']} | {r['write_seconds_per_image']} "
-            f"| {eff} | {loads} |"
+            f"| {eff} | {ceff} | {loads} |"
         )
     if args.json:
         Path(args.json).write_text(

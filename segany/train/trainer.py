@@ -531,7 +531,7 @@ class Trainer:
         """Self-distillation on one replay image: ``replay_points`` random points (three
         outputs) and the boxes of the starting model's best masks for them (single output);
         the trained decoder's logits and IoUs are pulled towards those of the frozen
-        starting decoder: ``focal_weight`` x per-pixel Bernoulli KL + IoU MSE, times
+        starting decoder: ``focal_weight`` x (per-pixel Bernoulli KL + IoU MSE), times
         ``replay_weight``. Back-propagated with ``train``; returns the loss."""
         cfg = self.cfg
         assert self.embeddings is not None
@@ -564,7 +564,9 @@ class Trainer:
                 kl = F.binary_cross_entropy_with_logits(s_l, p_t, reduction="none")
                 kl = kl - F.binary_cross_entropy_with_logits(t_l, p_t, reduction="none")
                 kl = (kl * valid).sum(dim=(-1, -2)) / valid.sum()
-                loss = cfg.focal_weight * kl.mean() + ((s_i - t_i) ** 2).mean()
+                # the IoU term weighs as much as the mask term: the ranking of the three
+                # outputs (which one "auto" picks) is what drifts first
+                loss = cfg.focal_weight * (kl.mean() + ((s_i - t_i) ** 2).mean())
                 loss = cfg.replay_weight * loss / len(runs)
             if train:
                 (loss * scale).backward()
