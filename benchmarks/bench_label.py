@@ -7,7 +7,11 @@ the same images into a fresh output folder, and reads its ``report.json``:
   and shard writing included);
 - ``steady images/s``: from the first finished image to the end (start-up excluded);
 - scaling efficiency of N workers = steady images/s of N workers x T threads / (N x steady
-  images/s of 1 worker x T threads): 1.0 when each added worker adds a full worker's speed.
+  images/s of 1 worker x T threads): 1.0 when each added worker adds a full worker's speed;
+- CPU scaling efficiency = CPU seconds per image (generate) of 1 worker / of N workers: < 1
+  when workers slow each other down, whatever CPU share the job gets. On a shared Linux
+  machine with autogroup scheduling, a session (this job and its workers) gets an equal
+  share with each other busy session, so wall-clock scaling there measures the neighbours.
 
     .venv/bin/python benchmarks/bench_label.py [--images 8] [--preset fast] \
         [--configs local:1x2,local:1x1,local:2x1,ray:1x2,ray:1x1,ray:2x1] [--repeat 2] \
