@@ -20,6 +20,31 @@ from segany.train.trainer import TrainConfig, Trainer, lr_factor, output_paths
 
 from .conftest import tiny_sam
 
+
+def small_sam(seed: int = 0):
+    """A SAM whose every part is small (32-channel decoder, 128 px input): the training
+    tests' model. Checkpoints of the standard dimensions are tested with ``tiny_sam``."""
+    from segany.models import Sam
+    from segany.models.image_encoder import ImageEncoderViT
+    from segany.models.mask_decoder import MaskDecoder
+    from segany.models.prompt_encoder import PromptEncoder
+    from segany.models.transformer import TwoWayTransformer
+
+    torch.manual_seed(seed)
+    dim = 32
+    return Sam(
+        image_encoder=ImageEncoderViT(img_size=128, embed_dim=16, depth=1, num_heads=1,
+                                      out_chans=dim, window_size=0, use_rel_pos=False),
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(8, 8),
+                                     input_image_size=(128, 128), mask_in_chans=4),
+        mask_decoder=MaskDecoder(
+            transformer_dim=dim,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, num_heads=2, mlp_dim=64),
+            iou_head_hidden_dim=dim,
+        ),
+    ).eval()  # fmt: skip
+
+
 LN2 = math.log(2.0)
 
 
@@ -243,7 +268,7 @@ def test_lr_schedule() -> None:
 def test_a_few_steps_lower_the_loss(squares: Path, tmp_path: Path) -> None:
     data = D.open_source(squares)
     tr, va = D.split_by_image(data.images, 0.25, 0)
-    trainer = Trainer(tiny_sam(), tr, va, _cfg(steps=5), tmp_path / "m.pt", progress=False)
+    trainer = Trainer(small_sam(), tr, va, _cfg(steps=8), tmp_path / "m.pt", progress=False)
     trainer.embeddings.prepare(tr, progress=False)
 
     def fixed_loss() -> float:
@@ -259,10 +284,17 @@ def test_a_few_steps_lower_the_loss(squares: Path, tmp_path: Path) -> None:
     paths = output_paths(tmp_path / "m.pt")
     for key in ("weights", "meta", "state", "csv", "jsonl", "plot", "val"):
         assert paths[key].is_file(), key
-    assert meta["steps_done"] == 5 and meta["split"]["val_images"]
+    assert meta["steps_done"] == 8 and meta["split"]["val_images"]
+
+
+def test_output_is_a_registry_checkpoint(squares: Path, tmp_path: Path) -> None:
     from segany.loader import load_model
 
-    loaded = load_model(paths["weights"])  # a normal checkpoint of the registry
+    data = D.open_source(squares)
+    tr, va = D.split_by_image(data.images, 0.25, 0)
+    trainer = Trainer(tiny_sam(), tr, va, _cfg(steps=1), tmp_path / "m.pt", progress=False)
+    trainer.run()
+    loaded = load_model(tmp_path / "m.pt")  # loads like any checkpoint of the registry
     sd = trainer.model.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in loaded.state_dict().items())
 
@@ -271,10 +303,10 @@ def test_resume_equals_uninterrupted(squares: Path, tmp_path: Path) -> None:
     data = D.open_source(squares)
     tr, va = D.split_by_image(data.images, 0.25, 0)
     cfg = _cfg(steps=3, checkpoint_every=1, accumulate=2, box_prob=1.0)
-    full = Trainer(tiny_sam(), tr, va, cfg, tmp_path / "a.pt", progress=False)
+    full = Trainer(small_sam(), tr, va, cfg, tmp_path / "a.pt", progress=False)
     full.run()
 
-    part = Trainer(tiny_sam(), tr, va, cfg, tmp_path / "b.pt", progress=False)
+    part = Trainer(small_sam(), tr, va, cfg, tmp_path / "b.pt", progress=False)
 
     def stop(step: int, _row: dict) -> None:
         if step == 2:
@@ -285,7 +317,7 @@ def test_resume_equals_uninterrupted(squares: Path, tmp_path: Path) -> None:
         part.run()
     state = torch.load(output_paths(tmp_path / "b.pt")["state"], weights_only=True)
     assert state["step"] == 2  # saved on the interrupt
-    resumed = Trainer(tiny_sam(seed=7), tr, va, _cfg(steps=3), tmp_path / "b.pt", progress=False)
+    resumed = Trainer(small_sam(seed=7), tr, va, _cfg(steps=3), tmp_path / "b.pt", progress=False)
     meta = resumed.run(resume=True)
     assert meta["steps_done"] == 3 and meta["config"]["accumulate"] == 2  # saved recipe kept
     a = full.model.state_dict()
@@ -301,7 +333,7 @@ def test_replay_distillation_runs_and_starts_at_zero(squares: Path, tmp_path: Pa
     replay = D.image_source(squares / "images").images
     assert len(replay) == 4 and all(im.num_masks == 0 for im in replay)
     cfg = _cfg(steps=1, replay_points=2)
-    trainer = Trainer(tiny_sam(), tr, va, cfg, tmp_path / "r.pt", progress=False,
+    trainer = Trainer(small_sam(), tr, va, cfg, tmp_path / "r.pt", progress=False,
                       replay_images=replay)  # fmt: skip
     trainer.embeddings.prepare(replay, progress=False)
     # before any update the student is the teacher: the distillation loss is zero
@@ -312,3 +344,38 @@ def test_replay_distillation_runs_and_starts_at_zero(squares: Path, tmp_path: Pa
     assert rows[-1]["replay"] >= 0
     assert all(torch.equal(a, b) for a, b in zip(teacher, trainer.teacher[1].parameters()))
     assert trainer.replay_loss(np.random.default_rng(0), train=False) > 0  # the student moved
+
+
+def test_cli_train_split_and_use_the_checkpoint(squares: Path, tmp_path: Path) -> None:
+    from segany.cli import main
+
+    base = tmp_path / "tiny.pt"
+    torch.save(tiny_sam().state_dict(), base)
+    out = tmp_path / "run" / "ft.pt"
+    common = ["--data", str(squares), "--val-fraction", "0.5", "--out", str(out)]
+    assert main(["train", *common, "--split-only"]) == 0
+    split = json.loads((tmp_path / "run" / "ft.val.json").read_text())
+    assert len(split["images"]) == 2
+    recipe = ["--masks-per-image", "1", "--images-per-step", "1", "--point-rounds", "0",
+              "--empty-rounds", "0", "--decay-at", ""]  # fmt: skip
+    args = ["train", *common, "--model", str(base), "--train", "decoder", "--steps", "1"]
+    args += ["--embedding-cache", str(tmp_path / "emb"), "--quiet", *recipe]
+    assert main(args) == 0
+    meta = json.loads((tmp_path / "run" / "ft.json").read_text())
+    assert meta["base_model"] == str(base) and meta["config"]["decay_at"] == []
+    assert meta["config"]["masks_per_image"] == 1 and meta["config"]["lr"] == TrainConfig().lr
+    assert list((tmp_path / "emb").glob("enc*.pt"))  # embeddings cached on disk
+    image = squares / "images" / "im0.png"
+    mask = tmp_path / "mask.png"
+    assert main(["segment", str(image), "--point", "10,10", "--model", str(out),
+                 "--out", str(mask)]) == 0  # fmt: skip
+    assert mask.is_file()
+
+
+def test_rank_loss_keeps_the_teachers_first_choice() -> None:
+    from segany.train.trainer import rank_loss
+
+    teacher = torch.tensor([[0.90, 0.91, 0.89]])
+    assert rank_loss(teacher.clone(), teacher).item() == pytest.approx(0.0, abs=1e-6)
+    flipped = torch.tensor([[0.92, 0.91, 0.89]])  # a small change of the first choice
+    assert rank_loss(flipped, teacher).item() > 0.1

@@ -119,3 +119,16 @@ def test_switch_refuses_a_bad_checkpoint(annotated, tmp_path: Path) -> None:
     with pytest.raises(L.LoopError):
         L.switch_service_model(svc, bad)
     assert svc.model_id == before
+
+
+def test_cli_retrain(annotated, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from segany.cli import main
+
+    svc, images, base = annotated
+    args = ["retrain", str(images), "--model", str(base), "--steps", "1", "--quiet",
+            "--masks-per-image", "1", "--images-per-step", "1", "--point-rounds", "0",
+            "--empty-rounds", "0", "--embedding-cache", str(tmp_path / "emb")]  # fmt: skip
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert Path(out["checkpoint"]).is_file() and out["masks"] == 12
+    assert L.model_history(svc.store)[-1]["kind"] == "model_trained"

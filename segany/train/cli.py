@@ -35,7 +35,9 @@ RECIPE_OPTIONS: dict[str, tuple[str, type, str]] = {
     "--val-every": ("val_every", int, "validation loss every N steps (0: never)"),
     "--val-masks": ("val_masks", int, "validation masks per evaluation"),
     "--replay-weight": ("replay_weight", float, "weight of the --replay distillation loss"),
-    "--replay-points": ("replay_points", int, "random points per replay image and step"),
+    "--replay-points": ("replay_points", int, "prompts per replay image and step"),
+    "--replay-iou-weight": ("replay_iou_weight", float, "weight of the replay IoU term"),
+    "--replay-rank-weight": ("replay_rank_weight", float, "weight of the replay ranking term"),
 }
 
 

@@ -106,6 +106,8 @@ class TrainConfig:
     val_every: int = 0
     val_masks: int = 64
     replay_weight: float = 1.0
+    replay_iou_weight: float = 50.0
+    replay_rank_weight: float = 1.0
     replay_points: int = 4
 
     def __post_init__(self) -> None:
@@ -438,10 +440,9 @@ class Trainer:
         idx = torch.from_numpy(batch.image_index).to(self.device)
         groups = [np.flatnonzero(~batch.first_is_box), np.flatnonzero(batch.first_is_box)]
         groups = [g for g in groups if len(g)]
-        coords = np.zeros((b, 0, 2))
-        labels = np.zeros((b, 0), dtype=np.int64)
-        coords = np.concatenate([coords, batch.first_points[:, None]], axis=1)
-        labels = np.concatenate([labels, np.ones((b, 1), dtype=np.int64)], axis=1)
+        # every mask's points so far (box-first masks ignore column 0, their unused point)
+        coords = batch.first_points[:, None].astype(np.float64)
+        labels = np.ones((b, 1), dtype=np.int64)
         logits_prev: torch.Tensor | None = None
         valid_np = batch.valid.cpu().numpy()
         target_np = batch.targets.cpu().numpy()
@@ -528,11 +529,16 @@ class Trainer:
         return md(emb, pe.get_dense_pe(), sparse, dense, multimask)
 
     def replay_loss(self, rng: np.random.Generator, *, train: bool, scale: float = 1.0) -> float:
-        """Self-distillation on one replay image: ``replay_points`` random points (three
-        outputs) and the boxes of the starting model's best masks for them (single output);
-        the trained decoder's logits and IoUs are pulled towards those of the frozen
-        starting decoder: ``focal_weight`` x (per-pixel Bernoulli KL + IoU MSE), times
-        ``replay_weight``. Back-propagated with ``train``; returns the loss."""
+        """Self-distillation on one replay image (no labels): the frozen starting decoder
+        answers twice as many random points as ``replay_points``; the confident answers
+        (best predicted IoU >= 0.8) give *object centres* (the point of the best mask
+        farthest from its boundary, like the evaluation's first click), topped up with
+        random points. On those points (three outputs) and on the boxes of their best masks
+        (single output), the trained decoder's logits and IoUs are pulled towards the
+        starting decoder's: ``focal_weight`` x per-pixel Bernoulli KL + ``replay_iou_weight``
+        x IoU MSE + ``replay_rank_weight`` x :func:`rank_loss` (three outputs), times
+        ``replay_weight``. Back-propagated with ``train``; returns the
+        loss."""
         cfg = self.cfg
         assert self.embeddings is not None
         im = self.replay_images[int(rng.integers(len(self.replay_images)))]
@@ -540,12 +546,20 @@ class Trainer:
         emb = item.embedding.to(self.device)
         h, w = item.input_size
         n = cfg.replay_points
-        pts = np.stack([rng.integers(w, size=n), rng.integers(h, size=n)], axis=1)
-        coords = torch.from_numpy(pts[:, None].astype(np.float32)).to(self.device)
-        labels = torch.ones(n, 1, dtype=torch.long, device=self.device)
         valid = torch.zeros(self.grid, self.grid, dtype=torch.bool, device=self.device)
         valid[: -(-h // self.stride), : -(-w // self.stride)] = True
+        labels = torch.ones(n, 1, dtype=torch.long, device=self.device)
         with torch.no_grad():
+            cand = np.stack([rng.integers(w, size=2 * n), rng.integers(h, size=2 * n)], axis=1)
+            c_coords = torch.from_numpy(cand[:, None].astype(np.float32)).to(self.device)
+            c_logits, c_iou = self._teacher_decode(
+                emb, True, point_coords=c_coords, point_labels=labels.repeat(2, 1)
+            )
+            score, pick = c_iou.max(dim=1)
+            c_best = (c_logits[torch.arange(2 * n), pick] > 0) & valid
+            pts = _object_centres(c_best.cpu().numpy(), score.cpu().numpy(), self.stride, n)
+            pts = np.concatenate([pts, cand[: n - len(pts)]])
+            coords = torch.from_numpy(pts[:, None].astype(np.float32)).to(self.device)
             t_logits, t_iou = self._teacher_decode(
                 emb, True, point_coords=coords, point_labels=labels
             )
@@ -564,9 +578,12 @@ class Trainer:
                 kl = F.binary_cross_entropy_with_logits(s_l, p_t, reduction="none")
                 kl = kl - F.binary_cross_entropy_with_logits(t_l, p_t, reduction="none")
                 kl = (kl * valid).sum(dim=(-1, -2)) / valid.sum()
-                # the IoU term weighs as much as the mask term: the ranking of the three
-                # outputs (which one "auto" picks) is what drifts first
-                loss = cfg.focal_weight * (kl.mean() + ((s_i - t_i) ** 2).mean())
+                # the IoU term keeps the ranking of the three outputs (the one "auto"
+                # picks), which drifts before the masks do
+                loss = cfg.focal_weight * kl.mean()
+                loss = loss + cfg.replay_iou_weight * ((s_i - t_i) ** 2).mean()
+                if multimask and cfg.replay_rank_weight > 0:
+                    loss = loss + cfg.replay_rank_weight * rank_loss(s_i, t_i)
                 loss = cfg.replay_weight * loss / len(runs)
             if train:
                 (loss * scale).backward()
@@ -675,8 +692,9 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def run(self, *, resume: bool = False) -> dict[str, Any]:
         """Train to ``config.steps`` optimizer steps (from the saved state with ``resume``)
-        and return the metadata. On ``KeyboardInterrupt`` the last completed step is saved
-        (resume continues from it) and the interrupt is re-raised."""
+        and return the metadata. On ``KeyboardInterrupt`` (or SIGTERM, in the main thread)
+        the last completed step is saved (resume continues from it) and the interrupt is
+        re-raised."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -703,6 +721,7 @@ class Trainer:
         # the random state after the last completed step: an interrupted step is discarded
         # and its draws replayed on resume
         rng_at_step = self.rng.bit_generator.state
+        restore = _interrupt_on_sigterm()
         try:
             while self.step < cfg.steps:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -741,11 +760,63 @@ class Trainer:
             if self.step > 0:
                 self.save(rng_state=rng_at_step)
             raise
+        finally:
+            restore()
         bar.close()
         self.elapsed = time.perf_counter() - t_start
         self.save()
         plot_log(self.paths["csv"], self.paths["plot"])
         return json.loads(self.paths["meta"].read_text())
+
+
+def _interrupt_on_sigterm() -> Callable[[], None]:
+    """Turn SIGTERM into ``KeyboardInterrupt`` (so ``kill`` saves like Ctrl-C does; background
+    jobs of a shell ignore SIGINT) while training; returns the function that restores it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
+def rank_loss(
+    student: torch.Tensor, teacher: torch.Tensor, t_teacher: float = 0.01, t_student: float = 0.02
+) -> torch.Tensor:
+    """Keeps *which* output ranks first (the "auto" mask), even where the teacher's predicted
+    IoUs ``(B, K)`` are nearly tied: cross-entropy from the nearly one-hot softmax of the
+    teacher's IoUs (temperature ``t_teacher``) to the student's (``t_student``), minus its
+    value at the teacher's own IoUs (so it is 0 when the student equals the teacher)."""
+    target = torch.softmax(teacher / t_teacher, dim=1)
+    ce = -(target * torch.log_softmax(student / t_student, dim=1)).sum(dim=1)
+    ref = -(target * torch.log_softmax(teacher / t_student, dim=1)).sum(dim=1)
+    return (ce - ref).mean()
+
+
+def _object_centres(
+    masks: np.ndarray, scores: np.ndarray, stride: int, n: int, min_score: float = 0.8
+) -> np.ndarray:
+    """Model-frame points ``(k, 2)``, ``k <= n``: for the low-res masks ``(B, G, G)`` scored
+    at least ``min_score`` (best first, one per distinct centre), the cell farthest from the
+    mask's boundary, at its centre pixel."""
+    from ..eval.clicks import farthest_point
+
+    out: list[tuple[int, int]] = []
+    for i in np.argsort(-scores, kind="stable"):
+        if len(out) >= n or scores[i] < min_score:
+            break
+        found = farthest_point(masks[i])
+        if found is None:
+            continue
+        x, y = found[0] * stride + stride // 2, found[1] * stride + stride // 2
+        if (x, y) not in out:
+            out.append((x, y))
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
 
 
 def _lowres_boxes(masks: torch.Tensor, stride: int, input_size: tuple[int, int]) -> torch.Tensor:
@@ -910,6 +981,9 @@ def train(
     cache = default_embedding_cache() if embedding_cache == "default" else embedding_cache
     extra: dict[str, Any] = {}
     replay_images: list[TrainImage] = []
+    meta_path = output_paths(out)["meta"]
+    if resume and replay is None and meta_path.is_file():  # the interrupted run's replay
+        replay = json.loads(meta_path.read_text()).get("replay", {}).get("source")
     if replay is not None:
         rdata = replay if isinstance(replay, TrainData) else image_source(replay)
         replay_images = rdata.images
