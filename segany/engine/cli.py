@@ -1,6 +1,7 @@
 """``segany annotate``: the web annotator (data engine stages 1 and 2).
 
-segany annotate IMAGES_DIR [--db URL] [--model NAME|PATH] [--host H] [--port P]
+segany annotate IMAGES_DIR [--db URL] [--model NAME|PATH] [--detector NAME|FOLDER]
+                [--host H] [--port P]
 segany annotate IMAGES_DIR --add-user NAME [--admin]     # prints a new token, then exits
 """
 
@@ -38,6 +39,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="torch",
         choices=("torch", "onnx", "onnx-int8"),
         help="inference backend (default: torch)",
+    )
+    p.add_argument(
+        "--detector",
+        metavar="NAME|FOLDER",
+        help="text detector for stage-2 pre-fills by class names (grounding-dino-tiny, "
+        "grounding-dino-base, owlv2, a hub id or a folder; loaded on the first such "
+        "pre-fill; needs: pip install 'segany[text]'). Default: none",
     )
     p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default: 8000")
@@ -97,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             prefetch=not args.no_prefetch,
             max_pixels=args.max_pixels,
             memory_items=args.memory_items,
+            detector=args.detector,
         )
     except (StoreError, ValueError) as exc:
         hint = "" if args.db else " (use --db to keep the database elsewhere)"
@@ -109,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
         f"segany annotate: http://{host}:{args.port}/  ({images.total} images, "
-        f"model {svc.model_name}, db {redact(svc.store.url)}, "
+        f"model {svc.model_name}, "
+        + (f"detector {svc.detector_name}, " if svc.detector_name else "")
+        + f"db {redact(svc.store.url)}, "
         f"auth {'on' if svc.auth else 'off'})",
         file=sys.stderr,
         flush=True,

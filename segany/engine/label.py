@@ -8,6 +8,7 @@ or on Ray actors, and writes::
     OUT/shards/sa_000000.tar      sa_<id>.jpg + sa_<id>.json per image, as in SA-1B
     OUT/shards/sa_000000.index.json   the shard's images (size, masks) and errors
     OUT/errors.jsonl              one line per input that could not be labeled, with the reason
+    OUT/instances.json            with ``classes``: COCO instances JSON of the whole dataset
     OUT/manifest.json             shards, images, counts, model, settings; written last
     OUT/report.json               the last run's throughput (images/s, masks/image, timings)
     OUT/staging/sa_000000/        work in progress, removed when the shard's tar is written
@@ -24,6 +25,13 @@ and leaves no half-written file where a reader looks):
   whose mark exists, so only missing work is redone;
 - every input has one id and one shard in the plan and a tar holds each id once, so the
   dataset has every readable input exactly once, however often an image was (re)computed.
+
+With ``classes`` (``"dog . cat . person"``), each image is labeled with text prompts
+instead of segment-everything: an open-vocabulary detector finds the named classes and SAM
+segments each box (:class:`segany.text.TextSegmenter`); the per-image JSONs then keep each
+mask's ``category_id`` (1..K in the order of the classes), ``label``, ``phrase``, detector
+``score`` and ``box``, and ``OUT/instances.json`` (rebuilt from the tars at the end of every
+run, so a resume never duplicates) has the classes as categories.
 
 Workers load the model once each and split the CPUs (threads per worker = CPUs // workers).
 A worker that dies (out of memory, killed) is replaced and its images retried; an image
@@ -42,7 +50,7 @@ import sys
 import tarfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +67,7 @@ MAX_ATTEMPTS = 3
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 PLAN = "plan.json"
 MANIFEST = "manifest.json"
+INSTANCES = "instances.json"
 REPORT = "report.json"
 ERRORS = "errors.jsonl"
 SHARDS = "shards"
@@ -81,13 +90,42 @@ class Item:
 
 
 @dataclass(frozen=True)
+class TextConfig:
+    """Labeling with class names: the classes, the detector (catalogue name, hub id or
+    absolute folder) and its thresholds (``None``: the detector's default)."""
+
+    classes: tuple[str, ...]
+    detector: str
+    box_threshold: float | None = None
+    text_threshold: float | None = None
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
-    """What every worker needs to build its generator (picklable, sent once per worker)."""
+    """What every worker needs to build its generator (picklable, sent once per worker).
+    ``text``: label with class names (text prompts) instead of segment-everything."""
 
     model: str
     settings: GeneratorSettings
     out: str
     threads: int
+    text: TextConfig | None = None
+
+
+class ClassLabeler:
+    """The per-image step of a job with class names, in the shape :func:`process_item`
+    expects of a mask generator: ``generate(rgb)`` -> records (COCO RLE) with
+    ``category_id``, ``label``, ``phrase``, ``score`` and ``box`` besides the generator's
+    keys; :attr:`extra_keys` are kept in the per-image SA-1B JSON."""
+
+    extra_keys = ("category_id", "label", "phrase", "score", "box")
+
+    def __init__(self, segmenter: Any, classes: list[str]) -> None:
+        self.segmenter = segmenter
+        self.classes = list(classes)
+
+    def generate(self, rgb: Any) -> list[dict[str, Any]]:
+        return self.segmenter.segment(rgb, self.classes).records("coco_rle")
 
 
 # -- names -----------------------------------------------------------------------------------
@@ -219,7 +257,10 @@ def process_item(generator: Any, out: Path, item: Item) -> dict[str, Any]:
     t2, c2 = time.perf_counter(), time.process_time()
     h, w = int(rgb.shape[0]), int(rgb.shape[1])
     stem = image_stem(item.image_id)
-    ann = to_sa1b(records, image_id=item.image_id, file_name=stem + ext, width=w, height=h)
+    extra = tuple(getattr(generator, "extra_keys", ()))
+    ann = to_sa1b(
+        records, image_id=item.image_id, file_name=stem + ext, width=w, height=h, extra_keys=extra
+    )
     sdir = staging_dir(out, item.shard)
     sdir.mkdir(parents=True, exist_ok=True)
     atomic_write(sdir / (stem + ext), payload)
@@ -262,7 +303,20 @@ class _Worker:
             predictor = load_predictor(
                 cfg.model, progress=False, cache=EmbeddingCache(max_items=1), fuse=True
             )
-            self.generator = MaskGenerator(predictor, preset=cfg.settings, output_mode="coco_rle")
+            if cfg.text is None:
+                self.generator: Any = MaskGenerator(
+                    predictor, preset=cfg.settings, output_mode="coco_rle"
+                )
+            else:
+                from ..text import TextSegmenter, load_detector
+
+                segmenter = TextSegmenter(
+                    predictor,
+                    load_detector(cfg.text.detector),
+                    box_threshold=cfg.text.box_threshold,
+                    text_threshold=cfg.text.text_threshold,
+                )
+                self.generator = ClassLabeler(segmenter, list(cfg.text.classes))
         except Exception as exc:  # noqa: BLE001 - reported by process()
             self.init_error = f"worker on {_host()} pid {self.pid}: {type(exc).__name__}: {exc}"
         self.out = Path(cfg.out)
@@ -534,7 +588,64 @@ def _make_plan(
         "settings": dataclasses.asdict(settings),
         "shard_size": size,
         "items": [[i + 1, p, i // size] for i, p in enumerate(paths)],
+        "text": None,
     }
+
+
+def _detector_ref(detector: str | os.PathLike[str]) -> str:
+    """How a detector is recorded in the plan: an existing folder as its absolute path (the
+    workers may run elsewhere), a catalogue name or hub id as given."""
+    path = Path(os.fspath(detector)).expanduser()
+    return os.fspath(path.resolve()) if path.is_dir() else os.fspath(detector)
+
+
+def _check_detector(detector: str) -> dict[str, Any]:
+    """Load the detector once in the coordinator, so that missing weights stop the job at
+    its start (with :class:`~segany.text.DetectorWeightsError`'s message) instead of in
+    every worker; returns its name, kind and default thresholds."""
+    from ..text import load_detector
+
+    det = load_detector(detector)
+    info = {
+        "name": str(getattr(det, "name", detector)),
+        "kind": type(det).__name__,
+        "default_box_threshold": det.default_box_threshold,
+        "default_text_threshold": det.default_text_threshold,
+    }
+    return info
+
+
+def _text_plan(
+    classes: list[str],
+    detector: str,
+    box_threshold: float | None,
+    text_threshold: float | None,
+) -> dict[str, Any]:
+    """The plan's ``text`` entry of a new job with classes; the thresholds are recorded as
+    they apply (the detector's defaults when not given)."""
+    info = _check_detector(detector)
+    box = info["default_box_threshold"] if box_threshold is None else box_threshold
+    text = info["default_text_threshold"] if text_threshold is None else text_threshold
+    return {
+        "classes": list(classes),
+        "detector": detector,
+        "detector_name": info["name"],
+        "detector_kind": info["kind"],
+        "box_threshold": None if box is None else float(box),
+        "text_threshold": None if text is None else float(text),
+    }
+
+
+def _text_config(plan: dict[str, Any]) -> TextConfig | None:
+    text = plan.get("text")
+    if not text:
+        return None
+    return TextConfig(
+        classes=tuple(text["classes"]),
+        detector=text["detector"],
+        box_threshold=text["box_threshold"],
+        text_threshold=text["text_threshold"],
+    )
 
 
 def _extend_plan(plan: dict[str, Any], source: str, out: Path) -> int:
@@ -681,6 +792,56 @@ def read_shard(path: str | os.PathLike[str]) -> Iterator[tuple[dict[str, Any], b
             yield ann, files.get(ann["image"]["file_name"], b"")
 
 
+def read_shard_json(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """The per-image SA-1B JSONs of one shard tar, in order, without reading the images."""
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".json"):
+                f = tar.extractfile(member)
+                if f is not None:
+                    yield json.loads(f.read())
+
+
+def _planned_shards(plan: dict[str, Any]) -> list[int]:
+    return sorted({s for _, _, s in plan["items"]})
+
+
+def write_instances(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """``OUT/instances.json`` of a job with classes (every shard must be finished): COCO
+    instances over the whole dataset, categories = the classes (ids 1..K in their order),
+    images = the dataset's images (``sa_<id>.jpg``, ids as in the dataset), one
+    annotation per mask with its category, ``score`` (detector), ``predicted_iou``,
+    ``stability_score`` and ``phrase``. Rebuilt from the tars each time, so it holds every
+    labeled image once however often the job was resumed. Returns its counts."""
+    from ..text import coco_writer
+
+    text = plan["text"]
+    writer = coco_writer(text["classes"])
+    for s in _planned_shards(plan):
+        anns = sorted(read_shard_json(shard_tar(out, s)), key=lambda a: a["image"]["image_id"])
+        for ann in anns:
+            im = ann["image"]
+            writer.add(
+                ann["annotations"],
+                file_name=im["file_name"],
+                width=im["width"],
+                height=im["height"],
+                image_id=im["image_id"],
+            )
+    data = writer.to_dict()
+    data["info"] = {
+        "description": "segany label --classes",
+        "source": plan["source"],
+        "model": plan["model"]["name"],
+        "classes": text["classes"],
+        "detector": text["detector"],
+        "box_threshold": text["box_threshold"],
+        "text_threshold": text["text_threshold"],
+    }
+    _write_json(out / INSTANCES, data)
+    return {"images": len(data["images"]), "annotations": len(data["annotations"])}
+
+
 def write_manifest(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
     """Manifest and errors file from the shard indexes (every shard must be finished)."""
     shards: dict[int, int] = {}
@@ -709,6 +870,7 @@ def write_manifest(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
         "preset": plan["preset"],
         "settings": plan["settings"],
         "shard_size": plan["shard_size"],
+        **({"text": plan["text"], "instances": INSTANCES} if plan.get("text") else {}),
         "counts": {
             "inputs": len(plan["items"]),
             "images": len(images),
@@ -740,6 +902,10 @@ def label(
     ray_address: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    classes: str | Sequence[str] | None = None,
+    detector: str | os.PathLike[str] | None = None,
+    box_threshold: float | None = None,
+    text_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Label every image of ``source`` into ``out`` (SA-1B layout); returns the run report.
 
@@ -755,12 +921,21 @@ def label(
         ray: run on Ray: ``ray_address`` of a cluster (``"auto"``, ``"ray://host:10001"``),
             or ``None``: ``RAY_ADDRESS``, a ``ray start`` cluster on this machine, else a new
             local one. An already initialised Ray connection is used as is.
+        classes: label with these class names (``"dog . cat"`` or a list) instead of
+            segment-everything: ``detector`` (catalogue name, hub id or folder; default
+            ``grounding-dino-tiny``) finds them, SAM segments each box, and
+            ``OUT/instances.json`` (COCO, the classes as categories) is written too.
+            ``box_threshold`` / ``text_threshold``: the detector's (default: its own).
+            Missing detector weights raise :class:`~segany.text.DetectorWeightsError`
+            before anything is written. On ``--resume`` they default to the job's and must
+            match it when given.
     """
     t_start = time.perf_counter()
     say = log or (lambda msg: print(f"segany label: {msg}", file=sys.stderr))
     out = Path(out).expanduser().resolve()
     if shard_size is not None and shard_size < 1:
         raise LabelError("shard size must be >= 1")
+    text = _text_request(classes, detector, box_threshold, text_threshold)
     ray_started = False
     if ray and not _ray_ready():  # before anything is written: a bad address leaves no job
         _ray_connect(ray_address)
@@ -768,12 +943,38 @@ def label(
     out.mkdir(parents=True, exist_ok=True)
     try:
         return _label(source, out, model, preset, overrides, workers, threads, shard_size,
-                      resume, ray, progress, say, t_start)  # fmt: skip
+                      resume, ray, progress, say, t_start, text)  # fmt: skip
     finally:
         if ray_started:
             import ray as ray_module
 
             ray_module.shutdown()
+
+
+def _text_request(
+    classes: str | Sequence[str] | None,
+    detector: str | os.PathLike[str] | None,
+    box_threshold: float | None,
+    text_threshold: float | None,
+) -> dict[str, Any]:
+    """The text options as given: classes parsed, detector as recorded in a plan."""
+    parsed = None
+    if classes is not None:
+        from ..text import parse_queries
+
+        try:
+            parsed = parse_queries(classes)
+        except ValueError as exc:
+            raise LabelError(f"--classes: {exc}") from None
+    for name, v in (("box threshold", box_threshold), ("text threshold", text_threshold)):
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise LabelError(f"{name} must lie in [0, 1], got {v}")
+    return {
+        "classes": parsed,
+        "detector": None if detector is None else _detector_ref(detector),
+        "box_threshold": None if box_threshold is None else float(box_threshold),
+        "text_threshold": None if text_threshold is None else float(text_threshold),
+    }
 
 
 def _label(
@@ -790,6 +991,7 @@ def _label(
     progress: bool,
     say: Callable[[str], None],
     t_start: float,
+    text: dict[str, Any],
 ) -> dict[str, Any]:
     with _lock(out):
         plan_path = out / PLAN
@@ -807,11 +1009,25 @@ def _label(
                 stored = plan["settings"]
                 settings = _settings(plan["preset"], overrides)
                 _check_same("settings", dataclasses.asdict(settings), stored)
+            stored_text = plan.get("text") or {}
+            _check_same("classes", text["classes"], stored_text.get("classes"))
+            _check_same("detector", text["detector"], stored_text.get("detector"))
+            _check_same("box threshold", text["box_threshold"], stored_text.get("box_threshold"))
+            _check_same("text threshold", text["text_threshold"], stored_text.get("text_threshold"))
             added = _extend_plan(plan, os.fspath(source), out)
             if added:
                 say(f"{added} new image(s) in the source, added in new shards")
                 _write_json(plan_path, plan)
+            check_detector = True
         else:
+            classes = text["classes"]
+            if classes is None and any(v is not None for v in text.values()):
+                raise LabelError("--detector, --box-threshold and --text-threshold need --classes")
+            if classes is not None and (preset is not None or overrides):
+                raise LabelError(
+                    "--preset, --points-per-side, --crop-layers and --set tune "
+                    "segment-everything; they do not apply to --classes"
+                )
             settings = _settings(preset or DEFAULT_PRESET, overrides)
             plan = _make_plan(
                 os.fspath(source),
@@ -821,8 +1037,18 @@ def _label(
                 settings,
                 shard_size or DEFAULT_SHARD_SIZE,
             )
+            if classes is not None:
+                from ..text import DEFAULT_DETECTOR
+
+                plan["text"] = _text_plan(
+                    classes,
+                    text["detector"] or DEFAULT_DETECTOR,
+                    text["box_threshold"],
+                    text["text_threshold"],
+                )
             _write_json(plan_path, plan)
-        return _run(plan, out, workers, threads, ray, progress, say, t_start)
+            check_detector = False  # just loaded by _text_plan
+        return _run(plan, out, workers, threads, ray, progress, say, t_start, check_detector)
 
 
 def _run(
@@ -834,6 +1060,7 @@ def _run(
     progress: bool,
     say: Callable[[str], None],
     t_start: float,
+    check_detector: bool = False,
 ) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -845,8 +1072,12 @@ def _run(
     pending = [it for it in pending if it.image_id not in marked[it.shard]]
     total = len(plan["items"])
     done_before = total - len(pending)
+    text_cfg = _text_config(plan)
+    if pending and text_cfg is not None and check_detector:
+        _check_detector(text_cfg.detector)  # a resume: the weights may have gone since
     if pending:
         (out / MANIFEST).unlink(missing_ok=True)  # stale until every shard is written again
+        (out / INSTANCES).unlink(missing_ok=True)
     t_finalize = 0.0
     for s in sorted(marked):  # fully marked but not packed: killed while packing
         if len(marked[s]) == len(shards[s]):
@@ -858,10 +1089,15 @@ def _run(
 
     settings = GeneratorSettings(**plan["settings"])
     backend, workers, threads = _plan_workers(workers, threads, use_ray, say)
-    cfg = WorkerConfig(plan["model"]["name"], settings, os.fspath(out), threads)
+    cfg = WorkerConfig(plan["model"]["name"], settings, os.fspath(out), threads, text_cfg)
     if pending:
+        what = (
+            f"classes {', '.join(text_cfg.classes)} with detector {text_cfg.detector}; "
+            if text_cfg is not None
+            else ""
+        )
         say(
-            f"{len(pending)} image(s) to label ({done_before} already done), "
+            f"{len(pending)} image(s) to label ({done_before} already done), {what}"
             + (
                 f"{backend}: {workers} worker(s) x {threads} thread(s)"
                 if workers
@@ -927,6 +1163,7 @@ def _run(
     finally:
         bar.close()
     t_end = time.perf_counter()
+    instances = write_instances(out, plan) if text_cfg is not None else None
     manifest = write_manifest(out, plan)
     wall = t_end - t_start
     processed = n_ok + n_err
@@ -961,6 +1198,10 @@ def _run(
         "finalize_seconds": round(t_finalize, 2),
         "dataset": manifest["counts"],
     }
+    if text_cfg is not None:
+        report["classes"] = list(text_cfg.classes)
+        report["detector"] = text_cfg.detector
+        report["instances"] = {"file": os.fspath(out / INSTANCES), **(instances or {})}
     _write_json(out / REPORT, report, indent=1)
     return report
 
@@ -1052,6 +1293,13 @@ def check_dataset(out: str | os.PathLike[str]) -> dict[str, Any]:
     assert set(seen) | err_ids == planned, "labeled + errors != inputs"
     assert manifest["counts"]["images"] == len(seen)
     assert manifest["counts"]["errors"] == len(errs)
+    if plan.get("text"):
+        coco = json.loads((out / INSTANCES).read_text())
+        ids = [im["id"] for im in coco["images"]]
+        assert sorted(ids) == sorted(seen), "instances.json images != labeled images"
+        names = [c["name"] for c in coco["categories"]]
+        assert names == plan["text"]["classes"], "instances.json categories != classes"
+        assert len(coco["annotations"]) == manifest["counts"]["masks"]
     leftovers = [p for p in out.rglob(f"{_TMP}*")]
     assert not leftovers, f"temporary files left: {leftovers}"
     return {"images": len(seen), "errors": len(errs)}

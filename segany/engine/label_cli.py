@@ -2,6 +2,8 @@
 
 segany label SOURCE --out DIR [--preset fast|sa1b|reference] [--workers N] [--ray [ADDRESS]]
              [--shard-size N] [--resume]
+segany label SOURCE --out DIR --classes "dog . cat" [--detector NAME|FOLDER]
+             [--box-threshold F] [--text-threshold F] ...   # + OUT/instances.json (COCO)
 segany stats DIR|COCO.json [--compare OTHER] --out DIR
 """
 
@@ -95,7 +97,43 @@ def add_label_parser(sub: argparse._SubParsersAction) -> None:
         help="continue the job in --out: redo only what is missing, add new source images",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_class_args(p)
     p.set_defaults(func=run_label)
+
+
+def _add_class_args(p: argparse.ArgumentParser) -> None:
+    from ..text import detectors as D
+
+    g = p.add_argument_group(
+        "class names",
+        "label with class names instead of segment-everything: an open-vocabulary detector "
+        "finds them, SAM segments each box; the per-image JSONs keep category_id, label, "
+        "phrase and score, and OUT/instances.json is COCO with the classes as categories "
+        "(needs: pip install 'segany[text]'; see docs/text.md)",
+    )
+    g.add_argument(
+        "--classes",
+        metavar='"dog . cat"',
+        help="class names separated by ' . ' (on --resume: the job's)",
+    )
+    g.add_argument(
+        "--detector",
+        metavar="NAME|FOLDER",
+        help=f"{', '.join(D.DETECTORS)}, a hub id or a local folder "
+        f"(default: {D.DEFAULT_DETECTOR}; on --resume: the job's)",
+    )
+    g.add_argument(
+        "--box-threshold",
+        type=float,
+        help=f"keep boxes scoring above this (default: {D.BOX_THRESHOLD} for Grounding DINO, "
+        f"{D.OWL_BOX_THRESHOLD} for OWLv2)",
+    )
+    g.add_argument(
+        "--text-threshold",
+        type=float,
+        help=f"Grounding DINO: words scoring above this form a box's phrase "
+        f"(default: {D.TEXT_THRESHOLD})",
+    )
 
 
 def run_label(args: argparse.Namespace) -> int:
@@ -121,6 +159,10 @@ def run_label(args: argparse.Namespace) -> int:
             ray=args.ray is not None,
             ray_address=args.ray or None,
             progress=not args.no_progress,
+            classes=args.classes,
+            detector=args.detector,
+            box_threshold=args.box_threshold,
+            text_threshold=args.text_threshold,
         )
     except (LabelError, ValueError) as exc:
         raise CliError(str(exc)) from None
@@ -133,6 +175,13 @@ def run_label(args: argparse.Namespace) -> int:
         f"{report['out']}/manifest.json",
         file=sys.stderr,
     )
+    if "instances" in report:
+        inst = report["instances"]
+        print(
+            f"segany label: {inst['annotations']} object(s) of {len(report['classes'])} "
+            f"class(es) on {inst['images']} image(s) -> {inst['file']}",
+            file=sys.stderr,
+        )
     data = report["dataset"]
     return 2 if data["images"] == 0 and data["errors"] > 0 else 0
 

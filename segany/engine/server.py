@@ -346,8 +346,10 @@ def build_service(
     prefetch: bool = True,
     max_pixels: int | None = None,
     memory_items: int = 16,
+    detector: str | None = None,
 ) -> AnnotationService:
-    """Open the database, load the model and register the images."""
+    """Open the database, load the model and register the images. ``detector`` (name, hub
+    id or folder) enables stage-2 pre-fills by class names; it is loaded on first use."""
     from ..loader import load_predictor
     from ..weights import cache_dir as segany_cache
     from .service import DEFAULT_MAX_PIXELS
@@ -368,6 +370,7 @@ def build_service(
         auth=(not is_local(host)) if auth is None else auth,
         prefetch=prefetch,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+        detector=detector,
     )
     svc.rescan()
     return svc

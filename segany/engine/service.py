@@ -49,6 +49,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 DEFAULT_MAX_PIXELS = 50_000_000
 MAX_POINTS = 100
 MAX_CATEGORY = 128
+#: Longest ``classes`` text of a pre-fill request.
+MAX_CLASSES_TEXT = 4096
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -173,6 +175,20 @@ def _clean_category(v: str | None) -> str | None:
     return v
 
 
+def _clean_classes(v: str | None) -> str | None:
+    """``"dog . cat"`` -> the class names joined by ``" . "`` (blank: ``None``, i.e. no
+    classes; only separators: an error); each name must fit a category."""
+    if v is None or not v.strip():
+        return None
+    from ..text.pipeline import parse_queries
+
+    names = parse_queries(v)
+    long = [n for n in names if len(n) > MAX_CATEGORY]
+    if long:
+        raise ValueError(f"class name longer than {MAX_CATEGORY} characters: {long[0][:40]!r}...")
+    return " . ".join(names)
+
+
 class AcceptRequest(_Model):
     """A new object: either the ``segmentation`` (COCO RLE at image size) or the
     ``mask_id`` of a candidate returned by predict."""
@@ -208,6 +224,10 @@ class AnnotationOut(_Model):
     score: float | None = None
     stability: float | None = None
     model_id: str | None = None
+    #: Pre-filled by class name: the detector's confidence and phrase (``score`` stays
+    #: SAM's predicted IoU).
+    detector_score: float | None = None
+    phrase: str | None = None
     user: str | None = None
     clicks: int = 0
     seconds: float | None = None
@@ -221,7 +241,14 @@ class AnnotationList(_Model):
 
 
 class PrefillRequest(_Model):
-    """Stage 2: segment everything and keep the confident masks as pending objects."""
+    """Stage 2: segment everything and keep the confident masks as pending objects.
+
+    With ``classes`` (``"dog . cat"``), the server's text detector finds those classes
+    instead and SAM segments each box: every mask becomes a pending object whose category
+    is its class; ``box_threshold`` / ``text_threshold`` (default: the detector's) and
+    ``max_masks`` apply, and ``pred_iou_thresh``, ``stability_score_thresh``,
+    ``points_per_side``, ``min_area`` and ``category`` do not.
+    """
 
     pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0)
     stability_score_thresh: float = Field(0.92, ge=0.0, le=1.0)
@@ -233,8 +260,13 @@ class PrefillRequest(_Model):
     category: Category = "object"
     #: Replace the pending pre-filled objects of an earlier run on this image.
     replace: bool = True
+    #: Class names separated by " . " (needs a server started with --detector).
+    classes: str | None = Field(default=None, max_length=MAX_CLASSES_TEXT)
+    box_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    text_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
 
     _cat = field_validator("category")(_clean_category)
+    _classes = field_validator("classes")(_clean_classes)
 
 
 class PrefillOut(_Model):
@@ -288,6 +320,8 @@ class ConfigOut(_Model):
     prefill_defaults: PrefillRequest
     categories: list[str]
     user: str | None = None
+    #: The text detector for pre-filling by class names (``None``: not configured).
+    detector: str | None = None
 
 
 @dataclass(frozen=True)
@@ -298,6 +332,13 @@ class UserRef:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _text_prompt(a: Annotation) -> dict[str, Any]:
+    """The text part of an annotation's prompt (pre-filled by class name), else ``{}``."""
+    prompt = a.prompt if isinstance(a.prompt, dict) else None
+    text = prompt.get("text") if prompt else None
+    return text if isinstance(text, dict) else {}
+
+
 def _rle_dict(rle: RLE | dict[str, Any]) -> dict[str, Any]:
     if isinstance(rle, RLE):
         return {"size": list(rle.size), "counts": rle.counts}
@@ -495,6 +536,9 @@ class AnnotationService:
             annotators, one thread per decode and one decode per core beats one decode on
             every core, whose threads wait for each other when the CPU is busy).
         embed_threads: torch threads of the image encoder (default: every core).
+        detector: the text detector of stage-2 pre-fills by class names: a catalogue name,
+            hub id or folder (loaded on first use, once), or a ready detector object (see
+            :class:`segany.text.Detector`). ``None``: pre-fill by class names is refused.
     """
 
     def __init__(
@@ -514,6 +558,7 @@ class AnnotationService:
         embed_threads: int | None = None,
         candidates_kept: int = 512,
         generator_factory: Callable[..., Any] | None = None,
+        detector: str | os.PathLike[str] | Any | None = None,
     ) -> None:
         self.store = store
         self.root = Path(images_dir).expanduser().resolve()
@@ -547,6 +592,17 @@ class AnnotationService:
         self._prefetch_pending: set[int] = set()
         self._prefill_lock = threading.Lock()
         self._generator_factory = generator_factory
+        self._detector_lock = threading.Lock()
+        self._detector: Any = None
+        self._detector_source: str | None = None
+        self.detector_name: str | None = None
+        if isinstance(detector, (str, os.PathLike)):
+            self._detector_source = os.fspath(detector)
+            path = Path(self._detector_source).expanduser()
+            self.detector_name = path.name if path.is_dir() else self._detector_source
+        elif detector is not None:
+            self._detector = detector
+            self.detector_name = str(getattr(detector, "name", type(detector).__name__))
         self._events = _EventWriter(store)
         self._closed = False
         self._prefetcher = None
@@ -606,6 +662,7 @@ class AnnotationService:
             prefill_defaults=PrefillRequest(),
             categories=cats,
             user=user.name if user else None,
+            detector=self.detector_name,
         )
 
     # -- images ------------------------------------------------------------------------------
@@ -987,6 +1044,7 @@ class AnnotationService:
     def _ann_out(self, a: Annotation, names: dict[int, str] | None = None) -> AnnotationOut:
         if names is None:
             names = {u.id: u.name for u in self.store.users()}
+        text = _text_prompt(a)
         return AnnotationOut(
             id=a.id,
             image_id=a.image_id,
@@ -1000,6 +1058,8 @@ class AnnotationService:
             score=a.score,
             stability=a.stability,
             model_id=a.model_id,
+            detector_score=text.get("score"),
+            phrase=text.get("phrase"),
             user=names.get(a.user_id) if a.user_id is not None else None,
             clicks=a.clicks,
             seconds=a.seconds,
@@ -1178,12 +1238,60 @@ class AnnotationService:
             max_mask_region_fraction=0.95,
         )
 
+    def text_detector(self) -> Any:
+        """The text detector for pre-fills by class names, loaded on first use (once).
+        Raises :class:`Conflict` when none is configured or it cannot be loaded (missing
+        weights: the message says what to download and where)."""
+        if self._detector is not None:
+            return self._detector
+        if self._detector_source is None:
+            raise Conflict(
+                "pre-filling by class names needs a text detector, and this server has "
+                "none: start it with `segany annotate IMAGES_DIR --detector NAME|FOLDER` "
+                "(e.g. --detector grounding-dino-tiny; see docs/text.md)"
+            )
+        with self._detector_lock:
+            if self._detector is None:
+                from ..text import DetectorError, load_detector
+
+                try:
+                    self._detector = load_detector(self._detector_source)
+                except DetectorError as exc:
+                    raise Conflict(f"the text detector cannot be loaded: {exc}") from None
+                self.detector_name = str(getattr(self._detector, "name", self.detector_name))
+                log.info("text detector %s loaded", self.detector_name)
+            return self._detector
+
+    def _class_labeler(self, req: PrefillRequest, detector: Any) -> Any:
+        from ..text import TextSegmenter, parse_queries
+        from .label import ClassLabeler
+
+        assert req.classes is not None
+        segmenter = TextSegmenter(
+            self._new_predictor(),
+            detector,
+            box_threshold=req.box_threshold,
+            text_threshold=req.text_threshold,
+            max_detections=req.max_masks,
+        )
+        return ClassLabeler(segmenter, parse_queries(req.classes))
+
+    def _prefill_model_id(self) -> str:
+        """``<SAM model id>+<detector name>`` (the store keeps 64 characters)."""
+        return f"{self.model_id}+{self.detector_name}"[:64]
+
     def prefill(self, image_id: int, req: PrefillRequest, user: UserRef) -> PrefillOut:
         """Stage 2 on one image: segment everything with the given thresholds and add the
         masks as *pending* objects (skipping those that overlap accepted objects). The
-        image counts as stage 2 from now on."""
+        image counts as stage 2 from now on.
+
+        With ``req.classes``, the text detector finds those classes and SAM segments each
+        box instead; every mask becomes a pending object with its class as category, SAM's
+        predicted IoU as ``score`` and the detector's score and phrase kept in its prompt.
+        """
         t0 = time.perf_counter()
         im = self._image(image_id, usable=True)
+        detector = self.text_detector() if req.classes else None  # fails before any work
         emb = self.embedding(im)  # cached: the generator reuses it
         del emb
         path = safe_relpath(self.root, im.path)
@@ -1192,7 +1300,7 @@ class AnnotationService:
         except ImageError as exc:
             raise Unprocessable(f"image {im.path} cannot be read: {exc}") from None
         with self._prefill_lock:
-            gen = self._generator(req)
+            gen = self._generator(req) if detector is None else self._class_labeler(req, detector)
             with self._decode, torch_threads(self.embed_threads):
                 records = gen.generate(rgb)
         h, w = rgb.shape[:2]
@@ -1217,33 +1325,47 @@ class AnnotationService:
             keep = [i for i in keep if iou[i].max() <= req.overlap_iou]
             skipped = len(records) - len(keep)
         items = []
+        model_id = self.model_id if detector is None else self._prefill_model_id()
         for i in keep:
             r = records[i]
             enc = {"size": [h, w], "counts": rles[i]["counts"].encode("ascii")}
+            area = int(mask_utils.area(enc))
+            if area == 0:
+                continue  # a box SAM found nothing in: not an object
+            prompt: dict[str, Any] = {
+                "points": [list(map(float, p)) for p in r.get("point_coords", [])],
+                "labels": [1] * len(r.get("point_coords", [])),
+                "box": [float(v) for v in r["box"]] if "box" in r else None,
+            }
+            if detector is not None:
+                prompt["text"] = {
+                    "class": r["label"],
+                    "phrase": r.get("phrase"),
+                    "score": float(r["score"]),
+                    "detector": self.detector_name,
+                }
             items.append(
                 {
                     "image_id": image_id,
-                    "category": req.category,
+                    "category": req.category if detector is None else r["label"],
                     "status": "pending",
                     "stage": 2,
                     "source": "prefill",
                     "segmentation": rles[i],
                     "bbox": [float(v) for v in mask_utils.toBbox(enc)],
-                    "area": int(mask_utils.area(enc)),
+                    "area": area,
                     "score": float(r.get("predicted_iou", 0.0)),
                     "stability": float(r.get("stability_score", 0.0)),
-                    "model_id": self.model_id,
+                    "model_id": model_id,
                     "user_id": None,
                     "clicks": 0,
                     "seconds": None,
-                    "prompt": {
-                        "points": [list(map(float, p)) for p in r.get("point_coords", [])],
-                        "labels": [1] * len(r.get("point_coords", [])),
-                        "box": None,
-                    },
+                    "prompt": prompt,
                 }
             )
         settings = req.model_dump()
+        if detector is not None:
+            settings["detector"] = self.detector_name
         ev = {
             "kind": "prefill",
             "user_id": user.id,
@@ -1314,6 +1436,10 @@ class AnnotationService:
                 rec = self._record(a)
                 rec["category_id"] = cat_ids[a.category]
                 rec["attributes"] = {"status": a.status, "stage": a.stage, "source": a.source}
+                text = _text_prompt(a)
+                if text:  # pre-filled by class name: the detector's view of it
+                    rec["attributes"]["detector_score"] = text.get("score")
+                    rec["attributes"]["phrase"] = text.get("phrase")
                 records.append(rec)
             writer.add(records, file_name=im.path, width=im.width, height=im.height, image_id=im.id)
             order.extend(anns)

@@ -1,6 +1,11 @@
 """SA-1B per-image JSON: ``{"image": {image_id, width, height, file_name}, "annotations":
 [{id, segmentation (COCO RLE), bbox (XYWH), area, predicted_iou, stability_score,
-crop_box, point_coords}]}``."""
+crop_box, point_coords}]}``.
+
+Records without ``crop_box`` / ``point_coords`` (masks prompted by a box, e.g. from text
+prompts) get the whole image and no points. ``extra_keys`` copies more record keys into each
+annotation as they are (e.g. ``category_id``, ``label``, ``phrase``, ``score`` of text
+prompts)."""
 
 from __future__ import annotations
 
@@ -18,7 +23,10 @@ def to_sa1b(
     file_name: str,
     width: int,
     height: int,
+    extra_keys: tuple[str, ...] = (),
 ) -> dict[str, Any]:
+    """One image's records -> its SA-1B JSON (a dict); see the module doc."""
+    full = [0.0, 0.0, float(width), float(height)]
     anns = []
     for i, r in enumerate(records):
         anns.append(
@@ -29,8 +37,9 @@ def to_sa1b(
                 "area": int(r["area"]),
                 "predicted_iou": float(r["predicted_iou"]),
                 "stability_score": float(r["stability_score"]),
-                "crop_box": [float(v) for v in r["crop_box"]],
-                "point_coords": [[float(x), float(y)] for x, y in r["point_coords"]],
+                "crop_box": [float(v) for v in r.get("crop_box", full)],
+                "point_coords": [[float(x), float(y)] for x, y in r.get("point_coords", ())],
+                **{k: r[k] for k in extra_keys if k in r},
             }
         )
     return {

@@ -451,3 +451,183 @@ def test_tokens_when_auth_is_on(client, service):
     # a new token for the same user revokes the old one
     service.store.issue_token("ann")
     assert client.get("/api/me", headers=ann_h).status_code == 401
+
+
+# -- stage 2 by class names (text detector) -----------------------------------------------------
+class BoxDetector:
+    """A text detector with fixed boxes on a.png (96 x 144): the first query at 0.9 on the
+    red rectangle, the second at 0.6 lower right, the first again at 0.2 top left."""
+
+    name = "stub-det"
+    default_box_threshold = 0.3
+    default_text_threshold = 0.25
+
+    def __init__(self):
+        self.calls = []
+
+    def detect(self, image, queries, *, box_threshold=None, text_threshold=None):
+        from segany.text import Detections
+
+        self.calls.append((list(queries), box_threshold, text_threshold))
+        boxes = np.array([[30, 20, 90, 60], [100, 60, 140, 90], [0, 0, 24, 16]], float)
+        scores = np.array([0.9, 0.6, 0.2])
+        labels = np.array([0, 1, 0]) % len(queries)
+        bt = self.default_box_threshold if box_threshold is None else box_threshold
+        keep = np.flatnonzero(scores > bt)
+        return Detections(
+            boxes[keep], scores[keep], labels[keep], [f"a {queries[i]}" for i in labels[keep]],
+            list(queries),
+        )  # fmt: skip
+
+
+def _text_client(db_url, images_dir, predictor, tmp_path, detector):
+    from fastapi.testclient import TestClient
+
+    from segany.engine.server import create_app
+
+    from .conftest import make_service
+
+    svc = make_service(db_url, images_dir, predictor, tmp_path / "cache", detector=detector,
+                       prefetch=False)  # fmt: skip
+    return svc, TestClient(create_app(svc))
+
+
+def test_prefill_with_classes_and_coco_export(db_url, images_dir, tiny_predictor, tmp_path):
+    from pycocotools.coco import COCO
+
+    stub = BoxDetector()
+    svc, client = _text_client(db_url, images_dir, tiny_predictor, tmp_path, stub)
+    try:
+        assert client.get("/api/config").json()["detector"] == "stub-det"
+        iid = image_id(client, "a.png")
+        r = client.post(
+            f"/api/images/{iid}/prefill",
+            json={"classes": " dog .  cat . dog", "box_threshold": 0.1, "text_threshold": 0.4,
+                  "category": "ignored", "pred_iou_thresh": 1.0},
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+        pre = r.json()
+        assert stub.calls[-1] == (["dog", "cat"], 0.1, 0.4)
+        assert pre["settings"]["classes"] == "dog . cat"
+        assert pre["settings"]["detector"] == "stub-det"
+        anns = pre["annotations"]
+        assert pre["created"] == len(anns) == 3  # pred_iou_thresh does not apply to classes
+        assert [a["category"] for a in anns] == ["dog", "cat", "dog"]
+        assert [a["detector_score"] for a in anns] == [0.9, 0.6, 0.2]
+        assert [a["phrase"] for a in anns] == ["a dog", "a cat", "a dog"]
+        for a in anns:
+            assert a["status"] == "pending" and a["source"] == "prefill" and a["stage"] == 2
+            assert a["model_id"] == "tiny-test-model+stub-det"
+            assert a["score"] is not None and a["stability"] is not None
+            assert a["area"] == int(decode(a["segmentation"]).sum()) > 0
+        # stored, not only answered: the listing has the same categories and scores
+        listed = client.get(f"/api/images/{iid}/annotations").json()["annotations"]
+        assert [(a["category"], a["detector_score"]) for a in listed] == [
+            ("dog", 0.9),
+            ("cat", 0.6),
+            ("dog", 0.2),
+        ]
+        # the detector's default threshold (0.3) drops the weak box; the run replaces the last
+        r = client.post(f"/api/images/{iid}/prefill", json={"classes": "dog . cat"})
+        assert r.status_code == 200, r.text
+        assert r.json()["removed_pending"] == 3 and r.json()["created"] == 2
+        assert stub.calls[-1] == (["dog", "cat"], None, None)
+        r = client.post(f"/api/images/{iid}/prefill", json={"classes": "cat", "max_masks": 1})
+        assert r.status_code == 200 and [a["category"] for a in r.json()["annotations"]] == ["cat"]
+        r = client.post(f"/api/images/{iid}/prefill", json={"classes": "dog . cat"})
+        assert r.status_code == 200 and r.json()["created"] == 2
+
+        # COCO export: pending objects only when asked, with their classes as categories
+        plain = client.get("/api/export/coco").json()
+        assert plain["annotations"] == []
+        assert not {"cat", "dog"} & {c["name"] for c in plain["categories"]}
+        data = client.get("/api/export/coco", params={"include_pending": "true"}).json()
+        assert sorted(c["name"] for c in data["categories"]) == ["cat", "dog"]
+        api = COCO()
+        api.dataset = data
+        api.createIndex()
+        names = {c["id"]: c["name"] for c in data["categories"]}
+        exported = sorted(
+            (names[a["category_id"]], a["attributes"]["detector_score"], a["attributes"]["phrase"])
+            for a in api.loadAnns(api.getAnnIds())
+        )
+        assert exported == [("cat", 0.6, "a cat"), ("dog", 0.9, "a dog")]
+        for a in api.loadAnns(api.getAnnIds()):
+            assert api.annToMask(a).sum() == a["area"]
+
+        # bad class lists are refused before any work
+        n = len(stub.calls)
+        r = client.post(f"/api/images/{iid}/prefill", json={"classes": " . , "})
+        assert r.status_code == 422 and "no class names" in r.text
+        r = client.post(f"/api/images/{iid}/prefill", json={"classes": "x" * 200})
+        assert r.status_code == 422 and "longer than" in r.text
+        r = client.post(f"/api/images/{iid}/prefill", json={"classes": "dog", "box_threshold": 2})
+        assert r.status_code == 422 and len(stub.calls) == n
+    finally:
+        client.close()
+        svc.close()
+        svc.store.close()
+
+
+def test_prefill_with_classes_needs_a_detector(client, service, db_url, images_dir,
+                                               tiny_predictor, tmp_path):  # fmt: skip
+    iid = image_id(client, "a.png")
+    assert client.get("/api/config").json()["detector"] is None
+    r = client.post(f"/api/images/{iid}/prefill", json={"classes": "dog"})
+    assert r.status_code == 409 and "--detector" in r.json()["detail"]
+    assert client.get(f"/api/images/{iid}/annotations").json()["annotations"] == []
+    assert client.get(f"/api/images/{iid}").json()["stage"] == 1
+    # configured, but its weights are not there: the loader's message, as a 409
+    svc, other = _text_client(db_url, images_dir, tiny_predictor, tmp_path / "x",
+                              tmp_path / "nowhere")  # fmt: skip
+    try:
+        assert other.get("/api/config").json()["detector"] == str(tmp_path / "nowhere")
+        r = other.post(f"/api/images/{iid}/prefill", json={"classes": "dog"})
+        assert r.status_code == 409, r.text
+        assert "no such folder" in r.json()["detail"] and "nowhere" in r.json()["detail"]
+        assert other.get(f"/api/images/{iid}/annotations").json()["annotations"] == []
+    finally:
+        other.close()
+        svc.close()
+        svc.store.close()
+
+
+def test_prefill_with_classes_tiny_grounding_dino(db_url, images_dir, tmp_path):
+    """The wiring of `segany annotate --detector FOLDER`: build_service with a checkpoint and
+    the tiny Grounding DINO folder, loaded once on the first pre-fill by class names."""
+    import pytest
+    import torch
+    from fastapi.testclient import TestClient
+
+    pytest.importorskip("transformers")
+    from segany.engine.server import build_service, create_app
+
+    from ..conftest import tiny_sam
+    from ..test_text import _save_gdino
+
+    det_dir = tmp_path / "gdino"
+    _save_gdino(det_dir)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(tiny_sam().state_dict(), ckpt)
+    svc = build_service(images_dir, db=db_url, model=str(ckpt), cache_dir=tmp_path / "cache",
+                        prefetch=False, detector=str(det_dir))  # fmt: skip
+    try:
+        assert svc._detector is None  # lazily loaded
+        with TestClient(create_app(svc)) as client:
+            iid = image_id(client, "a.png")
+            body = {"classes": "dog . person", "box_threshold": 0.0}
+            r = client.post(f"/api/images/{iid}/prefill", json=body)
+            assert r.status_code == 200, r.text
+            anns = r.json()["annotations"]
+            assert anns and {a["category"] for a in anns} <= {"dog", "person"}
+            assert all(a["model_id"].endswith("+gdino") for a in anns)
+            scores = [a["detector_score"] for a in anns]
+            assert all(0.0 < s <= 1.0 for s in scores)
+            loaded = svc._detector
+            assert loaded is not None
+            r = client.post(f"/api/images/{iid}/prefill", json=body)
+            assert r.status_code == 200 and svc._detector is loaded  # loaded once
+            assert [a["category"] for a in r.json()["annotations"]] == [a["category"] for a in anns]
+    finally:
+        svc.close()
+        svc.store.close()

@@ -21,6 +21,7 @@ from PIL import Image
 from segany.engine import label as L
 from segany.engine.dataset_stats import compute, mask_shape
 from segany.engine.dataset_stats import run as run_stats
+from segany.text import DetectorWeightsError
 
 from ..conftest import REPO, tiny_sam
 
@@ -237,6 +238,8 @@ def test_resume_states_and_guards(images, tiny_ckpt, tmp_path):
         L.label(src, out, resume=True, preset="fast", **kw)
     with pytest.raises(L.LabelError, match="settings"):
         L.label(src, out, resume=True, overrides={"points_per_side": 5}, **kw)
+    with pytest.raises(L.LabelError, match="classes"):  # a job without classes
+        L.label(src, out, resume=True, classes="dog . cat", **kw)
 
     # a kill after all of shard 1's images were marked but before its tar was renamed,
     # with a half-written temp tar and a half-written image mark of shard 2 lying around
@@ -373,3 +376,211 @@ def test_worker_deaths_blame_only_the_culprit(fails_all):
     bad = [r for r in results if not r["ok"]]
     assert [r["image_id"] for r in bad] == [3] and "died" in bad[0]["why"]
     assert len(deaths) == L.MAX_ATTEMPTS + (1 if fails_all else 0)
+
+
+# -- labeling with class names (segany label --classes) --------------------------------------
+CLASSES = ["dog", "cat", "person"]
+
+
+@pytest.fixture(scope="module")
+def gdino_dir(tmp_path_factory) -> Path:
+    """The tiny random Grounding DINO of tests/test_text.py, saved to a folder."""
+    pytest.importorskip("transformers")
+    from ..test_text import _save_gdino
+
+    folder = tmp_path_factory.mktemp("detectors") / "tiny-gdino"
+    _save_gdino(folder)
+    return folder
+
+
+def _check_class_dataset(out: Path, classes: list[str], n_images: int) -> dict:
+    """Per-image JSONs carry categories within the classes; instances.json (read by
+    pycocotools) has exactly the classes and one entry per labeled image, and agrees with
+    the per-image JSONs mask for mask. Returns the COCO dict."""
+    from pycocotools.coco import COCO
+
+    assert L.check_dataset(out)["images"] == n_images
+    contents = _contents(out)
+    per_image = {}
+    for ann, _ in contents.values():
+        per_image[ann["image"]["image_id"]] = ann
+        for a in ann["annotations"]:
+            assert 1 <= a["category_id"] <= len(classes)
+            assert a["label"] == classes[a["category_id"] - 1]
+            assert isinstance(a["phrase"], str) and a["phrase"]
+            assert 0.0 <= a["score"] <= 1.0 and len(a["box"]) == 4
+            assert a["point_coords"] == [] and "predicted_iou" in a
+    api = COCO(str(out / "instances.json"))
+    cats = api.loadCats(api.getCatIds())
+    assert [(c["id"], c["name"]) for c in cats] == list(enumerate(classes, 1))
+    images = api.loadImgs(api.getImgIds())
+    assert len(images) == n_images == len({im["id"] for im in images})
+    assert {im["id"]: im["file_name"] for im in images} == {
+        i: a["image"]["file_name"] for i, a in per_image.items()
+    }
+    n_anns = 0
+    for i, ann in per_image.items():
+        coco_anns = api.loadAnns(api.getAnnIds(imgIds=[i]))
+        assert len(coco_anns) == len(ann["annotations"])
+        for c, a in zip(coco_anns, ann["annotations"]):
+            assert c["category_id"] == a["category_id"] and c["score"] == a["score"]
+            assert c["segmentation"]["counts"] == a["segmentation"]["counts"]
+            assert int(api.annToMask(c).sum()) == c["area"] == a["area"]
+        n_anns += len(coco_anns)
+    assert len(api.getAnnIds()) == n_anns
+    return json.loads((out / "instances.json").read_text())
+
+
+def test_label_with_classes_resume_and_guards(tiny_ckpt, gdino_dir, tmp_path):
+    """In-process: a job with classes, then a resume after a partial run (a shard lost, new
+    images, a stale instances.json) rebuilds instances.json without duplicates; other
+    classes, detector or thresholds on resume are refused; a detector gone on resume stops
+    the job at its start."""
+    import shutil
+
+    det = tmp_path / "det"
+    shutil.copytree(gdino_dir, det)
+    src = _make_images(tmp_path / "src", 5)
+    out = tmp_path / "out"
+    kw = dict(workers=0, threads=1, progress=False)
+    first = L.label(
+        src, out, model=str(tiny_ckpt), classes="dog . cat . person .", detector=det,
+        box_threshold=0.2, shard_size=2, **kw,
+    )  # fmt: skip
+    assert first["images"] == 5 and first["classes"] == CLASSES and first["masks"] > 0
+    assert first["instances"]["images"] == 5
+    assert first["instances"]["annotations"] == first["masks"]
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["text"]["classes"] == CLASSES and plan["text"]["detector"] == str(det.resolve())
+    assert plan["text"]["box_threshold"] == 0.2 and plan["text"]["text_threshold"] == 0.25
+    assert json.loads((out / "manifest.json").read_text())["text"] == plan["text"]
+    coco = _check_class_dataset(out, CLASSES, 5)
+    assert coco["info"]["classes"] == CLASSES
+    labels = {a["label"] for ann, _ in _contents(out).values() for a in ann["annotations"]}
+    assert labels and labels <= set(CLASSES)
+
+    # settings that differ from the job are refused before anything runs
+    for bad, what in (
+        (dict(classes="dog . cat"), "classes"),
+        (dict(detector=gdino_dir), "detector"),
+        (dict(box_threshold=0.5), "box threshold"),
+        (dict(text_threshold=0.9), "text threshold"),
+    ):
+        with pytest.raises(L.LabelError, match=what):
+            L.label(src, out, resume=True, **bad, **kw)
+
+    # a partial run: the last shard's tar and the manifest gone (killed before packing),
+    # the old instances.json still there, and two new images in the source
+    L.shard_tar(out, 2).unlink()
+    L.shard_index(out, 2).unlink()
+    (out / "manifest.json").unlink()
+    _make_images(src, 2, start=100)
+    again = L.label(src, out, resume=True, classes=["dog", "cat", "person"], **kw)
+    assert again["done_before"] == 4 and again["processed"] == 3
+    coco = _check_class_dataset(out, CLASSES, 7)
+    assert (
+        len(coco["annotations"])
+        == json.loads((out / "manifest.json").read_text())["counts"]["masks"]
+    )
+    assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
+
+    # the detector's folder has gone: a resume with work to do stops at its start
+    L.shard_tar(out, 3).unlink()
+    L.shard_index(out, 3).unlink()
+    shutil.rmtree(det)
+    with pytest.raises(DetectorWeightsError, match="no such folder"):
+        L.label(src, out, resume=True, **kw)
+    assert not (L.staging_dir(out, 3)).exists() or not any(L.staging_dir(out, 3).iterdir())
+
+
+def test_label_with_classes_on_a_worker_process(tiny_ckpt, gdino_dir, tmp_path):
+    """One spawned worker process gives the same dataset as the in-process run."""
+    src = _make_images(tmp_path / "src", 3)
+    kw = dict(model=str(tiny_ckpt), classes="cat . person", detector=str(gdino_dir),
+              box_threshold=0.25, threads=1, progress=False)  # fmt: skip
+    local = L.label(src, tmp_path / "proc", workers=1, **kw)
+    assert local["backend"] == "local" and local["workers"] == 1 and local["images"] == 3
+    here = L.label(src, tmp_path / "here", workers=0, **kw)
+    assert local["masks"] == here["masks"] > 0
+    _check_class_dataset(tmp_path / "proc", ["cat", "person"], 3)
+    a, b = _contents(tmp_path / "proc"), _contents(tmp_path / "here")
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key][0]["annotations"], b[key][0]["annotations"]
+        assert [r["category_id"] for r in x] == [r["category_id"] for r in y]
+        assert [r["segmentation"] for r in x] == [r["segmentation"] for r in y]
+        assert [r["score"] for r in x] == pytest.approx([r["score"] for r in y], abs=1e-4)
+
+
+def test_label_with_classes_masks_follow_the_boxes(mobile_sam, tmp_path, monkeypatch):
+    """Real MobileSAM and a stub detector with known boxes: the stored masks and those of
+    instances.json cover the named objects, each under its class."""
+    pytest.importorskip("transformers")
+    from pycocotools.coco import COCO
+
+    import segany.text
+    from segany.masks import rle_to_mask
+
+    from ..test_text import RECTS, _stub, _synthetic
+
+    stub = _stub()
+    monkeypatch.setattr(segany.text, "load_detector", lambda name, **kw: stub)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        Image.fromarray(_synthetic()).save(src / f"s{i}.png")
+    out = tmp_path / "out"
+    report = L.label(src, out, classes="red box . bright car", detector="stub", workers=0,
+                     threads=2, progress=False)  # fmt: skip
+    assert report["images"] == 2 and report["masks"] == 4  # duplicate and weak box dropped
+    assert {c[2] for c in stub.calls} == {0.3}  # the stub's default, recorded in the plan
+
+    def truth(name: str) -> np.ndarray:
+        x0, y0, x1, y1 = RECTS[name]
+        m = np.zeros((400, 600), bool)
+        m[y0:y1, x0:x1] = True
+        return m
+
+    def iou(a: np.ndarray, b: np.ndarray) -> float:
+        return (a & b).sum() / (a | b).sum()
+
+    for ann, _ in _contents(out).values():
+        assert [a["label"] for a in ann["annotations"]] == ["red box", "bright car"]
+        assert [a["category_id"] for a in ann["annotations"]] == [1, 2]
+        for a in ann["annotations"]:
+            assert iou(rle_to_mask(a["segmentation"]), truth(a["label"])) > 0.9
+    api = COCO(str(out / "instances.json"))
+    assert [c["name"] for c in api.loadCats(api.getCatIds())] == ["red box", "bright car"]
+    assert len(api.getImgIds()) == 2 and len(api.getAnnIds()) == 4
+    for c in api.loadAnns(api.getAnnIds()):
+        name = api.loadCats(c["category_id"])[0]["name"]
+        assert iou(api.annToMask(c).astype(bool), truth(name)) > 0.9
+
+
+def test_label_with_classes_errors(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """A missing detector stops the job at its start with the message of what to download
+    (no plan, no worker); bad class lists and options without --classes are refused."""
+    pytest.importorskip("transformers")
+    from segany.cli import main
+
+    monkeypatch.setenv("SEGANY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = _make_images(tmp_path / "src", 2)
+    with pytest.raises(DetectorWeightsError, match="no such folder"):
+        L.label(src, tmp_path / "a", model=str(tiny_ckpt), classes="dog",
+                detector=tmp_path / "nowhere", workers=1, progress=False)  # fmt: skip
+    assert not (tmp_path / "a" / "plan.json").exists()
+    base = ["label", str(src), "--model", str(tiny_ckpt), "--workers", "1", "--no-progress"]
+    out = tmp_path / "b"
+    code = main([*base, "--out", str(out), "--classes", "dog . cat", "--detector",
+                 "grounding-dino-base"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "IDEA-Research/grounding-dino-base" in err and "hf download" in err
+    assert not (out / "plan.json").exists()
+    assert main([*base, "--out", str(out), "--classes", " . "]) == 2
+    assert "no class names" in capsys.readouterr().err
+    assert main([*base, "--out", str(out), "--detector", "owlv2"]) == 2
+    assert "need --classes" in capsys.readouterr().err
+    assert main([*base, "--out", str(out), "--classes", "dog", "--preset", "fast"]) == 2
+    assert "do not apply to --classes" in capsys.readouterr().err
+    assert not (out / "plan.json").exists()

@@ -262,7 +262,8 @@ function renderObjects() {
     const info = document.createElement("span");
     info.className = "muted small";
     info.textContent = a.status === "pending"
-      ? `${a.source} ${a.score != null ? a.score.toFixed(2) : ""}`
+      ? `${a.source} ${a.score != null ? a.score.toFixed(2) : ""}` +
+        (a.detector_score != null ? ` \u00b7 det ${a.detector_score.toFixed(2)}` : "")
       : `${a.area}px` + (a.clicks ? ` \u00b7 ${a.clicks} click${a.clicks === 1 ? "" : "s"}` : "");
     li.appendChild(info);
     const btns = document.createElement("span");
@@ -322,7 +323,8 @@ async function decidePending(id, status) {
   if (!a || a.status !== "pending") { toast("select a pending object first"); return; }
   const body = { status };
   const cat = $("#category").value.trim();
-  if (status === "accepted" && cat) body.category = cat;
+  // class-agnostic pre-fills take the category box; named ones (by class, imported) keep theirs
+  if (status === "accepted" && cat && a.category === "object") body.category = cat;
   try {
     await api("PATCH", `/api/annotations/${id}`, body);
     await loadObjects();
@@ -519,7 +521,9 @@ async function acceptNow() {
     return;
   }
   const m = cur.result.masks[cur.sel];
-  const category = $("#category").value.trim() || "object";
+  let category = $("#category").value.trim() || "object";
+  const fixed = S.fixing !== null ? S.objects.find((x) => x.id === S.fixing) : null;
+  if (fixed && fixed.category !== "object") category = fixed.category; // a fix keeps its class
   const body = { segmentation: m.segmentation, category, score: m.score };
   if (S.fixing !== null) body.replaces = S.fixing;
   try {
@@ -559,8 +563,11 @@ async function prefill() {
     pred_iou_thresh: Number($("#iou").value),
     stability_score_thresh: Number($("#stab").value),
     points_per_side: Number($("#pps").value),
-  }; // pre-filled masks are class-agnostic ("object"); accepting one (A) applies the category box
-  setStatus("pre-filling (segment everything)\u2026");
+  }; // segment-everything masks are class-agnostic ("object"); accepting one (A) applies the
+  // category box. With classes, the text detector names each mask (its class is kept).
+  const classes = $("#classes").value.trim();
+  if (classes) body.classes = classes;
+  setStatus(classes ? `pre-filling (detecting ${classes})\u2026` : "pre-filling (segment everything)\u2026");
   $("#prefill").disabled = true;
   try {
     const r = await api("POST", `/api/images/${S.current.id}/prefill`, body);
@@ -745,6 +752,9 @@ function round1(v) { return Math.round(v * 10) / 10; }
 window.addEventListener("keydown", (ev) => {
   const inField = ev.target instanceof HTMLInputElement || ev.target instanceof HTMLTextAreaElement;
   if (!$("#login").classList.contains("hidden")) return;
+  if (ev.key === "Enter" && ev.target.id === "classes") { // pre-fill these classes
+    ev.preventDefault(); ev.target.blur(); prefill(); return;
+  }
   if (ev.key === "Enter" && (!inField || ev.target.id === "category")) {
     ev.preventDefault();
     if (ev.shiftKey) markDoneAndNext(); else accept();
@@ -839,6 +849,20 @@ function setupSliders(defaults) {
       saved[key] = Number(el.value);
       localStorage.setItem("segany-prefill", JSON.stringify(saved));
     });
+  }
+  const cl = $("#classes");
+  cl.value = saved.classes || "";
+  cl.addEventListener("input", () => {
+    saved.classes = cl.value;
+    localStorage.setItem("segany-prefill", JSON.stringify(saved));
+  });
+  if (!S.config.detector) {
+    cl.disabled = true;
+    cl.value = "";
+    cl.placeholder = "classes: start the server with --detector";
+  } else {
+    cl.title = `pre-fill these classes with the text detector ${S.config.detector} ` +
+      "instead of segmenting everything";
   }
 }
 
