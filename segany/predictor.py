@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,12 @@ class ImageEmbedding:
     embedding: torch.Tensor
     original_size: tuple[int, int]
     input_size: tuple[int, int]
+    # The decoder's prompt-independent part for this embedding, per model, with the
+    # model's weight versions: every predictor that uses the embedding (e.g. one per server
+    # thread) shares it; weights changed in place (training) make it stale.
+    contexts: weakref.WeakKeyDictionary = field(
+        default_factory=weakref.WeakKeyDictionary, compare=False, repr=False
+    )
 
 
 class EmbeddingCache:
@@ -105,6 +112,14 @@ class EmbeddingCache:
         self._memory.move_to_end(key)
         while len(self._memory) > self.max_items:
             self._memory.popitem(last=False)
+
+
+def _weights_version(model: torch.nn.Module) -> tuple[int, ...]:
+    """Changes whenever a parameter of the mask decoder or prompt encoder is modified in
+    place (optimizer steps, ``load_state_dict``): the in-place version counters."""
+    return tuple(p._version for p in model.mask_decoder.parameters()) + tuple(
+        p._version for p in model.prompt_encoder.parameters()
+    )
 
 
 def image_key(image: np.ndarray) -> str:
@@ -242,9 +257,16 @@ class Predictor:
         """The prompt-independent part of the decoder for the current image, computed once
         per image (a few milliseconds) and reused by every prompt without a mask input."""
         if self._context is None:
-            with torch.inference_mode():
-                emb = self.state.embedding.to(self.model.device)
-                self._context = self.model.prepare_decoder(emb)
+            state = self.state
+            version = _weights_version(self.model)
+            hit = state.contexts.get(self.model)
+            if hit is not None and hit[0] == version:
+                ctx = hit[1]
+            else:
+                with torch.inference_mode():
+                    ctx = self.model.prepare_decoder(state.embedding.to(self.model.device))
+                state.contexts[self.model] = (version, ctx)
+            self._context = ctx
         return self._context
 
     # -- prompts -------------------------------------------------------------------------

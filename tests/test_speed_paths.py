@@ -22,7 +22,7 @@ from torch import nn
 from segany import transforms as T
 from segany.models.fuse import fold_batch_norm, fuse_for_inference, is_fused
 from segany.models.registry import vit_t
-from segany.predictor import Predictor
+from segany.predictor import ImageEmbedding, Predictor
 from segany.runtime import available_cpus, get_threads, set_threads
 
 from .conftest import SHARED_REFERENCE
@@ -163,3 +163,32 @@ def test_fused_mobile_sam_on_goldens(mobile_sam) -> None:
     out = pred.predict_batch(boxes=z["batch_boxes"], multimask_output=True)
     ref = np.unpackbits(z["batch_masks"], axis=-1, count=width).astype(bool)
     assert (out.masks != ref).sum() <= 25
+
+
+def test_decoder_context_shared_by_predictors_and_refreshed_after_training() -> None:
+    """Predictors on the same embedding (one per server thread) share its decoder context;
+    an in-place weight change (an optimizer step) makes the shared context stale."""
+    sam = tiny_tinyvit_sam(3)
+    rgb = (np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)
+    a, b = Predictor(sam), Predictor(sam)
+    emb = a.set_image(rgb)
+    b.set_embedding(emb)
+    assert b._decoder_context() is a._decoder_context()
+    pt, lab = np.array([[40.0, 30.0]]), np.array([1])
+    before = b.predict(point_coords=pt, point_labels=lab).low_res_logits
+    with torch.no_grad():
+        sam.mask_decoder.output_upscaling[0].weight.mul_(0.5)
+        sam.prompt_encoder.no_mask_embed.weight.add_(1.0)
+    c = Predictor(sam)
+    c.set_embedding(emb)
+    assert c._decoder_context() is not a._decoder_context()
+    after = c.predict(point_coords=pt, point_labels=lab).low_res_logits
+    fresh = Predictor(sam)
+    fresh.set_embedding(
+        ImageEmbedding(
+            embedding=emb.embedding, original_size=emb.original_size, input_size=emb.input_size
+        )
+    )
+    expected = fresh.predict(point_coords=pt, point_labels=lab).low_res_logits
+    assert not np.allclose(before, after, atol=1e-3)
+    np.testing.assert_allclose(after, expected, atol=1e-5)
