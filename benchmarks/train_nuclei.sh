@@ -26,8 +26,18 @@ RECIPE="--data $S/dsb2018_nuclei --val-fraction 0.5 --split-seed 0 --model mobil
 $SEG train $RECIPE --steps 120 --checkpoint-every 20 --log-every 5 --val-every 40 --val-masks 32 --out runs/dsb/decoder.pt
 evaluate runs/dsb/decoder.pt noreplay
 
-# 3b. with replay: unlabeled natural images (COCO-10 pictures, the repository's kitchen,
-#     five scikit-image pictures); DAVIS is not among them
+# 3b. the IoU head only (--train iou-head): the masks stay MobileSAM's everywhere (box mIoU
+#     and the 1-click oracle unchanged by construction), only the choice among the three
+#     outputs learns; points only, one round
+IOU="--data $S/dsb2018_nuclei --val-fraction 0.5 --split-seed 0 --model mobile_sam --train iou-head
+  --lr 1e-3 --warmup-steps 5 --point-rounds 0 --empty-rounds 0 --box-prob 0 --images-per-step 4
+  --masks-per-image 16 --checkpoint-every 20 --log-every 5"
+$SEG train $IOU --steps 60 --out runs/dsb/iouhead.pt
+evaluate runs/dsb/iouhead.pt iouhead
+
+# 3c. the IoU head with replay (self-distillation of the IoUs and of the ranking on unlabeled
+#     natural images: COCO-10 pictures, the repository's kitchen, five scikit-image
+#     pictures; DAVIS is not among them)
 cp $S/coco10/images/*.jpg examples/kitchen.jpg runs/replay/
 .venv/bin/python -c "
 import skimage.data as d
@@ -35,8 +45,8 @@ from PIL import Image
 for n in ('astronaut', 'coffee', 'chelsea', 'camera', 'rocket'):
     Image.fromarray(getattr(d, n)()).save(f'runs/replay/{n}.png')
 "
-$SEG train $RECIPE --steps 240 --checkpoint-every 40 --log-every 5 --val-every 80 --val-masks 32 \
-  --replay runs/replay --replay-weight 4 --replay-points 8 --out runs/dsb/replay.pt
-evaluate runs/dsb/replay.pt replay
+$SEG train $IOU --steps 80 --replay runs/replay --replay-weight 4 --replay-points 8 \
+  --replay-rank-weight 5 --out runs/dsb/iouhead_replay.pt
+evaluate runs/dsb/iouhead_replay.pt iouhead_replay
 
-.venv/bin/python benchmarks/train_table.py runs/eval base noreplay replay
+.venv/bin/python benchmarks/train_table.py runs/eval base noreplay iouhead iouhead_replay

@@ -379,3 +379,51 @@ def test_rank_loss_keeps_the_teachers_first_choice() -> None:
     assert rank_loss(teacher.clone(), teacher).item() == pytest.approx(0.0, abs=1e-6)
     flipped = torch.tensor([[0.92, 0.91, 0.89]])  # a small change of the first choice
     assert rank_loss(flipped, teacher).item() > 0.1
+
+
+@pytest.mark.parametrize(
+    "mode, learns",
+    [
+        ("iou-head", ("mask_decoder.iou_prediction_head.",)),
+        (
+            "heads",
+            (
+                "mask_decoder.iou_prediction_head.",
+                "mask_decoder.output_hypernetworks_mlps.",
+                "mask_decoder.iou_token.",
+                "mask_decoder.mask_tokens.",
+            ),
+        ),
+    ],
+)
+def test_partial_modes_change_only_their_parameters(
+    mode: str, learns: tuple[str, ...], squares: Path, tmp_path: Path
+) -> None:
+    data = D.open_source(squares)
+    tr, va = D.split_by_image(data.images, 0.25, 0)
+    model = small_sam()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model, tr, va, _cfg(steps=2, train=mode, box_prob=0.0),
+                      tmp_path / "m.pt", progress=False)  # fmt: skip
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith(learns) for n in trained)
+    masks_before = trainer.model.decode(
+        trainer.embeddings.get(tr[0]).embedding, point_coords=torch.tensor([[[40.0, 40.0]]]),
+        point_labels=torch.tensor([[1]]), multimask_output=True,
+    )[0].detach()  # fmt: skip
+    trainer.run()
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(learns) for k in changed), changed
+    for prefix in learns:  # every named part moved
+        assert any(k.startswith(prefix) for k in changed), prefix
+    # a full checkpoint of the registry: every key, frozen ones bit-identical
+    sd = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert set(sd) == set(before)
+    assert all(torch.equal(sd[k], before[k]) for k in before if k not in changed)
+    masks_after = trainer.model.decode(
+        trainer.embeddings.get(tr[0]).embedding, point_coords=torch.tensor([[[40.0, 40.0]]]),
+        point_labels=torch.tensor([[1]]), multimask_output=True,
+    )[0].detach()  # fmt: skip
+    if mode == "iou-head":  # the masks are the starting model's, only their scores moved
+        assert torch.equal(masks_before, masks_after)

@@ -108,8 +108,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--train",
         default=defaults.train,
         choices=MODES,
-        help="what learns: decoder (on cached embeddings; CPU), decoder+prompt, or full "
-        f"(GPU) (default: {defaults.train})",
+        help="what learns: decoder (on cached embeddings; CPU), decoder+prompt, full (GPU), "
+        "iou-head (the decoder's IoU head only: masks unchanged, only the choice among the "
+        "three outputs), heads (hypernetwork MLPs, IoU head and output tokens; transformer "
+        f"frozen) (default: {defaults.train})",
     )
     p.add_argument("--steps", type=int, default=defaults.steps,
                    help=f"optimizer steps (default: {defaults.steps})")  # fmt: skip

@@ -10,6 +10,13 @@ Modes (``TrainConfig.train``):
 - ``decoder+prompt``: the prompt encoder learns too (still on cached embeddings).
 - ``full``: every part learns; images go through the encoder at each step (meant for a
   GPU; it runs on the CPU with a tiny model).
+- ``iou-head``: only the decoder's IoU prediction head learns (the MLP that scores the
+  outputs): the masks stay bit-identical to the starting model's everywhere, only which of
+  the three outputs ranks first ("auto") changes.
+- ``heads``: the decoder's two-way transformer and upscaling stay frozen; the output
+  hypernetwork MLPs, the IoU head and the IoU and mask tokens learn.
+
+Every mode writes a full checkpoint (all weights, frozen ones unchanged).
 
 Files written for ``out = DIR/NAME.pt``:
 
@@ -47,7 +54,7 @@ from . import prompts as P
 from .data import TrainData, TrainImage, lowres_targets, model_input_size, to_coco
 from .losses import sam_loss
 
-MODES = ("decoder", "decoder+prompt", "full")
+MODES = ("decoder", "decoder+prompt", "full", "iou-head", "heads")
 LOG_FIELDS = (
     "step",
     "lr",
@@ -343,10 +350,18 @@ class Trainer:
     def _set_trainable(self) -> list[torch.nn.Parameter]:
         for p in self.model.parameters():
             p.requires_grad_(False)
+        md = self.model.mask_decoder
         parts = {
-            "decoder": [self.model.mask_decoder],
-            "decoder+prompt": [self.model.mask_decoder, self.model.prompt_encoder],
+            "decoder": [md],
+            "decoder+prompt": [md, self.model.prompt_encoder],
             "full": [self.model],
+            "iou-head": [md.iou_prediction_head],
+            "heads": [
+                md.output_hypernetworks_mlps,
+                md.iou_prediction_head,
+                md.iou_token,
+                md.mask_tokens,
+            ],  # fmt: skip
         }[self.cfg.train]
         params = []
         for part in parts:
