@@ -45,6 +45,11 @@ class GeneratorSettings:
     refine_cover_max_fraction: ``fast`` only: accepted masks covering at least this
         fraction of the image do not count as covering a point (so small objects lying on
         a large accepted region still get prompted); 1.0: every mask counts.
+    dense_below_cover: ``fast`` only: when the masks accepted on the coarse grid (leaving
+        out masks of 95% of the crop or more) cover less than this fraction of the crop,
+        the finest refine grid is prompted in full instead of pass by pass on uncovered
+        points: scenes of many small separate objects on a background (cells, nuclei),
+        where a covering mask often holds several objects. 0.0: never.
     max_masks: keep at most this many masks, by predicted IoU (``None``: all).
     max_mask_region_fraction: drop masks covering at least this fraction of the image
         (SA-1B drops masks covering 95% or more); 1.0 keeps everything.
@@ -65,6 +70,7 @@ class GeneratorSettings:
     max_mask_region_fraction: float = 1.0
     refine_points_per_side: int | tuple[int, ...] | None = None
     refine_cover_max_fraction: float = 1.0
+    dense_below_cover: float = 0.0
     max_masks: int | None = None
 
     def replace(self, **changes: Any) -> GeneratorSettings:
@@ -90,6 +96,7 @@ PRESETS: dict[str, GeneratorSettings] = {
         pred_iou_thresh=0.7,
         stability_score_thresh=0.8,
         box_nms_thresh=0.7,
+        dense_below_cover=0.5,
     ),
 }
 DEFAULT_PRESET = "fast"
@@ -156,6 +163,7 @@ class MaskGenerator:
         max_mask_region_fraction: float | None = None,
         refine_points_per_side: int | tuple[int, ...] | None = None,
         refine_cover_max_fraction: float | None = None,
+        dense_below_cover: float | None = None,
         max_masks: int | None = None,
     ) -> None:
         if isinstance(preset, str):
@@ -182,6 +190,7 @@ class MaskGenerator:
                 max_mask_region_fraction=max_mask_region_fraction,
                 refine_points_per_side=refine_points_per_side,
                 refine_cover_max_fraction=refine_cover_max_fraction,
+                dense_below_cover=dense_below_cover,
                 max_masks=max_masks,
             ).items()
             if v is not None
@@ -193,6 +202,8 @@ class MaskGenerator:
         self.output_mode = output_mode
         #: points prompted by the last :meth:`generate` call (all crops)
         self.last_prompts = 0
+        #: whether the last crop of the last call went dense (see ``dense_below_cover``)
+        self.last_dense = False
         self.predictor = model if isinstance(model, Predictor) else Predictor(model)
         s = self.settings
         self.point_grids = M.layer_point_grids(
@@ -388,9 +399,20 @@ class MaskGenerator:
 
         batches = run(grid)
         refine = s.refine_points_per_side
-        for n in (refine,) if isinstance(refine, int) else refine or ():
+        passes = [refine] if isinstance(refine, int) else list(refine or ())
+        self.last_dense = False
+        if passes and s.dense_below_cover > 0:
+            kept = self._accepted(batches)
+            if M.cover_fraction(kept, 0.95) < s.dense_below_cover:
+                self.last_dense = True
+                passes = passes[-1:]  # the finest grid, every point
+        for n in passes:
             fine = M.point_grid(n) * np.array([cw, ch], dtype=np.float64)
-            covered = self._covered(batches, fine, sx, sy, lh, lw)
+            covered = (
+                np.zeros(len(fine), dtype=bool)
+                if self.last_dense
+                else self._covered(batches, fine, sx, sy, lh, lw)
+            )
             batches += run(fine[~covered])
         if not batches:
             return _empty_found(size)
@@ -429,17 +451,24 @@ class MaskGenerator:
             crop=torch.tensor([box] * len(iou), dtype=torch.int64).reshape(-1, 4),
         )
 
-    def _covered(self, batches, fine: np.ndarray, sx: float, sy: float, lh: int, lw: int):
-        """Which fine-grid points fall inside an accepted mask (one that survives NMS)."""
-        if not batches or len(fine) == 0:
-            return np.zeros(len(fine), dtype=bool)
+    def _accepted(self, batches) -> torch.Tensor:
+        """Low-res bool masks ``(N, lh, lw)`` of the batches' masks that survive box NMS."""
+        if not batches:
+            return torch.zeros(0, 1, 1, dtype=torch.bool)
         binary = torch.cat([b[5] for b in batches])
         iou = torch.cat([b[1] for b in batches])
         boxes = torch.cat([b[4] for b in batches])
         if len(iou) == 0:
+            return binary
+        return binary[M.nms(boxes, iou, self.settings.box_nms_thresh)]
+
+    def _covered(self, batches, fine: np.ndarray, sx: float, sy: float, lh: int, lw: int):
+        """Which fine-grid points fall inside an accepted mask (one that survives NMS)."""
+        if not batches or len(fine) == 0:
             return np.zeros(len(fine), dtype=bool)
-        keep = M.nms(boxes, iou, self.settings.box_nms_thresh)
-        kept = binary[keep]
+        kept = self._accepted(batches)
+        if len(kept) == 0:
+            return np.zeros(len(fine), dtype=bool)
         if self.settings.refine_cover_max_fraction < 1.0:
             small = kept.flatten(1).sum(1) < self.settings.refine_cover_max_fraction * lh * lw
             kept = kept[small]
@@ -525,6 +554,8 @@ def _check_settings(s: GeneratorSettings) -> None:
         raise ValueError("points_per_side and points_per_batch must be >= 1")
     if s.crop_n_layers < 0:
         raise ValueError("crop_n_layers must be >= 0")
+    if not 0.0 <= s.dense_below_cover <= 1.0:
+        raise ValueError(f"dense_below_cover must lie in [0, 1], got {s.dense_below_cover}")
     if s.crop_n_points_downscale_factor < 1:
         raise ValueError("crop_n_points_downscale_factor must be >= 1")
     if int(s.points_per_side / s.crop_n_points_downscale_factor**s.crop_n_layers) < 1:

@@ -70,6 +70,20 @@ def stability_score(logits: torch.Tensor, threshold: float, offset: float) -> to
 # -- boxes -----------------------------------------------------------------------------------
 
 
+def cover_fraction(masks: torch.Tensor, max_fraction: float = 1.0) -> float:
+    """Fraction of the ``(H, W)`` frame covered by the union of ``(N, H, W)`` bool masks,
+    leaving out masks that alone cover ``max_fraction`` of the frame or more."""
+    if masks.shape[0] == 0:
+        return 0.0
+    if max_fraction < 1.0:
+        area = masks.flatten(1).sum(1)
+        masks = masks[area < max_fraction * masks.shape[-1] * masks.shape[-2]]
+    small = masks
+    if small.shape[0] == 0:
+        return 0.0
+    return float(small.any(0).float().mean())
+
+
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     """``(..., H, W)`` bool -> ``(..., 4)`` XYXY of first/last occupied column and row;
     ``[0, 0, 0, 0]`` for an empty mask."""

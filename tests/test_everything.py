@@ -182,3 +182,30 @@ def test_fast_refine_passes(tiny_model, rgb_image):
     two = prompts(refine_points_per_side=(4, 6))
     assert 9 <= one <= two <= 9 + 16 + 36
     assert prompts(refine_points_per_side=(4, 6), refine_cover_max_fraction=0.0) == 9 + 16 + 36
+
+
+def test_fast_goes_dense_when_coarse_masks_cover_little(tiny_model, rgb_image, monkeypatch):
+    """Below ``dense_below_cover`` (coarse masks' cover of the crop, masks of >= 95% left
+    out), every point of the finest refine grid is prompted and the middle passes skipped;
+    above it, the pass-by-pass coverage rule applies."""
+    seen = []
+
+    def prompts(cover, **kw):
+        def fake(masks, max_fraction=1.0):
+            seen.append(max_fraction)
+            return cover
+
+        monkeypatch.setattr(M, "cover_fraction", fake)
+        gen = MaskGenerator(
+            tiny_model, preset="fast", refine_points_per_side=(4, 6), **_loose(**kw)
+        )
+        gen.generate(rgb_image)
+        return gen.last_prompts, gen.last_dense
+
+    assert prompts(0.1, dense_below_cover=0.5) == (9 + 36, True)
+    sparse, dense = prompts(0.9, dense_below_cover=0.5)
+    assert not dense and sparse == prompts(0.1, dense_below_cover=0.0)[0]
+    assert seen == [0.95, 0.95]  # not consulted when the rule is off
+    assert PRESETS["fast"].dense_below_cover == 0.5
+    with pytest.raises(ValueError, match="dense_below_cover"):
+        MaskGenerator(tiny_model, dense_below_cover=1.5)

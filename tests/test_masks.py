@@ -132,3 +132,15 @@ def test_polygons():
     polys = M.mask_to_polygons(m)
     assert len(polys) == 2 and polys[0].shape[1] == 2
     assert polys[0][:, 0].min() == 5 and polys[0][:, 0].max() == 24
+
+
+def test_cover_fraction():
+    m = torch.zeros(3, 10, 10, dtype=torch.bool)
+    m[0, :5, :4] = True  # 20 px
+    m[1, :5, 2:6] = True  # 20 px, overlapping 10 of them
+    m[2] = True  # the whole frame
+    assert M.cover_fraction(m[:2]) == pytest.approx(0.30)
+    assert M.cover_fraction(m) == pytest.approx(1.0)
+    assert M.cover_fraction(m, max_fraction=0.95) == pytest.approx(0.30)  # frame mask left out
+    assert M.cover_fraction(m[2:], max_fraction=0.95) == 0.0
+    assert M.cover_fraction(m[:0]) == 0.0
