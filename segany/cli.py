@@ -107,8 +107,32 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_segment, multimask=None)
 
 
-def _add_text_args(p: argparse.ArgumentParser) -> None:
+def add_detector_args(g: argparse._ArgumentGroup, *, note: str = "") -> None:
+    """``--detector``, ``--box-threshold``, ``--text-threshold`` (no argparse defaults: the
+    detector's own apply, see :mod:`segany.text.detectors`); ``note`` is added to each help."""
     from .text import detectors as D
+
+    g.add_argument(
+        "--detector",
+        metavar="NAME|PATH",
+        help=f"{', '.join(D.DETECTORS)}, a hub id or a local folder "
+        f"(default: {D.DEFAULT_DETECTOR}{note})",
+    )
+    g.add_argument(
+        "--box-threshold",
+        type=float,
+        help=f"keep boxes scoring above this (default: {D.BOX_THRESHOLD} for Grounding DINO, "
+        f"{D.OWL_BOX_THRESHOLD} for OWLv2{note})",
+    )
+    g.add_argument(
+        "--text-threshold",
+        type=float,
+        help=f"Grounding DINO: words scoring above this form a box's phrase "
+        f"(default: {D.TEXT_THRESHOLD}{note})",
+    )
+
+
+def _add_text_args(p: argparse.ArgumentParser) -> None:
     from .text import pipeline as TP
 
     g = p.add_argument_group(
@@ -116,25 +140,7 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
         "each box (needs: pip install 'segany[text]'); --out is then the union of the masks",
     )  # fmt: skip
     g.add_argument("--text", metavar='"dog . person"', help="class names separated by ' . '")
-    g.add_argument(
-        "--detector",
-        default=D.DEFAULT_DETECTOR,
-        metavar="NAME|PATH",
-        help=f"{', '.join(D.DETECTORS)}, a hub id or a local folder "
-        f"(default: {D.DEFAULT_DETECTOR})",
-    )
-    g.add_argument(
-        "--box-threshold",
-        type=float,
-        help=f"keep boxes scoring above this (default: {D.BOX_THRESHOLD} for Grounding DINO, "
-        f"{D.OWL_BOX_THRESHOLD} for OWLv2)",
-    )
-    g.add_argument(
-        "--text-threshold",
-        type=float,
-        help=f"Grounding DINO: words scoring above this form a box's phrase "
-        f"(default: {D.TEXT_THRESHOLD})",
-    )
+    add_detector_args(g)
     g.add_argument(
         "--nms-threshold",
         type=float,
@@ -227,7 +233,7 @@ def _run_segment(args: argparse.Namespace) -> int:
 def _run_segment_text(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .text import TextSegmenter, coco_writer, parse_queries
+    from .text import DEFAULT_DETECTOR, TextSegmenter, coco_writer, parse_queries
     from .transforms import load_image
     from .viz import overlay_labeled
 
@@ -272,7 +278,7 @@ def _run_segment_text(args: argparse.Namespace) -> int:
         "image": str(args.image),
         "size": [int(image.shape[1]), int(image.shape[0])],
         "model": str(args.model),
-        "detector": str(args.detector),
+        "detector": str(args.detector or DEFAULT_DETECTOR),
         "classes": queries,
         "mask": str(out),
         "overlay": args.overlay,

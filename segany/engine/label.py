@@ -1268,8 +1268,7 @@ def iter_dataset(out: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     out = Path(out)
     manifest = json.loads((out / MANIFEST).read_text())
     for shard in manifest["shards"]:
-        for ann, _ in read_shard(out / shard["path"]):
-            yield ann
+        yield from read_shard_json(out / shard["path"])
 
 
 def check_dataset(out: str | os.PathLike[str]) -> dict[str, Any]:

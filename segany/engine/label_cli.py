@@ -102,7 +102,7 @@ def add_label_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_class_args(p: argparse.ArgumentParser) -> None:
-    from ..text import detectors as D
+    from ..cli import add_detector_args
 
     g = p.add_argument_group(
         "class names",
@@ -116,24 +116,7 @@ def _add_class_args(p: argparse.ArgumentParser) -> None:
         metavar='"dog . cat"',
         help="class names separated by ' . ' (on --resume: the job's)",
     )
-    g.add_argument(
-        "--detector",
-        metavar="NAME|FOLDER",
-        help=f"{', '.join(D.DETECTORS)}, a hub id or a local folder "
-        f"(default: {D.DEFAULT_DETECTOR}; on --resume: the job's)",
-    )
-    g.add_argument(
-        "--box-threshold",
-        type=float,
-        help=f"keep boxes scoring above this (default: {D.BOX_THRESHOLD} for Grounding DINO, "
-        f"{D.OWL_BOX_THRESHOLD} for OWLv2)",
-    )
-    g.add_argument(
-        "--text-threshold",
-        type=float,
-        help=f"Grounding DINO: words scoring above this form a box's phrase "
-        f"(default: {D.TEXT_THRESHOLD})",
-    )
+    add_detector_args(g, note="; on --resume: the job's")
 
 
 def run_label(args: argparse.Namespace) -> int:

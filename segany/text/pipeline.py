@@ -180,18 +180,19 @@ class TextSegmenter:
     def load(
         cls,
         model: str | os.PathLike[str] | None = None,
-        detector: str | os.PathLike[str] = DEFAULT_DETECTOR,
+        detector: str | os.PathLike[str] | None = None,
         *,
         device: str | torch.device = "cpu",
         cache_dir: str | Path | None = None,
         **kwargs: Any,
     ) -> TextSegmenter:
         """SAM weights by catalogue name or path (default MobileSAM) and a detector by name,
-        hub id or folder (see :func:`~segany.text.load_detector`)."""
+        hub id or folder (default :data:`DEFAULT_DETECTOR`; see
+        :func:`~segany.text.load_detector`)."""
         from ..loader import load_predictor
         from ..weights import DEFAULT_WEIGHTS
 
-        det = load_detector(detector, device=device)
+        det = load_detector(detector or DEFAULT_DETECTOR, device=device)
         pred = load_predictor(model or DEFAULT_WEIGHTS, device=device, cache_dir=cache_dir)
         return cls(pred, det, **kwargs)
 
