@@ -267,7 +267,7 @@ class MaskGenerator:
         self.last_prompts += len(points)
         coords = T.coords_to_model(points, st.original_size, self.model.img_size)
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int64)
-        low, iou = self.predictor.decode_low_res(coords[:, None, :], labels)
+        low, iou = self.predictor.decode_low_res(coords[:, None, :], labels, image_only=True)
         return low.flatten(0, 1).cpu(), iou.flatten(0, 1).cpu()
 
     def _to_image(self, low: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,13 @@ from .models import Sam
 from .models.fuse import fuse_for_inference
 from .models.transformer import DecoderContext
 
+# Prompts decoded together on the CPU. Each prompt carries its own (4096, 256) image-token
+# state and (64, 128, 128) + (32, 256, 256) upscaling maps (4 + 4 + 8 MB), and the decoder's
+# element-wise passes (adds, layer norms, GELU) are bound by memory traffic: on the 2-core
+# AVX2 machine (2 MB L2 per core) two prompts at a time decode at 13.7 ms per prompt, four
+# at 20 ms and 64 at 26 ms (benchmarks/bench_decode_chunk.py). Results do not depend on it.
+CPU_DECODE_CHUNK = 2
+
 
 class PromptError(ValueError):
     """A prompt that cannot be used: wrong shape, NaN, outside the image."""
@@ -153,6 +160,8 @@ class Predictor:
             :class:`~segany.export.runtime.OnnxBackend`.
         fuse: apply :func:`~segany.models.fuse.fuse_for_inference` to ``model`` (in place:
             faster on the CPU, but the model can no longer be trained).
+        decode_chunk: the torch backend decodes batched prompts this many at a time
+            (default: :data:`CPU_DECODE_CHUNK` on the CPU, all at once elsewhere).
     """
 
     def __init__(
@@ -163,8 +172,12 @@ class Predictor:
         model_id: str | None = None,
         backend: str | object = "torch",
         fuse: bool = False,
+        decode_chunk: int | None = None,
     ) -> None:
         self.model = model.eval()
+        if decode_chunk is not None and decode_chunk < 1:
+            raise ValueError("decode_chunk must be at least 1")
+        self.decode_chunk = decode_chunk
         if fuse:
             fuse_for_inference(self.model)
         self.cache = cache if cache is not None else EmbeddingCache()
@@ -381,11 +394,16 @@ class Predictor:
         boxes: torch.Tensor | None = None,
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
+        image_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Model-frame prompts -> low-res logits ``(B, K, S/4, S/4)`` and IoUs ``(B, K)`` on
         the model's device, without upsampling (for callers that filter first, e.g.
         :class:`~segany.everything.MaskGenerator`). The torch backend reuses the image's
-        prepared decoder context."""
+        prepared decoder context. ``image_only``: the torch backend upscales only the
+        tokens under the image (input size ``(h, w)``, patch ``p``: the first ``h // p + 2``
+        rows and ``w // p + 2`` columns, every low-res cell that the upsampling to the image
+        reads) and fills the other cells with zeros: same masks at image size, less work;
+        not for feeding back as ``mask_input``."""
         with torch.inference_mode():
             if self.backend is not None:
                 return self.backend.decode(
@@ -396,9 +414,20 @@ class Predictor:
                     mask_input=mask_input,
                     multimask_output=multimask_output,
                 )
-            return self._decode_torch(
-                point_coords, point_labels, boxes, mask_input, multimask_output
+            crop = None
+            if image_only:
+                grid_h, grid_w = self.model.prompt_encoder.image_embedding_size
+                patch = self.model.img_size // grid_h
+                h, w = self.state.input_size
+                crop = (min(grid_h, h // patch + 2), min(grid_w, w // patch + 2))
+            low, iou = self._decode_torch(
+                point_coords, point_labels, boxes, mask_input, multimask_output, crop
             )
+            side = self.model.prompt_encoder.mask_input_size
+            if tuple(low.shape[-2:]) != tuple(side):
+                pad = (0, side[1] - low.shape[-1], 0, side[0] - low.shape[-2])
+                low = torch.nn.functional.pad(low, pad)
+            return low, iou
 
     def _decode_torch(
         self,
@@ -407,17 +436,35 @@ class Predictor:
         boxes: torch.Tensor | None,
         mask_input: torch.Tensor | None,
         multimask_output: bool,
+        crop_tokens: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.model.device
-        return self.model.decode(
-            self.state.embedding.to(dev),
-            point_coords=None if point_coords is None else point_coords.to(dev),
-            point_labels=None if point_labels is None else point_labels.to(dev),
-            boxes=None if boxes is None else boxes.to(dev),
-            mask_input=None if mask_input is None else mask_input.to(dev),
-            multimask_output=multimask_output,
-            context=self._decoder_context() if mask_input is None else None,
-        )
+        prompts = [point_coords, point_labels, boxes, mask_input]
+        n = next(len(t) for t in prompts if t is not None)
+        chunk = self.decode_chunk or (CPU_DECODE_CHUNK if dev.type == "cpu" else n)
+        embedding = self.state.embedding.to(dev)
+        context = self._decoder_context() if mask_input is None else None
+        outs = []
+        for start in range(0, n, chunk):
+            part = [
+                None if t is None else (t[start : start + chunk] if len(t) == n else t).to(dev)
+                for t in prompts
+            ]
+            outs.append(
+                self.model.decode(
+                    embedding,
+                    point_coords=part[0],
+                    point_labels=part[1],
+                    boxes=part[2],
+                    mask_input=part[3],
+                    multimask_output=multimask_output,
+                    context=context,
+                    crop_tokens=crop_tokens,
+                )
+            )
+        if len(outs) == 1:
+            return outs[0]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     # -- validation ----------------------------------------------------------------------
     def _check_points(

@@ -92,3 +92,17 @@ def test_threads_oversubscription_refused(capsys):
         main(["--threads", str((os.cpu_count() or 1) + 1), "weights", "list"])
     assert exc.value.code == 2
     assert "oversubscribe" in capsys.readouterr().err
+
+
+def test_parser_built_for_the_named_command_only():
+    from segany.cli import _command_of, build_parser
+
+    assert _command_of(["--threads", "2", "everything", "a.jpg"]) == "everything"
+    assert _command_of(["--threads=1", "stats", "x"]) == "stats"
+    assert _command_of(["-h"]) is None and _command_of([]) is None
+    one = build_parser("everything")
+    assert one.parse_args(["everything", "a.jpg", "--out", "o"]).command == "everything"
+    with pytest.raises(SystemExit):  # the other commands are not there
+        one.parse_args(["train", "--data", "d", "--out", "o"])
+    full = build_parser()
+    assert full.parse_args(["train", "--data", "d", "--out", "o"]).command == "train"

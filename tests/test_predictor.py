@@ -144,3 +144,51 @@ def test_model_fingerprint_distinguishes_weights(rgb_image):
 
     a, b = Predictor(tiny_sam(0)), Predictor(tiny_sam(1))
     assert a.model_id != b.model_id and a.model_id == Predictor(tiny_sam(0)).model_id
+
+
+def _model_frame_points(predictor, n=5, seed=0):
+    from segany import transforms as T
+
+    rng = np.random.default_rng(seed)
+    h, w = predictor.original_size
+    pts = rng.uniform([0, 0], [w, h], size=(n, 2))
+    coords = T.coords_to_model(pts, (h, w), predictor.model.img_size)[:, None, :]
+    return coords, torch.ones(n, 1, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_decode_chunks_give_the_same_logits(tiny_model, rgb_image, chunk):
+    whole = Predictor(tiny_model, decode_chunk=100)
+    whole.set_image(rgb_image)
+    coords, labels = _model_frame_points(whole)
+    parts = Predictor(tiny_model, decode_chunk=chunk)
+    parts.set_image(rgb_image)
+    a_low, a_iou = whole.decode_low_res(coords, labels)
+    b_low, b_iou = parts.decode_low_res(coords, labels)
+    assert a_low.shape == b_low.shape == (5, 3, 32, 32)
+    torch.testing.assert_close(b_low, a_low, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b_iou, a_iou, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="decode_chunk"):
+        Predictor(tiny_model, decode_chunk=0)
+
+
+def test_image_only_decoding_gives_the_same_masks_at_image_size(predictor):
+    from segany import transforms as T
+
+    st = predictor.state
+    assert st.input_size[0] < predictor.model.img_size  # the image leaves padding rows
+    coords, labels = _model_frame_points(predictor)
+    full, iou = predictor.decode_low_res(coords, labels)
+    part, iou_part = predictor.decode_low_res(coords, labels, image_only=True)
+    torch.testing.assert_close(iou_part, iou)
+    assert part.shape == full.shape
+    rows = st.input_size[0] // (predictor.model.img_size // 8) + 2  # tiny model: 8x8 tokens
+    assert rows * 4 < full.shape[-2]  # the crop does skip work
+    torch.testing.assert_close(
+        part[..., : rows * 4, :], full[..., : rows * 4, :], rtol=1e-4, atol=1e-4
+    )  # noqa: E501
+    assert (part[..., rows * 4 :, :] == 0).all()
+    size = dict(input_size=st.input_size, original_size=st.original_size, img_size=128)
+    torch.testing.assert_close(
+        T.masks_to_image(part, **size), T.masks_to_image(full, **size), rtol=1e-4, atol=1e-4
+    )

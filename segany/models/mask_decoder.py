@@ -68,6 +68,7 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
         context: DecoderContext | None = None,
+        crop_tokens: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode ``B`` prompts against one image.
 
@@ -79,6 +80,10 @@ class MaskDecoder(nn.Module):
             multimask_output: return the 3 multimask outputs instead of the single one.
             context: from :meth:`prepare` for this image and this ``dense_prompt_embeddings``
                 (then ``image_embeddings``, ``image_pe`` and the dense embeddings are unused).
+            crop_tokens: ``(rows, cols)``: upscale only that top-left part of the ``h x w``
+                token grid (the image without its padding); the masks are then
+                ``(B, K, 4 rows, 4 cols)`` and equal the uncropped masks' top-left part (the
+                upscaling works per pixel; the transformer still sees every token).
 
         Returns:
             mask logits ``(B, 3 or 1, 4h, 4w)`` and predicted IoUs ``(B, 3 or 1)``.
@@ -89,6 +94,7 @@ class MaskDecoder(nn.Module):
             sparse_prompt_embeddings,
             dense_prompt_embeddings,
             context=context,
+            crop_tokens=crop_tokens,
         )
         sel = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, sel], iou[:, sel]
@@ -111,9 +117,11 @@ class MaskDecoder(nn.Module):
         dense_prompt_embeddings: torch.Tensor,
         context: DecoderContext | None = None,
         few_tokens: bool | None = None,
+        crop_tokens: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` outputs: logits ``(B, 4, 4h, 4w)``, IoUs ``(B, 4)``.
-        ``few_tokens``: see :meth:`TwoWayTransformer.forward`."""
+        ``few_tokens``: see :meth:`TwoWayTransformer.forward`; ``crop_tokens``: see
+        :meth:`forward`."""
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat(
@@ -133,6 +141,8 @@ class MaskDecoder(nn.Module):
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         # (B, h*w, C) tokens seen as a channels-last (B, C, h, w) map: no copy.
         src = src.expand(b, -1, -1).reshape(b, h, w, c).permute(0, 3, 1, 2)
+        if crop_tokens is not None:
+            src = src[:, :, : crop_tokens[0], : crop_tokens[1]]
         upscaled = self.output_upscaling(src)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],

@@ -77,6 +77,7 @@ class Sam(nn.Module):
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
         context: DecoderContext | None = None,
+        crop_tokens: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode ``B`` prompts against one image embedding.
 
@@ -88,6 +89,8 @@ class Sam(nn.Module):
             mask_input: ``(B, 1, 4h, 4w)`` low-res logits from an earlier call.
             context: :meth:`prepare_decoder` of ``image_embeddings``; used when no
                 ``mask_input`` is given.
+            crop_tokens: upscale only the top-left ``(rows, cols)`` of the token grid
+                (:meth:`MaskDecoder.forward`); logits ``(B, K, 4 rows, 4 cols)``.
 
         Returns:
             low-res mask logits ``(B, K, 4h, 4w)`` and predicted IoUs ``(B, K)``,
@@ -101,7 +104,13 @@ class Sam(nn.Module):
         sparse, dense = self.prompt_encoder(points, boxes, mask_input)
         if context is not None and mask_input is None:
             return self.mask_decoder(
-                image_embeddings, None, sparse, None, multimask_output, context=context
+                image_embeddings,
+                None,
+                sparse,
+                None,
+                multimask_output,
+                context=context,
+                crop_tokens=crop_tokens,
             )
         return self.mask_decoder(
             image_embeddings,
@@ -109,6 +118,7 @@ class Sam(nn.Module):
             sparse,
             dense,
             multimask_output,
+            crop_tokens=crop_tokens,
         )
 
     def forward(

@@ -38,6 +38,7 @@ RECIPE_OPTIONS: dict[str, tuple[str, type, str]] = {
     "--replay-points": ("replay_points", int, "prompts per replay image and step"),
     "--replay-iou-weight": ("replay_iou_weight", float, "weight of the replay IoU term"),
     "--replay-rank-weight": ("replay_rank_weight", float, "weight of the replay ranking term"),
+    "--rehearse-weight": ("rehearse_weight", float, "weight of the --rehearse batches' loss"),
 }
 
 
@@ -131,6 +132,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="images (folder or COCO source) on which the decoder is kept close to the "
         "starting model, against forgetting their domain (no labels used)",
     )
+    p.add_argument(
+        "--rehearse",
+        help="labelled masks of other domains (a source like --data, every image used): one "
+        "batch of them per step, trained with the same recipe, against forgetting",
+    )
+    p.add_argument("--rehearse-images", help="image folder of --rehearse (as --images)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_recipe(p)
@@ -200,6 +207,8 @@ def run_train(args: argparse.Namespace) -> int:
             device=args.device,
             meta={"command": " ".join(sys.argv)},
             replay=args.replay,
+            rehearse=args.rehearse,
+            rehearse_images_dir=args.rehearse_images,
         )
     except (DataError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from None

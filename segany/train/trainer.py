@@ -65,6 +65,7 @@ LOG_FIELDS = (
     "iou_first",
     "iou_last",
     "replay",
+    "rehearse",
     "masks",
     "val_loss",
     "val_iou_first",
@@ -81,7 +82,8 @@ class TrainConfig:
     The recipe defaults are the paper's (11 rounds: 8 points + 2 without; focal:dice 20:1;
     IoU MSE x1; AdamW, weight decay 0.1, warmup then x0.1 at 2/3 and 26/27 of the steps)
     with a fine-tuning learning rate and a CPU-sized batch. ``replay_*`` apply only when
-    the trainer is given replay images (see :meth:`Trainer.replay_loss`).
+    the trainer is given replay images (see :meth:`Trainer.replay_loss`),
+    ``rehearse_weight`` only when it is given labelled rehearsal images.
     """
 
     steps: int = 1000
@@ -116,6 +118,7 @@ class TrainConfig:
     replay_iou_weight: float = 50.0
     replay_rank_weight: float = 1.0
     replay_points: int = 4
+    rehearse_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.train not in MODES:
@@ -281,6 +284,7 @@ class StepStats:
     iou_last: float = 0.0
     masks: int = 0
     replay: float = 0.0
+    rehearse: float = 0.0
 
 
 class Trainer:
@@ -294,6 +298,9 @@ class Trainer:
         embedding_cache: folder of cached embeddings (decoder modes); ``None``: memory only.
         replay_images: unlabeled images on which the fine-tuned decoder is kept close to the
             starting one (:meth:`replay_loss`), against forgetting their domain.
+        rehearse_images: labelled images of other domains (supervised rehearsal): each step
+            adds one batch of them, trained with the same recipe, its loss scaled by
+            ``config.rehearse_weight``.
         meta: extra fields for the metadata file (base model, data description...).
         progress: show progress bars.
         device: where the model runs.
@@ -312,6 +319,7 @@ class Trainer:
         progress: bool = True,
         device: str | torch.device = "cpu",
         replay_images: Sequence[TrainImage] = (),
+        rehearse_images: Sequence[TrainImage] = (),
     ) -> None:
         self.cfg = config
         self.device = torch.device(device)
@@ -340,6 +348,9 @@ class Trainer:
             self.embeddings = EmbeddingSource(self.model, embedding_cache)
         self.on_step: Callable[[int, dict[str, Any]], None] | None = None
         self.replay_images = list(replay_images)
+        self.rehearse_images = [im for im in rehearse_images if im.num_masks]
+        if rehearse_images and not self.rehearse_images:
+            raise ValueError("no rehearsal image has masks")
         self.teacher: tuple[torch.nn.Module, torch.nn.Module] | None = None
         if self.replay_images and config.replay_weight > 0:
             if config.train == "full":
@@ -522,6 +533,16 @@ class Trainer:
                 stats.iou_first = float(round_iou.mean())
             stats.iou_last = float(round_iou.mean())
         return stats
+
+    # -- rehearsal ---------------------------------------------------------------------------
+    def rehearse_step(self, rng: np.random.Generator, *, scale: float = 1.0) -> float:
+        """One batch of the labelled rehearsal images through :meth:`simulate`, its loss
+        back-propagated times ``rehearse_weight * scale``; returns that batch's loss."""
+        batch = None
+        while batch is None:
+            batch = self.sample_batch(rng, self.rehearse_images)
+        st = self.simulate(batch, rng, train=True, scale=self.cfg.rehearse_weight * scale)
+        return st.loss
 
     # -- replay ------------------------------------------------------------------------------
     def _freeze_teacher(self) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -727,6 +748,7 @@ class Trainer:
         if self.embeddings is not None:
             need = self.train_images + (self.val_images if cfg.val_every else [])
             need += self.replay_images if self.teacher is not None else []
+            need += self.rehearse_images
             self.embed_seconds += self.embeddings.prepare(need, progress=self.progress)
         t_start = time.perf_counter() - self.elapsed
         acc = StepStats()
@@ -745,6 +767,8 @@ class Trainer:
                     while batch is None:
                         batch = self.sample_batch(self.rng)
                     st = self.simulate(batch, self.rng, train=True, scale=1 / cfg.accumulate)
+                    if self.rehearse_images and cfg.rehearse_weight > 0:
+                        st.rehearse = self.rehearse_step(self.rng, scale=1 / cfg.accumulate)
                     if self.teacher is not None:
                         st.replay = self.replay_loss(self.rng, train=True, scale=1 / cfg.accumulate)
                     _add(acc, st, 1 / cfg.accumulate)
@@ -860,7 +884,8 @@ def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Ad
 
 
 def _add(acc: StepStats, st: StepStats, w: float) -> None:
-    for name in ("loss", "focal", "dice", "iou_mse", "iou_first", "iou_last", "replay"):
+    for name in ("loss", "focal", "dice", "iou_mse", "iou_first", "iou_last", "replay",
+                 "rehearse"):  # fmt: skip
         setattr(acc, name, getattr(acc, name) + getattr(st, name) * w)
     acc.masks += st.masks
 
@@ -877,6 +902,7 @@ def _row(step: int, lr: float, acc: StepStats, n: int, seconds: float) -> dict[s
         "iou_first": round(acc.iou_first / n, 5),
         "iou_last": round(acc.iou_last / n, 5),
         "replay": round(acc.replay / n, 6),
+        "rehearse": round(acc.rehearse / n, 6),
         "masks": acc.masks,
         "seconds": round(seconds, 1),
     }
@@ -971,13 +997,18 @@ def train(
     meta: dict[str, Any] | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     replay: str | Path | TrainData | None = None,
+    rehearse: str | Path | TrainData | None = None,
+    rehearse_images_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` (catalogue name, checkpoint path or a model) on ``data`` (a
     source for :func:`.data.open_source`, or opened data) and write the run's files beside
     ``out``; returns the metadata. ``embedding_cache="default"`` keeps embeddings under
     :func:`default_embedding_cache`, ``None`` in memory only; ``on_step(step, log_row)`` is
     called after every optimizer step; ``replay`` (images: a folder or a COCO source) keeps
-    the decoder close to the starting one on those images (:meth:`Trainer.replay_loss`)."""
+    the decoder close to the starting one on those images (:meth:`Trainer.replay_loss`);
+    ``rehearse`` (a labelled source like ``data``, images in ``rehearse_images_dir`` if
+    given) is trained on alongside, every image of it, one batch per step
+    (:meth:`Trainer.rehearse_step`)."""
     from ..loader import load_model
     from .data import image_source, open_source, split_by_image
 
@@ -999,10 +1030,25 @@ def train(
     meta_path = output_paths(out)["meta"]
     if resume and replay is None and meta_path.is_file():  # the interrupted run's replay
         replay = json.loads(meta_path.read_text()).get("replay", {}).get("source")
+    if resume and rehearse is None and meta_path.is_file():
+        saved = json.loads(meta_path.read_text()).get("rehearse", {})
+        rehearse, rehearse_images_dir = saved.get("source"), saved.get("images_dir")
     if replay is not None:
         rdata = replay if isinstance(replay, TrainData) else image_source(replay)
         replay_images = rdata.images
         extra["replay"] = {"source": rdata.source, "images": len(replay_images)}
+    rehearse_images: list[TrainImage] = []
+    if rehearse is not None:
+        hdata = rehearse if isinstance(rehearse, TrainData) else open_source(
+            rehearse, images=rehearse_images_dir
+        )  # fmt: skip
+        rehearse_images = [im for im in hdata.images if im.num_masks]
+        extra["rehearse"] = {
+            "source": hdata.source,
+            "images_dir": None if rehearse_images_dir is None else str(rehearse_images_dir),
+            "images": len(rehearse_images),
+            "masks": sum(im.num_masks for im in rehearse_images),
+        }
     trainer = Trainer(
         sam,
         train_images,
@@ -1014,6 +1060,7 @@ def train(
         progress=progress,
         device=device,
         replay_images=replay_images,
+        rehearse_images=rehearse_images,
     )
     trainer.on_step = on_step
     return trainer.run(resume=resume)
