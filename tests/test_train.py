@@ -427,3 +427,39 @@ def test_partial_modes_change_only_their_parameters(
     )[0].detach()  # fmt: skip
     if mode == "iou-head":  # the masks are the starting model's, only their scores moved
         assert torch.equal(masks_before, masks_after)
+
+
+def test_rehearsal_batches_train_and_resume_keeps_them(squares: Path, tmp_path: Path) -> None:
+    from segany.train.trainer import train
+
+    other = make_squares(tmp_path / "other")  # a second labelled source (another "domain")
+
+    def run(out: Path, steps: int, on_step=None, **kw) -> dict:
+        return train(squares, out, model=small_sam(), config=_cfg(steps=steps, **kw),
+                     embedding_cache=None, progress=False, rehearse=other,
+                     on_step=on_step)  # fmt: skip
+
+    meta = run(tmp_path / "a.pt", 2)
+    assert meta["rehearse"]["images"] == 4 and meta["rehearse"]["masks"] > 0
+    rows = [json.loads(line) for line in output_paths(tmp_path / "a.pt")["jsonl"].open()]
+    assert all(r["rehearse"] > 0 for r in rows)
+    # the rehearsal batches move the weights: weight 0 gives other weights
+    run(tmp_path / "z.pt", 2, rehearse_weight=0.0)
+    a = torch.load(tmp_path / "a.pt", weights_only=True)
+    z = torch.load(tmp_path / "z.pt", weights_only=True)
+    assert any(not torch.equal(a[k], z[k]) for k in a)
+    # interrupted after 1 step and resumed (without naming the source again) = 2 steps
+
+    def stop(step: int, _row: dict) -> None:
+        if step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.pt", 2, on_step=stop)
+    train(squares, tmp_path / "b.pt", model=small_sam(), config=_cfg(steps=2),
+          embedding_cache=None, progress=False, resume=True)  # fmt: skip
+    b = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="rehearsal image"):
+        Trainer(small_sam(), D.open_source(squares).images, [], _cfg(), tmp_path / "c.pt",
+                rehearse_images=D.image_source(other / "images").images)  # fmt: skip
