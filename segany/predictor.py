@@ -24,10 +24,12 @@ from .models.transformer import DecoderContext
 
 # Prompts decoded together on the CPU. Each prompt carries its own (4096, 256) image-token
 # state and (64, 128, 128) + (32, 256, 256) upscaling maps (4 + 4 + 8 MB), and the decoder's
-# element-wise passes (adds, layer norms, GELU) are bound by memory traffic: on the 2-core
-# AVX2 machine (2 MB L2 per core) two prompts at a time decode at 13.7 ms per prompt, four
-# at 20 ms and 64 at 26 ms (benchmarks/bench_decode_chunk.py). Results do not depend on it.
-CPU_DECODE_CHUNK = 2
+# element-wise passes (adds, layer norms, GELU) are bound by memory traffic, so large
+# batches are slower per prompt, not faster. On the 2-core AVX2 machine (2 MB L2 per core),
+# `benchmarks/bench_decode_chunk.py` (ms per prompt, median of 5, 2 threads, two runs):
+# chunk 1: 19.0 / 20.3, 2: 27.1 / 27.8, 4: 27.3, 8: 35.8, 64: 41.3 / 35.2.
+# Results do not depend on it (same logits to float rounding).
+CPU_DECODE_CHUNK = 1
 
 
 class PromptError(ValueError):
