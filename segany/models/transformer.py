@@ -85,11 +85,13 @@ class Attention(nn.Module):
         v: torch.Tensor,
         *,
         projected: bool = False,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Image tokens ``q_img (1 or B, Ni, C)`` attending few tokens ``k, v (B, Nk, C)``
         -> ``(B, Ni, C)``, i.e. ``forward(q_img, k, v)`` without projecting the image tokens
         (``projected``: ``q_img`` is already ``q_proj(image tokens)``, width ``I``) and with
-        the output projection folded into the few values."""
+        the output projection folded into the few values; plus ``residual`` ``(1 or B,
+        Ni, C)`` if given (added in the same product, no extra pass over the tokens)."""
         h = self.num_heads
         d = self.internal_dim // h
         b, nk, _ = k.shape
@@ -109,7 +111,14 @@ class Attention(nn.Module):
         vh = self.v_proj(v).view(b, nk, h, d).transpose(1, 2)  # (B, h, Nk, d)
         w_out = self.out_proj.weight.view(-1, h, d).permute(1, 2, 0)  # (h, d, C)
         vo = (vh @ w_out).reshape(b, h * nk, -1)  # (B, h*Nk, C)
-        return torch.baddbmm(self.out_proj.bias.view(1, 1, -1), attn, vo)
+        if residual is None:
+            return torch.baddbmm(self.out_proj.bias.view(1, 1, -1), attn, vo)
+        # each head's weights sum to 1 over its Nk keys, so every row of attn sums to h:
+        # attn @ (vo + bias / h) = attn @ vo + bias
+        vo = vo + self.out_proj.bias / h
+        if residual.shape[0] != b:
+            residual = residual.expand(b, -1, -1)
+        return torch.baddbmm(residual, attn, vo)
 
 
 @dataclass(frozen=True)
@@ -192,12 +201,12 @@ class TwoWayAttentionBlock(nn.Module):
 
         q = queries + query_pe
         if context is not None:
-            attn = i2t.image_attend(context.q, q, queries, projected=True)
+            keys = i2t.image_attend(context.q, q, queries, projected=True, residual=keys)
         elif few_tokens:
-            attn = i2t.image_attend(k, q, queries)
+            keys = i2t.image_attend(k, q, queries, residual=keys)
         else:
-            attn = i2t(k, q, queries)
-        keys = self.norm4(keys + attn)
+            keys = keys + i2t(k, q, queries)
+        keys = self.norm4(keys)
         return queries, keys
 
 
