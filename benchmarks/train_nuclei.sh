@@ -54,7 +54,7 @@ evaluate runs/dsb/iouhead_replay.pt iouhead_replay
 REHEARSE="--data $S/dsb2018_nuclei --val-fraction 0.5 --split-seed 0 --model mobile_sam --train decoder
   --lr 2e-4 --warmup-steps 10 --point-rounds 1 --empty-rounds 0 --images-per-step 2 --masks-per-image 8
   --checkpoint-every 20 --log-every 5 --rehearse $S/coco10"
-$SEG train $REHEARSE --steps 120 --rehearse-weight 0.5 --out runs/dsb/rehearse.pt
+$SEG train $REHEARSE --steps 120 --rehearse-weight 0.5 --box-prob 0.2 --out runs/dsb/rehearse.pt
 evaluate runs/dsb/rehearse.pt rehearse
 
 .venv/bin/python benchmarks/train_table.py runs/eval base noreplay iouhead iouhead_replay rehearse
