@@ -402,10 +402,9 @@ class Predictor:
         the model's device, without upsampling (for callers that filter first, e.g.
         :class:`~segany.everything.MaskGenerator`). The torch backend reuses the image's
         prepared decoder context. ``image_only``: the torch backend upscales only the
-        tokens under the image (input size ``(h, w)``, patch ``p``: the first ``h // p + 2``
-        rows and ``w // p + 2`` columns, every low-res cell that the upsampling to the image
-        reads) and fills the other cells with zeros: same masks at image size, less work;
-        not for feeding back as ``mask_input``."""
+        tokens under the image (:func:`~segany.transforms.image_tokens`: every low-res cell
+        that the upsampling to the image reads) and fills the other cells with zeros: same
+        masks at image size, less work; not for feeding back as ``mask_input``."""
         with torch.inference_mode():
             if self.backend is not None:
                 return self.backend.decode(
@@ -418,10 +417,8 @@ class Predictor:
                 )
             crop = None
             if image_only:
-                grid_h, grid_w = self.model.prompt_encoder.image_embedding_size
-                patch = self.model.img_size // grid_h
-                h, w = self.state.input_size
-                crop = (min(grid_h, h // patch + 2), min(grid_w, w // patch + 2))
+                grid = tuple(self.model.prompt_encoder.image_embedding_size)
+                crop = T.image_tokens(self.state.input_size, self.model.img_size, grid)
             low, iou = self._decode_torch(
                 point_coords, point_labels, boxes, mask_input, multimask_output, crop
             )

@@ -191,6 +191,17 @@ def boxes_to_model(
     )
 
 
+def image_tokens(
+    input_size: tuple[int, int], img_size: int, grid: tuple[int, int]
+) -> tuple[int, int]:
+    """Rows and columns of the ``grid`` of image tokens (patches of ``img_size / grid``
+    pixels) that the image of ``input_size`` (resized, before padding) covers, plus two of
+    margin: every low-res logit cell (4 per token side) that :func:`masks_to_image` reads for
+    the image's pixels lies under them. Capped at the grid."""
+    patch = img_size // grid[0]
+    return (min(grid[0], input_size[0] // patch + 2), min(grid[1], input_size[1] // patch + 2))
+
+
 def _linear_taps(n_in: int, n_out: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """Source indices ``(2, n_out)`` and weights of 1-D bilinear resizing exactly as
     ``F.interpolate(..., align_corners=False)`` computes them on the CPU (float32 source

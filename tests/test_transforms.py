@@ -144,3 +144,18 @@ def test_masks_to_image_geometry():
     assert out.shape == (1, 1, 50, 100)
     m = out[0, 0] > 0
     assert m[:20, :45].all() and not m[30:].any() and not m[:, 55:].any()
+
+
+@pytest.mark.parametrize(
+    "original", [(480, 640), (640, 480), (300, 451), (15, 1000), (1000, 15), (2000, 1500)]
+)
+def test_image_tokens_cover_every_cell_the_resize_reads(original):
+    """Logits zeroed outside ``image_tokens`` give the same image-size masks."""
+    input_size = T.preprocess_shape(*original, 1024)
+    rows, cols = T.image_tokens(input_size, 1024, (64, 64))
+    assert rows <= 64 and cols <= 64
+    low = torch.randn(1, 1, 256, 256)
+    cut = torch.zeros_like(low)
+    cut[..., : rows * 4, : cols * 4] = low[..., : rows * 4, : cols * 4]
+    size = dict(input_size=input_size, original_size=original, img_size=1024)
+    torch.testing.assert_close(T.masks_to_image(cut, **size), T.masks_to_image(low, **size))

@@ -1028,11 +1028,13 @@ def train(
     extra: dict[str, Any] = {}
     replay_images: list[TrainImage] = []
     meta_path = output_paths(out)["meta"]
-    if resume and replay is None and meta_path.is_file():  # the interrupted run's replay
-        replay = json.loads(meta_path.read_text()).get("replay", {}).get("source")
-    if resume and rehearse is None and meta_path.is_file():
-        saved = json.loads(meta_path.read_text()).get("rehearse", {})
-        rehearse, rehearse_images_dir = saved.get("source"), saved.get("images_dir")
+    if resume and meta_path.is_file():  # the interrupted run's replay and rehearsal sources
+        saved = json.loads(meta_path.read_text())
+        if replay is None:
+            replay = saved.get("replay", {}).get("source")
+        if rehearse is None:
+            rehearse = saved.get("rehearse", {}).get("source")
+            rehearse_images_dir = saved.get("rehearse", {}).get("images_dir")
     if replay is not None:
         rdata = replay if isinstance(replay, TrainData) else image_source(replay)
         replay_images = rdata.images
@@ -1042,11 +1044,11 @@ def train(
         hdata = rehearse if isinstance(rehearse, TrainData) else open_source(
             rehearse, images=rehearse_images_dir
         )  # fmt: skip
-        rehearse_images = [im for im in hdata.images if im.num_masks]
+        rehearse_images = hdata.images  # the trainer keeps those with masks
         extra["rehearse"] = {
             "source": hdata.source,
             "images_dir": None if rehearse_images_dir is None else str(rehearse_images_dir),
-            "images": len(rehearse_images),
+            "images": sum(1 for im in rehearse_images if im.num_masks),
             "masks": sum(im.num_masks for im in rehearse_images),
         }
     trainer = Trainer(
