@@ -21,6 +21,7 @@ from . import transforms as T
 from .models import Sam
 from .models.fuse import fuse_for_inference
 from .models.transformer import DecoderContext
+from .runtime import keep_freed_memory
 
 # Prompts decoded together on the CPU. Each prompt carries its own (4096, 256) image-token
 # state and (64, 128, 128) + (32, 256, 256) upscaling maps (4 + 4 + 8 MB), and the decoder's
@@ -182,6 +183,8 @@ class Predictor:
         self.decode_chunk = decode_chunk
         if fuse:
             fuse_for_inference(self.model)
+        if next(self.model.parameters()).device.type == "cpu":
+            keep_freed_memory()
         self.cache = cache if cache is not None else EmbeddingCache()
         self._model_id = model_id
         self._state: ImageEmbedding | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import numpy as np
 import pytest
@@ -20,7 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from segany import transforms as T
-from segany.models.fuse import fold_batch_norm, fuse_for_inference, is_fused
+from segany.models.fuse import (
+    ConvGELU,
+    FusedMBConv,
+    FusedMlp,
+    fold_batch_norm,
+    fuse_for_inference,
+    is_fused,
+    onednn_available,
+)
 from segany.models.registry import vit_t
 from segany.predictor import ImageEmbedding, Predictor
 from segany.runtime import available_cpus, get_threads, set_threads
@@ -61,6 +70,55 @@ def test_fold_batch_norm_equals_conv_then_bn() -> None:
     x = torch.randn(2, 8, 9, 9)
     with torch.no_grad():
         torch.testing.assert_close(fold_batch_norm(conv, bn)(x), bn(conv(x)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+def test_onednn_fused_activations_equal_plain_operators() -> None:
+    """The oneDNN conv+GELU (with and without the residual sum) and linear+GELU calls give
+    what the plain operators give, and the encoder is rewritten to use them."""
+    torch.manual_seed(0)
+    for groups, k in ((1, 1), (24, 3)):
+        conv = nn.Conv2d(24, 24, k, padding=k // 2, groups=groups).to(
+            memory_format=torch.channels_last
+        )
+        x = torch.randn(1, 24, 13, 11).to(memory_format=torch.channels_last)
+        r = torch.randn_like(x)
+        fast, plain = ConvGELU(conv, onednn=True), ConvGELU(conv, onednn=False)
+        with torch.inference_mode():
+            torch.testing.assert_close(fast(x), F.gelu(conv(x)), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(fast(x, r), plain(x, r), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(plain(x, r), F.gelu(conv(x) + r))
+    fused = fuse_for_inference(copy.deepcopy(tiny_tinyvit_sam()))
+    kinds = {type(m) for m in fused.image_encoder.modules()}
+    assert {ConvGELU, FusedMBConv, FusedMlp} <= kinds
+    assert all(m.onednn for m in fused.modules() if isinstance(m, (ConvGELU, FusedMlp)))
+    plain = fuse_for_inference(copy.deepcopy(tiny_tinyvit_sam()), onednn=False)
+    assert not any(m.onednn for m in plain.modules() if isinstance(m, (ConvGELU, FusedMlp)))
+    x = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused.embed_image(x), plain.embed_image(x), atol=1e-5, rtol=1e-5)
+
+
+def test_keep_freed_memory_is_a_process_setting() -> None:
+    """On by default (glibc), off with SEGANY_KEEP_FREED_MEMORY=0; asked in fresh processes
+    since the setting is process-wide."""
+    import subprocess
+    import sys
+
+    code = "from segany.runtime import keep_freed_memory as k; print(k(), k())"
+    env = {k: v for k, v in os.environ.items() if k != "SEGANY_KEEP_FREED_MEMORY"}
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    off = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "SEGANY_KEEP_FREED_MEMORY": "0"},
+        capture_output=True,
+        text=True,
+    )
+    assert off.stdout.split() == ["False", "False"], off.stderr
+    import platform
+
+    expected = "True" if platform.libc_ver()[0] == "glibc" else "False"
+    assert on.stdout.split() == [expected, expected], on.stderr
 
 
 def test_fused_tiny_model_matches_unfused() -> None:

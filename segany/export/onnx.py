@@ -88,7 +88,7 @@ class DecoderGraph(nn.Module):
 def _prepared(sam: Sam) -> Sam:
     """A fused, float32, CPU copy of ``sam`` (the caller's model is left untouched)."""
     model = copy.deepcopy(sam).float().cpu().eval()
-    fuse_for_inference(model)
+    fuse_for_inference(model, onednn=False)  # plain operators: oneDNN calls do not export
     # channels-last strides are a torch CPU detail; ONNX graphs are layout-free.
     return model.to(memory_format=torch.contiguous_format)
 

@@ -9,10 +9,96 @@ an unfused model.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .tiny_vit import Attention as TinyViTAttention
-from .tiny_vit import Conv2dBN
+from .tiny_vit import Conv2dBN, MBConv, Mlp, PatchEmbed, PatchMerging
+
+
+def onednn_available() -> bool:
+    """Whether torch's oneDNN (mkldnn) fused CPU operators can be used here."""
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(
+        torch.ops.mkldnn, "_convolution_pointwise"
+    )
+
+
+class ConvGELU(nn.Module):
+    """Inference-only ``gelu(conv(x) [+ residual])`` with the folded weights of a
+    convolution. On the CPU (float32) it is one oneDNN call whose GELU (exact, erf) and
+    residual sum run in the convolution's epilogue, so the activation never makes a
+    separate pass over memory; elsewhere, or with ``onednn=False`` (ONNX export), the
+    same plain operators. Input and output ``(B, C, H, W)``."""
+
+    def __init__(self, conv: nn.Conv2d, *, onednn: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach(), requires_grad=False)
+        bias = conv.bias.detach() if conv.bias is not None else None
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+        self.onednn = onednn
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.onednn and x.device.type == "cpu" and x.dtype == torch.float32:
+            args = (self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups)
+            if residual is None:
+                return torch.ops.mkldnn._convolution_pointwise(x, *args, "gelu", [], "none")
+            # oneDNN has no sum + GELU epilogue here: the sum is fused, GELU runs in place
+            y = torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual, *args, "add", None, None, [], None
+            )
+            return torch.ops.aten.gelu_(y)
+        w, b = self.weight, self.bias
+        y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        return F.gelu(y if residual is None else y + residual)
+
+
+class FusedMlp(nn.Module):
+    """:class:`~segany.models.tiny_vit.Mlp` whose first linear layer and GELU are one
+    oneDNN call on the CPU (plain operators elsewhere or with ``onednn=False``)."""
+
+    def __init__(self, mlp: Mlp, *, onednn: bool) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = mlp.norm, mlp.fc1, mlp.fc2
+        self.onednn = onednn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        if self.onednn and x.device.type == "cpu" and x.dtype == torch.float32:
+            w, b = self.fc1.weight, self.fc1.bias
+            x = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+        else:
+            x = F.gelu(self.fc1(x))
+        return self.fc2(x)
+
+
+class FusedMBConv(nn.Module):
+    """:class:`~segany.models.tiny_vit.MBConv` with each convolution and its GELU as one
+    :class:`ConvGELU` (the last one also adds the shortcut)."""
+
+    def __init__(self, block: MBConv, *, onednn: bool) -> None:
+        super().__init__()
+        self.conv1 = ConvGELU(block.conv1.c, onednn=onednn)
+        self.conv2 = ConvGELU(block.conv2.c, onednn=onednn)
+        self.conv3 = ConvGELU(block.conv3.c, onednn=onednn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.conv2(self.conv1(x)), x)
+
+
+class FusedPatchMerging(nn.Module):
+    """:class:`~segany.models.tiny_vit.PatchMerging` with its two activated
+    convolutions as :class:`ConvGELU`."""
+
+    def __init__(self, merge: PatchMerging, *, onednn: bool) -> None:
+        super().__init__()
+        self.conv1 = ConvGELU(merge.conv1.c, onednn=onednn)
+        self.conv2 = ConvGELU(merge.conv2.c, onednn=onednn)
+        self.conv3 = merge.conv3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.conv2(self.conv1(x)))
 
 
 def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -41,11 +127,31 @@ def is_fused(model: nn.Module) -> bool:
     return bool(getattr(model, "_segany_fused", False))
 
 
-def fuse_for_inference(model: nn.Module) -> nn.Module:
+def _replace_children(model: nn.Module, onednn: bool) -> None:
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MBConv):
+                setattr(parent, name, FusedMBConv(child, onednn=onednn))
+            elif isinstance(child, Mlp):
+                setattr(parent, name, FusedMlp(child, onednn=onednn))
+            elif isinstance(child, PatchMerging):
+                setattr(parent, name, FusedPatchMerging(child, onednn=onednn))
+            elif isinstance(child, PatchEmbed):
+                first, act = child.seq[0], child.seq[1]
+                if isinstance(first, Conv2dBN) and isinstance(act, nn.GELU):
+                    child.seq[0] = ConvGELU(first.c, onednn=onednn)
+                    child.seq[1] = nn.Identity()
+
+
+def fuse_for_inference(model: nn.Module, *, onednn: bool | None = None) -> nn.Module:
     """Rewrite ``model`` in place for fast CPU inference and return it (in eval mode).
 
     - every convolution + batch norm pair (TinyViT's ``Conv2dBN``) becomes one convolution
       with a bias (the ``bn`` entries leave the state dict);
+    - TinyViT's convolutions followed by a GELU (and the MBConv's residual sum) become one
+      :class:`ConvGELU`: with ``onednn`` (default: when available) a single oneDNN call on
+      the CPU, so the large stage-0 activations are written once instead of three times;
+      ``onednn=False`` keeps plain operators (for ONNX export);
     - TinyViT's per-window attention bias is gathered once and stored (``ab``);
     - 4-D weights of the image encoder use the channels-last layout, which the oneDNN
       convolutions on the CPU run several times faster (depth-wise ones especially).
@@ -66,6 +172,7 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
             mod.register_buffer("ab", ab, persistent=False)
     encoder = getattr(model, "image_encoder", model)
     encoder.to(memory_format=torch.channels_last)
+    _replace_children(encoder, onednn_available() if onednn is None else onednn)
     model.requires_grad_(False)
     model._segany_fused = True
     return model

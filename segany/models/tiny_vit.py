@@ -113,11 +113,9 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
-        # Written out rather than SDPA: with a float bias SDPA takes its "math" path on the
-        # CPU, which adds a masked-row check (where/all/isneginf) over every score matrix.
-        attn = q @ k.transpose(-2, -1)
-        attn = attn.mul_(self.head_dim**-0.5).add_(self.bias()).softmax(-1)
-        out = attn @ v
+        # The bias as a 4-D (1, heads, N, N) mask: with it the CPU takes SDPA's flash
+        # kernel (a 3-D mask falls back to the slower "math" path).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias().unsqueeze(0))
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
