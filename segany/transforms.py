@@ -227,6 +227,41 @@ def _resize_matrix(n_low: int, factor: float, n_kept: int, n_out: int) -> torch.
     return torch.from_numpy(m.astype(np.float32))
 
 
+@functools.lru_cache(maxsize=64)
+def _resize_matrix_t(n_low: int, factor: float, n_kept: int, n_out: int) -> torch.Tensor:
+    """:func:`_resize_matrix` transposed, ``(n_read, n_out)``, without the trailing input
+    samples no output reads (the padding)."""
+    m = _resize_matrix(n_low, factor, n_kept, n_out)
+    n_read = int((m != 0).any(0).nonzero().max()) + 1
+    return m[:, :n_read].T.contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _banded_resize(
+    n_low: int, factor: float, n_kept: int, n_out: int, tile: int = 32
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`_resize_matrix` cut into tiles of ``tile`` output rows, each reading a window
+    of ``cw`` consecutive input rows (every row of the matrix has at most 4 non-zeros):
+    window starts as a gather index ``(tiles, cw)`` and weights ``(tiles, tile, cw)``, so
+    that ``(weights @ x[idx]).flatten(0, 1)[:n_out]`` equals ``matrix @ x``."""
+    m = _resize_matrix(n_low, factor, n_kept, n_out)
+    tiles = -(-n_out // tile)
+    spans = []
+    for t in range(tiles):
+        cols = (m[t * tile : (t + 1) * tile] != 0).any(0).nonzero().flatten()
+        spans.append((int(cols.min()), int(cols.max()) + 1))
+    cw = max(hi - lo for lo, hi in spans)
+    starts = torch.tensor([min(lo, n_low - cw) for lo, _ in spans])
+    idx = starts[:, None] + torch.arange(cw)
+    w = torch.zeros(tiles, tile, cw)
+    for t in range(tiles):
+        block = m[t * tile : (t + 1) * tile]
+        w[t, : block.shape[0]] = block[:, idx[t]]
+        # the window holds every non-zero of its rows
+        assert torch.equal(w[t, : block.shape[0]].sum(1), block.sum(1))
+    return idx, w, n_out
+
+
 def masks_to_image(
     low_res: torch.Tensor,
     *,
@@ -242,7 +277,8 @@ def masks_to_image(
     same exact scale, so the result equals upsample-then-crop while doing less work. When
     the image is smaller than the model input, the two resizings are applied at once as
     the matrices they compose to, ``R_y @ logits @ R_x^T`` (the same function up to float
-    rounding), so the ``S x S`` intermediate is never built.
+    rounding), so the ``S x S`` intermediate is never built; ``R_y`` is applied by tiles
+    of output rows over the few input rows each tile reads (it is banded).
     """
     side_h, side_w = low_res.shape[-2:]
     h, w = input_size
@@ -251,9 +287,13 @@ def masks_to_image(
     # Composed as two small matrix products when that is cheaper than building the
     # intermediate (always the case when the image is smaller than the model input).
     if big_h * big_w < h * w and side_w * (side_w + big_w) * big_h < 400 * (h * w + big_h * big_w):
-        ry = _resize_matrix(side_h, factor, h, big_h).to(low_res.device, low_res.dtype)
-        rx = _resize_matrix(side_w, factor, w, big_w).to(low_res.device, low_res.dtype)
-        return ry @ low_res @ rx.T
+        rx_t = _resize_matrix_t(side_w, factor, w, big_w).to(low_res.device, low_res.dtype)
+        idx, wy, n = _banded_resize(side_h, factor, h, big_h)
+        # only the low-res rows and columns some output pixel reads
+        z = low_res[..., : int(idx.max()) + 1, : rx_t.shape[0]] @ rx_t  # (..., rows, W)
+        wy = wy.to(low_res.device, low_res.dtype)
+        out = (wy @ z[..., idx.to(low_res.device), :]).flatten(-3, -2)
+        return out if out.shape[-2] == n else out[..., :n, :]
     rows = min(side_h, math.ceil(h / factor) + 1)
     cols = min(side_w, math.ceil(w / factor) + 1)
     x = low_res[..., :rows, :cols]

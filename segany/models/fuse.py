@@ -54,6 +54,34 @@ class ConvGELU(nn.Module):
         return F.gelu(y if residual is None else y + residual)
 
 
+class ConvTransposeGELU(nn.Module):
+    """Inference-only ``gelu(conv_transpose(x))`` (the mask decoder's last upscaling
+    step), one oneDNN call on the CPU like :class:`ConvGELU`."""
+
+    def __init__(self, conv: nn.ConvTranspose2d, *, onednn: bool) -> None:
+        super().__init__()
+        self.conv = conv
+        self.onednn = onednn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if self.onednn and x.device.type == "cpu" and x.dtype == torch.float32:
+            return torch.ops.mkldnn._convolution_transpose_pointwise(
+                x,
+                c.weight,
+                c.bias,
+                list(c.padding),
+                list(c.output_padding),
+                list(c.stride),
+                list(c.dilation),
+                c.groups,
+                "gelu",
+                [],
+                "none",
+            )
+        return F.gelu(c(x))
+
+
 class FusedMlp(nn.Module):
     """:class:`~segany.models.tiny_vit.Mlp` whose first linear layer and GELU are one
     oneDNN call on the CPU (plain operators elsewhere or with ``onednn=False``)."""
@@ -136,11 +164,19 @@ def _replace_children(model: nn.Module, onednn: bool) -> None:
                 setattr(parent, name, FusedMlp(child, onednn=onednn))
             elif isinstance(child, PatchMerging):
                 setattr(parent, name, FusedPatchMerging(child, onednn=onednn))
-            elif isinstance(child, PatchEmbed):
-                first, act = child.seq[0], child.seq[1]
-                if isinstance(first, Conv2dBN) and isinstance(act, nn.GELU):
-                    child.seq[0] = ConvGELU(first.c, onednn=onednn)
-                    child.seq[1] = nn.Identity()
+        if isinstance(parent, nn.Sequential):
+            # (convolution, GELU) pairs: PatchEmbed's stem, the decoder's last upscaling
+            for i in range(len(parent) - 1):
+                conv, act = parent[i], parent[i + 1]
+                if not (isinstance(act, nn.GELU) and act.approximate == "none"):
+                    continue
+                if isinstance(conv, Conv2dBN) and isinstance(conv.bn, nn.Identity):
+                    parent[i] = ConvGELU(conv.c, onednn=onednn)
+                elif isinstance(conv, nn.ConvTranspose2d):
+                    parent[i] = ConvTransposeGELU(conv, onednn=onednn)
+                else:
+                    continue
+                parent[i + 1] = nn.Identity()
 
 
 def fuse_for_inference(model: nn.Module, *, onednn: bool | None = None) -> nn.Module:
@@ -149,8 +185,10 @@ def fuse_for_inference(model: nn.Module, *, onednn: bool | None = None) -> nn.Mo
     - every convolution + batch norm pair (TinyViT's ``Conv2dBN``) becomes one convolution
       with a bias (the ``bn`` entries leave the state dict);
     - TinyViT's convolutions followed by a GELU (and the MBConv's residual sum) become one
-      :class:`ConvGELU`: with ``onednn`` (default: when available) a single oneDNN call on
-      the CPU, so the large stage-0 activations are written once instead of three times;
+      :class:`ConvGELU`, its MLPs' first layer and GELU :class:`FusedMlp`, the decoder's
+      last transposed convolution and GELU :class:`ConvTransposeGELU`: with ``onednn``
+      (default: when available) single oneDNN calls on the CPU, so the large stage-0
+      activations are written once instead of three times;
       ``onednn=False`` keeps plain operators (for ONNX export);
     - TinyViT's per-window attention bias is gathered once and stored (``ab``);
     - 4-D weights of the image encoder use the channels-last layout, which the oneDNN
@@ -172,7 +210,7 @@ def fuse_for_inference(model: nn.Module, *, onednn: bool | None = None) -> nn.Mo
             mod.register_buffer("ab", ab, persistent=False)
     encoder = getattr(model, "image_encoder", model)
     encoder.to(memory_format=torch.channels_last)
-    _replace_children(encoder, onednn_available() if onednn is None else onednn)
+    _replace_children(model, onednn_available() if onednn is None else onednn)
     model.requires_grad_(False)
     model._segany_fused = True
     return model

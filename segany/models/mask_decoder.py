@@ -3,6 +3,8 @@ upscaling and per-token hypernetwork MLPs that produce mask logits, and an IoU h
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -88,16 +90,16 @@ class MaskDecoder(nn.Module):
         Returns:
             mask logits ``(B, 3 or 1, 4h, 4w)`` and predicted IoUs ``(B, 3 or 1)``.
         """
-        masks, iou = self.predict_masks(
+        outputs = range(1, self.num_mask_tokens) if multimask_output else range(1)
+        return self.predict_masks(
             image_embeddings,
             image_pe,
             sparse_prompt_embeddings,
             dense_prompt_embeddings,
             context=context,
             crop_tokens=crop_tokens,
+            outputs=outputs,
         )
-        sel = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sel], iou[:, sel]
 
     def prepare(
         self,
@@ -118,35 +120,43 @@ class MaskDecoder(nn.Module):
         context: DecoderContext | None = None,
         few_tokens: bool | None = None,
         crop_tokens: tuple[int, int] | None = None,
+        outputs: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ``num_mask_tokens`` outputs: logits ``(B, 4, 4h, 4w)``, IoUs ``(B, 4)``.
+        """The mask outputs numbered ``outputs`` (default all ``num_mask_tokens``):
+        logits ``(B, K, 4h, 4w)``, IoUs ``(B, K)``. Only the tokens read afterwards (the
+        IoU token and those mask tokens) go through the final token-to-image attention.
         ``few_tokens``: see :meth:`TwoWayTransformer.forward`; ``crop_tokens``: see
         :meth:`forward`."""
+        outputs = list(range(self.num_mask_tokens) if outputs is None else outputs)
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat(
             [output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1
         )
+        # final attention only for the tokens read below: IoU token, chosen mask tokens
+        final = [0, *(1 + i for i in outputs)]
         if context is None:
             src = image_embeddings + dense_prompt_embeddings
             if src.shape[0] != b:
                 src = src.expand(b, -1, -1, -1)
             pos_src = image_pe.expand(b, -1, -1, -1)
             _, c, h, w = src.shape
-            hs, src = self.transformer(src, pos_src, tokens, few_tokens=few_tokens)
+            hs, src = self.transformer(
+                src, pos_src, tokens, few_tokens=few_tokens, final_tokens=final
+            )
         else:
             _, c, h, w = image_embeddings.shape
-            hs, src = self.transformer(None, None, tokens, context=context)
+            hs, src = self.transformer(None, None, tokens, context=context, final_tokens=final)
         iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
+        mask_tokens_out = hs[:, 1:, :]
         # (B, h*w, C) tokens seen as a channels-last (B, C, h, w) map: no copy.
         src = src.expand(b, -1, -1).reshape(b, h, w, c).permute(0, 3, 1, 2)
         if crop_tokens is not None:
             src = src[:, :, : crop_tokens[0], : crop_tokens[1]]
         upscaled = self.output_upscaling(src)
+        mlps = self.output_hypernetworks_mlps
         hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-            dim=1,
+            [mlps[i](mask_tokens_out[:, j, :]) for j, i in enumerate(outputs)], dim=1
         )
         _, c2, h2, w2 = upscaled.shape
         if upscaled.is_contiguous(memory_format=torch.channels_last):
@@ -154,4 +164,5 @@ class MaskDecoder(nn.Module):
             masks = (hyper_in @ flat.transpose(1, 2)).reshape(b, -1, h2, w2)
         else:
             masks = (hyper_in @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, -1, h2, w2)
-        return masks, self.iou_prediction_head(iou_token_out)
+        iou = self.iou_prediction_head(iou_token_out)
+        return masks, iou if len(outputs) == self.num_mask_tokens else iou[:, outputs]

@@ -3,6 +3,7 @@ other in turn (token self-attention, token->image, MLP on tokens, image->token).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -259,9 +260,13 @@ class TwoWayTransformer(nn.Module):
         point_embedding: torch.Tensor,
         context: DecoderContext | None = None,
         few_tokens: bool | None = None,
+        final_tokens: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``image_embedding``, ``image_pe``: ``(B, C, h, w)``; ``point_embedding``:
-        ``(B, N, C)``. Returns tokens ``(B, N, C)`` and image tokens ``(B, h*w, C)``.
+        ``(B, N, C)``. Returns tokens ``(B, N, C)`` and image tokens ``(B, h*w, C)``;
+        with ``final_tokens`` (indices) only those tokens go through the last
+        token-to-image attention (each token attends on its own there) and are returned,
+        ``(B, len(final_tokens), C)``.
         With a ``context`` from :meth:`prepare` the image arguments are not used, and the
         cross attentions run in their few-token form (same function, less work);
         ``few_tokens`` forces that form on or off."""
@@ -276,6 +281,9 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(
                 queries, keys, point_embedding, key_pe, context if i == 0 else None, fast
             )
+        if final_tokens is not None and len(final_tokens) < queries.shape[1]:
+            queries = queries[:, final_tokens]
+            point_embedding = point_embedding[:, final_tokens]
         q = queries + point_embedding
         k = keys + key_pe
         final = self.final_attn_token_to_image
