@@ -228,15 +228,6 @@ def _resize_matrix(n_low: int, factor: float, n_kept: int, n_out: int) -> torch.
 
 
 @functools.lru_cache(maxsize=64)
-def _resize_matrix_t(n_low: int, factor: float, n_kept: int, n_out: int) -> torch.Tensor:
-    """:func:`_resize_matrix` transposed, ``(n_read, n_out)``, without the trailing input
-    samples no output reads (the padding)."""
-    m = _resize_matrix(n_low, factor, n_kept, n_out)
-    n_read = int((m != 0).any(0).nonzero().max()) + 1
-    return m[:, :n_read].T.contiguous()
-
-
-@functools.lru_cache(maxsize=64)
 def _banded_resize(
     n_low: int, factor: float, n_kept: int, n_out: int, tile: int = 32
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -277,8 +268,8 @@ def masks_to_image(
     same exact scale, so the result equals upsample-then-crop while doing less work. When
     the image is smaller than the model input, the two resizings are applied at once as
     the matrices they compose to, ``R_y @ logits @ R_x^T`` (the same function up to float
-    rounding), so the ``S x S`` intermediate is never built; ``R_y`` is applied by tiles
-    of output rows over the few input rows each tile reads (it is banded).
+    rounding), so the ``S x S`` intermediate is never built; both matrices are banded and
+    are applied by tiles of output rows over the few input rows each tile reads.
     """
     side_h, side_w = low_res.shape[-2:]
     h, w = input_size
@@ -287,13 +278,16 @@ def masks_to_image(
     # Composed as two small matrix products when that is cheaper than building the
     # intermediate (always the case when the image is smaller than the model input).
     if big_h * big_w < h * w and side_w * (side_w + big_w) * big_h < 400 * (h * w + big_h * big_w):
-        rx_t = _resize_matrix_t(side_w, factor, w, big_w).to(low_res.device, low_res.dtype)
-        idx, wy, n = _banded_resize(side_h, factor, h, big_h)
-        # only the low-res rows and columns some output pixel reads
-        z = low_res[..., : int(idx.max()) + 1, : rx_t.shape[0]] @ rx_t  # (..., rows, W)
-        wy = wy.to(low_res.device, low_res.dtype)
-        out = (wy @ z[..., idx.to(low_res.device), :]).flatten(-3, -2)
-        return out if out.shape[-2] == n else out[..., :n, :]
+        dev, dt = low_res.device, low_res.dtype
+        iy, wy, ny = _banded_resize(side_h, factor, h, big_h)
+        ix, wx, nx = _banded_resize(side_w, factor, w, big_w)
+        # Both as products on the left (gathered rows): x on the transposed low-res map.
+        rows, cols = int(iy[-1, -1]) + 1, int(ix[-1, -1]) + 1  # the cells any pixel reads
+        lt = low_res[..., :rows, :cols].transpose(-1, -2).contiguous()  # (..., cols, rows)
+        zt = (wx.to(dev, dt) @ lt[..., ix.to(dev), :]).flatten(-3, -2)[..., :nx, :]
+        z = zt.transpose(-1, -2).contiguous()  # (..., rows, W)
+        out = (wy.to(dev, dt) @ z[..., iy.to(dev), :]).flatten(-3, -2)
+        return out if out.shape[-2] == ny else out[..., :ny, :]
     rows = min(side_h, math.ceil(h / factor) + 1)
     cols = min(side_w, math.ceil(w / factor) + 1)
     x = low_res[..., :rows, :cols]
