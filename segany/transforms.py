@@ -162,13 +162,20 @@ def normalize_and_pad(
 def to_model_input(
     image: np.ndarray, *, img_size: int, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """RGB uint8 image -> normalised, padded ``(1, 3, S, S)`` tensor and ``input_size``."""
+    """RGB uint8 image -> normalised, padded ``(1, 3, S, S)`` tensor and ``input_size``.
+
+    The same values as :func:`normalize_and_pad`, written in one pass into a channels-last
+    tensor (the layout of the pixels and of the encoder's convolutions on the CPU)."""
     resized = resize_image(image, img_size)
-    x = torch.from_numpy(resized).to(pixel_mean.device).permute(2, 0, 1).float()
-    x = normalize_and_pad(
-        x.unsqueeze(0), img_size=img_size, pixel_mean=pixel_mean, pixel_std=pixel_std
+    h, w = resized.shape[:2]
+    if h > img_size or w > img_size:  # pragma: no cover - resize_image guarantees it
+        raise ValueError(f"input {h}x{w} is larger than the model input {img_size}")
+    dev = pixel_mean.device
+    x = torch.zeros(1, img_size, img_size, 3, device=dev)
+    x[0, :h, :w].copy_(torch.from_numpy(resized)).sub_(pixel_mean.reshape(3)).div_(
+        pixel_std.reshape(3)
     )
-    return x, (resized.shape[0], resized.shape[1])
+    return x.permute(0, 3, 1, 2), (h, w)
 
 
 def coords_to_model(

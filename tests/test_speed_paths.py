@@ -25,6 +25,7 @@ from segany.models.fuse import (
     ConvGELU,
     FusedMBConv,
     FusedMlp,
+    OneDNNLinear,
     fold_batch_norm,
     fuse_for_inference,
     is_fused,
@@ -91,9 +92,9 @@ def test_onednn_fused_activations_equal_plain_operators() -> None:
     fused = fuse_for_inference(copy.deepcopy(tiny_tinyvit_sam()))
     kinds = {type(m) for m in fused.image_encoder.modules()}
     assert {ConvGELU, FusedMBConv, FusedMlp} <= kinds
-    assert all(m.onednn for m in fused.modules() if isinstance(m, (ConvGELU, FusedMlp)))
+    assert all(m.onednn for m in fused.modules() if isinstance(m, (ConvGELU, OneDNNLinear)))
     plain = fuse_for_inference(copy.deepcopy(tiny_tinyvit_sam()), onednn=False)
-    assert not any(m.onednn for m in plain.modules() if isinstance(m, (ConvGELU, FusedMlp)))
+    assert not any(m.onednn for m in plain.modules() if isinstance(m, (ConvGELU, OneDNNLinear)))
     x = torch.randn(1, 3, 128, 128)
     with torch.inference_mode():
         torch.testing.assert_close(fused.embed_image(x), plain.embed_image(x), atol=1e-5, rtol=1e-5)

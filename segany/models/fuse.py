@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .tiny_vit import Attention as TinyViTAttention
-from .tiny_vit import Conv2dBN, MBConv, Mlp, PatchEmbed, PatchMerging
+from .tiny_vit import Conv2dBN, MBConv, Mlp, PatchMerging
 
 
 def onednn_available() -> bool:
@@ -82,23 +82,63 @@ class ConvTransposeGELU(nn.Module):
         return F.gelu(c(x))
 
 
+class OneDNNLinear(nn.Module):
+    """Inference-only linear layer (optionally followed by GELU) as one oneDNN call on
+    the CPU: the bias and the activation are applied in the product's epilogue (a plain
+    ``addmm`` first copies the broadcast bias over the whole output, an extra pass over
+    memory). Inputs ``(..., in)`` are flattened to 2-D for the call. Plain operators
+    elsewhere or with ``onednn=False``."""
+
+    def __init__(self, linear: nn.Linear, *, onednn: bool, gelu: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        b = linear.bias
+        self.bias = None if b is None else nn.Parameter(b.detach(), requires_grad=False)
+        self.onednn, self.gelu = onednn, gelu
+        self._packed: torch.Tensor | None = None  # oneDNN's blocked copy of the weight
+
+    def __getstate__(self) -> dict:
+        # the packed weight is an opaque oneDNN tensor (no storage): rebuilt on demand
+        return {**self.__dict__, "_packed": None}
+
+    def _weight(self, rows: int) -> torch.Tensor:
+        """The weight reordered once into oneDNN's blocked layout for ``rows`` input rows
+        (the first call's; any other row count works with it too)."""
+        if self._packed is None:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
+        return self._packed
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``(..., in)`` -> ``(..., out)``; ``residual`` ``(..., out)`` is added after the
+        activation (in the epilogue too when there is no activation)."""
+        if self.onednn and x.device.type == "cpu" and x.dtype == torch.float32:
+            x2 = x.reshape(-1, x.shape[-1])
+            w = self._weight(x2.shape[0])
+            if residual is not None and not self.gelu:
+                other = residual.reshape(x2.shape[0], -1)
+                y = torch.ops.mkldnn._linear_pointwise.binary(x2, other, w, self.bias, "add")
+                return y.view(*x.shape[:-1], -1)
+            attr, algo = ("gelu", "none") if self.gelu else ("none", "")
+            y = torch.ops.mkldnn._linear_pointwise(x2, w, self.bias, attr, [], algo)
+            y = y.view(*x.shape[:-1], -1)
+        else:
+            y = F.linear(x, self.weight, self.bias)
+            y = F.gelu(y) if self.gelu else y
+        return y if residual is None else residual + y
+
+
 class FusedMlp(nn.Module):
-    """:class:`~segany.models.tiny_vit.Mlp` whose first linear layer and GELU are one
-    oneDNN call on the CPU (plain operators elsewhere or with ``onednn=False``)."""
+    """:class:`~segany.models.tiny_vit.Mlp` with its first linear layer and GELU as one
+    :class:`OneDNNLinear`."""
 
     def __init__(self, mlp: Mlp, *, onednn: bool) -> None:
         super().__init__()
-        self.norm, self.fc1, self.fc2 = mlp.norm, mlp.fc1, mlp.fc2
-        self.onednn = onednn
+        self.norm = mlp.norm
+        self.fc1 = OneDNNLinear(mlp.fc1, onednn=onednn, gelu=True)
+        self.fc2 = OneDNNLinear(mlp.fc2, onednn=onednn)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x)
-        if self.onednn and x.device.type == "cpu" and x.dtype == torch.float32:
-            w, b = self.fc1.weight, self.fc1.bias
-            x = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
-        else:
-            x = F.gelu(self.fc1(x))
-        return self.fc2(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc2(self.fc1(self.norm(x)), residual)
 
 
 class FusedMBConv(nn.Module):
@@ -111,8 +151,22 @@ class FusedMBConv(nn.Module):
         self.conv2 = ConvGELU(block.conv2.c, onednn=onednn)
         self.conv3 = ConvGELU(block.conv3.c, onednn=onednn)
 
+    strip_rows = 32  # rows per strip (measured best at 256x256x256 on a 2 MB L2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv3(self.conv2(self.conv1(x)), x)
+        h = x.shape[2]
+        if h <= 2 * self.strip_rows or self.conv2.weight.shape[-1] != 3:
+            return self.conv3(self.conv2(self.conv1(x)), x)
+        # Large maps in horizontal strips (one row of halo for the 3x3 depth-wise conv):
+        # the expanded activations of a strip stay in cache between the three convs.
+        # Each output row is computed from the same inputs as without strips.
+        parts = []
+        for r0 in range(0, h, self.strip_rows):
+            r1 = min(h, r0 + self.strip_rows)
+            lo, hi = max(0, r0 - 1), min(h, r1 + 1)
+            y = self.conv2(self.conv1(x[:, :, lo:hi]))[:, :, r0 - lo : r1 - lo]
+            parts.append(self.conv3(y, x[:, :, r0:r1]))
+        return torch.cat(parts, 2)
 
 
 class FusedPatchMerging(nn.Module):
@@ -162,6 +216,9 @@ def _replace_children(model: nn.Module, onednn: bool) -> None:
                 setattr(parent, name, FusedMBConv(child, onednn=onednn))
             elif isinstance(child, Mlp):
                 setattr(parent, name, FusedMlp(child, onednn=onednn))
+            elif isinstance(child, TinyViTAttention):
+                child.qkv = OneDNNLinear(child.qkv, onednn=onednn)
+                child.proj = OneDNNLinear(child.proj, onednn=onednn)
             elif isinstance(child, PatchMerging):
                 setattr(parent, name, FusedPatchMerging(child, onednn=onednn))
         if isinstance(parent, nn.Sequential):

@@ -129,8 +129,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.act = nn.GELU()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(x))))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``(..., dim)`` -> ``(..., dim)``, plus ``residual`` if given."""
+        y = self.fc2(self.act(self.fc1(self.norm(x))))
+        return y if residual is None else residual + y
 
 
 class TinyViTBlock(nn.Module):
@@ -160,7 +162,7 @@ class TinyViTBlock(nn.Module):
         x = x + t[:, :h, :w].permute(0, 3, 1, 2)
         x = self.local_conv(x)
         t = x.permute(0, 2, 3, 1)
-        return (t + self.mlp(t)).permute(0, 3, 1, 2)
+        return self.mlp(t, residual=t).permute(0, 3, 1, 2)
 
 
 class ConvLayer(nn.Module):
