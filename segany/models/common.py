@@ -7,6 +7,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def linear_plus(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + layer(x)``. Layers that add a residual themselves (the inference-only
+    :class:`~segany.models.fuse.OneDNNLinear`, ``adds_residual = True``) get it passed, so
+    that the sum happens inside their product instead of in a separate pass."""
+    if getattr(layer, "adds_residual", False):
+        return layer(x, residual)
+    return residual + layer(x)
+
+
 class LayerNorm2d(nn.Module):
     """Layer norm over the channel axis of a ``(B, C, H, W)`` tensor."""
 

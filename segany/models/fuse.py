@@ -89,6 +89,8 @@ class OneDNNLinear(nn.Module):
     memory). Inputs ``(..., in)`` are flattened to 2-D for the call. Plain operators
     elsewhere or with ``onednn=False``."""
 
+    adds_residual = True  # see segany.models.common.linear_plus
+
     def __init__(self, linear: nn.Linear, *, onednn: bool, gelu: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
@@ -115,6 +117,7 @@ class OneDNNLinear(nn.Module):
             x2 = x.reshape(-1, x.shape[-1])
             w = self._weight(x2.shape[0])
             if residual is not None and not self.gelu:
+                # (a copy only if the residual is not laid out row by row already)
                 other = residual.reshape(x2.shape[0], -1)
                 y = torch.ops.mkldnn._linear_pointwise.binary(x2, other, w, self.bias, "add")
                 return y.view(*x.shape[:-1], -1)
@@ -125,20 +128,6 @@ class OneDNNLinear(nn.Module):
             y = F.linear(x, self.weight, self.bias)
             y = F.gelu(y) if self.gelu else y
         return y if residual is None else residual + y
-
-
-class FusedMlp(nn.Module):
-    """:class:`~segany.models.tiny_vit.Mlp` with its first linear layer and GELU as one
-    :class:`OneDNNLinear`."""
-
-    def __init__(self, mlp: Mlp, *, onednn: bool) -> None:
-        super().__init__()
-        self.norm = mlp.norm
-        self.fc1 = OneDNNLinear(mlp.fc1, onednn=onednn, gelu=True)
-        self.fc2 = OneDNNLinear(mlp.fc2, onednn=onednn)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fc2(self.fc1(self.norm(x)), residual)
 
 
 class FusedMBConv(nn.Module):
@@ -215,7 +204,9 @@ def _replace_children(model: nn.Module, onednn: bool) -> None:
             if isinstance(child, MBConv):
                 setattr(parent, name, FusedMBConv(child, onednn=onednn))
             elif isinstance(child, Mlp):
-                setattr(parent, name, FusedMlp(child, onednn=onednn))
+                child.fc1 = OneDNNLinear(child.fc1, onednn=onednn, gelu=True)
+                child.act = nn.Identity()
+                child.fc2 = OneDNNLinear(child.fc2, onednn=onednn)
             elif isinstance(child, TinyViTAttention):
                 child.qkv = OneDNNLinear(child.qkv, onednn=onednn)
                 child.proj = OneDNNLinear(child.proj, onednn=onednn)
@@ -242,7 +233,8 @@ def fuse_for_inference(model: nn.Module, *, onednn: bool | None = None) -> nn.Mo
     - every convolution + batch norm pair (TinyViT's ``Conv2dBN``) becomes one convolution
       with a bias (the ``bn`` entries leave the state dict);
     - TinyViT's convolutions followed by a GELU (and the MBConv's residual sum) become one
-      :class:`ConvGELU`, its MLPs' first layer and GELU :class:`FusedMlp`, the decoder's
+      :class:`ConvGELU`, its linear layers :class:`OneDNNLinear` (with the MLPs' GELU and
+      the residual sums in the same call), the decoder's
       last transposed convolution and GELU :class:`ConvTransposeGELU`: with ``onednn``
       (default: when available) single oneDNN calls on the CPU, so the large stage-0
       activations are written once instead of three times;

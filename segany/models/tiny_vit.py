@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, linear_plus
 
 
 class Conv2dBN(nn.Sequential):
@@ -109,14 +109,19 @@ class Attention(nn.Module):
         ab = getattr(self, "ab", None)
         return ab if ab is not None else self.attention_biases[:, self.bias_index]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Windows ``(B, N, dim)`` -> the heads' outputs ``(B, N, dim)`` before ``proj``."""
         b, n, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
         # The bias as a 4-D (1, heads, N, N) mask: with it the CPU takes SDPA's flash
         # kernel (a 3-D mask falls back to the slower "math" path).
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias().unsqueeze(0))
-        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+        return out.transpose(1, 2).reshape(b, n, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Windows ``(B, N, dim)`` -> ``(B, N, dim)``."""
+        return self.proj(self.attend(x))
 
 
 class Mlp(nn.Module):
@@ -131,8 +136,8 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``(..., dim)`` -> ``(..., dim)``, plus ``residual`` if given."""
-        y = self.fc2(self.act(self.fc1(self.norm(x))))
-        return y if residual is None else residual + y
+        y = self.act(self.fc1(self.norm(x)))
+        return self.fc2(y) if residual is None else linear_plus(self.fc2, y, residual)
 
 
 class TinyViTBlock(nn.Module):
@@ -157,10 +162,12 @@ class TinyViTBlock(nn.Module):
             t = F.pad(t, (0, 0, 0, pw, 0, ph))
         hp, wp = h + ph, w + pw
         t = t.reshape(b, hp // win, win, wp // win, win, c).transpose(2, 3)
-        t = self.attn(t.reshape(-1, win * win, c))
+        t = self.attn.attend(t.reshape(-1, win * win, c))
         t = t.view(b, hp // win, wp // win, win, win, c).transpose(2, 3).reshape(b, hp, wp, c)
-        x = x + t[:, :h, :w].permute(0, 3, 1, 2)
-        x = self.local_conv(x)
+        # the output projection is per token: applied after dropping the padded windows'
+        # extra tokens, with the residual added in the same step
+        x = linear_plus(self.attn.proj, t[:, :h, :w], x.permute(0, 2, 3, 1))
+        x = self.local_conv(x.permute(0, 3, 1, 2))
         t = x.permute(0, 2, 3, 1)
         return self.mlp(t, residual=t).permute(0, 3, 1, 2)
 
