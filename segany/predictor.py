@@ -11,6 +11,7 @@ import os
 import tempfile
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,18 +38,40 @@ class PromptError(ValueError):
     """A prompt that cannot be used: wrong shape, NaN, outside the image."""
 
 
-@dataclass(frozen=True)
 class Prediction:
     """Masks for one prompt (or ``N`` prompts when batched, leading axis ``N``).
 
     masks: ``(K, H, W)`` bool at image size (float logits with ``return_logits``).
     scores: ``(K,)`` predicted IoUs.
-    low_res_logits: ``(K, S/4, S/4)`` logits, usable as the next ``mask_input``.
+    low_res_logits: ``(K, S/4, S/4)`` logits, usable as the next ``mask_input``. A single
+        click on the torch backend computes the part of them under the padding (which no
+        pixel of the image reads) only when this attribute is first read.
     """
 
-    masks: np.ndarray
-    scores: np.ndarray
-    low_res_logits: np.ndarray
+    __slots__ = ("masks", "scores", "_low_res", "_fill")
+
+    def __init__(
+        self,
+        masks: np.ndarray,
+        scores: np.ndarray,
+        low_res_logits: np.ndarray | None = None,
+        *,
+        fill: Callable[[], np.ndarray] | None = None,
+    ) -> None:
+        if (low_res_logits is None) == (fill is None):
+            raise ValueError("give either low_res_logits or fill")
+        self.masks, self.scores = masks, scores
+        self._low_res, self._fill = low_res_logits, fill
+
+    @property
+    def low_res_logits(self) -> np.ndarray:
+        if self._low_res is None:
+            self._low_res = self._fill()
+            self._fill = None
+        return self._low_res
+
+    def __repr__(self) -> str:
+        return f"Prediction(masks={self.masks.shape}, scores={self.scores.tolist()})"
 
 
 @dataclass(frozen=True)
@@ -323,7 +346,7 @@ class Predictor:
             return_logits=return_logits,
             _checked=True,
         )
-        return Prediction(out.masks[0], out.scores[0], out.low_res_logits[0])
+        return Prediction(out.masks[0], out.scores[0], fill=lambda: out.low_res_logits[0])
 
     def predict_batch(
         self,
@@ -361,10 +384,59 @@ class Predictor:
             boxes_t = T.boxes_to_model(boxes, st.original_size, long_side)
         if mask_input is not None:
             mask_t = torch.as_tensor(mask_input, dtype=torch.float32)
+        if self.backend is None and mask_t is None and len(sizes) == 1 and sizes == {1}:
+            return self._predict_one(coords_t, labels_t, boxes_t, multimask_output, return_logits)
         masks, iou, low_res = self.predict_torch(
             coords_t, labels_t, boxes_t, mask_t, multimask_output, return_logits
         )
         return Prediction(masks.numpy(), iou.numpy(), low_res.numpy())
+
+    def _predict_one(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        multimask_output: bool,
+        return_logits: bool,
+    ) -> Prediction:
+        """One prompt without a mask input on the torch backend: only the image tokens are
+        upscaled for the masks; the low-res logits under the padding are computed from the
+        kept decoder state when :attr:`Prediction.low_res_logits` is first read."""
+        st, m = self.state, self.model
+        grid = tuple(m.prompt_encoder.image_embedding_size)
+        crop = T.image_tokens(st.input_size, m.img_size, grid)
+        keep: dict = {}
+        dev = m.device
+        with torch.inference_mode():
+            low, iou = m.decode(
+                st.embedding.to(dev),
+                point_coords=None if point_coords is None else point_coords.to(dev),
+                point_labels=None if point_labels is None else point_labels.to(dev),
+                boxes=None if boxes is None else boxes.to(dev),
+                multimask_output=multimask_output,
+                context=self._decoder_context(),
+                crop_tokens=crop,
+                keep=keep,
+            )
+            side = m.prompt_encoder.mask_input_size
+            if tuple(low.shape[-2:]) != tuple(side):
+                pad = (0, side[1] - low.shape[-1], 0, side[0] - low.shape[-2])
+                low = torch.nn.functional.pad(low, pad)
+            masks = T.masks_to_image(
+                low, input_size=st.input_size, original_size=st.original_size, img_size=m.img_size
+            )
+            if not return_logits:
+                masks = masks > m.mask_threshold
+        decoder = m.mask_decoder
+
+        def fill() -> np.ndarray:
+            if crop != grid:
+                with torch.inference_mode():
+                    decoder.fill_outside_crop(low, keep, crop)
+            keep.clear()
+            return low.cpu().numpy()
+
+        return Prediction(masks.cpu().numpy(), iou.cpu().numpy(), fill=fill)
 
     def predict_torch(
         self,

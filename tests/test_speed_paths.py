@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 
@@ -162,6 +163,61 @@ def test_decoder_context_matches_full_decoder() -> None:
                 fast = sam.decode(emb, multimask_output=multi, context=ctx, **kw)
                 for u, v in zip(full, fast):
                     torch.testing.assert_close(v, u, atol=1e-4, rtol=1e-4)
+
+
+def test_selected_outputs_equal_all_outputs() -> None:
+    """Decoding only the needed mask outputs (the final attention over fewer tokens) gives
+    those outputs of the full decode."""
+    sam = tiny_tinyvit_sam(3)
+    torch.manual_seed(4)
+    emb = torch.randn(1, 256, 8, 8)
+    pe = sam.prompt_encoder
+    sparse, dense = pe((torch.rand(2, 3, 2) * 128, torch.tensor([[1, 0, 1]] * 2)), None, None)
+    with torch.inference_mode():
+        args = (emb, pe.get_dense_pe(), sparse, dense)
+        m_all, iou_all = sam.mask_decoder.predict_masks(*args)
+        for outputs in ([1, 2, 3], [0], [2]):
+            m, iou = sam.mask_decoder.predict_masks(*args, outputs=outputs)
+            torch.testing.assert_close(m, m_all[:, outputs], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(iou, iou_all[:, outputs], atol=1e-5, rtol=1e-5)
+
+
+def _record_shape(seen: list, fn, tokens: torch.Tensor, hyper_in: torch.Tensor):
+    seen.append(tokens.shape[-2:])
+    return fn(tokens, hyper_in)
+
+
+@pytest.mark.parametrize("size", [(64, 128), (128, 40), (100, 100)])
+def test_single_click_upscales_image_tokens_and_fills_padding_on_demand(size) -> None:
+    """A single click upscales only the tokens under the image; its low-res logits, read
+    later, equal a full decode's everywhere (padding included), and so do its masks."""
+    sam = tiny_tinyvit_sam(5)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+    pred = Predictor(sam, fuse=True)
+    pred.set_image(image)
+    pt, lab = np.array([[size[1] * 0.3, size[0] * 0.6]]), np.array([1])
+    for multi in (True, False):
+        full = pred.predict_torch(
+            T.coords_to_model(pt[None], pred.original_size, 128),
+            torch.tensor([[1]]),
+            multimask_output=multi,
+        )
+        seen = []
+        orig = sam.mask_decoder.upscale
+        sam.mask_decoder.upscale = functools.partial(_record_shape, seen, orig)
+        try:
+            out = pred.predict(point_coords=pt, point_labels=lab, multimask_output=multi)
+            decoded_at_click = list(seen)
+            low = out.low_res_logits
+        finally:
+            del sam.mask_decoder.upscale
+        np.testing.assert_array_equal(out.masks, full[0][0].numpy())
+        np.testing.assert_allclose(low, full[2][0].numpy(), atol=1e-5, rtol=1e-5)
+        grid = (8, 8)
+        crop = T.image_tokens(pred.input_size, 128, grid)
+        assert decoded_at_click == [torch.Size(crop)]
+        assert (crop != grid) == (len(seen) > 1)  # padding filled only when read
 
 
 @pytest.mark.parametrize(

@@ -71,6 +71,7 @@ class MaskDecoder(nn.Module):
         multimask_output: bool,
         context: DecoderContext | None = None,
         crop_tokens: tuple[int, int] | None = None,
+        keep: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode ``B`` prompts against one image.
 
@@ -86,6 +87,9 @@ class MaskDecoder(nn.Module):
                 token grid (the image without its padding); the masks are then
                 ``(B, K, 4 rows, 4 cols)`` and equal the uncropped masks' top-left part (the
                 upscaling works per pixel; the transformer still sees every token).
+            keep: if given, receives ``"tokens"`` (the image tokens after the transformer,
+                ``(B, C, h, w)``) and ``"hyper_in"`` (``(B, K, C/8)``), from which
+                :meth:`upscale` gives any other part of the masks later.
 
         Returns:
             mask logits ``(B, 3 or 1, 4h, 4w)`` and predicted IoUs ``(B, 3 or 1)``.
@@ -99,7 +103,31 @@ class MaskDecoder(nn.Module):
             context=context,
             crop_tokens=crop_tokens,
             outputs=outputs,
+            keep=keep,
         )
+
+    def upscale(self, tokens: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
+        """Image tokens after the transformer ``(B, C, h, w)`` (any rectangle of the token
+        grid) and hypernetwork outputs ``(B, K, C/8)`` -> mask logits ``(B, K, 4h, 4w)``.
+        Works per token: a part of the grid gives the same part of the masks."""
+        b = tokens.shape[0]
+        upscaled = self.output_upscaling(tokens)
+        _, c2, h2, w2 = upscaled.shape
+        if upscaled.is_contiguous(memory_format=torch.channels_last):
+            flat = upscaled.permute(0, 2, 3, 1).reshape(b, h2 * w2, c2)
+            return (hyper_in @ flat.transpose(1, 2)).reshape(b, -1, h2, w2)
+        return (hyper_in @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, -1, h2, w2)
+
+    def fill_outside_crop(self, masks: torch.Tensor, keep: dict, crop: tuple[int, int]) -> None:
+        """Write into ``masks`` ``(B, K, 4h, 4w)``, decoded with ``crop_tokens=crop`` and
+        ``keep``, the logits outside the crop (the same values an uncropped decode gives)."""
+        tokens, hyper_in = keep["tokens"], keep["hyper_in"]
+        r, c = crop
+        h, w = tokens.shape[-2:]
+        if r < h:
+            masks[..., 4 * r :, :] = self.upscale(tokens[:, :, r:, :], hyper_in)
+        if c < w:
+            masks[..., : 4 * r, 4 * c :] = self.upscale(tokens[:, :, :r, c:], hyper_in)
 
     def prepare(
         self,
@@ -121,12 +149,13 @@ class MaskDecoder(nn.Module):
         few_tokens: bool | None = None,
         crop_tokens: tuple[int, int] | None = None,
         outputs: Sequence[int] | None = None,
+        keep: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The mask outputs numbered ``outputs`` (default all ``num_mask_tokens``):
         logits ``(B, K, 4h, 4w)``, IoUs ``(B, K)``. Only the tokens read afterwards (the
         IoU token and those mask tokens) go through the final token-to-image attention.
         ``few_tokens``: see :meth:`TwoWayTransformer.forward`; ``crop_tokens``: see
-        :meth:`forward`."""
+        :meth:`forward`; ``keep``: see :meth:`forward`."""
         outputs = list(range(self.num_mask_tokens) if outputs is None else outputs)
         b = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
@@ -151,18 +180,14 @@ class MaskDecoder(nn.Module):
         mask_tokens_out = hs[:, 1:, :]
         # (B, h*w, C) tokens seen as a channels-last (B, C, h, w) map: no copy.
         src = src.expand(b, -1, -1).reshape(b, h, w, c).permute(0, 3, 1, 2)
-        if crop_tokens is not None:
-            src = src[:, :, : crop_tokens[0], : crop_tokens[1]]
-        upscaled = self.output_upscaling(src)
         mlps = self.output_hypernetworks_mlps
         hyper_in = torch.stack(
             [mlps[i](mask_tokens_out[:, j, :]) for j, i in enumerate(outputs)], dim=1
         )
-        _, c2, h2, w2 = upscaled.shape
-        if upscaled.is_contiguous(memory_format=torch.channels_last):
-            flat = upscaled.permute(0, 2, 3, 1).reshape(b, h2 * w2, c2)
-            masks = (hyper_in @ flat.transpose(1, 2)).reshape(b, -1, h2, w2)
-        else:
-            masks = (hyper_in @ upscaled.reshape(b, c2, h2 * w2)).reshape(b, -1, h2, w2)
+        if keep is not None:
+            keep["tokens"], keep["hyper_in"] = src, hyper_in
+        if crop_tokens is not None:
+            src = src[:, :, : crop_tokens[0], : crop_tokens[1]]
+        masks = self.upscale(src, hyper_in)
         iou = self.iou_prediction_head(iou_token_out)
         return masks, iou if len(outputs) == self.num_mask_tokens else iou[:, outputs]

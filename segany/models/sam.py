@@ -78,6 +78,7 @@ class Sam(nn.Module):
         multimask_output: bool = True,
         context: DecoderContext | None = None,
         crop_tokens: tuple[int, int] | None = None,
+        keep: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode ``B`` prompts against one image embedding.
 
@@ -91,6 +92,7 @@ class Sam(nn.Module):
                 ``mask_input`` is given.
             crop_tokens: upscale only the top-left ``(rows, cols)`` of the token grid
                 (:meth:`MaskDecoder.forward`); logits ``(B, K, 4 rows, 4 cols)``.
+            keep: receives what :meth:`MaskDecoder.fill_outside_crop` needs.
 
         Returns:
             low-res mask logits ``(B, K, 4h, 4w)`` and predicted IoUs ``(B, K)``,
@@ -111,6 +113,7 @@ class Sam(nn.Module):
                 multimask_output,
                 context=context,
                 crop_tokens=crop_tokens,
+                keep=keep,
             )
         return self.mask_decoder(
             image_embeddings,
@@ -119,6 +122,7 @@ class Sam(nn.Module):
             dense,
             multimask_output,
             crop_tokens=crop_tokens,
+            keep=keep,
         )
 
     def forward(

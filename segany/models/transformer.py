@@ -87,12 +87,14 @@ class Attention(nn.Module):
         *,
         projected: bool = False,
         residual: torch.Tensor | None = None,
+        inplace_residual: bool = False,
     ) -> torch.Tensor:
         """Image tokens ``q_img (1 or B, Ni, C)`` attending few tokens ``k, v (B, Nk, C)``
         -> ``(B, Ni, C)``, i.e. ``forward(q_img, k, v)`` without projecting the image tokens
         (``projected``: ``q_img`` is already ``q_proj(image tokens)``, width ``I``) and with
         the output projection folded into the few values; plus ``residual`` ``(1 or B,
-        Ni, C)`` if given (added in the same product, no extra pass over the tokens)."""
+        Ni, C)`` if given (added in the same product, no extra pass over the tokens;
+        with ``inplace_residual``, outside autograd, written into ``residual`` itself)."""
         h = self.num_heads
         d = self.internal_dim // h
         b, nk, _ = k.shape
@@ -119,6 +121,8 @@ class Attention(nn.Module):
         vo = vo + self.out_proj.bias / h
         if residual.shape[0] != b:
             residual = residual.expand(b, -1, -1)
+        elif not torch.is_grad_enabled() and residual._base is None and inplace_residual:
+            return residual.baddbmm_(attn, vo)  # the caller's tensor, no copy of it first
         return torch.baddbmm(residual, attn, vo)
 
 
@@ -204,7 +208,8 @@ class TwoWayAttentionBlock(nn.Module):
         if context is not None:
             keys = i2t.image_attend(context.q, q, queries, projected=True, residual=keys)
         elif few_tokens:
-            keys = i2t.image_attend(k, q, queries, residual=keys)
+            # keys is this block's own input, not read again: summed into in place
+            keys = i2t.image_attend(k, q, queries, residual=keys, inplace_residual=True)
         else:
             keys = keys + i2t(k, q, queries)
         keys = self.norm4(keys)
