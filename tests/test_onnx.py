@@ -7,6 +7,7 @@ on the MobileSAM golden (astronaut) the same parity tolerances as the torch back
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -17,6 +18,7 @@ pytest.importorskip("onnxruntime")
 
 from segany.export.onnx import export_onnx  # noqa: E402
 from segany.export.runtime import OnnxBackend  # noqa: E402
+from segany.models.fuse import fuse_for_inference, onednn_available  # noqa: E402
 from segany.predictor import Predictor  # noqa: E402
 
 from .conftest import SHARED_REFERENCE  # noqa: E402
@@ -26,7 +28,15 @@ from .test_speed_paths import tiny_tinyvit_sam  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory):
     sam = tiny_tinyvit_sam(3)
-    enc, dec = export_onnx(sam, tmp_path_factory.mktemp("onnx"))
+    # exported, as the predictor does, from a fused model that has run on the CPU (its
+    # oneDNN modules and packed weights must give way to plain operators in the graph)
+    fused = fuse_for_inference(copy.deepcopy(sam))
+    with torch.inference_mode():
+        fused.embed_image(torch.randn(1, 3, 128, 128))
+    enc, dec = export_onnx(fused, tmp_path_factory.mktemp("onnx"))
+    assert all(m.onednn for m in fused.modules() if hasattr(m, "onednn")) or not (
+        onednn_available()
+    ), "exporting must not change the caller's model"
     return sam, OnnxBackend(enc, dec, mask_input_size=sam.prompt_encoder.mask_input_size)
 
 

@@ -227,6 +227,14 @@ def _replace_children(model: nn.Module, onednn: bool) -> None:
                 parent[i + 1] = nn.Identity()
 
 
+def set_onednn(model: nn.Module, enabled: bool) -> None:
+    """Switch the fused modules of ``model`` between oneDNN calls and plain operators."""
+    enabled = enabled and onednn_available()
+    for m in model.modules():
+        if isinstance(m, (ConvGELU, ConvTransposeGELU, OneDNNLinear)):
+            m.onednn = enabled
+
+
 def fuse_for_inference(model: nn.Module, *, onednn: bool | None = None) -> nn.Module:
     """Rewrite ``model`` in place for fast CPU inference and return it (in eval mode).
 
@@ -247,6 +255,8 @@ def fuse_for_inference(model: nn.Module, *, onednn: bool | None = None) -> nn.Mo
     Gradients are switched off: the result is for inference only.
     """
     if is_fused(model):
+        if onednn is not None:  # e.g. a predictor's model copied for ONNX export
+            set_onednn(model, onednn)
         return model
     model.eval()
     for mod in list(model.modules()):
