@@ -8,6 +8,7 @@ on the MobileSAM golden (astronaut) the same parity tolerances as the torch back
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import numpy as np
@@ -33,24 +34,46 @@ def tiny_onnx(tmp_path_factory):
     fused = fuse_for_inference(copy.deepcopy(sam))
     with torch.inference_mode():
         fused.embed_image(torch.randn(1, 3, 128, 128))
-    enc, dec = export_onnx(fused, tmp_path_factory.mktemp("onnx"))
+    paths = export_onnx(fused, tmp_path_factory.mktemp("onnx"))
     assert all(m.onednn for m in fused.modules() if hasattr(m, "onednn")) or not (
         onednn_available()
     ), "exporting must not change the caller's model"
-    return sam, OnnxBackend(enc, dec, mask_input_size=sam.prompt_encoder.mask_input_size)
+    size = sam.prompt_encoder.mask_input_size
+    full = OnnxBackend(paths["encoder"], paths["decoder"], mask_input_size=size)
+    split = OnnxBackend(
+        paths["encoder"],
+        paths["decoder"],
+        context=paths["context"],
+        prompt=paths["prompt"],
+        mask_input_size=size,
+    )
+    return sam, full, split
 
 
 def test_encoder_matches_torch(tiny_onnx) -> None:
-    sam, backend = tiny_onnx
+    sam, backend, _ = tiny_onnx
     x = torch.randn(1, 3, 128, 128)
     with torch.inference_mode():
         ref = sam.embed_image(x)
     torch.testing.assert_close(backend.embed(x), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("graphs", ["decoder", "context+prompt"])
 @pytest.mark.parametrize("multimask", [True, False])
-def test_decoder_matches_torch_dynamic_prompts(tiny_onnx, multimask: bool) -> None:
-    sam, backend = tiny_onnx
+def test_decoder_matches_torch_dynamic_prompts(
+    tiny_onnx, multimask: bool, graphs: str, monkeypatch
+) -> None:
+    """Both ways of decoding (the one graph; the per-image context graph + the prompt
+    graph, used for prompts without a mask input) give the torch model's outputs."""
+    sam, full, split = tiny_onnx
+    backend = full if graphs == "decoder" else split
+    used = []
+    for name in ("decoder", "context", "prompt"):
+        sess = getattr(backend, name)
+        if sess is not None:
+            monkeypatch.setattr(
+                sess, "run", functools.partial(_counted, used, name, type(sess).run, sess)
+            )
     torch.manual_seed(4)
     emb = torch.randn(1, 256, 8, 8)
     cases = [
@@ -74,6 +97,15 @@ def test_decoder_matches_torch_dynamic_prompts(tiny_onnx, multimask: bool) -> No
         got = backend.decode(emb, multimask_output=multimask, **kw)
         for u, v in zip(ref, got):
             torch.testing.assert_close(v, u, atol=1e-4, rtol=1e-4)
+    if graphs == "decoder":
+        assert used == ["decoder"] * 5
+    else:  # the context once for the embedding, the full graph only for the mask input
+        assert used == ["context", "prompt", "prompt", "prompt", "prompt", "decoder"]
+
+
+def _counted(used: list, name: str, run, sess, *args, **kwargs):
+    used.append(name)
+    return run(sess, *args, **kwargs)
 
 
 @pytest.mark.weights

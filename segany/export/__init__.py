@@ -3,6 +3,6 @@
 Needs the optional dependencies ``onnx`` and ``onnxruntime`` (``pip install segany[onnx]``).
 """
 
-from .onnx import export_decoder, export_encoder, export_onnx
+from .onnx import export_context, export_decoder, export_encoder, export_onnx, export_prompt
 
-__all__ = ["export_decoder", "export_encoder", "export_onnx"]
+__all__ = ["export_context", "export_decoder", "export_encoder", "export_onnx", "export_prompt"]

@@ -17,6 +17,14 @@ place for image geometry):
     ``(B, 4)``: index 0 is the single-mask output, 1..3 the multimask outputs.
     As the released models were trained, prompts without a box must end with a padding
     point (``(0, 0)``, label -1); :class:`segany.export.runtime.OnnxBackend` adds it.
+
+``context.onnx`` and ``prompt.onnx``
+    The same decoder split at its prompt-independent part, for prompts without a mask
+    input (every click but a refinement): ``context.onnx`` maps ``image_embeddings`` to
+    the image tokens ``keys`` ``(1, h*w, 256)`` and the first layer's projections ``k``,
+    ``v``, ``q`` ``(1, h*w, 128)``, once per image; ``prompt.onnx`` takes those plus
+    ``point_coords`` / ``point_labels`` (as above) and gives the same two outputs as
+    ``decoder.onnx``, without redoing the per-image work on every click.
 """
 
 from __future__ import annotations
@@ -31,10 +39,11 @@ from torch import nn
 
 from ..models import Sam
 from ..models.fuse import fuse_for_inference
+from ..models.transformer import DecoderContext
 
 OPSET = 18
 #: Bumped whenever the exported graphs change, so that cached exports are redone.
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 
 
 class EncoderGraph(nn.Module):
@@ -83,6 +92,40 @@ class DecoderGraph(nn.Module):
         return self.mask_decoder.predict_masks(
             image_embeddings, self.dense_pe, sparse, dense, few_tokens=True
         )
+
+
+class ContextGraph(nn.Module):
+    """``image_embeddings`` -> the decoder's per-image context (see the module docstring)."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.sam = sam
+
+    def forward(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx = self.sam.prepare_decoder(image_embeddings)
+        return ctx.keys, ctx.k, ctx.v, ctx.q
+
+
+class PromptGraph(DecoderGraph):
+    """Prompt encoder + mask decoder on a per-image context (no mask input)."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__(sam)
+        self.size = tuple(sam.prompt_encoder.image_embedding_size)
+        self.register_buffer("key_pe", self.dense_pe.flatten(2).transpose(1, 2).contiguous())
+
+    def forward(  # type: ignore[override]
+        self,
+        keys: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sparse = self.embed_points(point_coords, point_labels)
+        ctx = DecoderContext(keys=keys, key_pe=self.key_pe, k=k, v=v, q=q, size=self.size)
+        return self.mask_decoder.predict_masks(None, None, sparse, None, context=ctx)
 
 
 def _prepared(sam: Sam) -> Sam:
@@ -172,10 +215,66 @@ def export_decoder(sam: Sam, path: str | os.PathLike[str]) -> Path:
         )
 
 
-def export_onnx(sam: Sam, directory: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write ``encoder.onnx`` and ``decoder.onnx`` into ``directory``."""
+def export_context(sam: Sam, path: str | os.PathLike[str]) -> Path:
+    """Write the decoder's per-image part of ``sam`` (``context.onnx``) to ``path``."""
+    model = _prepared(sam)
+    pe = model.prompt_encoder
+    h, w = pe.image_embedding_size
+    with torch.no_grad():
+        return _export(
+            ContextGraph(model),
+            (torch.randn(1, pe.embed_dim, h, w),),
+            Path(path),
+            input_names=["image_embeddings"],
+            output_names=["keys", "k", "v", "q"],
+            dynamic_axes={},
+        )
+
+
+def export_prompt(sam: Sam, path: str | os.PathLike[str]) -> Path:
+    """Write the decoder's per-prompt part of ``sam`` (``prompt.onnx``) to ``path``."""
+    model = _prepared(sam)
+    pe = model.prompt_encoder
+    h, w = pe.image_embedding_size
+    with torch.no_grad():
+        ctx = model.prepare_decoder(torch.randn(1, pe.embed_dim, h, w))
+        args = (
+            ctx.keys,
+            ctx.k,
+            ctx.v,
+            ctx.q,
+            torch.randint(0, 1024, (2, 3, 2)).float(),
+            torch.tensor([[1.0, 0.0, -1.0], [2.0, 3.0, 1.0]]),
+        )
+        return _export(
+            PromptGraph(model),
+            args,
+            Path(path),
+            input_names=["keys", "k", "v", "q", "point_coords", "point_labels"],
+            output_names=["low_res_masks", "iou_predictions"],
+            dynamic_axes={
+                "point_coords": {0: "batch", 1: "num_points"},
+                "point_labels": {0: "batch", 1: "num_points"},
+                "low_res_masks": {0: "batch"},
+                "iou_predictions": {0: "batch"},
+            },
+        )
+
+
+GRAPHS = ("encoder", "decoder", "context", "prompt")
+
+
+def export_onnx(sam: Sam, directory: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write ``encoder.onnx``, ``decoder.onnx``, ``context.onnx`` and ``prompt.onnx`` into
+    ``directory``; returns their paths by name (:data:`GRAPHS`)."""
     d = Path(directory)
-    return export_encoder(sam, d / "encoder.onnx"), export_decoder(sam, d / "decoder.onnx")
+    writers = {
+        "encoder": export_encoder,
+        "decoder": export_decoder,
+        "context": export_context,
+        "prompt": export_prompt,
+    }
+    return {name: writers[name](sam, d / f"{name}.onnx") for name in GRAPHS}
 
 
 def quantize_dynamic_int8(path: str | os.PathLike[str]) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +33,14 @@ def default_onnx_dir(model_id: str) -> Path:
 
 
 class OnnxBackend:
-    """onnxruntime sessions over ``encoder.onnx`` and ``decoder.onnx``.
+    """onnxruntime sessions over the graphs of :mod:`segany.export.onnx`.
 
     Args:
-        encoder, decoder: paths of the exported graphs (any of their int8 variants too).
+        encoder, decoder: paths of ``encoder.onnx`` and ``decoder.onnx`` (or their int8
+            variants).
+        context, prompt: optional paths of ``context.onnx`` and ``prompt.onnx``: with
+            them, prompts without a mask input reuse the per-image context (computed on
+            the first such prompt for an embedding) instead of running ``decoder.onnx``.
         mask_input_size: ``(4h, 4w)`` of the low-res logits, for the empty mask input.
     """
 
@@ -46,20 +51,27 @@ class OnnxBackend:
         encoder: str | os.PathLike[str],
         decoder: str | os.PathLike[str],
         *,
+        context: str | os.PathLike[str] | None = None,
+        prompt: str | os.PathLike[str] | None = None,
         mask_input_size: tuple[int, int] = (256, 256),
     ) -> None:
         import onnxruntime as ort
 
-        providers = ["CPUExecutionProvider"]
+        def session(path):
+            return ort.InferenceSession(
+                str(path), sess_options=ort_session_options(), providers=["CPUExecutionProvider"]
+            )
+
+        if (context is None) != (prompt is None):
+            raise ValueError("give both context and prompt graphs, or neither")
         self.encoder_path, self.decoder_path = Path(encoder), Path(decoder)
-        self.encoder = ort.InferenceSession(
-            str(encoder), sess_options=ort_session_options(), providers=providers
-        )
-        self.decoder = ort.InferenceSession(
-            str(decoder), sess_options=ort_session_options(), providers=providers
-        )
+        self.encoder, self.decoder = session(encoder), session(decoder)
+        self.context = None if context is None else session(context)
+        self.prompt = None if prompt is None else session(prompt)
         self.mask_input_size = mask_input_size
         self._no_mask = np.zeros((1, 1, *mask_input_size), np.float32)
+        # the per-image context of the last embedding decoded: (embedding, feeds)
+        self._ctx: tuple[weakref.ref, dict[str, np.ndarray]] | None = None
 
     @classmethod
     def from_model(
@@ -72,7 +84,7 @@ class OnnxBackend:
     ) -> OnnxBackend:
         """Export ``sam`` once (cached in ``directory``, default :func:`default_onnx_dir`)
         and open the graphs; ``quantized`` uses the int8 dynamic-quantised variants."""
-        from .onnx import export_decoder, export_encoder, quantize_dynamic_int8
+        from .onnx import GRAPHS, export_onnx, quantize_dynamic_int8
 
         if directory is None:
             if model_id is None:
@@ -83,14 +95,18 @@ class OnnxBackend:
                 model_id = h.hexdigest()[:32]
             directory = default_onnx_dir(model_id)
         d = Path(directory)
-        enc, dec = d / "encoder.onnx", d / "decoder.onnx"
-        if not enc.is_file():
-            export_encoder(sam, enc)
-        if not dec.is_file():
-            export_decoder(sam, dec)
+        paths = {name: d / f"{name}.onnx" for name in GRAPHS}
+        if not all(p.is_file() for p in paths.values()):
+            paths = export_onnx(sam, d)
         if quantized:
-            enc, dec = quantize_dynamic_int8(enc), quantize_dynamic_int8(dec)
-        return cls(enc, dec, mask_input_size=sam.prompt_encoder.mask_input_size)
+            paths = {name: quantize_dynamic_int8(p) for name, p in paths.items()}
+        return cls(
+            paths["encoder"],
+            paths["decoder"],
+            context=paths["context"],
+            prompt=paths["prompt"],
+            mask_input_size=sam.prompt_encoder.mask_input_size,
+        )
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         """``(1, 3, S, S)`` normalised, padded image -> ``(1, C, h, w)`` embedding."""
@@ -120,6 +136,35 @@ class OnnxBackend:
         else:  # the padding point the released models expect when no box is given
             coords.append(np.zeros((b, 1, 2), np.float32))
             labels.append(-np.ones((b, 1), np.float32))
+        points = {
+            "point_coords": np.ascontiguousarray(np.concatenate(coords, axis=1), np.float32),
+            "point_labels": np.ascontiguousarray(np.concatenate(labels, axis=1), np.float32),
+        }
+        if mask_input is None and self.prompt is not None:
+            feeds = {**self._context_feeds(image_embeddings), **points}
+            low_res, iou = self.prompt.run(None, feeds)
+        else:
+            low_res, iou = self._decode_full(image_embeddings, points, mask_input, b)
+        sel = slice(1, None) if multimask_output else slice(0, 1)
+        return torch.from_numpy(low_res[:, sel]), torch.from_numpy(iou[:, sel])
+
+    def _context_feeds(self, image_embeddings: torch.Tensor) -> dict[str, np.ndarray]:
+        """``context.onnx`` outputs for this embedding, computed once per embedding."""
+        if self._ctx is not None and self._ctx[0]() is image_embeddings:
+            return self._ctx[1]
+        emb = np.ascontiguousarray(image_embeddings.detach().cpu().numpy(), dtype=np.float32)
+        names = [o.name for o in self.context.get_outputs()]
+        feeds = dict(zip(names, self.context.run(None, {"image_embeddings": emb})))
+        self._ctx = (weakref.ref(image_embeddings), feeds)
+        return feeds
+
+    def _decode_full(
+        self,
+        image_embeddings: torch.Tensor,
+        points: dict[str, np.ndarray],
+        mask_input: torch.Tensor | None,
+        b: int,
+    ) -> list[np.ndarray]:
         if mask_input is None:
             masks = np.broadcast_to(self._no_mask, (b, 1, *self.mask_input_size))
             has_mask = np.zeros(1, np.float32)
@@ -130,11 +175,8 @@ class OnnxBackend:
             "image_embeddings": np.ascontiguousarray(
                 image_embeddings.detach().cpu().numpy(), dtype=np.float32
             ),
-            "point_coords": np.ascontiguousarray(np.concatenate(coords, axis=1), np.float32),
-            "point_labels": np.ascontiguousarray(np.concatenate(labels, axis=1), np.float32),
+            **points,
             "mask_input": np.ascontiguousarray(masks, np.float32),
             "has_mask_input": has_mask,
         }
-        low_res, iou = self.decoder.run(None, feeds)
-        sel = slice(1, None) if multimask_output else slice(0, 1)
-        return torch.from_numpy(low_res[:, sel]), torch.from_numpy(iou[:, sel])
+        return self.decoder.run(None, feeds)

@@ -174,7 +174,7 @@ class MaskDecoder(nn.Module):
                 src, pos_src, tokens, few_tokens=few_tokens, final_tokens=final
             )
         else:
-            _, c, h, w = image_embeddings.shape
+            c, (h, w) = context.keys.shape[-1], context.size
             hs, src = self.transformer(None, None, tokens, context=context, final_tokens=final)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1:, :]

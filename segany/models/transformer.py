@@ -139,6 +139,7 @@ class DecoderContext:
     k: torch.Tensor
     v: torch.Tensor
     q: torch.Tensor
+    size: tuple[int, int]  # (h, w) of the token grid
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -255,7 +256,12 @@ class TwoWayTransformer(nn.Module):
         k = keys + key_pe
         t2i, i2t = first.cross_attn_token_to_image, first.cross_attn_image_to_token
         return DecoderContext(
-            keys=keys, key_pe=key_pe, k=t2i.k_proj(k), v=t2i.v_proj(keys), q=i2t.q_proj(k)
+            keys=keys,
+            key_pe=key_pe,
+            k=t2i.k_proj(k),
+            v=t2i.v_proj(keys),
+            q=i2t.q_proj(k),
+            size=(int(image_embedding.shape[-2]), int(image_embedding.shape[-1])),
         )
 
     def forward(
