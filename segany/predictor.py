@@ -278,7 +278,10 @@ class Predictor:
             rgb, img_size=m.img_size, pixel_mean=m.pixel_mean, pixel_std=m.pixel_std
         )
         with torch.inference_mode():
-            emb = m.embed_image(x) if self.backend is None else self.backend.embed(x)
+            if self.backend is None:
+                emb = m.embed_image(x, valid=input_size)
+            else:
+                emb = self.backend.embed(x)
         return ImageEmbedding(
             embedding=emb, original_size=(rgb.shape[0], rgb.shape[1]), input_size=input_size
         )

@@ -165,6 +165,44 @@ def test_decoder_context_matches_full_decoder() -> None:
                     torch.testing.assert_close(v, u, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_stage0_under_padding_from_the_zero_run(fused: bool) -> None:
+    """TinyViT's stage 0 on the image plus a margin, the rest copied from its output for
+    an all-zero input, equals stage 0 on the whole padded input; an image reaching into
+    what ``valid`` calls padding is not (the check can fail)."""
+    sam = tiny_tinyvit_sam(6)
+    if fused:
+        sam = fuse_for_inference(sam)
+    enc = sam.image_encoder
+    assert enc._stage0_geometry() == (8, 11)  # 3x3 s2, 3x3 s2, one 3x3 MBConv, 3x3 s2
+    fmt = torch.channels_last if fused else torch.contiguous_format
+    seen = []
+    enc.patch_embed.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-2:]))
+    gen = torch.Generator().manual_seed(0)
+    # (h, w, cropped): 97 rows need 116 rows of input for the exact cells -> no crop
+    for h, w, cropped in [
+        (40, 128, True),
+        (128, 50, True),
+        (97, 128, False),
+        (12, 128, True),
+        (128, 128, False),
+    ]:
+        x = torch.randn(2, 3, 128, 128, generator=gen)
+        x[:, :, h:] = 0
+        x[:, :, :, w:] = 0
+        x = x.contiguous(memory_format=fmt)
+        seen.clear()
+        with torch.inference_mode():
+            full, part = enc._stage0(x), enc._stage0_cropped(x, (h, w))
+            torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(enc(x, valid=(h, w)), enc(x), atol=1e-5, rtol=1e-5)
+        assert any(tuple(s) != (128, 128) for s in seen) == cropped
+    x = torch.randn(1, 3, 128, 128, generator=gen).contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        wrong = (enc._stage0_cropped(x, (40, 128)) - enc._stage0(x)).abs().max()
+    assert wrong > 1e-3
+
+
 def test_selected_outputs_equal_all_outputs() -> None:
     """Decoding only the needed mask outputs (the final attention over fewer tokens) gives
     those outputs of the full decode."""

@@ -213,7 +213,10 @@ class ImageEncoderViT(nn.Module):
             LayerNorm2d(out_chans),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, valid: tuple[int, int] | None = None) -> torch.Tensor:
+        """``(B, 3, S, S)`` -> ``(B, out_chans, S/16, S/16)``. ``valid`` (the image's size
+        inside the padding) is accepted for the common interface and not used: global
+        attention makes every output depend on every pixel."""
         x = self.patch_embed(x)
         if self.pos_embed is not None:
             x = x + self.pos_embed

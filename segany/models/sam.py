@@ -54,9 +54,16 @@ class Sam(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, S, S)`` normalised, padded images -> ``(B, C, S/16, S/16)``."""
-        return self.image_encoder(images)
+    def embed_image(
+        self, images: torch.Tensor, *, valid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """``(B, 3, S, S)`` normalised, padded images -> ``(B, C, S/16, S/16)``.
+        ``valid``: ``(h, w)`` covered by the images in the model frame, the rest being the
+        zero padding :func:`~segany.transforms.to_model_input` adds; encoders that can
+        skip work under the padding (TinyViT's convolutional stage) use it."""
+        if valid is None:
+            return self.image_encoder(images)
+        return self.image_encoder(images, valid=valid)
 
     def prepare_decoder(self, image_embeddings: torch.Tensor) -> DecoderContext:
         """The prompt-independent part of decoding for one image ``(1, C, h, w)``: compute

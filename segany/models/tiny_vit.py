@@ -284,8 +284,68 @@ class TinyViT(nn.Module):
             LayerNorm2d(out_chans),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, *, valid: tuple[int, int] | None = None) -> torch.Tensor:
+        """``(B, 3, S, S)`` -> ``(B, out_chans, S/16, S/16)``.
+
+        ``valid``: ``(h, w)`` of the images inside ``x``, the rest being zeros at the
+        bottom/right (the padding of :func:`~segany.transforms.to_model_input`). Stage 0 is
+        then computed on the image plus a margin wider than its receptive field, and its
+        output under the rest of the padding is copied from its output for an all-zero
+        input (computed once per size and weights): every output cell there reads only
+        zeros in both. The same values up to float rounding, less work for images that are
+        not square."""
+        x = self._stage0(x) if valid is None else self._stage0_cropped(x, valid)
+        for layer in self.layers[1:]:
             x = layer(x)
         return self.neck(x)
+
+    def _stage0(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers[0](self.patch_embed(x))
+
+    def _stage0_geometry(self) -> tuple[int, int]:
+        """``(stride, reach)`` of stage 0: its output cell ``r`` reads input rows
+        ``stride * r - reach .. stride * r + reach`` (each convolution with kernel ``k``
+        and stride ``s``, padded by ``k // 2``, reads ``s * j +- k // 2``)."""
+        stride, reach = 1, 0
+        for m in [*self.patch_embed.modules(), *self.layers[0].modules()]:
+            w = getattr(m, "weight", None)
+            if w is not None and w.dim() == 4 and hasattr(m, "stride"):
+                reach += (w.shape[-1] // 2) * stride
+                stride *= int(m.stride[0])
+        return stride, reach
+
+    def _stage0_cropped(self, x: torch.Tensor, valid: tuple[int, int]) -> torch.Tensor:
+        stride, reach = self._stage0_geometry()
+        sizes = x.shape[-2:]
+        crop, keep = [], []
+        for n, size in zip(valid, sizes):
+            # output cells from the all-zero run: r >= ceil((n + reach) / stride)
+            first_zero = -(-(n + reach) // stride)
+            # input extent whose cells r with stride * r + reach < extent are exact
+            extent = (first_zero - 1) * stride + reach + 1
+            extent = -(-extent // (2 * stride)) * (2 * stride)
+            if extent >= size:
+                crop.append(size)
+                keep.append(size // stride)
+            else:
+                crop.append(extent)
+                keep.append((extent - 1 - reach) // stride + 1)
+        if tuple(crop) == tuple(sizes):
+            return self._stage0(x)
+        zero = self._zero_stage0(x)
+        out = zero.expand(x.shape[0], -1, -1, -1).clone(memory_format=torch.channels_last)
+        part = self._stage0(x[:, :, : crop[0], : crop[1]])
+        out[:, :, : keep[0], : keep[1]] = part[:, :, : keep[0], : keep[1]]
+        return out
+
+    def _zero_stage0(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage 0's output for an all-zero input like ``x`` (batch 1), cached per size,
+        device, dtype and the in-place versions of the stage's weights."""
+        params = [*self.patch_embed.parameters(), *self.layers[0].parameters()]
+        key = (x.shape[-2:], x.device, x.dtype, tuple(p._version for p in params))
+        hit = getattr(self, "_zero_cache", None)
+        if hit is None or hit[0] != key:
+            zeros = torch.zeros(1, *x.shape[1:], device=x.device, dtype=x.dtype)
+            hit = (key, self._stage0(zeros.contiguous(memory_format=torch.channels_last)))
+            self._zero_cache = hit
+        return hit[1]
