@@ -74,7 +74,13 @@ from segany import load_predictor
 from segany.predictor import EmbeddingCache
 from segany.runtime import set_threads
 set_threads(int(sys.argv[2]))
-pred = load_predictor(sys.argv[1], backend=sys.argv[3], cache=EmbeddingCache(max_items=0))
+backend, _, bf = sys.argv[3].partition("-bf")
+pred = load_predictor(
+    sys.argv[1],
+    backend=backend,
+    precision="bf16" if bf else "fp32",
+    cache=EmbeddingCache(max_items=0),
+)
 def set_image(img):
     pred.set_image(img)
 def click(pt):
@@ -115,7 +121,12 @@ class Worker:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--reference-python", help="python of the reference venv (optional)")
-    ap.add_argument("--backends", default="torch,onnx", help="comma-separated segany backends")
+    ap.add_argument(
+        "--backends",
+        default="torch,onnx",
+        help="comma-separated segany backends: torch, onnx, onnx-int8, torch-bf16 (torch "
+        "with a bfloat16 image encoder; not the reference's numbers, see docs/performance.md)",
+    )
     ap.add_argument("--weights", default=str(WEIGHTS), help="mobile_sam.pt")
     ap.add_argument("--threads", type=int, default=None, help="threads per worker")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over all images")

@@ -1,4 +1,5 @@
-"""Accuracy cost of the int8 (dynamic quantisation) ONNX graphs, against fp32 torch/ONNX.
+"""Accuracy cost of the reduced-precision variants (int8 ONNX graphs, bf16 torch encoder)
+against fp32 torch/ONNX.
 
 Protocol of ``../shared/reference/README.md``: one click at the GT mask's interior point
 farthest from its boundary (``cv2.distanceTransform``, L2, mask size 5, on the mask padded
@@ -40,7 +41,11 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", default=str(DATA))
-    ap.add_argument("--backends", default="torch,onnx,onnx-int8")
+    ap.add_argument(
+        "--backends",
+        default="torch,onnx,onnx-int8,torch-bf16",
+        help="torch, onnx, onnx-int8, or torch-bf16 (torch backend, bf16 encoder)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -59,7 +64,13 @@ def main() -> None:
         f"{'encoder s':>9s} {'click ms':>8s}"
     )
     for backend in args.backends.split(","):
-        pred = load_predictor(backend=backend, cache=EmbeddingCache(max_items=0), progress=False)
+        name, _, precision = backend.partition("-bf")
+        pred = load_predictor(
+            backend=name,
+            precision="bf16" if precision else "fp32",
+            cache=EmbeddingCache(max_items=0),
+            progress=False,
+        )
         auto, oracle, t_enc, t_click = [], [], [], []
         for img in coco["images"]:
             rgb = cv2.cvtColor(

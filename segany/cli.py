@@ -69,6 +69,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="inference engine (onnx: exported once and cached; onnx-int8: quantised, "
         "see docs/performance.md for its accuracy cost)",
     )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="image encoder precision of the torch backend (bf16: faster on CPUs with "
+        "AMX / AVX-512 BF16, less accurate; see docs/performance.md)",
+    )
 
 
 # -- segment ---------------------------------------------------------------------------------
@@ -164,7 +171,9 @@ def _run_segment(args: argparse.Namespace) -> int:
     if not args.point and args.box is None:
         raise CliError("give at least one --point, a --box or --text")
     image = load_image(args.image)
-    predictor = load_predictor(args.model, cache_dir=args.embedding_cache, backend=args.backend)
+    predictor = load_predictor(
+        args.model, cache_dir=args.embedding_cache, backend=args.backend, precision=args.precision
+    )
     predictor.set_image(image)
     pts = np.asarray(args.point, dtype=np.float64).reshape(-1, 3)
     coords = pts[:, :2] if len(pts) else None
@@ -349,7 +358,7 @@ def _run_everything(args: argparse.Namespace) -> int:
         raise CliError("no images found in " + " ".join(args.inputs))
     try:
         gen = MaskGenerator(
-            load_predictor(args.model, backend=args.backend),
+            load_predictor(args.model, backend=args.backend, precision=args.precision),
             preset=args.preset,
             points_per_side=args.points_per_side,
             crop_n_layers=args.crop_layers,

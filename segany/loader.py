@@ -52,6 +52,7 @@ def load_predictor(
     backend: str = "torch",
     fuse: bool = True,
     threads: int | None = None,
+    precision: str = "fp32",
 ) -> Predictor:
     """A :class:`Predictor` over :func:`load_model`; ``cache_dir`` keeps embeddings on disk
     (or pass a ready ``cache``).
@@ -59,7 +60,9 @@ def load_predictor(
     ``backend`` is ``"torch"``, ``"onnx"`` (exported once, cached under
     ``~/.cache/segany/onnx``) or ``"onnx-int8"``; ``fuse`` applies
     :func:`segany.models.fuse.fuse_for_inference` (the predictor owns this model, so the
-    inference-only rewrite is safe); ``threads`` calls :func:`segany.runtime.set_threads`.
+    inference-only rewrite is safe); ``threads`` calls :func:`segany.runtime.set_threads`;
+    ``precision`` ``"bf16"`` embeds with a bfloat16 encoder (faster on AMX CPUs, less
+    accurate; see :class:`Predictor`).
     """
     if threads is not None:
         set_threads(threads)
@@ -70,4 +73,5 @@ def load_predictor(
         model_id=sha[:32] if sha else None,
         backend=backend,
         fuse=fuse,
+        precision=precision,
     )

@@ -106,3 +106,33 @@ def test_parser_built_for_the_named_command_only():
         one.parse_args(["train", "--data", "d", "--out", "o"])
     full = build_parser()
     assert full.parse_args(["train", "--data", "d", "--out", "o"]).command == "train"
+
+
+def test_precision_option_reaches_the_predictor(monkeypatch, tmp_path):
+    """``--precision bf16`` on segment / everything / eval is passed to load_predictor;
+    fp32 is the default and other values are refused by the parser."""
+    from segany import cli
+
+    seen = []
+
+    def fake_load_predictor(*args, **kwargs):
+        seen.append(kwargs.get("precision"))
+        raise cli.CliError("stop here")
+
+    monkeypatch.setattr("segany.loader.load_predictor", fake_load_predictor)
+    img = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(img)
+    for argv in (
+        ["segment", str(img), "--point", "1,1,1", "--out", str(tmp_path), "--precision", "bf16"],
+        ["everything", str(img), "--out", str(tmp_path / "o"), "--precision", "bf16"],
+        ["segment", str(img), "--point", "1,1,1", "--out", str(tmp_path)],
+    ):
+        assert cli.main(argv) == 2
+    assert seen == ["bf16", "bf16", "fp32"]
+    with pytest.raises(SystemExit):
+        cli.build_parser("segment").parse_args(["segment", "a", "--out", "o", "--precision", "x"])
+    parser = cli.build_parser("eval")
+    args = parser.parse_args(["eval", "points", "d", "--out", "o", "--precision", "bf16"])
+    assert args.precision == "bf16"

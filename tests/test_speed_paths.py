@@ -203,6 +203,28 @@ def test_stage0_under_padding_from_the_zero_run(fused: bool) -> None:
     assert wrong > 1e-3
 
 
+def test_bf16_precision_embeds_with_a_bfloat16_encoder_copy() -> None:
+    """``precision="bf16"``: the embedding comes from a bfloat16 copy of the encoder (close
+    to fp32, not equal), is cached apart from the fp32 one, and the model is untouched."""
+    sam = tiny_tinyvit_sam(7)
+    image = np.random.default_rng(1).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    fp32 = Predictor(sam, fuse=True)
+    ref = fp32.set_image(image).embedding
+    bf16 = Predictor(sam, precision="bf16", cache=fp32.cache, model_id=fp32.model_id)
+    emb = bf16.set_image(image).embedding
+    assert emb.dtype == torch.float32
+    rel = ((emb - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.05, rel  # > 0: not the fp32 embedding from the shared cache
+    assert torch.equal(fp32.set_image(image).embedding, ref)  # and it did not replace it
+    assert all(p.dtype == torch.float32 for p in sam.parameters())
+    out = bf16.predict(point_coords=np.array([[40.0, 30.0]]), point_labels=np.array([1]))
+    assert out.masks.shape == (3, 96, 128)
+    with pytest.raises(ValueError, match="precision"):
+        Predictor(sam, precision="fp16")
+    with pytest.raises(ValueError, match="torch backend"):
+        Predictor(sam, precision="bf16", backend="onnx")
+
+
 def test_selected_outputs_equal_all_outputs() -> None:
     """Decoding only the needed mask outputs (the final attention over fewer tokens) gives
     those outputs of the full decode."""

@@ -48,6 +48,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             default="torch",
             help="inference backend of the predictor (default: torch)",
         )
+        q.add_argument(
+            "--precision",
+            choices=("fp32", "bf16"),
+            default="fp32",
+            help="image encoder precision of the torch backend (default: fp32)",
+        )
         q.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
         if name in ("points", "boxes", "instances"):
             q.add_argument(
@@ -110,6 +116,8 @@ def command_line(args: argparse.Namespace) -> str:
     skip |= {"threads", "embedding_cache", "batch_size"}
     if args.backend == "torch":
         skip.add("backend")
+    if args.precision == "fp32":
+        skip.add("precision")
     randomised = getattr(args, "clicks", None) == "random" or getattr(args, "jitter", 0.0) > 0
     if not randomised:
         skip.add("seed")
@@ -156,7 +164,14 @@ def run(args: argparse.Namespace) -> int:
         label = model_label(model)
         if args.backend != "torch":
             label = f"{label} ({args.backend})"
-        predictor = load_predictor(model, cache_dir=args.embedding_cache, backend=args.backend)
+        if args.precision != "fp32":
+            label = f"{label} ({args.precision})"
+        predictor = load_predictor(
+            model,
+            cache_dir=args.embedding_cache,
+            backend=args.backend,
+            precision=args.precision,
+        )
         bar = tqdm(
             total=total,
             unit="img" if per_image else "mask",
@@ -217,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
         res["model_source"] = str(model)
         res["backend"] = args.backend
+        res["precision"] = args.precision
         runs.append(res)
     command = command_line(args)
     written = write_report(runs, args.out, command=command)
