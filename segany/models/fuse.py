@@ -25,10 +25,11 @@ def onednn_available() -> bool:
 
 class ConvGELU(nn.Module):
     """Inference-only ``gelu(conv(x) [+ residual])`` with the folded weights of a
-    convolution. On the CPU (float32) it is one oneDNN call whose GELU (exact, erf) and
-    residual sum run in the convolution's epilogue, so the activation never makes a
-    separate pass over memory; elsewhere, or with ``onednn=False`` (ONNX export), the
-    same plain operators. Input and output ``(B, C, H, W)``."""
+    convolution. On the CPU (float32) it is one oneDNN call whose GELU (exact, erf), or
+    residual sum, runs in the convolution's epilogue (with both, GELU follows in place),
+    so the activation makes no separate out-of-place pass over memory; elsewhere, or with
+    ``onednn=False`` (ONNX export, other dtypes), the same plain operators. Input and
+    output ``(B, C, H, W)``."""
 
     def __init__(self, conv: nn.Conv2d, *, onednn: bool) -> None:
         super().__init__()
