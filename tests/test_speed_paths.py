@@ -225,23 +225,6 @@ def test_bf16_precision_embeds_with_a_bfloat16_encoder_copy() -> None:
         Predictor(sam, precision="bf16", backend="onnx")
 
 
-@pytest.mark.parametrize("size", [(14, 14), (13, 20), (5, 3), (64, 64), (9, 7)])
-def test_window_partition_and_merge_equal_pad_and_reshape(size) -> None:
-    """One-pass window partition (zero padding) and merge (crop) == pad, reshape, crop."""
-    from segany.models.tiny_vit import window_merge, window_partition
-
-    win, (h, w) = 7, size
-    x = torch.randn(2, h, w, 5)
-    ph, pw = -h % win, -w % win
-    padded = F.pad(x, (0, 0, 0, pw, 0, ph))
-    hp, wp = h + ph, w + pw
-    ref = padded.reshape(2, hp // win, win, wp // win, win, 5).transpose(2, 3)
-    ref = ref.reshape(-1, win * win, 5)
-    got = window_partition(x, win)
-    assert torch.equal(got, ref)
-    assert torch.equal(window_merge(got * 2, win, h, w), x * 2)
-
-
 def test_selected_outputs_equal_all_outputs() -> None:
     """Decoding only the needed mask outputs (the final attention over fewer tokens) gives
     those outputs of the full decode."""

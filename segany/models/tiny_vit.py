@@ -140,47 +140,6 @@ class Mlp(nn.Module):
         return self.fc2(y) if residual is None else linear_plus(self.fc2, y, residual)
 
 
-def _tiles(n: int, win: int) -> list[tuple[slice, slice, slice]]:
-    """An axis of ``n`` positions cut by windows of ``win``: ``(positions, window index,
-    offset in the window)`` ranges of the full windows, then of the partial last one."""
-    full, rem = divmod(n, win)
-    parts = [(slice(0, full * win), slice(0, full), slice(None))] if full else []
-    if rem:
-        parts.append((slice(full * win, n), slice(full, full + 1), slice(0, rem)))
-    return parts
-
-
-def window_partition(x: torch.Tensor, win: int) -> torch.Tensor:
-    """``(B, H, W, C)`` -> windows ``(B * nh * nw, win * win, C)``, the bottom/right ones
-    zero-padded; written in one pass (no padded copy of the map first)."""
-    b, h, w, c = x.shape
-    nh, nw = -(-h // win), -(-w // win)
-    out = x.new_empty(b, nh, nw, win, win, c)
-    grid = out.transpose(2, 3)  # (B, nh, win, nw, win, C): rows and columns of the map
-    for rows, wr, ir in _tiles(h, win):
-        for cols, wc, ic in _tiles(w, win):
-            dst = grid[:, wr, ir, wc, ic]
-            dst.copy_(x[:, rows, cols].unflatten(1, dst.shape[1:3]).unflatten(3, dst.shape[3:5]))
-    if h % win:
-        grid[:, -1, h % win :] = 0
-    if w % win:
-        grid[:, :, :, -1, w % win :] = 0
-    return out.view(-1, win * win, c)
-
-
-def window_merge(t: torch.Tensor, win: int, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: windows ``(B * nh * nw, win * win, C)`` ->
-    ``(B, h, w, C)`` without the padding, in one pass."""
-    nh, nw, c = -(-h // win), -(-w // win), t.shape[-1]
-    grid = t.view(-1, nh, nw, win, win, c).transpose(2, 3)
-    out = t.new_empty(grid.shape[0], h, w, c)
-    for rows, wr, ir in _tiles(h, win):
-        for cols, wc, ic in _tiles(w, win):
-            src = grid[:, wr, ir, wc, ic]
-            out[:, rows, cols].unflatten(1, src.shape[1:3]).unflatten(3, src.shape[3:5]).copy_(src)
-    return out
-
-
 class TinyViTBlock(nn.Module):
     """Windowed attention (residual), depth-wise 3x3 conv, MLP (residual).
 
@@ -195,12 +154,19 @@ class TinyViTBlock(nn.Module):
         self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, _, h, w = x.shape
+        b, c, h, w = x.shape
+        win = self.window
+        ph, pw = (win - h % win) % win, (win - w % win) % win
         t = x.permute(0, 2, 3, 1)
-        t = self.attn.attend(window_partition(t, self.window))
+        if ph or pw:
+            t = F.pad(t, (0, 0, 0, pw, 0, ph))
+        hp, wp = h + ph, w + pw
+        t = t.reshape(b, hp // win, win, wp // win, win, c).transpose(2, 3)
+        t = self.attn.attend(t.reshape(-1, win * win, c))
+        t = t.view(b, hp // win, wp // win, win, win, c).transpose(2, 3).reshape(b, hp, wp, c)
         # the output projection is per token: applied after dropping the padded windows'
         # extra tokens, with the residual added in the same step
-        x = linear_plus(self.attn.proj, window_merge(t, self.window, h, w), x.permute(0, 2, 3, 1))
+        x = linear_plus(self.attn.proj, t[:, :h, :w], x.permute(0, 2, 3, 1))
         x = self.local_conv(x.permute(0, 3, 1, 2))
         t = x.permute(0, 2, 3, 1)
         return self.mlp(t, residual=t).permute(0, 3, 1, 2)
