@@ -28,7 +28,7 @@ from .runtime import keep_freed_memory
 # Prompts decoded together on the CPU. Each prompt carries its own (4096, 256) image-token
 # state and (64, 128, 128) + (32, 256, 256) upscaling maps (4 + 4 + 8 MB), and the decoder's
 # element-wise passes (adds, layer norms, GELU) are bound by memory traffic, so large
-# batches are slower per prompt, not faster. On the 2-core AVX2 machine (2 MB L2 per core),
+# batches are slower per prompt, not faster. On this 2-core machine (2 MB L2 per core),
 # `benchmarks/bench_decode_chunk.py` (ms per prompt, median of 5, 2 threads, two runs):
 # chunk 1: 19.0 / 20.3, 2: 27.1 / 27.8, 4: 27.3, 8: 35.8, 64: 41.3 / 35.2.
 # Results do not depend on it (same logits to float rounding).
@@ -428,37 +428,19 @@ class Predictor:
         """One prompt without a mask input on the torch backend: only the image tokens are
         upscaled for the masks; the low-res logits under the padding are computed from the
         kept decoder state when :attr:`Prediction.low_res_logits` is first read."""
-        st, m = self.state, self.model
-        grid = tuple(m.prompt_encoder.image_embedding_size)
-        crop = T.image_tokens(st.input_size, m.img_size, grid)
+        crop = self._image_tokens()
         keep: dict = {}
-        dev = m.device
         with torch.inference_mode():
-            low, iou = m.decode(
-                st.embedding.to(dev),
-                point_coords=None if point_coords is None else point_coords.to(dev),
-                point_labels=None if point_labels is None else point_labels.to(dev),
-                boxes=None if boxes is None else boxes.to(dev),
-                multimask_output=multimask_output,
-                context=self._decoder_context(),
-                crop_tokens=crop,
-                keep=keep,
+            low, iou = self._decode_torch(
+                point_coords, point_labels, boxes, None, multimask_output, crop, keep=keep
             )
-            side = m.prompt_encoder.mask_input_size
-            if tuple(low.shape[-2:]) != tuple(side):
-                pad = (0, side[1] - low.shape[-1], 0, side[0] - low.shape[-2])
-                low = torch.nn.functional.pad(low, pad)
-            masks = T.masks_to_image(
-                low, input_size=st.input_size, original_size=st.original_size, img_size=m.img_size
-            )
-            if not return_logits:
-                masks = masks > m.mask_threshold
-        decoder = m.mask_decoder
+            low = self._full_low_res(low)
+            masks = self._to_image(low, return_logits)
+        decoder = self.model.mask_decoder
 
         def fill() -> np.ndarray:
-            if crop != grid:
-                with torch.inference_mode():
-                    decoder.fill_outside_crop(low, keep, crop)
+            with torch.inference_mode():  # a no-op when the crop is the whole grid
+                decoder.fill_outside_crop(low, keep, crop)
             keep.clear()
             return low.cpu().numpy()
 
@@ -475,20 +457,38 @@ class Predictor:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Model-frame prompts (already transformed) -> masks ``(B, K, H, W)``, IoUs
         ``(B, K)``, low-res logits ``(B, K, S/4, S/4)``."""
-        st = self.state
         with torch.inference_mode():
             low_res, iou = self.decode_low_res(
                 point_coords, point_labels, boxes, mask_input, multimask_output
             )
-            masks = T.masks_to_image(
-                low_res,
-                input_size=st.input_size,
-                original_size=st.original_size,
-                img_size=self.model.img_size,
-            )
-            if not return_logits:
-                masks = masks > self.model.mask_threshold
+            masks = self._to_image(low_res, return_logits)
         return masks.cpu(), iou.cpu(), low_res.cpu()
+
+    def _to_image(self, low_res: torch.Tensor, return_logits: bool) -> torch.Tensor:
+        """Low-res logits ``(B, K, S/4, S/4)`` -> masks (or logits) at image size."""
+        st = self.state
+        masks = T.masks_to_image(
+            low_res,
+            input_size=st.input_size,
+            original_size=st.original_size,
+            img_size=self.model.img_size,
+        )
+        return masks if return_logits else masks > self.model.mask_threshold
+
+    def _full_low_res(self, low: torch.Tensor) -> torch.Tensor:
+        """Logits of a ``crop_tokens`` decode zero-padded back to ``(B, K, S/4, S/4)``."""
+        side = self.model.prompt_encoder.mask_input_size
+        if tuple(low.shape[-2:]) == tuple(side):
+            return low
+        return torch.nn.functional.pad(
+            low, (0, side[1] - low.shape[-1], 0, side[0] - low.shape[-2])
+        )
+
+    def _image_tokens(self) -> tuple[int, int]:
+        """The token rows and columns under the current image (see
+        :func:`~segany.transforms.image_tokens`)."""
+        grid = tuple(self.model.prompt_encoder.image_embedding_size)
+        return T.image_tokens(self.state.input_size, self.model.img_size, grid)
 
     def decode_low_res(
         self,
@@ -516,18 +516,11 @@ class Predictor:
                     mask_input=mask_input,
                     multimask_output=multimask_output,
                 )
-            crop = None
-            if image_only:
-                grid = tuple(self.model.prompt_encoder.image_embedding_size)
-                crop = T.image_tokens(self.state.input_size, self.model.img_size, grid)
+            crop = self._image_tokens() if image_only else None
             low, iou = self._decode_torch(
                 point_coords, point_labels, boxes, mask_input, multimask_output, crop
             )
-            side = self.model.prompt_encoder.mask_input_size
-            if tuple(low.shape[-2:]) != tuple(side):
-                pad = (0, side[1] - low.shape[-1], 0, side[0] - low.shape[-2])
-                low = torch.nn.functional.pad(low, pad)
-            return low, iou
+            return self._full_low_res(low), iou
 
     def _decode_torch(
         self,
@@ -537,7 +530,9 @@ class Predictor:
         mask_input: torch.Tensor | None,
         multimask_output: bool,
         crop_tokens: tuple[int, int] | None = None,
+        keep: dict | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keep`` (one chunk only): see :meth:`~segany.models.Sam.decode`."""
         dev = self.model.device
         prompts = [point_coords, point_labels, boxes, mask_input]
         n = next(len(t) for t in prompts if t is not None)
@@ -560,6 +555,7 @@ class Predictor:
                     multimask_output=multimask_output,
                     context=context,
                     crop_tokens=crop_tokens,
+                    keep=keep,
                 )
             )
         if len(outs) == 1:

@@ -237,7 +237,7 @@ def _resize_matrix(n_low: int, factor: float, n_kept: int, n_out: int) -> torch.
 @functools.lru_cache(maxsize=64)
 def _banded_resize(
     n_low: int, factor: float, n_kept: int, n_out: int, tile: int = 32
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_resize_matrix` cut into tiles of ``tile`` output rows, each reading a window
     of ``cw`` consecutive input rows (every row of the matrix has at most 4 non-zeros):
     window starts as a gather index ``(tiles, cw)`` and weights ``(tiles, tile, cw)``, so
@@ -257,7 +257,7 @@ def _banded_resize(
         w[t, : block.shape[0]] = block[:, idx[t]]
         # the window holds every non-zero of its rows
         assert torch.equal(w[t, : block.shape[0]].sum(1), block.sum(1))
-    return idx, w, n_out
+    return idx, w
 
 
 def masks_to_image(
@@ -286,15 +286,15 @@ def masks_to_image(
     # intermediate (always the case when the image is smaller than the model input).
     if big_h * big_w < h * w and side_w * (side_w + big_w) * big_h < 400 * (h * w + big_h * big_w):
         dev, dt = low_res.device, low_res.dtype
-        iy, wy, ny = _banded_resize(side_h, factor, h, big_h)
-        ix, wx, nx = _banded_resize(side_w, factor, w, big_w)
+        iy, wy = _banded_resize(side_h, factor, h, big_h)
+        ix, wx = _banded_resize(side_w, factor, w, big_w)
         # Both as products on the left (gathered rows): x on the transposed low-res map.
         rows, cols = int(iy[-1, -1]) + 1, int(ix[-1, -1]) + 1  # the cells any pixel reads
         lt = low_res[..., :rows, :cols].transpose(-1, -2).contiguous()  # (..., cols, rows)
-        zt = (wx.to(dev, dt) @ lt[..., ix.to(dev), :]).flatten(-3, -2)[..., :nx, :]
+        zt = (wx.to(dev, dt) @ lt[..., ix.to(dev), :]).flatten(-3, -2)[..., :big_w, :]
         z = zt.transpose(-1, -2).contiguous()  # (..., rows, W)
         out = (wy.to(dev, dt) @ z[..., iy.to(dev), :]).flatten(-3, -2)
-        return out if out.shape[-2] == ny else out[..., :ny, :]
+        return out if out.shape[-2] == big_h else out[..., :big_h, :]
     rows = min(side_h, math.ceil(h / factor) + 1)
     cols = min(side_w, math.ceil(w / factor) + 1)
     x = low_res[..., :rows, :cols]

@@ -89,6 +89,15 @@ def test_onednn_fused_activations_equal_plain_operators() -> None:
             torch.testing.assert_close(fast(x), F.gelu(conv(x)), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(fast(x, r), plain(x, r), atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(plain(x, r), F.gelu(conv(x) + r))
+    # MBConv in row strips (maps taller than two strips) == all rows at once
+    block = next(
+        m for m in fuse_for_inference(tiny_tinyvit_sam()).modules() if isinstance(m, FusedMBConv)
+    )
+    x = torch.randn(1, block.conv1.weight.shape[1], 75, 9).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        whole = block.conv3(block.conv2(block.conv1(x)), x)
+        torch.testing.assert_close(block(x), whole, atol=1e-5, rtol=1e-5)
+    assert x.shape[2] > 2 * block.strip_rows
     fused = fuse_for_inference(copy.deepcopy(tiny_tinyvit_sam()))
     kinds = {type(m) for m in fused.image_encoder.modules()}
     assert {ConvGELU, FusedMBConv, OneDNNLinear} <= kinds

@@ -190,4 +190,4 @@ class MaskDecoder(nn.Module):
             src = src[:, :, : crop_tokens[0], : crop_tokens[1]]
         masks = self.upscale(src, hyper_in)
         iou = self.iou_prediction_head(iou_token_out)
-        return masks, iou if len(outputs) == self.num_mask_tokens else iou[:, outputs]
+        return masks, (iou if len(outputs) == self.num_mask_tokens else iou[:, outputs])

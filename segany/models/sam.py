@@ -61,8 +61,6 @@ class Sam(nn.Module):
         ``valid``: ``(h, w)`` covered by the images in the model frame, the rest being the
         zero padding :func:`~segany.transforms.to_model_input` adds; encoders that can
         skip work under the padding (TinyViT's convolutional stage) use it."""
-        if valid is None:
-            return self.image_encoder(images)
         return self.image_encoder(images, valid=valid)
 
     def prepare_decoder(self, image_embeddings: torch.Tensor) -> DecoderContext:
