@@ -170,11 +170,15 @@ def to_model_input(
     h, w = resized.shape[:2]
     if h > img_size or w > img_size:  # pragma: no cover - resize_image guarantees it
         raise ValueError(f"input {h}x{w} is larger than the model input {img_size}")
-    dev = pixel_mean.device
-    x = torch.zeros(1, img_size, img_size, 3, device=dev)
-    x[0, :h, :w].copy_(torch.from_numpy(resized)).sub_(pixel_mean.reshape(3)).div_(
-        pixel_std.reshape(3)
-    )
+    x = torch.empty(1, img_size, img_size, 3, device=pixel_mean.device)
+    # Rows of w * 3 interleaved values, with the per-channel constants repeated along
+    # them: the element-wise kernels then vectorise along the rows (broadcasting over a
+    # last axis of size 3 does not), same operations in the same order per value.
+    rows = x[0, :h].view(h, img_size * 3)
+    rows[:, : w * 3].copy_(torch.from_numpy(resized).view(h, w * 3))
+    rows[:, : w * 3].sub_(pixel_mean.reshape(3).repeat(w)).div_(pixel_std.reshape(3).repeat(w))
+    rows[:, w * 3 :].zero_()
+    x[0, h:].zero_()
     return x.permute(0, 3, 1, 2), (h, w)
 
 

@@ -175,41 +175,66 @@ def test_decoder_context_matches_full_decoder() -> None:
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_stage0_under_padding_from_the_zero_run(fused: bool) -> None:
-    """TinyViT's stage 0 on the image plus a margin, the rest copied from its output for
-    an all-zero input, equals stage 0 on the whole padded input; an image reaching into
-    what ``valid`` calls padding is not (the check can fail)."""
-    sam = tiny_tinyvit_sam(6)
+def test_first_stages_under_padding_from_the_zero_run(fused: bool) -> None:
+    """TinyViT's first stages on crops of the image plus a margin, the rest copied from
+    their output for an all-zero input, equal the stages on the whole padded input; an
+    image reaching into what ``valid`` calls padding does not (the check can fail)."""
+    torch.manual_seed(7)
+    sam = vit_t(
+        img_size=256,
+        embed_dims=(16, 32, 40, 48),
+        depths=(1, 1, 2, 1),
+        num_heads=(1, 2, 2, 3),
+        window_sizes=(7, 7, 7, 7),
+        num_classes=0,
+    ).eval()
+    for m in sam.modules():
+        if hasattr(m, "attention_biases"):
+            nn.init.normal_(m.attention_biases, std=0.5)
     if fused:
         sam = fuse_for_inference(sam)
     enc = sam.image_encoder
-    assert enc._stage0_geometry() == (8, 11)  # 3x3 s2, 3x3 s2, one 3x3 MBConv, 3x3 s2
+    # stage 0: 3x3 s2, 3x3 s2, one 3x3 MBConv, 3x3 s2 (crops end on 16 px);
+    # stage 1: one block (7-window attention, 3x3 local conv), 3x3 s2 merge (7-cell crops)
+    assert enc._geometry(0) == (8, 11, 16)
+    assert enc._geometry(1) == (2, 6 + 1 + 1, 7)
     fmt = torch.channels_last if fused else torch.contiguous_format
-    seen = []
-    enc.patch_embed.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[-2:]))
+    seen: list[tuple[int, ...]] = []
+    for i, first in enumerate([enc.patch_embed, *enc.layers[1:]]):
+        first.register_forward_pre_hook(lambda m, a, i=i: seen.append((i, *a[0].shape[-2:])))
     gen = torch.Generator().manual_seed(0)
-    # (h, w, cropped): 97 rows need 116 rows of input for the exact cells -> no crop
+    # (h, w, stages cropped): a 24-row image needs 48 input rows for stage 0 and 21 of the
+    # 32 rows of stage 1's input; 100 or 220 rows need 128 or 240 of 256 in stage 0 and all
+    # of stage 1; 230 rows all of stage 0
     for h, w, cropped in [
-        (40, 128, True),
-        (128, 50, True),
-        (97, 128, False),
-        (12, 128, True),
-        (128, 128, False),
+        (24, 256, 2),
+        (256, 30, 2),
+        (24, 30, 2),
+        (100, 256, 1),
+        (220, 256, 1),
+        (230, 256, 0),
+        (256, 256, 0),
     ]:
-        x = torch.randn(2, 3, 128, 128, generator=gen)
+        x = torch.randn(2, 3, 256, 256, generator=gen)
         x[:, :, h:] = 0
         x[:, :, :, w:] = 0
         x = x.contiguous(memory_format=fmt)
         seen.clear()
         with torch.inference_mode():
-            full, part = enc._stage0(x), enc._stage0_cropped(x, (h, w))
+            part, start = enc._run_cropped(x, (h, w))
+            full = x
+            for stage in enc._stages()[:start]:
+                full = stage(full)
             torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(enc(x, valid=(h, w)), enc(x), atol=1e-5, rtol=1e-5)
-        assert any(tuple(s) != (128, 128) for s in seen) == cropped
-    x = torch.randn(1, 3, 128, 128, generator=gen).contiguous(memory_format=fmt)
+        assert start == cropped
+        crops = {(i, *hw) for i, *hw in seen if i < start and tuple(hw) != (256 >> 3 * i,) * 2}
+        assert len({c[0] for c in crops}) == cropped, seen
+    x = torch.randn(1, 3, 256, 256, generator=gen).contiguous(memory_format=fmt)
     with torch.inference_mode():
-        wrong = (enc._stage0_cropped(x, (40, 128)) - enc._stage0(x)).abs().max()
-    assert wrong > 1e-3
+        part, start = enc._run_cropped(x, (24, 256))
+        wrong = (part - enc._stages()[1](enc._stages()[0](x))).abs().max()
+    assert start == 2 and wrong > 1e-3
 
 
 def test_bf16_precision_embeds_with_a_bfloat16_encoder_copy() -> None:

@@ -135,6 +135,16 @@ def test_model_input_is_normalised_and_padded(rgb_image):
     assert (x[..., 85:, :] == 0).all()
     resized = T.resize_image(rgb_image, 128)
     torch.testing.assert_close(x[0, 0, :85], (torch.from_numpy(resized[..., 0]).float() - 10) / 2)
+    # bit-equal to the plain (B, 3, h, w) normalise-then-pad, landscape and portrait,
+    # with the real constants and padding on either axis
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+    for img in (rgb_image, np.ascontiguousarray(rgb_image.transpose(1, 0, 2))):
+        x, size = T.to_model_input(img, img_size=128, pixel_mean=mean, pixel_std=std)
+        plain = torch.from_numpy(T.resize_image(img, 128)).permute(2, 0, 1)[None].float()
+        want = T.normalize_and_pad(plain, img_size=128, pixel_mean=mean, pixel_std=std)
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x, want), size
 
 
 def test_masks_to_image_geometry():

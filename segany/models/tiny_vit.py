@@ -10,6 +10,7 @@ Input ``(B, 3, S, S)`` normalised pixels (``S = img_size``, 1024 for MobileSAM);
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -288,64 +289,106 @@ class TinyViT(nn.Module):
         """``(B, 3, S, S)`` -> ``(B, out_chans, S/16, S/16)``.
 
         ``valid``: ``(h, w)`` of the images inside ``x``, the rest being zeros at the
-        bottom/right (the padding of :func:`~segany.transforms.to_model_input`). Stage 0 is
-        then computed on the image plus a margin wider than its receptive field, and its
-        output under the rest of the padding is copied from its output for an all-zero
-        input (computed once per size and weights): every output cell there reads only
-        zeros in both. The same values up to float rounding, less work for images that are
-        not square."""
-        x = self._stage0(x) if valid is None else self._stage0_cropped(x, valid)
-        for layer in self.layers[1:]:
-            x = layer(x)
+        bottom/right (the padding of :func:`~segany.transforms.to_model_input`). The first
+        stages are then computed on the image plus a margin wider than their receptive
+        field, and their output under the rest of the padding is copied from their output
+        for an all-zero input (computed once per size and weights): every output cell
+        there reads only zeros in both. The same values up to float rounding, less work
+        for images that are not square (see :meth:`_run_cropped`)."""
+        stages = self._stages()
+        start = 0
+        if valid is not None:
+            x, start = self._run_cropped(x, valid)
+        for stage in stages[start:]:
+            x = stage(x)
         return self.neck(x)
 
-    def _stage0(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers[0](self.patch_embed(x))
+    def _stages(self) -> list[nn.Module]:
+        """The four stages as callables: patch embedding + stage 0, then stages 1-3 (each
+        with the patch merging that ends it)."""
+        return [nn.Sequential(self.patch_embed, self.layers[0]), *self.layers[1:]]
 
-    def _stage0_geometry(self) -> tuple[int, int]:
-        """``(stride, reach)`` of stage 0: its output cell ``r`` reads input rows
-        ``stride * r - reach .. stride * r + reach`` (each convolution with kernel ``k``
-        and stride ``s``, padded by ``k // 2``, reads ``s * j +- k // 2``)."""
-        stride, reach = 1, 0
-        for m in [*self.patch_embed.modules(), *self.layers[0].modules()]:
+    def _geometry(self, i: int) -> tuple[int, int, int]:
+        """``(stride, reach, align)`` of stage ``i``: its output cell ``r`` reads input
+        cells ``stride * r - reach .. stride * r + reach`` (a convolution with kernel ``k``
+        and stride ``s``, padded by ``k // 2``, reads ``s * j +- k // 2``; windowed
+        attention reads up to ``window - 1`` cells away); a crop of the input must end on a
+        multiple of ``align`` input cells to keep the stage's windows and strides where
+        they are on the whole input."""
+        stride, reach, align = 1, 0, 1
+        if i == 0:
+            convs = [*self.patch_embed.modules(), *self.layers[0].modules()]
+        else:
+            layer = self.layers[i]
+            for blk in layer.blocks:
+                reach += blk.window - 1
+                align = math.lcm(align, blk.window)
+            convs = [m for blk in layer.blocks for m in blk.local_conv.modules()]
+            if layer.downsample is not None:
+                convs += list(layer.downsample.modules())
+        for m in convs:
             w = getattr(m, "weight", None)
             if w is not None and w.dim() == 4 and hasattr(m, "stride"):
                 reach += (w.shape[-1] // 2) * stride
                 stride *= int(m.stride[0])
-        return stride, reach
+        return stride, reach, math.lcm(align, 2 * stride) if i == 0 else align
 
-    def _stage0_cropped(self, x: torch.Tensor, valid: tuple[int, int]) -> torch.Tensor:
-        stride, reach = self._stage0_geometry()
-        sizes = x.shape[-2:]
-        crop, keep = [], []
-        for n, size in zip(valid, sizes):
-            # output cells from the all-zero run: r >= ceil((n + reach) / stride)
-            first_zero = -(-(n + reach) // stride)
-            # input extent whose cells r with stride * r + reach < extent are exact
-            extent = (first_zero - 1) * stride + reach + 1
-            extent = -(-extent // (2 * stride)) * (2 * stride)
-            if extent >= size:
-                crop.append(size)
-                keep.append(size // stride)
-            else:
-                crop.append(extent)
-                keep.append((extent - 1 - reach) // stride + 1)
-        if tuple(crop) == tuple(sizes):
-            return self._stage0(x)
-        zero = self._zero_stage0(x)
-        out = zero.expand(x.shape[0], -1, -1, -1).clone(memory_format=torch.channels_last)
-        part = self._stage0(x[:, :, : crop[0], : crop[1]])
-        out[:, :, : keep[0], : keep[1]] = part[:, :, : keep[0], : keep[1]]
-        return out
+    def _run_cropped(self, x: torch.Tensor, valid: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """Run the first stages on crops of their input; returns the output of the last
+        cropped stage (the same values as without crops, up to float rounding) and the
+        index of the next stage to run in full.
 
-    def _zero_stage0(self, x: torch.Tensor) -> torch.Tensor:
-        """Stage 0's output for an all-zero input like ``x`` (batch 1), cached per size,
-        device, dtype and the in-place versions of the stage's weights."""
-        params = [*self.patch_embed.parameters(), *self.layers[0].parameters()]
-        key = (x.shape[-2:], x.device, x.dtype, tuple(p._version for p in params))
+        Stage ``i``'s input equals its input for an all-zero image in every cell at or
+        below row ``z_r`` or at or right of column ``z_c`` (for the image: the padding).
+        Output cells whose reach lies there are copied from the stage's output for an
+        all-zero image; the others are computed from the top-left crop of the input that
+        holds their reach, rounded up to the stage's alignment. Cropping stops at the
+        first stage whose crop would be the whole input (stage 2's six 14-token windows
+        spread the image over the whole map)."""
+        stages = self._stages()
+        runs = self._zero_runs(x)
+        zero_from = valid
+        for i, stage in enumerate(stages):
+            stride, reach, align = self._geometry(i)
+            sizes = x.shape[-2:]
+            crop, keep = [], []
+            for z, size in zip(zero_from, sizes):
+                n_out = (size - 1) // stride + 1
+                first_zero = -(-(z + reach) // stride)  # cells r with stride*r - reach >= z
+                extent = (first_zero - 1) * stride + reach + 1
+                extent = -(-extent // align) * align
+                if first_zero >= n_out or extent >= size:
+                    crop.append(size)
+                    keep.append(n_out)
+                else:  # every cell r with stride * r + reach < extent is exact
+                    crop.append(extent)
+                    keep.append((extent - 1 - reach) // stride + 1)
+            if tuple(crop) == tuple(sizes):
+                return x, i
+            zero = self._zero_run(runs, i)
+            out = zero.expand(x.shape[0], -1, -1, -1).clone(memory_format=torch.channels_last)
+            part = stage(x[:, :, : crop[0], : crop[1]])
+            out[:, :, : keep[0], : keep[1]] = part[:, :, : keep[0], : keep[1]]
+            x, zero_from = out, tuple(keep)
+        return x, len(stages)
+
+    def _zero_runs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The stages' outputs (batch 1) for an all-zero encoder input like ``x``, as far
+        as computed so far (extend with :meth:`_zero_run`); cached per size, device, dtype
+        and the in-place versions of the weights."""
+        key = (x.shape[1:], x.device, x.dtype, tuple(p._version for p in self.parameters()))
         hit = getattr(self, "_zero_cache", None)
         if hit is None or hit[0] != key:
-            zeros = torch.zeros(1, *x.shape[1:], device=x.device, dtype=x.dtype)
-            hit = (key, self._stage0(zeros.contiguous(memory_format=torch.channels_last)))
+            hit = (key, [torch.zeros(1, *x.shape[1:], device=x.device, dtype=x.dtype)])
             self._zero_cache = hit
         return hit[1]
+
+    def _zero_run(self, runs: list[torch.Tensor], i: int) -> torch.Tensor:
+        """Stage ``i``'s output in ``runs`` (``runs[0]`` is the zero input; each stage's
+        zero run is computed from the one before)."""
+        stages = self._stages()
+        while len(runs) <= i + 1:
+            runs.append(
+                stages[len(runs) - 1](runs[-1].contiguous(memory_format=torch.channels_last))
+            )
+        return runs[i + 1]
