@@ -346,7 +346,7 @@ class TinyViT(nn.Module):
         first stage whose crop would be the whole input (stage 2's six 14-token windows
         spread the image over the whole map)."""
         stages = self._stages()
-        runs = self._zero_runs(x)
+        image, runs = x, self._zero_runs(x)
         zero_from = valid
         for i, stage in enumerate(stages):
             stride, reach, align = self._geometry(i)
@@ -365,7 +365,7 @@ class TinyViT(nn.Module):
                     keep.append((extent - 1 - reach) // stride + 1)
             if tuple(crop) == tuple(sizes):
                 return x, i
-            zero = self._zero_run(runs, i)
+            zero = self._zero_run(runs, i, image)
             out = zero.expand(x.shape[0], -1, -1, -1).clone(memory_format=torch.channels_last)
             part = stage(x[:, :, : crop[0], : crop[1]])
             out[:, :, : keep[0], : keep[1]] = part[:, :, : keep[0], : keep[1]]
@@ -379,16 +379,18 @@ class TinyViT(nn.Module):
         key = (x.shape[1:], x.device, x.dtype, tuple(p._version for p in self.parameters()))
         hit = getattr(self, "_zero_cache", None)
         if hit is None or hit[0] != key:
-            hit = (key, [torch.zeros(1, *x.shape[1:], device=x.device, dtype=x.dtype)])
+            hit = (key, [])
             self._zero_cache = hit
         return hit[1]
 
-    def _zero_run(self, runs: list[torch.Tensor], i: int) -> torch.Tensor:
-        """Stage ``i``'s output in ``runs`` (``runs[0]`` is the zero input; each stage's
-        zero run is computed from the one before)."""
+    def _zero_run(self, runs: list[torch.Tensor], i: int, like: torch.Tensor) -> torch.Tensor:
+        """Stage ``i``'s output in ``runs``, computing the missing ones (each from the one
+        before; stage 0's from zeros shaped like the encoder input ``like``)."""
         stages = self._stages()
-        while len(runs) <= i + 1:
-            runs.append(
-                stages[len(runs) - 1](runs[-1].contiguous(memory_format=torch.channels_last))
-            )
-        return runs[i + 1]
+        while len(runs) <= i:
+            if runs:
+                prev = runs[-1]
+            else:
+                prev = torch.zeros(1, *like.shape[1:], device=like.device, dtype=like.dtype)
+            runs.append(stages[len(runs)](prev.contiguous(memory_format=torch.channels_last)))
+        return runs[i]
