@@ -13,6 +13,11 @@ over all repetitions, the ratio of the reference's median to ours, and each work
 resident memory.
 
     python benchmarks/bench_model.py --reference-python /path/to/reference/venv/bin/python
+
+The images (``--images``): by default the three images of the reference goldens (one of
+them square, the case in which the padding of the model input saves nothing); or every
+image file in a folder, e.g. ``../shared/data/coco10/images`` (``--max-images`` caps them).
+The per-image table gives each image's median encoder time and ratio.
 """
 
 from __future__ import annotations
@@ -37,8 +42,13 @@ import numpy as np
 images = {}
 def load(path):
     if path not in images:
-        z = np.load(path)
-        images[path] = (z["image"], z["c0_point_coords"] if "c0_point_coords" in z.files else None)
+        if path.endswith(".npz"):
+            z = np.load(path)
+            images[path] = (z["image"], None)
+        else:
+            from PIL import Image, ImageOps
+            img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+            images[path] = (np.asarray(img), None)
     return images[path]
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
@@ -137,6 +147,12 @@ def main() -> None:
         help="OMP_WAIT_POLICY=PASSIVE for every worker: on a machine shared with other jobs,"
         " spinning OpenMP threads otherwise burn the time slices their partners need",
     )
+    ap.add_argument(
+        "--images",
+        default="golden",
+        help="'golden' (the reference goldens' three images) or a folder of image files",
+    )
+    ap.add_argument("--max-images", type=int, default=None, help="first N images of a folder")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -170,15 +186,29 @@ def main() -> None:
             )
         )
     import numpy as np
+    from PIL import Image, ImageOps
 
-    images = [str(REFERENCE / f) for f in IMAGES]
-    points = []
+    if args.images == "golden":
+        images = [str(REFERENCE / f) for f in IMAGES]
+    else:
+        suffixes = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+        images = sorted(str(p) for p in Path(args.images).iterdir() if p.suffix.lower() in suffixes)
+        if not images:
+            raise SystemExit(f"no image files in {args.images}")
+    images = images[: args.max_images]
+    points, shapes = [], []
     for f in images:
-        z = np.load(f)
-        h, w = z["image"].shape[:2]
+        if f.endswith(".npz"):
+            h, w = np.load(f)["image"].shape[:2]
+        else:
+            w, h = ImageOps.exif_transpose(Image.open(f)).size
         points.append([w / 2.0, h / 2.0])
+        shapes.append((h, w))
     ops = ("embed", "click", "embed_cpu", "click_cpu")
     times: dict[str, dict[str, list[float]]] = {w.name: {k: [] for k in ops} for w in workers}
+    per_image: dict[str, dict[str, list[float]]] = {
+        w.name: {f: [] for f in images} for w in workers
+    }
     for w in workers:  # warm-up: first calls allocate and (onnxruntime) plan
         w.ask(op="embed", image=images[0])
         w.ask(op="click", image=images[0], point=points[0])
@@ -187,6 +217,7 @@ def main() -> None:
             for w in workers:
                 wall, cpu = w.ask(op="embed", image=img)
                 times[w.name]["embed"].append(wall)
+                per_image[w.name][img].append(wall)
                 times[w.name]["embed_cpu"].append(cpu)
                 for _ in range(args.clicks):
                     wall, cpu = w.ask(op="click", image=img, point=pt)
@@ -229,6 +260,16 @@ def main() -> None:
             f"{1e3 * min(c):9.1f} / {1e3 * row['click_median']:6.1f}   {w.peak_mb:8.0f}"
             f" {ratio_e:>12s} {ratio_c:>14s}"
         )
+    if ref and len(images) > 1:
+        ours = [w.name for w in workers if w.name != ref]
+        print("per image: encoder median s, reference / " + " / ".join(ours) + " (ratios)")
+        for f, (h, w) in zip(images, shapes):
+            r = statistics.median(per_image[ref][f])
+            cells = []
+            for name in ours:
+                o = statistics.median(per_image[name][f])
+                cells.append(f"{o:.3f} ({r / o:.2f}x)")
+            print(f"  {Path(f).name[:28]:28s} {h:5d}x{w:<5d} {r:.3f} / " + " / ".join(cells))
     print("CPU time (process time of the worker; with --threads 1 it hardly depends on load):")
     for w in workers:
         e, c = med(w.name, "embed_cpu"), med(w.name, "click_cpu")
