@@ -235,6 +235,22 @@ def test_first_stages_under_padding_from_the_zero_run(fused: bool) -> None:
         part, start = enc._run_cropped(x, (24, 256))
         wrong = (part - enc._stages()[1](enc._stages()[0](x))).abs().max()
     assert start == 2 and wrong > 1e-3
+    # the cached all-zero runs follow in-place changes of weights and batch-norm statistics
+    x[:, :, 24:] = 0
+    with torch.no_grad():
+        if fused:
+            enc.patch_embed.seq[0].weight.mul_(1.5)
+        else:
+            next(m for m in enc.modules() if isinstance(m, nn.BatchNorm2d)).running_mean.add_(1.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(enc(x, valid=(24, 256)), enc(x), atol=1e-5, rtol=1e-5)
+    if not fused:  # training mode ignores `valid` (batch statistics of a crop would differ)
+        enc.train()
+        seen.clear()
+        with torch.no_grad():
+            enc(x, valid=(24, 256))
+        assert all(tuple(hw) == (256 >> 3 * i,) * 2 for i, *hw in seen if i < 2), seen
+        enc.eval()
 
 
 def test_bf16_precision_embeds_with_a_bfloat16_encoder_copy() -> None:

@@ -294,10 +294,11 @@ class TinyViT(nn.Module):
         field, and their output under the rest of the padding is copied from their output
         for an all-zero input (computed once per size and weights): every output cell
         there reads only zeros in both. The same values up to float rounding, less work
-        for images that are not square (see :meth:`_run_cropped`)."""
+        for images that are not square (see :meth:`_run_cropped`). Ignored in training mode
+        (batch norms then normalise with the statistics of what they see)."""
         stages = self._stages()
         start = 0
-        if valid is not None:
+        if valid is not None and not self.training:
             x, start = self._run_cropped(x, valid)
         for stage in stages[start:]:
             x = stage(x)
@@ -375,8 +376,9 @@ class TinyViT(nn.Module):
     def _zero_runs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The stages' outputs (batch 1) for an all-zero encoder input like ``x``, as far
         as computed so far (extend with :meth:`_zero_run`); cached per size, device, dtype
-        and the in-place versions of the weights."""
-        key = (x.shape[1:], x.device, x.dtype, tuple(p._version for p in self.parameters()))
+        and the in-place versions of the weights and buffers (batch-norm statistics)."""
+        state = [*self.parameters(), *self.buffers()]
+        key = (x.shape[1:], x.device, x.dtype, tuple(t._version for t in state))
         hit = getattr(self, "_zero_cache", None)
         if hit is None or hit[0] != key:
             hit = (key, [])
