@@ -99,13 +99,14 @@ class SamPredictor:
             pixel_mean=m.pixel_mean,
             pixel_std=m.pixel_std,
         )
+        size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
         with torch.inference_mode():
-            emb = m.embed_image(x)
+            emb = m.embed_image(x, valid=size)  # the rest is the zero padding added above
         self._predictor.set_embedding(
             ImageEmbedding(
                 embedding=emb,
                 original_size=(int(original_image_size[0]), int(original_image_size[1])),
-                input_size=(int(transformed_image.shape[-2]), int(transformed_image.shape[-1])),
+                input_size=size,
             )
         )
 
