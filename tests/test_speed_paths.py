@@ -38,11 +38,12 @@ from segany.runtime import available_cpus, get_threads, set_threads
 from .conftest import SHARED_REFERENCE
 
 
-def tiny_tinyvit_sam(seed: int = 0):
-    """MobileSAM's architecture at 128 px with narrow stages and random BN statistics."""
+def tiny_tinyvit_sam(seed: int = 0, img_size: int = 128):
+    """MobileSAM's architecture at ``img_size`` px with narrow stages and random BN
+    statistics."""
     torch.manual_seed(seed)
     sam = vit_t(
-        img_size=128,
+        img_size=img_size,
         embed_dims=(16, 32, 40, 48),
         depths=(1, 1, 2, 1),
         num_heads=(1, 2, 2, 3),
@@ -179,18 +180,7 @@ def test_first_stages_under_padding_from_the_zero_run(fused: bool) -> None:
     """TinyViT's first stages on crops of the image plus a margin, the rest copied from
     their output for an all-zero input, equal the stages on the whole padded input; an
     image reaching into what ``valid`` calls padding does not (the check can fail)."""
-    torch.manual_seed(7)
-    sam = vit_t(
-        img_size=256,
-        embed_dims=(16, 32, 40, 48),
-        depths=(1, 1, 2, 1),
-        num_heads=(1, 2, 2, 3),
-        window_sizes=(7, 7, 7, 7),
-        num_classes=0,
-    ).eval()
-    for m in sam.modules():
-        if hasattr(m, "attention_biases"):
-            nn.init.normal_(m.attention_biases, std=0.5)
+    sam = tiny_tinyvit_sam(7, img_size=256)
     if fused:
         sam = fuse_for_inference(sam)
     enc = sam.image_encoder
