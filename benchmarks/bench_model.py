@@ -56,14 +56,17 @@ for line in sys.stdin:
     if cmd["op"] == "quit":
         break
     img, _ = load(cmd["image"])
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     c, t = time.process_time(), time.perf_counter()
     if cmd["op"] == "embed":
         set_image(img)
     else:
         click(np.array([cmd["point"]], dtype=np.float64))
     dt, dc = time.perf_counter() - t, time.process_time() - c
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": dt, "cpu": dc, "peak_mb": rss}), flush=True)
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    out = {"seconds": dt, "cpu": dc, "peak_mb": r1.ru_maxrss / 1024}
+    out.update(sys=r1.ru_stime - r0.ru_stime, faults=r1.ru_minflt - r0.ru_minflt)
+    print(json.dumps(out), flush=True)
 """
 
 REFERENCE_SETUP = r"""
@@ -109,7 +112,9 @@ class Worker:
         if not line:
             raise RuntimeError(f"worker {name} failed to start")
 
-    def ask(self, **cmd) -> tuple[float, float]:
+    def ask(self, **cmd) -> dict[str, float]:
+        """One command; the worker's answer: seconds (wall), cpu and sys (process time, and
+        the part of it in the kernel), faults (minor page faults), peak_mb."""
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -117,7 +122,7 @@ class Worker:
             raise RuntimeError(f"worker {self.name} died")
         out = json.loads(line)
         self.peak_mb = max(self.peak_mb, out["peak_mb"])
-        return out["seconds"], out["cpu"]
+        return out
 
     def close(self) -> None:
         try:
@@ -204,7 +209,7 @@ def main() -> None:
             w, h = ImageOps.exif_transpose(Image.open(f)).size
         points.append([w / 2.0, h / 2.0])
         shapes.append((h, w))
-    ops = ("embed", "click", "embed_cpu", "click_cpu")
+    ops = ("embed", "click", "embed_cpu", "click_cpu", "embed_sys", "embed_faults")
     times: dict[str, dict[str, list[float]]] = {w.name: {k: [] for k in ops} for w in workers}
     per_image: dict[str, dict[str, list[float]]] = {
         w.name: {f: [] for f in images} for w in workers
@@ -215,14 +220,16 @@ def main() -> None:
     for _ in range(args.rounds):
         for img, pt in zip(images, points):
             for w in workers:
-                wall, cpu = w.ask(op="embed", image=img)
-                times[w.name]["embed"].append(wall)
-                per_image[w.name][img].append(wall)
-                times[w.name]["embed_cpu"].append(cpu)
+                out = w.ask(op="embed", image=img)
+                times[w.name]["embed"].append(out["seconds"])
+                per_image[w.name][img].append(out["seconds"])
+                times[w.name]["embed_cpu"].append(out["cpu"])
+                times[w.name]["embed_sys"].append(out["sys"])
+                times[w.name]["embed_faults"].append(out["faults"])
                 for _ in range(args.clicks):
-                    wall, cpu = w.ask(op="click", image=img, point=pt)
-                    times[w.name]["click"].append(wall)
-                    times[w.name]["click_cpu"].append(cpu)
+                    out = w.ask(op="click", image=img, point=pt)
+                    times[w.name]["click"].append(out["seconds"])
+                    times[w.name]["click_cpu"].append(out["cpu"])
     for w in workers:
         w.close()
 
@@ -270,17 +277,29 @@ def main() -> None:
                 o = statistics.median(per_image[name][f])
                 cells.append(f"{o:.3f} ({r / o:.2f}x)")
             print(f"  {Path(f).name[:28]:28s} {h:5d}x{w:<5d} {r:.3f} / " + " / ".join(cells))
-    print("CPU time (process time of the worker; with --threads 1 it hardly depends on load):")
+    print(
+        "CPU time (process time of the worker; with --threads 1 it hardly depends on load),"
+        " of it in the kernel (sys), and minor page faults per encoder call (medians):"
+    )
     for w in workers:
         e, c = med(w.name, "embed_cpu"), med(w.name, "click_cpu")
-        rows[w.name].update(encoder_cpu_median=e, click_cpu_median=c)
+        e_sys, faults = med(w.name, "embed_sys"), med(w.name, "embed_faults")
+        rows[w.name].update(
+            encoder_cpu_median=e,
+            click_cpu_median=c,
+            encoder_sys_median=e_sys,
+            encoder_page_faults_median=faults,
+        )
         ratio = ""
         if ref and w.name != ref:
             ratio = (
                 f"   ref/ours enc {med(ref, 'embed_cpu') / e:.2f}x"
                 f"  click {med(ref, 'click_cpu') / c:.2f}x"
             )
-        print(f"{w.name:18s} encoder {e:7.3f} s   click {1e3 * c:7.1f} ms{ratio}")
+        print(
+            f"{w.name:18s} encoder {e:7.3f} s (sys {e_sys:5.3f} s, {faults:7.0f} faults)"
+            f"   click {1e3 * c:7.1f} ms{ratio}"
+        )
     load = os.getloadavg()
     print(f"load average during the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if args.json:

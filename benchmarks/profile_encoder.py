@@ -22,6 +22,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument(
+        "--by-shape", action="store_true", help="split each operator by its input shapes"
+    )
     args = ap.parse_args()
 
     from torch.profiler import ProfilerActivity, profile
@@ -40,15 +43,17 @@ def main() -> None:
         pred.set_image(image)
     wall = (time.perf_counter() - t) / args.runs
     print(f"set_image: {wall * 1e3:.1f} ms ({args.threads} threads, {image.shape[:2]})")
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:
         for _ in range(args.runs):
             pred.set_image(image)
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    averages = prof.key_averages(group_by_input_shape=args.by_shape)
+    events = sorted(averages, key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in events) / args.runs / 1e3
     print(f"per image under the profiler: {total:.1f} ms in torch operators")
     for e in events[: args.rows]:
         ms = e.self_cpu_time_total / args.runs / 1e3
-        print(f"{ms:8.2f} ms {e.count // args.runs:5d} calls  {e.key}")
+        shapes = f"  {[s for s in e.input_shapes if s][:3]}" if args.by_shape else ""
+        print(f"{ms:8.2f} ms {e.count // args.runs:5d} calls  {e.key}{shapes}")
 
 
 if __name__ == "__main__":
