@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,6 +21,7 @@ from segany.models.fuse import fuse_for_inference, onednn_available  # noqa: E40
 from segany.predictor import Predictor  # noqa: E402
 
 from .conftest import SHARED_REFERENCE  # noqa: E402
+from .golden import MOBILE_FILES, check_goldens  # noqa: E402
 from .test_speed_paths import tiny_tinyvit_sam  # noqa: E402
 
 
@@ -111,33 +110,8 @@ def _counted(used: list, name: str, run, sess, *args, **kwargs):
 @pytest.mark.weights
 @pytest.mark.skipif(not (SHARED_REFERENCE / "index.json").exists(), reason="no goldens")
 def test_onnx_backend_on_golden(mobile_sam, tmp_path) -> None:
+    """The onnxruntime backend on every case of the three MobileSAM goldens, same
+    tolerances as the torch model (tests/golden.py)."""
     pred = Predictor(mobile_sam, backend=OnnxBackend.from_model(mobile_sam, directory=tmp_path))
-    idx = json.loads((SHARED_REFERENCE / "index.json").read_text())
-    name = "mobilesam_astronaut.npz"
-    z = np.load(SHARED_REFERENCE / name)
-    width = z["image"].shape[1]
-    pred.set_image(z["image"])
-    np.testing.assert_allclose(pred.embedding.numpy(), z["embedding"], atol=5e-4)
-    for key, case in idx[name]["cases"].items():
-        out = pred.predict(
-            point_coords=np.array(case["point_coords"]) if "point_coords" in case else None,
-            point_labels=np.array(case["point_labels"]) if "point_labels" in case else None,
-            box=np.array(case["box"]) if "box" in case else None,
-            multimask_output=case["multimask_output"],
-        )
-        ref = np.unpackbits(z[f"{key}_masks"], axis=-1, count=width).astype(bool)
-        np.testing.assert_allclose(out.scores, z[f"{key}_iou"], atol=1e-3)
-        np.testing.assert_allclose(out.low_res_logits, z[f"{key}_lowres"], atol=2e-2)
-        assert (out.masks != ref).sum() <= 25
-    r = idx[name]["refine"]
-    out = pred.predict(
-        point_coords=np.array(r["point_coords"]),
-        point_labels=np.array(r["point_labels"]),
-        mask_input=z["refine_mask_input"],
-        multimask_output=False,
-    )
-    ref = np.unpackbits(z["refine_masks"], axis=-1, count=width).astype(bool)
-    assert (out.masks != ref).sum() <= 25
-    out = pred.predict_batch(boxes=z["batch_boxes"], multimask_output=True)
-    ref = np.unpackbits(z["batch_masks"], axis=-1, count=width).astype(bool)
-    assert (out.masks != ref).sum() <= 25
+    for fname in MOBILE_FILES:
+        check_goldens(pred, fname)

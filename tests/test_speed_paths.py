@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import os
 
 import numpy as np
@@ -36,6 +35,7 @@ from segany.predictor import ImageEmbedding, Predictor
 from segany.runtime import available_cpus, get_threads, set_threads
 
 from .conftest import SHARED_REFERENCE
+from .golden import MOBILE_FILES, check_goldens
 
 
 def tiny_tinyvit_sam(seed: int = 0, img_size: int = 128):
@@ -355,28 +355,11 @@ def test_set_threads() -> None:
 @pytest.mark.weights
 @pytest.mark.skipif(not (SHARED_REFERENCE / "index.json").exists(), reason="no goldens")
 def test_fused_mobile_sam_on_goldens(mobile_sam) -> None:
+    """The fused model (every speed path on: oneDNN calls, strips, cropped stages) on every
+    case of the three MobileSAM goldens, same tolerances as the model as loaded."""
     model = fuse_for_inference(copy.deepcopy(mobile_sam))
-    pred = Predictor(model)
-    idx = json.loads((SHARED_REFERENCE / "index.json").read_text())
-    name = "mobilesam_astronaut.npz"
-    z = np.load(SHARED_REFERENCE / name)
-    width = z["image"].shape[1]
-    pred.set_image(z["image"])
-    np.testing.assert_allclose(pred.embedding.numpy(), z["embedding"], atol=5e-4)
-    for key, case in idx[name]["cases"].items():
-        out = pred.predict(
-            point_coords=np.array(case["point_coords"]) if "point_coords" in case else None,
-            point_labels=np.array(case["point_labels"]) if "point_labels" in case else None,
-            box=np.array(case["box"]) if "box" in case else None,
-            multimask_output=case["multimask_output"],
-        )
-        ref = np.unpackbits(z[f"{key}_masks"], axis=-1, count=width).astype(bool)
-        np.testing.assert_allclose(out.scores, z[f"{key}_iou"], atol=1e-3)
-        np.testing.assert_allclose(out.low_res_logits, z[f"{key}_lowres"], atol=2e-2)
-        assert (out.masks != ref).sum() <= 25
-    out = pred.predict_batch(boxes=z["batch_boxes"], multimask_output=True)
-    ref = np.unpackbits(z["batch_masks"], axis=-1, count=width).astype(bool)
-    assert (out.masks != ref).sum() <= 25
+    for fname in MOBILE_FILES:
+        check_goldens(Predictor(model), fname)
 
 
 def test_decoder_context_shared_by_predictors_and_refreshed_after_training() -> None:
