@@ -108,7 +108,13 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
         const=True,
         help="three candidates (default for a single point without box)",
     )
-    mm.add_argument("--single", dest="multimask", action="store_const", const=False)
+    mm.add_argument(
+        "--single",
+        dest="multimask",
+        action="store_const",
+        const=False,
+        help="one mask (default for a box or several points)",
+    )
     p.add_argument("--embedding-cache", help="folder keeping image embeddings across runs")
     _add_text_args(p)
     p.set_defaults(func=_run_segment, multimask=None)
