@@ -432,14 +432,14 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("weights", help="list, fetch and locate model checkpoints")
     wsub = p.add_subparsers(dest="weights_cmd", required=True)
     ls = wsub.add_parser("list", help="the catalogue, and what is cached")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=_run_weights_list)
     f = wsub.add_parser("fetch", help="download (or extract) a checkpoint into the cache")
-    f.add_argument("name")
+    f.add_argument("name", help="catalogue name (see segany weights list)")
     f.add_argument("--force", action="store_true", help="fetch again even if cached")
     f.set_defaults(func=_run_weights_fetch)
     pa = wsub.add_parser("path", help="print the cached path (fetching it if needed)")
-    pa.add_argument("name")
+    pa.add_argument("name", help="catalogue name (see segany weights list)")
     pa.set_defaults(func=_run_weights_path)
 
 

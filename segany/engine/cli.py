@@ -57,7 +57,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         const=True,
         help="require tokens (default when --host is not localhost)",
     )
-    auth.add_argument("--no-auth", dest="auth", action="store_const", const=False)
+    auth.add_argument(
+        "--no-auth",
+        dest="auth",
+        action="store_const",
+        const=False,
+        help="no tokens, even when --host is not localhost (anyone who reaches the port "
+        "can annotate)",
+    )
     p.add_argument("--cache-dir", help="embedding cache (default: ~/.cache/segany/embeddings)")
     p.add_argument(
         "--memory-items", type=int, default=16, help="embeddings kept in memory (default: 16)"
@@ -72,7 +79,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="create the annotator NAME (or give it a new token), print the token and exit",
     )
     p.add_argument("--admin", action="store_true", help="with --add-user: may create users")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="server log level (default: info)",
+    )
     p.set_defaults(func=run, auth=None)
 
 
