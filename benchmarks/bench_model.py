@@ -9,8 +9,9 @@ Each contestant is a separate worker process (so peak memory is its own), loaded
 given the same thread count. "encoder" = ``set_image`` on an image not seen before (resize,
 normalise, encode; segany's embedding cache is off); "click" = ``predict`` with one
 positive point, multimask output, masks at image size. Reported: the minimum and the median
-over all repetitions, the ratio of the reference's median to ours, and each worker's peak
-resident memory.
+over all repetitions, the ratio of the reference's median to ours, each worker's peak
+resident memory, and per encoder call its CPU time, the part of it spent in the kernel and
+its minor page faults (the reference's vary from process to process and move its time).
 
     python benchmarks/bench_model.py --reference-python /path/to/reference/venv/bin/python
 

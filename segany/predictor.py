@@ -410,7 +410,7 @@ class Predictor:
             boxes_t = T.boxes_to_model(boxes, st.original_size, long_side)
         if mask_input is not None:
             mask_t = torch.as_tensor(mask_input, dtype=torch.float32)
-        if self.backend is None and mask_t is None and len(sizes) == 1 and sizes == {1}:
+        if self.backend is None and mask_t is None and sizes == {1}:
             return self._predict_one(coords_t, labels_t, boxes_t, multimask_output, return_logits)
         masks, iou, low_res = self.predict_torch(
             coords_t, labels_t, boxes_t, mask_t, multimask_output, return_logits

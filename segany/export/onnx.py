@@ -46,6 +46,16 @@ OPSET = 18
 EXPORT_VERSION = 3
 
 
+#: Dynamic axes shared by the graphs that take prompts: any number of prompts (batch),
+#: any number of points per prompt.
+_PROMPT_AXES = {
+    "point_coords": {0: "batch", 1: "num_points"},
+    "point_labels": {0: "batch", 1: "num_points"},
+    "low_res_masks": {0: "batch"},
+    "iou_predictions": {0: "batch"},
+}
+
+
 class EncoderGraph(nn.Module):
     """The image encoder alone."""
 
@@ -205,13 +215,7 @@ def export_decoder(sam: Sam, path: str | os.PathLike[str]) -> Path:
                 "has_mask_input",
             ],
             output_names=["low_res_masks", "iou_predictions"],
-            dynamic_axes={
-                "point_coords": {0: "batch", 1: "num_points"},
-                "point_labels": {0: "batch", 1: "num_points"},
-                "mask_input": {0: "batch"},
-                "low_res_masks": {0: "batch"},
-                "iou_predictions": {0: "batch"},
-            },
+            dynamic_axes={**_PROMPT_AXES, "mask_input": {0: "batch"}},
         )
 
 
@@ -252,12 +256,7 @@ def export_prompt(sam: Sam, path: str | os.PathLike[str]) -> Path:
             Path(path),
             input_names=["keys", "k", "v", "q", "point_coords", "point_labels"],
             output_names=["low_res_masks", "iou_predictions"],
-            dynamic_axes={
-                "point_coords": {0: "batch", 1: "num_points"},
-                "point_labels": {0: "batch", 1: "num_points"},
-                "low_res_masks": {0: "batch"},
-                "iou_predictions": {0: "batch"},
-            },
+            dynamic_axes=_PROMPT_AXES,
         )
 
 

@@ -60,7 +60,7 @@ class Sam(nn.Module):
         """``(B, 3, S, S)`` normalised, padded images -> ``(B, C, S/16, S/16)``.
         ``valid``: ``(h, w)`` covered by the images in the model frame, the rest being the
         zero padding :func:`~segany.transforms.to_model_input` adds; encoders that can
-        skip work under the padding (TinyViT's convolutional stage) use it."""
+        skip work under the padding (TinyViT's first two stages) use it."""
         return self.image_encoder(images, valid=valid)
 
     def prepare_decoder(self, image_embeddings: torch.Tensor) -> DecoderContext:
