@@ -5,13 +5,17 @@ other processes hits every contestant alike):
 - the reference implementation (MobileSAM's own ``SamPredictor``), run by the python of
   the reference venv (``--reference-python``; see ``../shared/tools/reference-venv.sh``);
 - segany's ``Predictor`` with each requested backend (default: torch, onnx).
-Each contestant is a separate worker process (so peak memory is its own), loaded once,
-given the same thread count. "encoder" = ``set_image`` on an image not seen before (resize,
-normalise, encode; segany's embedding cache is off); "click" = ``predict`` with one
-positive point, multimask output, masks at image size. Reported: the minimum and the median
-over all repetitions, the ratio of the reference's median to ours, each worker's peak
-resident memory, and per encoder call its CPU time, the part of it spent in the kernel and
-its minor page faults (the reference's vary from process to process and move its time).
+Each contestant runs as ``--processes`` separate worker processes (so peak memory is its
+own), each loaded once and given the same thread count; every process of every contestant
+takes every image in every round, and a contestant's figures pool its processes (the
+reference's encoder time moves from one process to the next with its page faults, so one
+process is one draw of it; the spread over processes is printed). "encoder" =
+``set_image`` on an image not seen before (resize, normalise, encode; segany's embedding
+cache is off); "click" = ``predict`` with one positive point, multimask output, masks at
+image size. Reported: the minimum and the median over all repetitions, the ratio of the
+reference's median to ours, the peak resident memory of the contestant's largest process,
+and per encoder call its CPU time, the part of it spent in the kernel and its minor page
+faults (the reference's vary from process to process and move its time).
 
     python benchmarks/bench_model.py --reference-python /path/to/reference/venv/bin/python
 
@@ -148,6 +152,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds over all images")
     ap.add_argument("--clicks", type=int, default=5, help="clicks per image and round")
     ap.add_argument(
+        "--processes", type=int, default=3, help="worker processes per contestant (pooled)"
+    )
+    ap.add_argument(
         "--passive",
         action="store_true",
         help="OMP_WAIT_POLICY=PASSIVE for every worker: on a machine shared with other jobs,"
@@ -172,25 +179,22 @@ def main() -> None:
         base["OMP_WAIT_POLICY"] = "PASSIVE"
     env = dict(base, PYTHONPATH=str(root))
     # The workers run one after the other, never at the same time: each may use all threads.
-    workers: list[Worker] = []
+    contestants: list[tuple[str, list[str], dict[str, str]]] = []
     if args.reference_python:
         code = "import numpy as np\n" + REFERENCE_SETUP + WORKER
-        workers.append(
-            Worker(
-                "reference",
-                [args.reference_python, "-c", code, args.weights, str(threads)],
-                env=base,
-            )
-        )
+        argv = [args.reference_python, "-W", "ignore", "-c", code, args.weights, str(threads)]
+        contestants.append(("reference", argv, base))
     for b in args.backends.split(","):
         code = "import numpy as np\n" + OURS_SETUP + WORKER
-        workers.append(
-            Worker(
-                f"segany-{b}",
-                [sys.executable, "-c", code, args.weights, str(threads), b],
-                env=env,
-            )
+        contestants.append(
+            (f"segany-{b}", [sys.executable, "-c", code, args.weights, str(threads), b], env)
         )
+    workers = [
+        Worker(name, argv, env=e)
+        for _ in range(max(1, args.processes))
+        for name, argv, e in contestants
+    ]
+    names = [name for name, _, _ in contestants]
     import numpy as np
     from PIL import Image, ImageOps
 
@@ -211,10 +215,9 @@ def main() -> None:
         points.append([w / 2.0, h / 2.0])
         shapes.append((h, w))
     ops = ("embed", "click", "embed_cpu", "click_cpu", "embed_sys", "embed_faults")
-    times: dict[str, dict[str, list[float]]] = {w.name: {k: [] for k in ops} for w in workers}
-    per_image: dict[str, dict[str, list[float]]] = {
-        w.name: {f: [] for f in images} for w in workers
-    }
+    times: dict[str, dict[str, list[float]]] = {n: {k: [] for k in ops} for n in names}
+    per_image: dict[str, dict[str, list[float]]] = {n: {f: [] for f in images} for n in names}
+    per_process: dict[Worker, list[float]] = {w: [] for w in workers}
     for w in workers:  # warm-up: first calls allocate and (onnxruntime) plan
         w.ask(op="embed", image=images[0])
         w.ask(op="click", image=images[0], point=points[0])
@@ -222,6 +225,7 @@ def main() -> None:
         for img, pt in zip(images, points):
             for w in workers:
                 out = w.ask(op="embed", image=img)
+                per_process[w].append(out["seconds"])
                 times[w.name]["embed"].append(out["seconds"])
                 per_image[w.name][img].append(out["seconds"])
                 times[w.name]["embed_cpu"].append(out["cpu"])
@@ -239,7 +243,8 @@ def main() -> None:
 
     ref = "reference" if args.reference_python else None
     print(
-        f"threads {threads}, {args.rounds} rounds x {len(images)} images, {args.clicks} clicks"
+        f"threads {threads}, {args.rounds} rounds x {len(images)} images, {args.clicks} clicks,"
+        f" {len(workers) // len(names)} processes per contestant"
         + (", OMP_WAIT_POLICY=PASSIVE" if args.passive else "")
     )
     print(
@@ -247,29 +252,43 @@ def main() -> None:
         f" {'ref/ours enc':>12s} {'ref/ours click':>14s}"
     )
     rows = {}
-    for w in workers:
-        e, c = times[w.name]["embed"], times[w.name]["click"]
+    for name in names:
+        procs = [w for w in workers if w.name == name]
+        e, c = times[name]["embed"], times[name]["click"]
         row = dict(
             encoder_min=min(e),
-            encoder_median=med(w.name, "embed"),
+            encoder_median=med(name, "embed"),
             click_min=min(c),
-            click_median=med(w.name, "click"),
-            peak_mb=w.peak_mb,
+            click_median=med(name, "click"),
+            peak_mb=max(w.peak_mb for w in procs),
+            encoder_median_per_process=[statistics.median(per_process[w]) for w in procs],
         )
         ratio_e = ratio_c = ""
-        if ref and w.name != ref:
+        if ref and name != ref:
             row["encoder_speedup"] = med(ref, "embed") / row["encoder_median"]
             row["click_speedup"] = med(ref, "click") / row["click_median"]
             ratio_e = f"{row['encoder_speedup']:.2f}x"
             ratio_c = f"{row['click_speedup']:.2f}x"
-        rows[w.name] = row
+        rows[name] = row
         print(
-            f"{w.name:18s} {min(e):10.3f} / {row['encoder_median']:6.3f}     "
-            f"{1e3 * min(c):9.1f} / {1e3 * row['click_median']:6.1f}   {w.peak_mb:8.0f}"
+            f"{name:18s} {min(e):10.3f} / {row['encoder_median']:6.3f}     "
+            f"{1e3 * min(c):9.1f} / {1e3 * row['click_median']:6.1f}   {row['peak_mb']:8.0f}"
             f" {ratio_e:>12s} {ratio_c:>14s}"
         )
+    if len(workers) > len(names):
+        print("encoder median s of each process:")
+        for name in names:
+            cells = " ".join(f"{t:.3f}" for t in rows[name]["encoder_median_per_process"])
+            print(f"  {name:18s} {cells}")
+        if ref:
+            for name in names:
+                if name == ref:
+                    continue
+                lo = min(rows[ref]["encoder_median_per_process"]) / rows[name]["encoder_median"]
+                hi = max(rows[ref]["encoder_median_per_process"]) / rows[name]["encoder_median"]
+                print(f"  ref/{name} encoder over the reference's processes: {lo:.2f}-{hi:.2f}x")
     if ref and len(images) > 1:
-        ours = [w.name for w in workers if w.name != ref]
+        ours = [n for n in names if n != ref]
         print("per image: encoder median s, reference / " + " / ".join(ours) + " (ratios)")
         for f, (h, w) in zip(images, shapes):
             r = statistics.median(per_image[ref][f])
@@ -282,23 +301,23 @@ def main() -> None:
         "CPU time (process time of the worker; with --threads 1 it hardly depends on load),"
         " of it in the kernel (sys), and minor page faults per encoder call (medians):"
     )
-    for w in workers:
-        e, c = med(w.name, "embed_cpu"), med(w.name, "click_cpu")
-        e_sys, faults = med(w.name, "embed_sys"), med(w.name, "embed_faults")
-        rows[w.name].update(
+    for name in names:
+        e, c = med(name, "embed_cpu"), med(name, "click_cpu")
+        e_sys, faults = med(name, "embed_sys"), med(name, "embed_faults")
+        rows[name].update(
             encoder_cpu_median=e,
             click_cpu_median=c,
             encoder_sys_median=e_sys,
             encoder_page_faults_median=faults,
         )
         ratio = ""
-        if ref and w.name != ref:
+        if ref and name != ref:
             ratio = (
                 f"   ref/ours enc {med(ref, 'embed_cpu') / e:.2f}x"
                 f"  click {med(ref, 'click_cpu') / c:.2f}x"
             )
         print(
-            f"{w.name:18s} encoder {e:7.3f} s (sys {e_sys:5.3f} s, {faults:7.0f} faults)"
+            f"{name:18s} encoder {e:7.3f} s (sys {e_sys:5.3f} s, {faults:7.0f} faults)"
             f"   click {1e3 * c:7.1f} ms{ratio}"
         )
     load = os.getloadavg()
