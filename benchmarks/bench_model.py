@@ -145,12 +145,14 @@ def main() -> None:
         "--backends",
         default="torch,onnx",
         help="comma-separated segany backends: torch, onnx, onnx-int8, torch-bf16 (torch "
-        "with a bfloat16 image encoder; not the reference's numbers, see docs/performance.md)",
+        "with a bfloat16 image encoder; not the reference's numbers, see docs/performance.md);"
+        " '@NAME=VALUE' after one sets an environment variable for its workers, e.g. "
+        "torch,torch@SEGANY_HUGE_PAGES=0",
     )
     ap.add_argument("--weights", default=str(WEIGHTS), help="mobile_sam.pt")
     ap.add_argument("--threads", type=int, default=None, help="threads per worker")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over all images")
-    ap.add_argument("--clicks", type=int, default=5, help="clicks per image and round")
+    ap.add_argument("--clicks", type=int, default=5, help="clicks per image and round (at least 1)")
     ap.add_argument(
         "--processes", type=int, default=3, help="worker processes per contestant (pooled)"
     )
@@ -168,6 +170,8 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=None, help="first N images of a folder")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    if args.clicks < 1 or args.rounds < 1 or args.processes < 1:
+        ap.error("--clicks, --rounds and --processes must be at least 1")
 
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
@@ -185,14 +189,13 @@ def main() -> None:
         argv = [args.reference_python, "-W", "ignore", "-c", code, args.weights, str(threads)]
         contestants.append(("reference", argv, base))
     for b in args.backends.split(","):
+        spec, *assigns = b.split("@")
+        extra = dict(a.split("=", 1) for a in assigns)
         code = "import numpy as np\n" + OURS_SETUP + WORKER
-        contestants.append(
-            (f"segany-{b}", [sys.executable, "-c", code, args.weights, str(threads), b], env)
-        )
+        argv = [sys.executable, "-c", code, args.weights, str(threads), spec]
+        contestants.append((f"segany-{b}", argv, {**env, **extra}))
     workers = [
-        Worker(name, argv, env=e)
-        for _ in range(max(1, args.processes))
-        for name, argv, e in contestants
+        Worker(name, argv, env=e) for _ in range(args.processes) for name, argv, e in contestants
     ]
     names = [name for name, _, _ in contestants]
     import numpy as np
@@ -287,16 +290,18 @@ def main() -> None:
                 lo = min(rows[ref]["encoder_median_per_process"]) / rows[name]["encoder_median"]
                 hi = max(rows[ref]["encoder_median_per_process"]) / rows[name]["encoder_median"]
                 print(f"  ref/{name} encoder over the reference's processes: {lo:.2f}-{hi:.2f}x")
-    if ref and len(images) > 1:
+    if len(images) > 1:
         ours = [n for n in names if n != ref]
-        print("per image: encoder median s, reference / " + " / ".join(ours) + " (ratios)")
+        head = ("reference / " if ref else "") + " / ".join(ours)
+        print(f"per image: encoder median s, {head}" + (" (ratios)" if ref else ""))
         for f, (h, w) in zip(images, shapes):
-            r = statistics.median(per_image[ref][f])
+            r = statistics.median(per_image[ref][f]) if ref else None
             cells = []
             for name in ours:
                 o = statistics.median(per_image[name][f])
-                cells.append(f"{o:.3f} ({r / o:.2f}x)")
-            print(f"  {Path(f).name[:28]:28s} {h:5d}x{w:<5d} {r:.3f} / " + " / ".join(cells))
+                cells.append(f"{o:.3f}" + (f" ({r / o:.2f}x)" if r else ""))
+            first = f"{r:.3f} / " if r else ""
+            print(f"  {Path(f).name[:28]:28s} {h:5d}x{w:<5d} {first}" + " / ".join(cells))
     print(
         "CPU time (process time of the worker; with --threads 1 it hardly depends on load),"
         " of it in the kernel (sys), and minor page faults per encoder call (medians):"
