@@ -9,7 +9,7 @@ import torch
 
 from .models import Sam, model_from_state_dict
 from .predictor import EmbeddingCache, Predictor
-from .runtime import keep_freed_memory, set_threads
+from .runtime import set_threads
 from .weights import DEFAULT_WEIGHTS, WeightsError, load_checkpoint, resolve
 
 
@@ -66,10 +66,6 @@ def load_predictor(
     """
     if threads is not None:
         set_threads(threads)
-    if torch.device(device).type == "cpu":
-        # before the weights arrive, so that the heap the predictor's tensors come from is
-        # all advised for huge pages (the Predictor would call it too, later)
-        keep_freed_memory()
     sam, sha = _load(model, device=device, progress=progress)
     return Predictor(
         sam,

@@ -9,8 +9,7 @@ threads and 1 inter-op thread.
 :func:`keep_freed_memory` stops glibc from giving large freed blocks back to the kernel:
 the image encoder allocates and frees tensors of up to 67 MB on every image, and each
 fresh mapping of that size costs tens of thousands of page faults (measured: a third of
-the encoder's time on this machine). It also asks the kernel to back the memory the
-encoder's activations will live in with transparent huge pages (fewer TLB misses).
+the encoder's time on this machine).
 """
 
 from __future__ import annotations
@@ -28,9 +27,6 @@ _allocator_tuned: bool | None = None
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_MADV_HUGEPAGE = 14  # Linux madvise advice
-_HUGE_PAGE = 2 << 20
-_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def available_cpus() -> int:
@@ -90,10 +86,6 @@ def keep_freed_memory(limit_mb: int = 1024) -> bool:
     back between images). Called by :class:`~segany.predictor.Predictor` for models on
     the CPU; ``SEGANY_KEEP_FREED_MEMORY=0`` turns it off. Returns whether it is in force
     (False off glibc). Process-wide and idempotent.
-
-    Where the kernel's transparent huge pages are on request (``madvise``, the usual
-    default), the heap is also grown by about ``limit_mb`` of address space advised for
-    huge pages (see :func:`_reserve_huge_pages`; ``SEGANY_HUGE_PAGES=0`` turns that off).
     """
     global _allocator_tuned
     if _allocator_tuned is not None:
@@ -112,50 +104,7 @@ def keep_freed_memory(limit_mb: int = 1024) -> bool:
     _allocator_tuned = bool(
         mallopt(_M_MMAP_THRESHOLD, limit) == 1 and mallopt(_M_TRIM_THRESHOLD, 2 * limit) == 1
     )
-    if _allocator_tuned and os.environ.get("SEGANY_HUGE_PAGES", "1").strip() != "0":
-        _reserve_huge_pages(libc, limit - 2 * _HUGE_PAGE)
     return _allocator_tuned
-
-
-def huge_pages_on_request() -> bool:
-    """Whether the kernel gives transparent huge pages to memory advised for them (its
-    setting is ``madvise``; with ``always`` it needs no advice, with ``never`` none)."""
-    try:
-        with open(_THP_SETTING) as f:
-            return "[madvise]" in f.read()
-    except OSError:
-        return False
-
-
-def _reserve_huge_pages(libc: ctypes.CDLL, size: int) -> bool:
-    """Grow the heap by ``size`` bytes of address space advised for transparent huge
-    pages, and leave it free for the allocations to come.
-
-    Called once, after :func:`keep_freed_memory`'s ``mallopt`` (blocks below ``limit_mb``
-    then come from the heap, and freed space stays in it): one block of ``size`` is
-    allocated (glibc extends the heap; nothing is touched, so nothing becomes resident),
-    its whole 2 MB pages are advised ``MADV_HUGEPAGE`` and the block is freed. The
-    encoder's tensors are later carved from that space and fault in as 2 MB pages
-    (measured: 2-4% less time per image, see docs/performance.md). Returns whether the
-    advice was taken."""
-    if not huge_pages_on_request():
-        return False
-    try:
-        malloc, free, madvise = libc.malloc, libc.free, libc.madvise
-    except AttributeError:  # pragma: no cover - not glibc
-        return False
-    malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    free.restype, free.argtypes = None, [ctypes.c_void_p]
-    madvise.restype = ctypes.c_int
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    block = malloc(size)
-    if not block:
-        return False
-    start = -(-block // _HUGE_PAGE) * _HUGE_PAGE
-    end = (block + size) // _HUGE_PAGE * _HUGE_PAGE
-    ok = end > start and madvise(start, end - start, _MADV_HUGEPAGE) == 0
-    free(block)
-    return ok
 
 
 def get_threads() -> int:

@@ -132,59 +132,6 @@ def test_keep_freed_memory_is_a_process_setting() -> None:
     assert on.stdout.split() == [expected, expected], on.stderr
 
 
-def test_huge_pages_on_request_reads_the_kernel_setting(tmp_path, monkeypatch) -> None:
-    from segany import runtime
-
-    setting = tmp_path / "enabled"
-    monkeypatch.setattr(runtime, "_THP_SETTING", str(setting))
-    assert not runtime.huge_pages_on_request()  # no such file: no advice given
-    for text, expected in [
-        ("always [madvise] never", True),
-        ("[always] madvise never", False),  # huge pages without advice already
-        ("always madvise [never]", False),
-    ]:
-        setting.write_text(text + "\n")
-        assert runtime.huge_pages_on_request() is expected, text
-
-
-def _heap_flags(env: dict[str, str]) -> list[str]:
-    """VmFlags of every [heap] mapping of a fresh process after keep_freed_memory()."""
-    import subprocess
-    import sys
-
-    code = (
-        "from segany.runtime import keep_freed_memory as k; k()\n"
-        "heap = False\n"
-        "for line in open('/proc/self/smaps'):\n"
-        "    if line[:1].isalnum() and '-' in line.split()[0]:\n"
-        "        heap = line.rstrip().endswith('[heap]')\n"
-        "    elif heap and line.startswith('VmFlags:'):\n"
-        "        print(line.split(':', 1)[1].strip())\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.splitlines()
-
-
-def test_keep_freed_memory_advises_the_heap_for_huge_pages() -> None:
-    """With the kernel's THP setting at ``madvise``, part of the heap carries the
-    huge-page advice (``hg``) after keep_freed_memory(); none with SEGANY_HUGE_PAGES=0."""
-    import platform
-
-    from segany.runtime import huge_pages_on_request
-
-    if platform.libc_ver()[0] != "glibc" or not huge_pages_on_request():
-        pytest.skip("needs glibc and transparent huge pages on request (madvise)")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("SEGANY_KEEP_FREED_MEMORY", "SEGANY_HUGE_PAGES")
-    }
-    assert any("hg" in flags.split() for flags in _heap_flags(env))
-    off = _heap_flags({**env, "SEGANY_HUGE_PAGES": "0"})
-    assert off and not any("hg" in flags.split() for flags in off)
-
-
 def test_fused_tiny_model_matches_unfused() -> None:
     plain = tiny_tinyvit_sam()
     fused = fuse_for_inference(copy.deepcopy(plain))
