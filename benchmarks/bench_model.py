@@ -172,6 +172,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.clicks < 1 or args.rounds < 1 or args.processes < 1:
         ap.error("--clicks, --rounds and --processes must be at least 1")
+    for b in args.backends.split(","):
+        if any("=" not in a for a in b.split("@")[1:]):
+            ap.error(f"--backends: {b!r}: write an environment setting as @NAME=VALUE")
 
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
@@ -186,6 +189,7 @@ def main() -> None:
     contestants: list[tuple[str, list[str], dict[str, str]]] = []
     if args.reference_python:
         code = "import numpy as np\n" + REFERENCE_SETUP + WORKER
+        # -W ignore: the reference's timm registry warnings, printed once per process
         argv = [args.reference_python, "-W", "ignore", "-c", code, args.weights, str(threads)]
         contestants.append(("reference", argv, base))
     for b in args.backends.split(","):
@@ -247,7 +251,7 @@ def main() -> None:
     ref = "reference" if args.reference_python else None
     print(
         f"threads {threads}, {args.rounds} rounds x {len(images)} images, {args.clicks} clicks,"
-        f" {len(workers) // len(names)} processes per contestant"
+        f" {args.processes} processes per contestant"
         + (", OMP_WAIT_POLICY=PASSIVE" if args.passive else "")
     )
     print(
@@ -278,7 +282,7 @@ def main() -> None:
             f"{1e3 * min(c):9.1f} / {1e3 * row['click_median']:6.1f}   {row['peak_mb']:8.0f}"
             f" {ratio_e:>12s} {ratio_c:>14s}"
         )
-    if len(workers) > len(names):
+    if args.processes > 1:
         print("encoder median s of each process:")
         for name in names:
             cells = " ".join(f"{t:.3f}" for t in rows[name]["encoder_median_per_process"])
