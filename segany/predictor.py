@@ -81,11 +81,13 @@ class Prediction:
 
 @dataclass(frozen=True)
 class ImageEmbedding:
-    """An image's embedding ``(1, C, h, w)`` with the sizes needed to map prompts."""
+    """An image's embedding ``(1, C, h, w)`` with the sizes needed to map prompts, and the
+    model's other per-image features (SAM 2: the projected stride-4 and stride-8 maps)."""
 
     embedding: torch.Tensor
     original_size: tuple[int, int]
     input_size: tuple[int, int]
+    high_res: tuple[torch.Tensor, ...] = ()
     # The decoder's prompt-independent part for this embedding, per model, with the
     # model's weight versions: every predictor that uses the embedding (e.g. one per server
     # thread) shares it; weights changed in place (training) make it stale.
@@ -118,6 +120,7 @@ class EmbeddingCache:
                 embedding=data["embedding"],
                 original_size=tuple(data["original_size"]),
                 input_size=tuple(data["input_size"]),
+                high_res=tuple(data.get("high_res", ())),
             )
         except Exception:  # a damaged cache file is recomputed, never fatal
             return None
@@ -137,6 +140,7 @@ class EmbeddingCache:
                     "embedding": item.embedding.contiguous(),
                     "original_size": list(item.original_size),
                     "input_size": list(item.input_size),
+                    "high_res": [t.contiguous() for t in item.high_res],
                 },
                 tmp,
             )
@@ -190,7 +194,8 @@ class Predictor:
             object with the ``embed`` / ``decode`` methods of
             :class:`~segany.export.runtime.OnnxBackend`.
         fuse: apply :func:`~segany.models.fuse.fuse_for_inference` to ``model`` (in place:
-            faster on the CPU, but the model can no longer be trained).
+            faster on the CPU, but the model can no longer be trained). SAM 2 models are
+            not rewritten (no fused form of them yet).
         decode_chunk: the torch backend decodes batched prompts this many at a time
             (default: :data:`CPU_DECODE_CHUNK` on the CPU, all at once elsewhere).
         precision: ``"fp32"`` (default; matches the reference) or ``"bf16"``: the torch
@@ -220,8 +225,12 @@ class Predictor:
         if decode_chunk is not None and decode_chunk < 1:
             raise ValueError("decode_chunk must be at least 1")
         self.decode_chunk = decode_chunk
-        if fuse:
+        sam2 = getattr(self.model, "input_geometry", "") == "square"
+        if sam2 and (backend != "torch" or precision != "fp32"):
+            raise ValueError("SAM 2 models run on the torch backend in fp32 only (for now)")
+        if fuse and not sam2:
             fuse_for_inference(self.model)
+        self.geometry = T.geometry_of(self.model)
         if next(self.model.parameters()).device.type == "cpu":
             keep_freed_memory()
         self._encoder_bf16 = None
@@ -294,19 +303,23 @@ class Predictor:
     def embed(self, rgb: np.ndarray) -> ImageEmbedding:
         """Embed an ``(H, W, 3)`` uint8 RGB image (no cache)."""
         m = self.model
-        x, input_size = T.to_model_input(
-            rgb, img_size=m.img_size, pixel_mean=m.pixel_mean, pixel_std=m.pixel_std
+        x, input_size = self.geometry.to_model_input(
+            rgb, pixel_mean=m.pixel_mean, pixel_std=m.pixel_std
         )
+        high_res: tuple[torch.Tensor, ...] = ()
         with torch.inference_mode():
             if self._encoder_bf16 is not None:
                 x = x.to(torch.bfloat16)
                 emb = self._encoder_bf16(x, valid=input_size).float()
             elif self.backend is None:
-                emb = m.embed_image(x, valid=input_size)
+                emb, high_res = m.embed_features(x, valid=input_size)
             else:
                 emb = self.backend.embed(x)
         return ImageEmbedding(
-            embedding=emb, original_size=(rgb.shape[0], rgb.shape[1]), input_size=input_size
+            embedding=emb,
+            original_size=(rgb.shape[0], rgb.shape[1]),
+            input_size=input_size,
+            high_res=tuple(high_res),
         )
 
     def set_embedding(self, item: ImageEmbedding) -> None:
@@ -401,13 +414,13 @@ class Predictor:
         if len(sizes) > 1:
             raise PromptError(f"batched prompts disagree on the batch size: {sorted(sizes)}")
         st = self.state
-        long_side = self.model.img_size
+        geom = self.geometry
         coords_t = labels_t = boxes_t = mask_t = None
         if point_coords is not None:
-            coords_t = T.coords_to_model(point_coords, st.original_size, long_side)
+            coords_t = geom.coords_to_model(point_coords, st.original_size)
             labels_t = torch.as_tensor(point_labels, dtype=torch.int64)
         if boxes is not None:
-            boxes_t = T.boxes_to_model(boxes, st.original_size, long_side)
+            boxes_t = geom.boxes_to_model(boxes, st.original_size)
         if mask_input is not None:
             mask_t = torch.as_tensor(mask_input, dtype=torch.float32)
         if self.backend is None and mask_t is None and sizes == {1}:
@@ -442,7 +455,7 @@ class Predictor:
             with torch.inference_mode():  # a no-op when the crop is the whole grid
                 decoder.fill_outside_crop(low, keep, crop)
             keep.clear()
-            return low.cpu().numpy()
+            return self._clamp_low_res(low).cpu().numpy()
 
         return Prediction(masks.cpu().numpy(), iou.cpu().numpy(), fill=fill)
 
@@ -462,16 +475,18 @@ class Predictor:
                 point_coords, point_labels, boxes, mask_input, multimask_output
             )
             masks = self._to_image(low_res, return_logits)
-        return masks.cpu(), iou.cpu(), low_res.cpu()
+        return masks.cpu(), iou.cpu(), self._clamp_low_res(low_res).cpu()
+
+    def _clamp_low_res(self, low_res: torch.Tensor) -> torch.Tensor:
+        """The low-res logits as handed back for refinement (SAM 2 clamps them)."""
+        limit = self.model.low_res_limit
+        return low_res if limit is None else low_res.clamp(-limit, limit)
 
     def _to_image(self, low_res: torch.Tensor, return_logits: bool) -> torch.Tensor:
         """Low-res logits ``(B, K, S/4, S/4)`` -> masks (or logits) at image size."""
         st = self.state
-        masks = T.masks_to_image(
-            low_res,
-            input_size=st.input_size,
-            original_size=st.original_size,
-            img_size=self.model.img_size,
+        masks = self.geometry.masks_to_image(
+            low_res, input_size=st.input_size, original_size=st.original_size
         )
         return masks if return_logits else masks > self.model.mask_threshold
 
@@ -488,7 +503,7 @@ class Predictor:
         """The token rows and columns under the current image (see
         :func:`~segany.transforms.image_tokens`)."""
         grid = tuple(self.model.prompt_encoder.image_embedding_size)
-        return T.image_tokens(self.state.input_size, self.model.img_size, grid)
+        return self.geometry.image_tokens(self.state.input_size, grid)
 
     def decode_low_res(
         self,
@@ -538,6 +553,7 @@ class Predictor:
         n = next(len(t) for t in prompts if t is not None)
         chunk = self.decode_chunk or (CPU_DECODE_CHUNK if dev.type == "cpu" else n)
         embedding = self.state.embedding.to(dev)
+        high_res = tuple(t.to(dev) for t in self.state.high_res)
         context = self._decoder_context() if mask_input is None else None
         outs = []
         for start in range(0, n, chunk):
@@ -556,6 +572,7 @@ class Predictor:
                     context=context,
                     crop_tokens=crop_tokens,
                     keep=keep,
+                    high_res_features=high_res,
                 )
             )
         if len(outs) == 1:

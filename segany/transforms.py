@@ -6,6 +6,12 @@ Frames:
 - *model frame*: pixels of the image resized so its longest side is ``S`` (1024), before
   the bottom/right zero padding to ``S x S``; size ``input_size = (h, w)``.
 - *low-res frame*: the decoder's ``S/4 x S/4`` logit grid covering the padded input.
+
+That is SAM 1's geometry (:class:`LongestSideGeometry`). SAM 2 resizes the whole image to
+the ``S x S`` square without keeping its aspect ratio and without padding, normalises in
+0-1 units, and maps the low-res logits straight back to the image size
+(:class:`SquareGeometry`); there the model frame is the square itself. A model names its
+geometry (``model.input_geometry``); :func:`geometry_of` returns it, so callers never choose.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -307,3 +314,106 @@ def masks_to_image(
     if (h, w) == tuple(original_size):
         return x
     return F.interpolate(x, original_size, mode="bilinear", align_corners=False)
+
+
+@dataclass(frozen=True)
+class LongestSideGeometry:
+    """SAM 1: longest side resized to ``img_size``, zero padding at the bottom/right,
+    normalisation in 0-255 units (the functions above, bound to one input size)."""
+
+    img_size: int
+
+    def to_model_input(
+        self, image: np.ndarray, *, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        return to_model_input(
+            image, img_size=self.img_size, pixel_mean=pixel_mean, pixel_std=pixel_std
+        )
+
+    def coords_to_model(
+        self, coords: torch.Tensor | np.ndarray, original_size: tuple[int, int]
+    ) -> torch.Tensor:
+        return coords_to_model(coords, original_size, self.img_size)
+
+    def boxes_to_model(
+        self, boxes: torch.Tensor | np.ndarray, original_size: tuple[int, int]
+    ) -> torch.Tensor:
+        return boxes_to_model(boxes, original_size, self.img_size)
+
+    def masks_to_image(
+        self,
+        low_res: torch.Tensor,
+        *,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+    ) -> torch.Tensor:
+        return masks_to_image(
+            low_res, input_size=input_size, original_size=original_size, img_size=self.img_size
+        )
+
+    def image_tokens(self, input_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+        return image_tokens(input_size, self.img_size, grid)
+
+
+@dataclass(frozen=True)
+class SquareGeometry:
+    """SAM 2: the whole image resized to ``img_size x img_size`` (bilinear with
+    antialiasing on 0-1 floats, aspect ratio not kept, no padding), normalised in 0-1
+    units; the model frame is that square, ``input_size = (S, S)``."""
+
+    img_size: int
+
+    def to_model_input(
+        self, image: np.ndarray, *, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """RGB uint8 ``(H, W, 3)`` -> ``(1, 3, S, S)`` normalised and ``(S, S)``."""
+        s = self.img_size
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(pixel_mean.device)
+        x = x.permute(2, 0, 1).unsqueeze(0).float().div(255)
+        x = F.interpolate(x, (s, s), mode="bilinear", align_corners=False, antialias=True)
+        return (x - pixel_mean) / pixel_std, (s, s)
+
+    def coords_to_model(
+        self, coords: torch.Tensor | np.ndarray, original_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """``(..., 2)`` image-frame ``(x, y)`` -> the square's pixels (float32)."""
+        h, w = original_size
+        c = torch.as_tensor(coords, dtype=torch.float32).clone()
+        c[..., 0] = c[..., 0] / w
+        c[..., 1] = c[..., 1] / h
+        return c * self.img_size
+
+    def boxes_to_model(
+        self, boxes: torch.Tensor | np.ndarray, original_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """``(..., 4)`` image-frame XYXY -> the square's pixels."""
+        b = torch.as_tensor(boxes, dtype=torch.float32)
+        corners = self.coords_to_model(b.reshape(*b.shape[:-1], 2, 2), original_size)
+        return corners.reshape(b.shape)
+
+    def masks_to_image(
+        self,
+        low_res: torch.Tensor,
+        *,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+    ) -> torch.Tensor:
+        """Low-res logits ``(B, K, S/4, S/4)`` -> ``(B, K, H, W)`` in one bilinear resize."""
+        return F.interpolate(low_res, original_size, mode="bilinear", align_corners=False)
+
+    def image_tokens(self, input_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+        """Every token lies under the image."""
+        return (int(grid[0]), int(grid[1]))
+
+
+Geometry = LongestSideGeometry | SquareGeometry
+
+
+def geometry_of(model: torch.nn.Module) -> Geometry:
+    """The geometry a model was trained with (``model.input_geometry``)."""
+    kind = getattr(model, "input_geometry", "longest_side")
+    if kind == "longest_side":
+        return LongestSideGeometry(img_size=int(model.img_size))
+    if kind == "square":
+        return SquareGeometry(img_size=int(model.img_size))
+    raise ValueError(f"unknown input geometry {kind!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,7 +54,8 @@ class MLPBlock(nn.Module):
 
 
 class MLP(nn.Module):
-    """``num_layers`` linear layers with ReLU between them (key ``layers.i``)."""
+    """``num_layers`` linear layers with ``activation`` (ReLU) between them (key
+    ``layers.i``), optionally followed by a sigmoid."""
 
     def __init__(
         self,
@@ -62,8 +65,10 @@ class MLP(nn.Module):
         out_dim: int,
         num_layers: int,
         sigmoid_output: bool = False,
+        activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu,
     ) -> None:
         super().__init__()
+        self.activation = activation
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.sigmoid_output = sigmoid_output
@@ -73,5 +78,5 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < last:
-                x = torch.relu(x)
+                x = self.activation(x)
         return torch.sigmoid(x) if self.sigmoid_output else x

@@ -1,5 +1,9 @@
 """Mask decoder: a two-way transformer over prompt tokens and the image embedding, then
-upscaling and per-token hypernetwork MLPs that produce mask logits, and an IoU head."""
+upscaling and per-token hypernetwork MLPs that produce mask logits, and an IoU head.
+
+SAM 2's decoder is the same with a few options: high-resolution encoder features added
+inside the upscaling, a sigmoid on the IoU head, an object-score token and head, and the
+single-mask output falling back to the best multimask output when it is unstable."""
 
 from __future__ import annotations
 
@@ -21,6 +25,17 @@ class MaskDecoder(nn.Module):
         num_multimask_outputs: masks returned in multimask mode (3); one more token is
             learned for the single-mask output.
         iou_head_depth, iou_head_hidden_dim: size of the IoU prediction MLP.
+        use_high_res_features: SAM 2: ``conv_s0`` / ``conv_s1`` project the stride-4 and
+            stride-8 encoder features (``transformer_dim`` channels) to the widths of the
+            two upscaling steps, whose outputs they are added to (see :meth:`project_high_res`).
+        iou_prediction_use_sigmoid: SAM 2: IoU predictions pass through a sigmoid.
+        pred_obj_scores: SAM 2: an object-score token (first of the output tokens) and
+            head (an MLP with ``pred_obj_scores_mlp``) predict whether the object is present.
+        dynamic_multimask_via_stability: SAM 2 at inference: when one mask is asked for and
+            the single-mask output's stability score (IoU of the masks thresholded at
+            ``+-dynamic_multimask_stability_delta``) is below
+            ``dynamic_multimask_stability_thresh``, the multimask output with the highest
+            predicted IoU is returned instead.
     """
 
     def __init__(
@@ -31,6 +46,13 @@ class MaskDecoder(nn.Module):
         num_multimask_outputs: int = 3,
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
+        use_high_res_features: bool = False,
+        iou_prediction_use_sigmoid: bool = False,
+        pred_obj_scores: bool = False,
+        pred_obj_scores_mlp: bool = False,
+        dynamic_multimask_via_stability: bool = False,
+        dynamic_multimask_stability_delta: float = 0.05,
+        dynamic_multimask_stability_thresh: float = 0.98,
     ) -> None:
         super().__init__()
         self.transformer_dim = transformer_dim
@@ -39,6 +61,9 @@ class MaskDecoder(nn.Module):
         self.num_mask_tokens = num_multimask_outputs + 1
         self.iou_token = nn.Embedding(1, transformer_dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        self.pred_obj_scores = pred_obj_scores
+        if pred_obj_scores:
+            self.obj_score_token = nn.Embedding(1, transformer_dim)
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
             LayerNorm2d(transformer_dim // 4),
@@ -46,6 +71,10 @@ class MaskDecoder(nn.Module):
             nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
             nn.GELU(),
         )
+        self.use_high_res_features = use_high_res_features
+        if use_high_res_features:
+            self.conv_s0 = nn.Conv2d(transformer_dim, transformer_dim // 8, kernel_size=1)
+            self.conv_s1 = nn.Conv2d(transformer_dim, transformer_dim // 4, kernel_size=1)
         self.output_hypernetworks_mlps = nn.ModuleList(
             MLP(
                 in_dim=transformer_dim,
@@ -60,7 +89,17 @@ class MaskDecoder(nn.Module):
             hidden_dim=iou_head_hidden_dim,
             out_dim=self.num_mask_tokens,
             num_layers=iou_head_depth,
+            sigmoid_output=iou_prediction_use_sigmoid,
         )
+        if pred_obj_scores:
+            self.pred_obj_score_head = (
+                MLP(in_dim=transformer_dim, hidden_dim=transformer_dim, out_dim=1, num_layers=3)
+                if pred_obj_scores_mlp
+                else nn.Linear(transformer_dim, 1)
+            )
+        self.dynamic_multimask_via_stability = dynamic_multimask_via_stability
+        self.dynamic_multimask_stability_delta = dynamic_multimask_stability_delta
+        self.dynamic_multimask_stability_thresh = dynamic_multimask_stability_thresh
 
     def forward(
         self,
@@ -72,6 +111,7 @@ class MaskDecoder(nn.Module):
         context: DecoderContext | None = None,
         crop_tokens: tuple[int, int] | None = None,
         keep: dict | None = None,
+        high_res_features: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode ``B`` prompts against one image.
 
@@ -89,29 +129,83 @@ class MaskDecoder(nn.Module):
                 upscaling works per pixel; the transformer still sees every token).
             keep: if given, receives ``"tokens"`` (the image tokens after the transformer,
                 ``(B, C, h, w)``) and ``"hyper_in"`` (``(B, K, C/8)``), from which
-                :meth:`upscale` gives any other part of the masks later.
+                :meth:`upscale` gives any other part of the masks later; with
+                ``pred_obj_scores`` also ``"object_score_logits"`` ``(B, 1)``.
+            high_res_features: SAM 2: the projected stride-4 and stride-8 features
+                ``(1 or B, C/8, 4h, 4w)``, ``(1 or B, C/4, 2h, 2w)`` (:meth:`project_high_res`).
 
         Returns:
             mask logits ``(B, 3 or 1, 4h, 4w)`` and predicted IoUs ``(B, 3 or 1)``.
         """
-        outputs = range(1, self.num_mask_tokens) if multimask_output else range(1)
-        return self.predict_masks(
+        dynamic = not multimask_output and self.dynamic_multimask_via_stability
+        dynamic = dynamic and not self.training
+        if multimask_output:
+            outputs = range(1, self.num_mask_tokens)
+        else:
+            outputs = range(self.num_mask_tokens) if dynamic else range(1)
+        masks, iou = self.predict_masks(
             image_embeddings,
             image_pe,
             sparse_prompt_embeddings,
             dense_prompt_embeddings,
             context=context,
-            crop_tokens=crop_tokens,
+            crop_tokens=None if dynamic else crop_tokens,  # stability reads the whole mask
             outputs=outputs,
             keep=keep,
+            high_res_features=high_res_features,
         )
+        if dynamic:
+            masks, iou = self.select_stable(masks, iou)
+            if keep is not None:
+                keep.pop("hyper_in", None)  # the masks are complete: nothing to fill
+        return masks, iou
 
-    def upscale(self, tokens: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
+    def stability(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(B, K, H, W)`` logits -> ``(B, K)`` IoU of the masks thresholded at
+        ``+delta`` and ``-delta`` (1 when both are empty)."""
+        delta = self.dynamic_multimask_stability_delta
+        flat = logits.flatten(-2)
+        inter = (flat > delta).sum(-1).float()
+        union = (flat > -delta).sum(-1).float()
+        return torch.where(union > 0, inter / union, 1.0)
+
+    def select_stable(
+        self, masks: torch.Tensor, iou: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All outputs ``(B, 4, H, W)``, ``(B, 4)`` -> the single-mask output where it is
+        stable, else the multimask output with the highest predicted IoU: ``(B, 1, H, W)``,
+        ``(B, 1)``."""
+        best = iou[:, 1:].argmax(-1) + 1
+        rows = torch.arange(masks.shape[0], device=masks.device)
+        stable = self.stability(masks[:, :1]) >= self.dynamic_multimask_stability_thresh
+        pick = torch.where(stable[:, 0], torch.zeros_like(best), best)
+        return masks[rows, pick].unsqueeze(1), iou[rows, pick].unsqueeze(1)
+
+    def project_high_res(
+        self, feat_s0: torch.Tensor, feat_s1: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM 2: the encoder's stride-4 and stride-8 maps -> their projections used in
+        the upscaling (computed once per image)."""
+        return self.conv_s0(feat_s0), self.conv_s1(feat_s1)
+
+    def upscale(
+        self,
+        tokens: torch.Tensor,
+        hyper_in: torch.Tensor,
+        high_res_features: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Image tokens after the transformer ``(B, C, h, w)`` (any rectangle of the token
         grid) and hypernetwork outputs ``(B, K, C/8)`` -> mask logits ``(B, K, 4h, 4w)``.
-        Works per token: a part of the grid gives the same part of the masks."""
+        Works per token: a part of the grid gives the same part of the masks (given the
+        same part of ``high_res_features``)."""
         b = tokens.shape[0]
-        upscaled = self.output_upscaling(tokens)
+        if high_res_features is None:
+            upscaled = self.output_upscaling(tokens)
+        else:
+            dc1, ln1, act1, dc2, act2 = self.output_upscaling
+            feat_s0, feat_s1 = high_res_features
+            upscaled = act1(ln1(dc1(tokens) + feat_s1))
+            upscaled = act2(dc2(upscaled) + feat_s0)
         _, c2, h2, w2 = upscaled.shape
         if upscaled.is_contiguous(memory_format=torch.channels_last):
             flat = upscaled.permute(0, 2, 3, 1).reshape(b, h2 * w2, c2)
@@ -121,9 +215,13 @@ class MaskDecoder(nn.Module):
     def fill_outside_crop(self, masks: torch.Tensor, keep: dict, crop: tuple[int, int]) -> None:
         """Write into ``masks`` ``(B, K, 4h, 4w)``, decoded with ``crop_tokens=crop`` and
         ``keep``, the logits outside the crop (the same values an uncropped decode gives)."""
+        if "hyper_in" not in keep:
+            return
         tokens, hyper_in = keep["tokens"], keep["hyper_in"]
         r, c = crop
         h, w = tokens.shape[-2:]
+        if (r < h or c < w) and self.use_high_res_features:
+            raise ValueError("decoders with high-resolution features do not crop")
         if r < h:
             masks[..., 4 * r :, :] = self.upscale(tokens[:, :, r:, :], hyper_in)
         if c < w:
@@ -150,20 +248,30 @@ class MaskDecoder(nn.Module):
         crop_tokens: tuple[int, int] | None = None,
         outputs: Sequence[int] | None = None,
         keep: dict | None = None,
+        high_res_features: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The mask outputs numbered ``outputs`` (default all ``num_mask_tokens``):
         logits ``(B, K, 4h, 4w)``, IoUs ``(B, K)``. Only the tokens read afterwards (the
         IoU token and those mask tokens) go through the final token-to-image attention.
         ``few_tokens``: see :meth:`TwoWayTransformer.forward`; ``crop_tokens``: see
-        :meth:`forward`; ``keep``: see :meth:`forward`."""
+        :meth:`forward`; ``keep``, ``high_res_features``: see :meth:`forward`."""
         outputs = list(range(self.num_mask_tokens) if outputs is None else outputs)
         b = sparse_prompt_embeddings.shape[0]
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        parts = [self.iou_token.weight, self.mask_tokens.weight]
+        s = 0  # SAM 2: the object-score token comes first
+        if self.pred_obj_scores:
+            parts.insert(0, self.obj_score_token.weight)
+            s = 1
+        output_tokens = torch.cat(parts, dim=0)
         tokens = torch.cat(
             [output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1
         )
         # final attention only for the tokens read below: IoU token, chosen mask tokens
-        final = [0, *(1 + i for i in outputs)]
+        # (and the object-score token when it is asked for)
+        final = [s, *(s + 1 + i for i in outputs)]
+        scored = self.pred_obj_scores and keep is not None
+        if scored:
+            final.insert(0, 0)
         if context is None:
             src = image_embeddings + dense_prompt_embeddings
             if src.shape[0] != b:
@@ -176,6 +284,9 @@ class MaskDecoder(nn.Module):
         else:
             c, (h, w) = context.keys.shape[-1], context.size
             hs, src = self.transformer(None, None, tokens, context=context, final_tokens=final)
+        if scored:
+            keep["object_score_logits"] = self.pred_obj_score_head(hs[:, 0, :])
+            hs = hs[:, 1:]
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1:, :]
         # (B, h*w, C) tokens seen as a channels-last (B, C, h, w) map: no copy.
@@ -188,6 +299,10 @@ class MaskDecoder(nn.Module):
             keep["tokens"], keep["hyper_in"] = src, hyper_in
         if crop_tokens is not None:
             src = src[:, :, : crop_tokens[0], : crop_tokens[1]]
-        masks = self.upscale(src, hyper_in)
+            if high_res_features is not None:
+                r, c = crop_tokens
+                s0, s1 = high_res_features
+                high_res_features = (s0[..., : 4 * r, : 4 * c], s1[..., : 2 * r, : 2 * c])
+        masks = self.upscale(src, hyper_in, high_res_features)
         iou = self.iou_prediction_head(iou_token_out)
         return masks, (iou if len(outputs) == self.num_mask_tokens else iou[:, outputs])

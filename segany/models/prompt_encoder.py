@@ -52,6 +52,9 @@ class PromptEncoder(nn.Module):
         image_embedding_size: ``(h, w)`` of the image embedding grid (64, 64).
         input_image_size: ``(h, w)`` of the padded model input (1024, 1024).
         mask_in_chans: hidden channels of the mask downscaler (16).
+        box_as_points: SAM 2's order of the sparse tokens: box corners first (as points
+            labelled 2 and 3, the same embeddings), then the clicks, then always one
+            padding point; SAM 1 puts the clicks first and pads only without a box.
     """
 
     def __init__(
@@ -61,9 +64,11 @@ class PromptEncoder(nn.Module):
         image_embedding_size: tuple[int, int] = (64, 64),
         input_image_size: tuple[int, int] = (1024, 1024),
         mask_in_chans: int = 16,
+        box_as_points: bool = False,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
+        self.box_as_points = box_as_points
         self.image_embedding_size = image_embedding_size
         self.input_image_size = input_image_size
         self.mask_input_size = (4 * image_embedding_size[0], 4 * image_embedding_size[1])
@@ -132,9 +137,16 @@ class PromptEncoder(nn.Module):
             bs = 1
         weight = self.no_mask_embed.weight
         parts = [weight.new_empty(bs, 0, self.embed_dim)]
-        if points is not None:
+        if self.box_as_points:
+            if boxes is not None:
+                parts.append(self.embed_boxes(boxes))
+            if points is not None:
+                parts.append(self.embed_points(points[0], points[1], pad=False))
+            if points is not None or boxes is not None:
+                parts.append(self.not_a_point_embed.weight.expand(bs, 1, -1))
+        elif points is not None:
             parts.append(self.embed_points(points[0], points[1], pad=boxes is None))
-        if boxes is not None:
+        if boxes is not None and not self.box_as_points:
             parts.append(self.embed_boxes(boxes))
         sparse = torch.cat(parts, dim=1)
         if masks is not None:

@@ -2,7 +2,9 @@
 
 ``MODEL_REGISTRY[name](**overrides)`` builds an untrained model; :func:`config_from_state_dict`
 recovers the variant and dimensions of a checkpoint so that any SAM checkpoint, including
-ViTs of custom size, builds the right model.
+ViTs of custom size, builds the right model. SAM 2 / 2.1 variants carry the official
+config names (``sam2.1_hiera_t``, ``sam2_hiera_b+``, ...); their numbers are those of the
+official ``configs/sam2*/*.yaml`` files.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from typing import Any
 
 import torch
 
+from .hiera import Hiera
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
+from .neck import FpnNeck, HieraImageEncoder
 from .prompt_encoder import PromptEncoder
 from .sam import Sam
+from .sam2 import Sam2
 from .tiny_vit import TinyViT
 from .transformer import TwoWayTransformer
 
@@ -108,12 +113,184 @@ def vit_t(*, img_size: int = 1024, **overrides: Any) -> Sam:
     return build_sam(encoder, img_size=img_size)
 
 
+# -- SAM 2 / SAM 2.1 -------------------------------------------------------------------
+
+# The Hiera settings that differ between the released sizes (configs/sam2*/sam2*_hiera_*.yaml;
+# the 2024-07 SAM 2 and the 2024-09 SAM 2.1 files agree on them).
+HIERA_DIMS: dict[str, dict[str, Any]] = {
+    "t": dict(
+        embed_dim=96,
+        num_heads=1,
+        stages=(1, 2, 7, 2),
+        global_att_blocks=(5, 7, 9),
+        window_pos_embed_bkg_spatial_size=(7, 7),
+    ),
+    "s": dict(
+        embed_dim=96,
+        num_heads=1,
+        stages=(1, 2, 11, 2),
+        global_att_blocks=(7, 10, 13),
+        window_pos_embed_bkg_spatial_size=(7, 7),
+    ),
+    "b+": dict(
+        embed_dim=112,
+        num_heads=2,
+        stages=(2, 3, 16, 3),
+        global_att_blocks=(12, 16, 20),
+        window_pos_embed_bkg_spatial_size=(14, 14),
+    ),
+    "l": dict(
+        embed_dim=144,
+        num_heads=2,
+        stages=(2, 6, 36, 4),
+        global_att_blocks=(23, 33, 43),
+        window_pos_embed_bkg_spatial_size=(7, 7),
+        window_spec=(8, 4, 16, 8),
+    ),
+}
+
+
+def sam2_memory_shapes(
+    *, version: str, hidden_dim: int = 256, mem_dim: int = 64, num_maskmem: int = 7
+) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the video-memory parameters of the official checkpoints
+    (memory attention: 4 layers, feed-forward 2048; memory encoder: mask downsampler of
+    four stride-2 steps, two ConvNeXt fuser blocks; object pointers). ``version`` "2.1"
+    adds ``no_obj_embed_spatial`` and the projection of the pointers' temporal encoding."""
+    d, m = hidden_dim, mem_dim
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def linear(name: str, n_in: int, n_out: int) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (n_out, n_in), (n_out,)
+
+    def norm(name: str, n: int) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (n,), (n,)
+
+    def conv(name: str, n_in: int, n_out: int, k: int, groups: int = 1) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (n_out, n_in // groups, k, k), (n_out,)
+
+    for i in range(4):
+        layer = f"memory_attention.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            linear(f"{layer}.self_attn.{proj}", d, d)
+        linear(f"{layer}.cross_attn_image.q_proj", d, d)
+        linear(f"{layer}.cross_attn_image.k_proj", m, d)
+        linear(f"{layer}.cross_attn_image.v_proj", m, d)
+        linear(f"{layer}.cross_attn_image.out_proj", d, d)
+        linear(f"{layer}.linear1", d, 2048)
+        linear(f"{layer}.linear2", 2048, d)
+        for n in (1, 2, 3):
+            norm(f"{layer}.norm{n}", d)
+    norm("memory_attention.norm", d)
+    chans = [1, 4, 16, 64, 256]
+    for j in range(4):
+        conv(f"memory_encoder.mask_downsampler.encoder.{3 * j}", chans[j], chans[j + 1], 3)
+        norm(f"memory_encoder.mask_downsampler.encoder.{3 * j + 1}", chans[j + 1])
+    conv("memory_encoder.mask_downsampler.encoder.12", 256, d, 1)
+    conv("memory_encoder.pix_feat_proj", d, d, 1)
+    for j in range(2):
+        block = f"memory_encoder.fuser.layers.{j}"
+        conv(f"{block}.dwconv", d, d, 7, groups=d)
+        norm(f"{block}.norm", d)
+        linear(f"{block}.pwconv1", d, 4 * d)
+        linear(f"{block}.pwconv2", 4 * d, d)
+        shapes[f"{block}.gamma"] = (d,)
+    conv("memory_encoder.out_proj", d, m, 1)
+    shapes["maskmem_tpos_enc"] = (num_maskmem, 1, 1, m)
+    shapes["no_mem_pos_enc"] = (1, 1, d)
+    conv("mask_downsample", 1, 1, 4)
+    shapes["no_obj_ptr"] = (1, d)
+    for j in range(3):
+        linear(f"obj_ptr_proj.layers.{j}", d, d)
+    if version == "2.1":
+        linear("obj_ptr_tpos_proj", d, m)
+        shapes["no_obj_embed_spatial"] = (1, m)
+    return shapes
+
+
+def sam2_custom(
+    *,
+    embed_dim: int,
+    num_heads: int,
+    stages: Sequence[int],
+    global_att_blocks: Sequence[int],
+    window_spec: Sequence[int] = (8, 4, 14, 7),
+    window_pos_embed_bkg_spatial_size: tuple[int, int] = (14, 14),
+    d_model: int = 256,
+    img_size: int = 1024,
+    memory: str | None = None,
+) -> Sam2:
+    """SAM 2 with a Hiera trunk of any size (the official ones below are instances).
+
+    ``d_model`` is the width of the neck, prompts and decoder (256); ``memory`` ("2" or
+    "2.1") keeps the official video-memory parameters (256 / 64 wide) for strict loading.
+    """
+    trunk = Hiera(
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        stages=tuple(stages),
+        window_spec=tuple(window_spec),
+        global_att_blocks=tuple(global_att_blocks),
+        window_pos_embed_bkg_spatial_size=tuple(window_pos_embed_bkg_spatial_size),
+        img_size=img_size,
+    )
+    neck = FpnNeck(d_model=d_model, backbone_channel_list=trunk.channel_list)
+    grid = img_size // ENCODER_STRIDE
+    return Sam2(
+        image_encoder=HieraImageEncoder(trunk=trunk, neck=neck, scalp=1),
+        prompt_encoder=PromptEncoder(
+            embed_dim=d_model,
+            image_embedding_size=(grid, grid),
+            input_image_size=(img_size, img_size),
+            mask_in_chans=16,
+            box_as_points=True,
+        ),
+        mask_decoder=MaskDecoder(
+            transformer_dim=d_model,
+            transformer=TwoWayTransformer(
+                depth=2, embedding_dim=d_model, mlp_dim=2048, num_heads=8
+            ),
+            num_multimask_outputs=3,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+            use_high_res_features=True,
+            iou_prediction_use_sigmoid=True,
+            pred_obj_scores=True,
+            pred_obj_scores_mlp=True,
+            dynamic_multimask_via_stability=True,
+            dynamic_multimask_stability_delta=0.05,
+            dynamic_multimask_stability_thresh=0.98,
+        ),
+        memory=None if memory is None else sam2_memory_shapes(version=memory, hidden_dim=d_model),
+    )
+
+
+def _sam2_factory(version: str, size: str) -> Callable[..., Sam2]:
+    def factory(**overrides: Any) -> Sam2:
+        return sam2_custom(**{**HIERA_DIMS[size], "memory": version, **overrides})
+
+    label = {"t": "tiny", "s": "small", "b+": "base+", "l": "large"}[size]
+    factory.__name__ = f"sam{version}_hiera_{size}"
+    factory.__doc__ = (
+        f"SAM {version} Hiera-{label} (configs/sam{version}/sam{version}_hiera_{size}.yaml)."
+    )
+    return factory
+
+
+#: ``sam2.1_hiera_t`` ... ``sam2_hiera_l``: the official config names.
+SAM2_VARIANTS: dict[str, Callable[..., Sam2]] = {
+    f"sam{v}_hiera_{size}": _sam2_factory(v, size) for v in ("2.1", "2") for size in HIERA_DIMS
+}
+
+
 MODEL_REGISTRY: dict[str, Callable[..., Sam]] = {
     "vit_t": vit_t,
     "vit_b": vit_b,
     "vit_l": vit_l,
     "vit_h": vit_h,
     "vit_custom": vit_custom,
+    **SAM2_VARIANTS,
+    "sam2_custom": sam2_custom,
 }
 
 
@@ -132,6 +309,8 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[str,
     Raises ``ValueError`` when the keys are not those of a SAM checkpoint.
     """
     enc = "image_encoder."
+    if f"{enc}trunk.patch_embed.proj.weight" in state_dict:
+        return _sam2_config(state_dict), {}
     if f"{enc}patch_embed.seq.0.c.weight" in state_dict:
         return "vit_t", {}
     pos = state_dict.get(f"{enc}pos_embed")
@@ -164,6 +343,32 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[str,
             if all(overrides[k] == v for k, v in dims.items()):
                 return name, {}
     return "vit_custom", overrides
+
+
+def _sam2_config(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The official SAM 2 / 2.1 variant whose Hiera trunk has these shapes (the head
+    counts and window settings are not in a checkpoint, so only the released sizes are
+    recognised)."""
+    trunk = "image_encoder.trunk."
+    embed_dim = int(state_dict[f"{trunk}patch_embed.proj.weight"].shape[0])
+    blocks = sorted({int(k.split(".")[3]) for k in state_dict if k.startswith(f"{trunk}blocks.")})
+    starts = [i for i in blocks if f"{trunk}blocks.{i}.proj.weight" in state_dict]
+    bounds = [0, *starts, len(blocks)]
+    stages = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    bkg = tuple(int(n) for n in state_dict[f"{trunk}pos_embed"].shape[-2:])
+    version = "2.1" if "no_obj_embed_spatial" in state_dict else "2"
+    for size, dims in HIERA_DIMS.items():
+        if (dims["embed_dim"], dims["stages"], dims["window_pos_embed_bkg_spatial_size"]) == (
+            embed_dim,
+            stages,
+            bkg,
+        ):
+            return f"sam{version}_hiera_{size}"
+    raise ValueError(
+        f"SAM {version} checkpoint with a Hiera trunk of width {embed_dim} and stages "
+        f"{stages} is not one of the released sizes; build it with "
+        "registry.sam2_custom(...) and load_state_dict"
+    )
 
 
 def model_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Sam:

@@ -28,6 +28,10 @@ class Sam(nn.Module):
 
     mask_threshold: float = 0.0
     image_format: str = "RGB"
+    #: how images and prompts map to the model input (:func:`segany.transforms.geometry_of`)
+    input_geometry: str = "longest_side"
+    #: clamp of the low-res logits handed back for refinement (``None``: not clamped)
+    low_res_limit: float | None = None
 
     def __init__(
         self,
@@ -63,6 +67,13 @@ class Sam(nn.Module):
         skip work under the padding (TinyViT's first two stages) use it."""
         return self.image_encoder(images, valid=valid)
 
+    def embed_features(
+        self, images: torch.Tensor, *, valid: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """:meth:`embed_image` and the extra per-image features :meth:`decode` takes as
+        ``high_res_features`` (none for SAM 1)."""
+        return self.embed_image(images, valid=valid), ()
+
     def prepare_decoder(self, image_embeddings: torch.Tensor) -> DecoderContext:
         """The prompt-independent part of decoding for one image ``(1, C, h, w)``: compute
         once per image and pass as ``context`` to :meth:`decode` (prompts without a mask
@@ -84,6 +95,7 @@ class Sam(nn.Module):
         context: DecoderContext | None = None,
         crop_tokens: tuple[int, int] | None = None,
         keep: dict | None = None,
+        high_res_features: tuple[torch.Tensor, ...] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode ``B`` prompts against one image embedding.
 
@@ -97,7 +109,9 @@ class Sam(nn.Module):
                 ``mask_input`` is given.
             crop_tokens: upscale only the top-left ``(rows, cols)`` of the token grid
                 (:meth:`MaskDecoder.forward`); logits ``(B, K, 4 rows, 4 cols)``.
-            keep: receives what :meth:`MaskDecoder.fill_outside_crop` needs.
+            keep: receives what :meth:`MaskDecoder.fill_outside_crop` needs (and SAM 2's
+                ``"object_score_logits"``).
+            high_res_features: the second item of :meth:`embed_features` (SAM 2).
 
         Returns:
             low-res mask logits ``(B, K, 4h, 4w)`` and predicted IoUs ``(B, K)``,
@@ -119,6 +133,7 @@ class Sam(nn.Module):
                 context=context,
                 crop_tokens=crop_tokens,
                 keep=keep,
+                high_res_features=high_res_features or None,
             )
         return self.mask_decoder(
             image_embeddings,
@@ -128,6 +143,7 @@ class Sam(nn.Module):
             multimask_output,
             crop_tokens=crop_tokens,
             keep=keep,
+            high_res_features=high_res_features or None,
         )
 
     def forward(
