@@ -248,7 +248,7 @@ def sam2_custom(
         mask_decoder=MaskDecoder(
             transformer_dim=d_model,
             transformer=TwoWayTransformer(
-                depth=2, embedding_dim=d_model, mlp_dim=2048, num_heads=8
+                depth=2, embedding_dim=d_model, mlp_dim=2048, num_heads=8, mlp_keys="layers"
             ),
             num_multimask_outputs=3,
             iou_head_depth=3,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLPBlock
+from .common import MLP, MLPBlock
 
 
 class Attention(nn.Module):
@@ -144,7 +144,9 @@ class DecoderContext:
 
 class TwoWayAttentionBlock(nn.Module):
     """One layer of the two-way transformer. The first layer adds no positional encoding
-    to the tokens' self-attention (``skip_first_layer_pe``)."""
+    to the tokens' self-attention (``skip_first_layer_pe``). ``mlp_keys``: ``"lin"``
+    (SAM 1's ``mlp.lin1`` / ``mlp.lin2``) or ``"layers"`` (SAM 2's ``mlp.layers.0/1``),
+    the same ReLU MLP."""
 
     def __init__(
         self,
@@ -154,6 +156,7 @@ class TwoWayAttentionBlock(nn.Module):
         mlp_dim: int = 2048,
         attention_downsample_rate: int = 2,
         skip_first_layer_pe: bool = False,
+        mlp_keys: str = "lin",
     ) -> None:
         super().__init__()
         self.self_attn = Attention(embedding_dim=embedding_dim, num_heads=num_heads)
@@ -164,7 +167,14 @@ class TwoWayAttentionBlock(nn.Module):
             downsample_rate=attention_downsample_rate,
         )
         self.norm2 = nn.LayerNorm(embedding_dim)
-        self.mlp = MLPBlock(dim=embedding_dim, hidden_dim=mlp_dim, act=nn.ReLU)
+        if mlp_keys == "lin":
+            self.mlp = MLPBlock(dim=embedding_dim, hidden_dim=mlp_dim, act=nn.ReLU)
+        elif mlp_keys == "layers":
+            self.mlp = MLP(
+                in_dim=embedding_dim, hidden_dim=mlp_dim, out_dim=embedding_dim, num_layers=2
+            )
+        else:
+            raise ValueError(f"mlp_keys must be 'lin' or 'layers', got {mlp_keys!r}")
         self.norm3 = nn.LayerNorm(embedding_dim)
         self.norm4 = nn.LayerNorm(embedding_dim)
         self.cross_attn_image_to_token = Attention(
@@ -218,7 +228,8 @@ class TwoWayAttentionBlock(nn.Module):
 
 
 class TwoWayTransformer(nn.Module):
-    """Args: depth (2), embedding_dim (256), num_heads (8), mlp_dim (2048)."""
+    """Args: depth (2), embedding_dim (256), num_heads (8), mlp_dim (2048), mlp_keys
+    (see :class:`TwoWayAttentionBlock`)."""
 
     def __init__(
         self,
@@ -228,6 +239,7 @@ class TwoWayTransformer(nn.Module):
         num_heads: int = 8,
         mlp_dim: int = 2048,
         attention_downsample_rate: int = 2,
+        mlp_keys: str = "lin",
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
@@ -237,6 +249,7 @@ class TwoWayTransformer(nn.Module):
                 mlp_dim=mlp_dim,
                 attention_downsample_rate=attention_downsample_rate,
                 skip_first_layer_pe=i == 0,
+                mlp_keys=mlp_keys,
             )
             for i in range(depth)
         )
