@@ -153,8 +153,9 @@ class WeightSpec:
     """One known checkpoint file.
 
     ``variant`` is the model-registry name the checkpoint belongs to (``vit_t`` for
-    MobileSAM, ``vit_b``, ``vit_l``, ``vit_h``). ``sha256`` is ``None`` only when no
-    trustworthy hash is known; such an entry is fetched only with an explicit hash.
+    MobileSAM, ``vit_b``, ``vit_l``, ``vit_h``, ``sam2.1_hiera_t``...). ``sha256`` is
+    ``None`` only when no trustworthy hash is known; such an entry is fetched only with an
+    explicit hash.
     """
 
     name: str
@@ -177,6 +178,48 @@ def _is_sha256(value: str) -> bool:
 
 
 _META_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+
+_SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/"
+_SIZE_LABEL = {"t": "tiny", "s": "small", "b+": "base_plus", "l": "large"}
+
+# SAM 2.1 (2024-09) and SAM 2 (2024-07) checkpoints, Apache-2.0, only on Meta's server.
+# The SHA-256 values are not published by Meta; they are those pinned by other projects'
+# catalogues (each agrees with every other listing of the same file we found):
+# - sam2.1 tiny, large (with sizes): UGA-AgRobotics/compag-curation,
+#   src/compag_curation/assets.py; tiny, small, large again and base_plus:
+#   haroonaslam/WorkflowX-Configurator, detailer_x/provision.py (which also lists SAM 1's
+#   hashes, equal to ours above); small again: amateurmenace/control-z, czcore/models.py.
+# - sam2 tiny, small, base_plus, large: mazurowski-lab/SlicerSegmentWithSAM,
+#   SegmentWithSAM/SegmentWithSAM.py.
+# Sizes are given where a source states them; ``None`` otherwise (the download's length
+# is still checked against the server's Content-Length, and the hash always).
+_SAM2_FILES: dict[tuple[str, str], tuple[str, int | None]] = {
+    ("2.1", "t"): ("7402e0d864fa82708a20fbd15bc84245c2f26dff0eb43a4b5b93452deb34be69", 156_008_466),
+    ("2.1", "s"): ("6d1aa6f30de5c92224f8172114de081d104bbd23dd9dc5c58996f0cad5dc4d38", None),
+    ("2.1", "b+"): ("a2345aede8715ab1d5d31b4a509fb160c5a4af1970f199d9054ccfb746c004c5", None),
+    ("2.1", "l"): ("2647878d5dfa5098f2f8649825738a9345572bae2d4350a2468587ece47dd318", 898_083_611),
+    ("2", "t"): ("65b50056e05bcb13694174f51bb6da89c894b57b75ccdf0ba6352c597c5d1125", None),
+    ("2", "s"): ("95949964d4e548409021d47b22712d5f1abf2564cc0c3c765ba599a24ac7dce3", None),
+    ("2", "b+"): ("d0bb7f236400a49669ffdd1be617959a8b1d1065081789d7bbff88eded3a8071", None),
+    ("2", "l"): ("7442e4e9b732a508f80e141e7c2913437a3610ee0c77381a66658c3a445df87b", None),
+}
+_SAM2_SPECS = tuple(
+    WeightSpec(
+        name=f"sam{version}_hiera_{_SIZE_LABEL[size]}",
+        variant=f"sam{version}_hiera_{size}",
+        sha256=sha,
+        size=nbytes,
+        filename=f"sam{version}_hiera_{_SIZE_LABEL[size]}.pt",
+        licence="Apache-2.0",
+        sources=(
+            UrlSource(
+                f"{_SAM2_URL}{'092824' if version == '2.1' else '072824'}/"
+                f"sam{version}_hiera_{_SIZE_LABEL[size]}.pt"
+            ),
+        ),
+    )
+    for (version, size), (sha, nbytes) in _SAM2_FILES.items()
+)
 
 CATALOGUE: dict[str, WeightSpec] = {
     spec.name: spec
@@ -224,6 +267,7 @@ CATALOGUE: dict[str, WeightSpec] = {
             licence="Apache-2.0",
             sources=(UrlSource(_META_URL + "sam_vit_h_4b8939.pth"),),
         ),
+        *_SAM2_SPECS,
     )
 }
 
@@ -234,6 +278,8 @@ ALIASES: dict[str, str] = {
     "vit_b": "sam_vit_b",
     "vit_l": "sam_vit_l",
     "vit_h": "sam_vit_h",
+    # the SAM 2 registry names (official config names) -> their checkpoints
+    **{spec.variant: spec.name for spec in _SAM2_SPECS},
 }
 
 

@@ -346,3 +346,19 @@ def test_official_tiny_matches_reference(tmp_path):
         masks, iou, low = p.predict(**args, multimask_output=case["multimask_output"])
         np.testing.assert_allclose(iou, z[f"{key}_iou"], atol=1e-4, err_msg=key)
         np.testing.assert_allclose(low, z[f"{key}_lowres"], atol=1e-3, err_msg=key)
+
+
+def test_catalogue_offline_error_says_where_to_put_the_file(monkeypatch, tmp_path):
+    from segany import weights as W
+
+    monkeypatch.setenv("SEGANY_CACHE", str(tmp_path))
+
+    def offline(source, final, expected, progress):
+        raise W.WeightsError("URLError: no network")
+
+    monkeypatch.setattr(W, "_fetch_url", offline)
+    with pytest.raises(W.WeightsError) as err:
+        load_model("sam2.1_hiera_tiny", progress=False)
+    msg = str(err.value)
+    assert str(tmp_path / "weights" / "sam2.1_hiera_tiny.pt") in msg
+    assert "segment_anything_2/092824/sam2.1_hiera_tiny.pt" in msg and "--model PATH" in msg

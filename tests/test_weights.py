@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from segany import weights as W
+from segany.models import MODEL_REGISTRY
 from segany.weights import (
     ALIASES,
     CATALOGUE,
@@ -96,7 +97,7 @@ def test_catalogue_sanity() -> None:
             len(spec.sha256) == 64 and all(c in "0123456789abcdef" for c in spec.sha256)
         )
         assert spec.size is None or spec.size > 0
-        assert spec.variant in {"vit_t", "vit_b", "vit_l", "vit_h"}
+        assert spec.variant in MODEL_REGISTRY
     for alias, target in ALIASES.items():
         assert W.get_spec(alias) is CATALOGUE[target]
         assert CATALOGUE[target].variant == alias
@@ -108,6 +109,17 @@ def test_catalogue_sanity() -> None:
     assert CATALOGUE["sam_vit_h"].sources[0] == UrlSource(
         "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"
     )
+    for version, date in (("2.1", "092824"), ("2", "072824")):
+        for size in ("tiny", "small", "base_plus", "large"):
+            spec = CATALOGUE[f"sam{version}_hiera_{size}"]
+            assert spec.sha256 is not None and spec.licence == "Apache-2.0"
+            assert spec.sources == (
+                UrlSource(
+                    "https://dl.fbaipublicfiles.com/segment_anything_2/"
+                    f"{date}/sam{version}_hiera_{size}.pt"
+                ),
+            )
+    assert W.get_spec("sam2.1_hiera_b+").filename == "sam2.1_hiera_base_plus.pt"
 
 
 def test_spec_and_source_validation() -> None:
