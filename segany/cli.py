@@ -448,11 +448,13 @@ def _run_weights_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    print(f"{'name':<12} {'variant':<7} {'size':>9}  {'cached':<6}  source")
+    nw = max(12, *(len(r["name"]) for r in rows))
+    vw = max(7, *(len(r["variant"]) for r in rows))
+    print(f"{'name':<{nw}} {'variant':<{vw}} {'size':>9}  {'cached':<6}  source")
     for r in rows:
         size = f"{r['size'] / 1e6:.0f} MB" if r.get("size") else "?"
         cached = "yes" if r["cached"] else "no"
-        print(f"{r['name']:<12} {r['variant']:<7} {size:>9}  {cached:<6}  {r['source']}")
+        print(f"{r['name']:<{nw}} {r['variant']:<{vw}} {size:>9}  {cached:<6}  {r['source']}")
     print(f"\ncache: {W.weights_dir()}  (set SEGANY_CACHE to move it)")
     return 0
 
