@@ -265,7 +265,7 @@ class MaskGenerator:
         """Crop-frame points ``(B, 2)`` -> low-res logits ``(B*3, S/4, S/4)`` and IoUs."""
         st = self.predictor.state
         self.last_prompts += len(points)
-        coords = T.coords_to_model(points, st.original_size, self.model.img_size)
+        coords = self.predictor.geometry.coords_to_model(points, st.original_size)
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int64)
         low, iou = self.predictor.decode_low_res(coords[:, None, :], labels, image_only=True)
         return low.flatten(0, 1).cpu(), iou.flatten(0, 1).cpu()
@@ -275,11 +275,8 @@ class MaskGenerator:
         st = self.predictor.state
         if low.shape[0] == 0:
             return low.new_zeros(0, *st.original_size)
-        out = T.masks_to_image(
-            low[:, None],
-            input_size=st.input_size,
-            original_size=st.original_size,
-            img_size=self.model.img_size,
+        out = self.predictor.geometry.masks_to_image(
+            low[:, None], input_size=st.input_size, original_size=st.original_size
         )
         return out[:, 0]
 

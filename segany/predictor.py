@@ -194,8 +194,7 @@ class Predictor:
             object with the ``embed`` / ``decode`` methods of
             :class:`~segany.export.runtime.OnnxBackend`.
         fuse: apply :func:`~segany.models.fuse.fuse_for_inference` to ``model`` (in place:
-            faster on the CPU, but the model can no longer be trained). SAM 2 models are
-            not rewritten (no fused form of them yet).
+            faster on the CPU, but the model can no longer be trained).
         decode_chunk: the torch backend decodes batched prompts this many at a time
             (default: :data:`CPU_DECODE_CHUNK` on the CPU, all at once elsewhere).
         precision: ``"fp32"`` (default; matches the reference) or ``"bf16"``: the torch
@@ -228,7 +227,7 @@ class Predictor:
         sam2 = getattr(self.model, "input_geometry", "") == "square"
         if sam2 and (backend != "torch" or precision != "fp32"):
             raise ValueError("SAM 2 models run on the torch backend in fp32 only (for now)")
-        if fuse and not sam2:
+        if fuse:
             fuse_for_inference(self.model)
         self.geometry = T.geometry_of(self.model)
         if next(self.model.parameters()).device.type == "cpu":

@@ -368,6 +368,8 @@ class SquareGeometry:
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """RGB uint8 ``(H, W, 3)`` -> ``(1, 3, S, S)`` normalised and ``(S, S)``."""
         s = self.img_size
+        if not image.flags.writeable:
+            image = image.copy()
         x = torch.from_numpy(np.ascontiguousarray(image)).to(pixel_mean.device)
         x = x.permute(2, 0, 1).unsqueeze(0).float().div(255)
         x = F.interpolate(x, (s, s), mode="bilinear", align_corners=False, antialias=True)

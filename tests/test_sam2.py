@@ -13,6 +13,7 @@ is at least ``MASK_MARGIN`` away from the threshold.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ import torch
 from segany import compat
 from segany.loader import load_model
 from segany.models import build_model, config_from_state_dict
+from segany.models.fuse import is_fused
 from segany.models.registry import SAM2_VARIANTS, sam2_custom
 from segany.models.sam2 import Sam2
 from segany.predictor import EmbeddingCache, Predictor
@@ -249,6 +251,21 @@ def test_predictor_matches_reference(tiny_sam2, golden, monkeypatch):
         check_masks(pred.masks.reshape(*packed.shape[:-1], -1), packed)
         obj = torch.cat(scores).numpy().reshape(-1)
         np.testing.assert_allclose(obj, z[f"{key}_objscore"].reshape(-1), atol=OBJ_ATOL)
+
+
+def test_fused_model_matches_reference(tiny_sam2, golden):
+    """fuse_for_inference (oneDNN linear layers in Hiera, channels-last encoder) changes
+    only float rounding: the golden cases within 1e-4."""
+    z, meta = golden
+    p = Predictor(copy.deepcopy(tiny_sam2), fuse=True)
+    assert is_fused(p.model)
+    p.set_image(z["image0"])
+    np.testing.assert_allclose(p.embedding.numpy(), z["image_embed"], atol=1e-4)
+    for key in ("click", "click_single", "point_box", "refine"):
+        case = meta["cases"][key]
+        pred = p.predict(**case_args(key, case, z), multimask_output=case["multimask_output"])
+        np.testing.assert_allclose(pred.low_res_logits, z[f"{key}_lowres"], atol=1e-4)
+        np.testing.assert_allclose(pred.scores, z[f"{key}_iou"], atol=1e-4)
 
 
 def test_image_batch_matches_reference(tiny_sam2, golden):

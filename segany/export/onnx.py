@@ -140,6 +140,7 @@ class PromptGraph(DecoderGraph):
 
 def _prepared(sam: Sam) -> Sam:
     """A fused, float32, CPU copy of ``sam`` (the caller's model is left untouched)."""
+    sam.require_sam1("ONNX export")
     model = copy.deepcopy(sam).float().cpu().eval()
     fuse_for_inference(model, onednn=False)  # plain operators: oneDNN calls do not export
     # channels-last strides are a torch CPU detail; ONNX graphs are layout-free.

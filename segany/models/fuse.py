@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hiera import MultiScaleBlock
+from .mask_decoder import MaskDecoder
 from .tiny_vit import Attention as TinyViTAttention
 from .tiny_vit import Conv2dBN, MBConv, Mlp, PatchMerging
 
@@ -202,9 +204,24 @@ def is_fused(model: nn.Module) -> bool:
 
 
 def _replace_children(model: nn.Module, onednn: bool) -> None:
+    # SAM 2's decoder adds the high-res features between the upscaling's convolutions and
+    # their GELUs: that Sequential keeps its five separate steps
+    keep_apart = {
+        id(m.output_upscaling)
+        for m in model.modules()
+        if isinstance(m, MaskDecoder) and m.use_high_res_features
+    }
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, MBConv):
+            if isinstance(child, MultiScaleBlock):
+                attn, (lin1, lin2) = child.attn, child.mlp.layers
+                attn.qkv = OneDNNLinear(attn.qkv, onednn=onednn)
+                attn.proj = OneDNNLinear(attn.proj, onednn=onednn)
+                child.mlp.layers[0] = OneDNNLinear(lin1, onednn=onednn, gelu=True)
+                child.mlp.layers[1] = OneDNNLinear(lin2, onednn=onednn)
+                if hasattr(child, "proj"):
+                    child.proj = OneDNNLinear(child.proj, onednn=onednn)
+            elif isinstance(child, MBConv):
                 setattr(parent, name, FusedMBConv(child, onednn=onednn))
             elif isinstance(child, Mlp):
                 child.fc1 = OneDNNLinear(child.fc1, onednn=onednn, gelu=True)
@@ -215,7 +232,7 @@ def _replace_children(model: nn.Module, onednn: bool) -> None:
                 child.proj = OneDNNLinear(child.proj, onednn=onednn)
             elif isinstance(child, PatchMerging):
                 setattr(parent, name, FusedPatchMerging(child, onednn=onednn))
-        if isinstance(parent, nn.Sequential):
+        if isinstance(parent, nn.Sequential) and id(parent) not in keep_apart:
             # (convolution, GELU) pairs: PatchEmbed's stem, the decoder's last upscaling
             for i in range(len(parent) - 1):
                 conv, act = parent[i], parent[i + 1]
@@ -250,6 +267,8 @@ def fuse_for_inference(model: nn.Module, *, onednn: bool | None = None) -> nn.Mo
       (default: when available) single oneDNN calls on the CPU, so the large stage-0
       activations are written once instead of three times;
       ``onednn=False`` keeps plain operators (for ONNX export);
+    - Hiera's (SAM 2) linear layers become :class:`OneDNNLinear` (the MLPs' GELU and
+      residual sums in the same calls);
     - TinyViT's per-window attention bias is gathered once and stored (``ab``);
     - 4-D weights of the image encoder use the channels-last layout, which the oneDNN
       convolutions on the CPU run several times faster (depth-wise ones especially).

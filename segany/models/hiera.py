@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP
+from .common import MLP, linear_plus
 from .image_encoder import window_partition, window_unpartition
 
 
@@ -114,7 +114,13 @@ class MultiScaleBlock(nn.Module):
             padded = (h + (-h) % window, w + (-w) % window)
             x = window_unpartition(x, window, padded, (h, w))
         x = shortcut + x
-        return x + self.mlp(self.norm2(x))
+        # the MLP with its residual: x + lin2(gelu(lin1(norm2(x)))); the inference-only
+        # fused layers (segany.models.fuse) apply the GELU and the sum in their products
+        lin1, lin2 = self.mlp.layers
+        h = lin1(self.norm2(x))
+        if not getattr(lin1, "gelu", False):
+            h = self.mlp.activation(h)
+        return linear_plus(lin2, h, x)
 
 
 class Hiera(nn.Module):
@@ -175,11 +181,22 @@ class Hiera(nn.Module):
                 )
             )
             dim = dim_out
+        self._pos_cache: tuple | None = None
         #: channels of the outputs, coarsest first (the neck's order)
         self.channel_list = [self.blocks[i].dim_out for i in self.stage_ends[::-1]]
 
     def pos_embed_at(self, size: tuple[int, int]) -> torch.Tensor:
-        """Absolute position embedding of an ``(h, w)`` token grid: ``(1, h, w, C)``."""
+        """Absolute position embedding of an ``(h, w)`` token grid: ``(1, h, w, C)``.
+        Outside autograd it is computed once per size and kept until either embedding
+        changes (their in-place version counters)."""
+        key = (tuple(size), self.pos_embed._version, self.pos_embed_window._version)
+        if torch.is_grad_enabled():
+            return self._pos_embed_at(size)
+        if self._pos_cache is None or self._pos_cache[0] != key:
+            self._pos_cache = (key, self._pos_embed_at(size))
+        return self._pos_cache[1]
+
+    def _pos_embed_at(self, size: tuple[int, int]) -> torch.Tensor:
         pos = F.interpolate(self.pos_embed, size=size, mode="bicubic")
         win = self.pos_embed_window
         pos = pos + win.tile(1, 1, size[0] // win.shape[-2], size[1] // win.shape[-1])

@@ -67,6 +67,12 @@ class Sam(nn.Module):
         skip work under the padding (TinyViT's first two stages) use it."""
         return self.image_encoder(images, valid=valid)
 
+    def require_sam1(self, what: str) -> None:
+        """Raise ``ValueError`` unless this is a SAM 1 geometry model (parts of segany that
+        are not adapted to SAM 2 yet call this instead of giving wrong results)."""
+        if self.input_geometry != "longest_side":
+            raise ValueError(f"{what} does not support SAM 2 models yet")
+
     def embed_features(
         self, images: torch.Tensor, *, valid: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:

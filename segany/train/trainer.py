@@ -321,6 +321,7 @@ class Trainer:
         replay_images: Sequence[TrainImage] = (),
         rehearse_images: Sequence[TrainImage] = (),
     ) -> None:
+        model.require_sam1("training")
         self.cfg = config
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
