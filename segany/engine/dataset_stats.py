@@ -81,14 +81,17 @@ def _sa1b_images_in_tar(path: Path) -> Iterator[Image]:
             if member.isfile() and member.name.endswith(".json"):
                 f = tar.extractfile(member)
                 if f is not None:
-                    yield _sa1b_image(json.loads(f.read()))
+                    yield _sa1b_image(json.loads(f.read()), f"{path}:{member.name}")
 
 
-def _sa1b_image(data: dict[str, Any]) -> Image:
+def _sa1b_image(data: dict[str, Any], where: str) -> Image:
     im, anns = data.get("image"), data.get("annotations")
     if not isinstance(im, dict) or not isinstance(anns, list):
-        raise V.InputError("an SA-1B image JSON needs an 'image' object and an 'annotations' list")
-    h, w = V.check_image_size(im.get("height"), im.get("width"))
+        raise V.InputError(f"{where}: an SA-1B image JSON needs 'image' and 'annotations'")
+    try:
+        h, w = V.check_image_size(im.get("height"), im.get("width"))
+    except V.InputError as exc:
+        raise V.InputError(f"{where}: {exc}") from None
     return w, h, anns
 
 
@@ -117,7 +120,7 @@ def open_dataset(path: str | os.PathLike[str]) -> tuple[str, Iterator[Image]]:
         if len(jsons) == 1:  # maybe a COCO file alone in its folder
             return open_dataset(jsons[0])
         if jsons:
-            return "sa1b", (_sa1b_image(json.loads(f.read_text())) for f in jsons)
+            return "sa1b", (_sa1b_image(json.loads(f.read_text()), str(f)) for f in jsons)
         raise ValueError(f"{p}: no SA-1B tars or JSON files found")
     if p.suffix == ".tar":
         return "sa1b", _sa1b_images_in_tar(p)
@@ -126,7 +129,7 @@ def open_dataset(path: str | os.PathLike[str]) -> tuple[str, Iterator[Image]]:
         if isinstance(data, dict) and "images" in data and "annotations" in data:
             return "coco", _coco_images(data, str(p))
         if isinstance(data, dict) and "image" in data and "annotations" in data:
-            return "sa1b", iter([_sa1b_image(data)])
+            return "sa1b", iter([_sa1b_image(data, str(p))])
         raise ValueError(f"{p}: neither a COCO instances JSON nor an SA-1B image JSON")
     raise ValueError(f"{p}: not found")
 
@@ -168,8 +171,8 @@ def compute(
             if max_images is not None and k >= max_images:
                 break
             _measure(st, path, k, w, h, anns)
-    except V.InputError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+    except V.InputError as exc:  # names its file
+        raise ValueError(str(exc)) from None
     if not st.images:
         raise ValueError(f"{path}: no images")
     return st
