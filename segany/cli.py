@@ -15,13 +15,13 @@ segany retrain IMAGES_DIR [--db URL] [--out CKPT] [--server URL]
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from . import validate as V
 from . import weights as W
 
 
@@ -241,7 +241,7 @@ def _run_segment(args: argparse.Namespace) -> int:
         "overlay": args.overlay,
         "masks": records,
     }
-    print(json.dumps(summary, indent=2))
+    print(V.dumps(summary, indent=2))
     return 0
 
 
@@ -300,7 +300,7 @@ def _run_segment_text(args: argparse.Namespace) -> int:
         "coco": args.coco,
         "masks": records,
     }
-    print(json.dumps(summary, indent=2))
+    print(V.dumps(summary, indent=2))
     return 0
 
 
@@ -423,7 +423,7 @@ def _run_everything(args: argparse.Namespace) -> int:
         "format": args.format,
         "preset": args.preset,
     }
-    print(json.dumps(summary, indent=2))
+    print(V.dumps(summary, indent=2))
     return 0 if len(failed) < len(images) else 2
 
 
@@ -446,7 +446,7 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
 def _run_weights_list(args: argparse.Namespace) -> int:
     rows = W.describe()
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(V.dumps(rows, indent=2, default=str))
         return 0
     print(f"{'name':<12} {'variant':<7} {'size':>9}  {'cached':<6}  source")
     for r in rows:

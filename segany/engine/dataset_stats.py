@@ -538,5 +538,5 @@ def run(
         },
         "plots": [f.name for f in files],
     }
-    (out / "stats.json").write_text(json.dumps(result, indent=1))
+    (out / "stats.json").write_text(V.dumps(result, indent=1))
     return result
