@@ -372,6 +372,8 @@ def _run_everything(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; everything writes into a folder")
     out.mkdir(parents=True, exist_ok=True)
     coco = CocoWriter() if args.format == "coco" else None
     used: set[str] = set()
@@ -381,11 +383,12 @@ def _run_everything(args: argparse.Namespace) -> int:
     for path in bar:
         try:
             rgb = load_image(path)
-        except ImageError as exc:
+            records = gen.generate(rgb)
+        except (ImageError, ValueError, RuntimeError, MemoryError) as exc:
+            # one bad image never stops the batch; writing errors (OSError) do
             failed.append((str(path), str(exc)))
             tqdm.write(f"segany: skipped {path}: {exc}", file=sys.stderr)
             continue
-        records = gen.generate(rgb)
         total += len(records)
         bar.set_postfix(masks=total, last=len(records))
         stem = path.stem
@@ -558,6 +561,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, DetectorError, ImageError, PromptError, W.WeightsError) as exc:
         print(f"segany: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, read-only, a file where a folder should be, ...
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"segany: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("segany: error: out of memory", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("segany: interrupted", file=sys.stderr)
         return 130
