@@ -1003,6 +1003,11 @@ def _label(
                     "or choose a new --out"
                 )
             plan = json.loads(plan_path.read_text())
+            if os.path.realpath(source) != os.path.realpath(plan["source"]):
+                raise LabelError(
+                    f"--resume: the job in {out} labels {plan['source']}, not "
+                    f"{os.path.abspath(source)}; resume with the same source or use a new --out"
+                )
             _check_same("model", model, plan["model"]["name"])
             _check_same("preset", preset, plan["preset"])
             _check_same("shard size", shard_size, plan["shard_size"])
