@@ -10,6 +10,7 @@ segany label SOURCE --out DIR [--preset P] [--workers N] [--ray [ADDRESS]] [--re
 segany stats DIR|COCO.json [--compare OTHER] --out DIR
 segany train --data SRC --model mobile_sam --train decoder --steps N --out CKPT
 segany retrain IMAGES_DIR [--db URL] [--out CKPT] [--server URL]
+segany info [--json]
 """
 
 from __future__ import annotations
@@ -499,6 +500,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)  # segany/train/cli.py: fine-tuning, model in the loop (docs/training.md)
 
 
+# -- info ------------------------------------------------------------------------------------
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    from .info import add_parser
+
+    add_parser(sub)  # segany/info.py: versions, CPU, threads, backends, folders
+
+
 # -- entry point -----------------------------------------------------------------------------
 # command -> the function adding its parser (several commands may share one)
 _GROUPS = {
@@ -511,6 +519,7 @@ _GROUPS = {
     "stats": _add_label,
     "train": _add_train,
     "retrain": _add_train,
+    "info": _add_info,
 }
 
 
@@ -543,6 +552,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .predictor import PromptError
+    from .runtime import PrecisionError
     from .text.detectors import DetectorError
     from .transforms import ImageError
 
@@ -558,7 +568,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--threads: {exc}")
     try:
         return int(args.func(args) or 0)
-    except (CliError, DetectorError, ImageError, PromptError, W.WeightsError) as exc:
+    except (
+        CliError,
+        DetectorError,
+        ImageError,
+        PrecisionError,
+        PromptError,
+        W.WeightsError,
+    ) as exc:
         print(f"segany: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # disk full, read-only, a file where a folder should be, ...

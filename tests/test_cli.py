@@ -203,3 +203,21 @@ def test_out_is_a_file_or_the_disk_is_full(tmp_path, capsys, mobile_sam, monkeyp
     code = main(["segment", str(SAMPLE), "--point", "440,330", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 1 and err == f"segany: error: No space left on device: {out}\n"
+
+
+def test_info_reports_the_cpu_and_what_it_allows(capsys, monkeypatch):
+    from segany import runtime
+
+    fake = {"model": "Fake Xeon", "arch": "x86_64", "flags": frozenset({"avx2", "amx_bf16", "x"})}
+    monkeypatch.setattr(runtime, "cpu_info", lambda: fake)
+    assert main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cpu"]["model"] == "Fake Xeon"
+    assert report["cpu"]["flags"] == ["avx2", "amx_bf16"]  # only the flags that matter
+    assert report["precisions"] == ["fp32", "bf16"]
+    assert report["backends"][0] == "torch" and report["threads"] >= 1
+    assert report["versions"]["torch"].startswith("2.13.0")
+    monkeypatch.setattr(runtime, "cpu_info", lambda: {**fake, "flags": frozenset({"avx2"})})
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "cpu: Fake Xeon (x86_64)" in text and "bf16 refused" in text
