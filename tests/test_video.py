@@ -266,3 +266,34 @@ def test_overlay_video_of_odd_size(tmp_path):
     with av.open(str(tmp_path / "o.mp4")) as c:
         got = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
     assert len(got) == 3 and got[0].shape == (34, 48, 3)
+
+
+def test_eval_video_on_a_davis_root(tmp_path, mobile_sam, capsys):
+    """Two 4-frame sequences in DAVIS layout; the summary is the mean over their objects."""
+    from segany.cli import main
+
+    frames, squares, discs = _clip(4)
+    root = tmp_path / "davis"
+    for seq, objs in (("two", (squares, discs)), ("one", (discs,))):
+        (root / "JPEGImages" / "480p" / seq).mkdir(parents=True)
+        (root / "Annotations" / "480p" / seq).mkdir(parents=True)
+        for t in range(4):
+            Image.fromarray(frames[t]).save(root / "JPEGImages" / "480p" / seq / f"{t:05d}.jpg")
+            lab = np.zeros((H, W), np.uint8)
+            for k, m in enumerate(objs, start=1):
+                lab[m[t]] = k
+            write_davis_png(root / "Annotations" / "480p" / seq / f"{t:05d}.png", lab)
+    for start in ("mask", "click"):
+        out = tmp_path / start
+        assert main(["eval", "video", str(root), "--out", str(out), "--start", start]) == 0
+        capsys.readouterr()
+        doc = json.loads((out / "results.json").read_text())
+        seqs = {s["sequence"]: s for s in doc["sequences"]}
+        assert sorted(seqs) == ["one", "two"] and sorted(seqs["two"]["objects"]) == ["1", "2"]
+        objs = [o for s in doc["sequences"] for o in s["objects"].values()]
+        assert len(objs) == 3
+        assert doc["summary"]["J_mean"] == pytest.approx(np.mean([o["J"]["mean"] for o in objs]))
+        assert doc["summary"]["J_mean"] > 0.85 and doc["summary"]["F_mean"] > 0.85
+        assert (out / "jf.png").is_file() and "| **all** |" in (out / "report.md").read_text()
+    assert main(["eval", "video", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "not a DAVIS root" in capsys.readouterr().err
