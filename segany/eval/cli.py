@@ -1,4 +1,4 @@
-"""``segany eval points|boxes|proposals|instances DATASET --out DIR [--model M]...``.
+"""``segany eval points|boxes|proposals|instances|video DATASET --out DIR [--model M]...``.
 
 Hooked into :mod:`segany.cli` by :func:`add_parser`; the work is done by
 :mod:`segany.eval.protocols` and :mod:`segany.eval.report`.
@@ -7,11 +7,12 @@ Hooked into :mod:`segany.cli` by :func:`add_parser`; the work is done by
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
+
+from .. import validate as V
 
 PROTOCOL_HELP = {
     "points": "simulated clicks: mIoU after 1..N clicks (1 click: auto and oracle)",
@@ -60,6 +61,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 "--batch-size", type=int, default=16, help="prompts decoded at once (default 16)"
             )
         q.set_defaults(func=run)
+    from ..video.evaluate import add_parser as add_video
+
+    add_video(psub)  # segany/video/evaluate.py: DAVIS J&F (docs/video.md)
     pts = psub.choices["points"]
     pts.add_argument("--max-clicks", type=int, default=9, help="clicks per mask (default 9)")
     pts.add_argument(
@@ -241,6 +245,6 @@ def run(args: argparse.Namespace) -> int:
         for r in shown:
             for key in ("recall_vs_iou", "settings", "miou_per_click"):
                 r.pop(key, None)
-        print(json.dumps(shown[0] if len(shown) == 1 else shown, indent=2))
+        print(V.dumps(shown[0] if len(shown) == 1 else shown, indent=2))
         print(f"report: {written['report']}", file=sys.stderr)
     return 0
