@@ -420,3 +420,15 @@ def geometry_of(model: torch.nn.Module) -> Geometry:
     if kind == "square":
         return SquareGeometry(img_size=int(model.img_size))
     raise ValueError(f"unknown input geometry {kind!r}")
+
+
+def video_frame_to_model_input(
+    frame: np.ndarray, img_size: int, *, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
+) -> torch.Tensor:
+    """SAM 2 video: an RGB uint8 frame ``(H, W, 3)`` -> ``(1, 3, S, S)`` normalised. The
+    video predictor resizes frames to the square with PIL's bicubic filter on the 8-bit
+    image (its image predictor uses the bilinear resize of :class:`SquareGeometry`)."""
+    small = Image.fromarray(np.ascontiguousarray(frame)).resize((img_size, img_size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(small) / 255.0).float().permute(2, 0, 1).unsqueeze(0)
+    x = x.to(pixel_mean.device)
+    return (x - pixel_mean) / pixel_std

@@ -130,7 +130,9 @@ class MaskDecoder(nn.Module):
             keep: if given, receives ``"tokens"`` (the image tokens after the transformer,
                 ``(B, C, h, w)``) and ``"hyper_in"`` (``(B, K, C/8)``), from which
                 :meth:`upscale` gives any other part of the masks later; with
-                ``pred_obj_scores`` also ``"object_score_logits"`` ``(B, 1)``.
+                ``pred_obj_scores`` also ``"object_score_logits"`` ``(B, 1)``; and
+                ``"mask_tokens"``, the mask tokens of the returned outputs after the
+                transformer ``(B, K', C)`` (SAM 2's object pointers are made from them).
             high_res_features: SAM 2: the projected stride-4 and stride-8 features
                 ``(1 or B, C/8, 4h, 4w)``, ``(1 or B, C/4, 2h, 2w)`` (:meth:`project_high_res`).
 
@@ -297,6 +299,7 @@ class MaskDecoder(nn.Module):
         )
         if keep is not None:
             keep["tokens"], keep["hyper_in"] = src, hyper_in
+            keep["mask_tokens"] = mask_tokens_out  # (B, len(outputs), C): SAM 2's pointers
         if crop_tokens is not None:
             src = src[:, :, : crop_tokens[0], : crop_tokens[1]]
             if high_res_features is not None:

@@ -17,10 +17,12 @@ import torch
 from .hiera import Hiera
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
+from .memory import MemoryAttention, MemoryEncoder
 from .neck import FpnNeck, HieraImageEncoder
 from .prompt_encoder import PromptEncoder
 from .sam import Sam
 from .sam2 import Sam2
+from .sam2_video import Sam2Video
 from .tiny_vit import TinyViT
 from .transformer import TwoWayTransformer
 
@@ -219,11 +221,17 @@ def sam2_custom(
     d_model: int = 256,
     img_size: int = 1024,
     memory: str | None = None,
+    mem_dim: int = 64,
+    memory_layers: int = 4,
+    memory_feedforward: int = 2048,
 ) -> Sam2:
     """SAM 2 with a Hiera trunk of any size (the official ones below are instances).
 
     ``d_model`` is the width of the neck, prompts and decoder (256); ``memory`` ("2" or
-    "2.1") keeps the official video-memory parameters (256 / 64 wide) for strict loading.
+    "2.1") adds the video memory (:class:`~segany.models.sam2_video.Sam2Video`: memory
+    attention of ``memory_layers`` layers with feed-forward width ``memory_feedforward``,
+    memories ``mem_dim`` wide), as in the official checkpoints; ``None`` builds the image
+    model alone.
     """
     trunk = Hiera(
         embed_dim=embed_dim,
@@ -236,7 +244,7 @@ def sam2_custom(
     )
     neck = FpnNeck(d_model=d_model, backbone_channel_list=trunk.channel_list)
     grid = img_size // ENCODER_STRIDE
-    return Sam2(
+    parts = dict(
         image_encoder=HieraImageEncoder(trunk=trunk, neck=neck, scalp=1),
         prompt_encoder=PromptEncoder(
             embed_dim=d_model,
@@ -261,7 +269,19 @@ def sam2_custom(
             dynamic_multimask_stability_delta=0.05,
             dynamic_multimask_stability_thresh=0.98,
         ),
-        memory=None if memory is None else sam2_memory_shapes(version=memory, hidden_dim=d_model),
+    )
+    if memory is None:
+        return Sam2(**parts)
+    return Sam2Video(
+        **parts,
+        memory_attention=MemoryAttention(
+            d_model=d_model,
+            mem_dim=mem_dim,
+            num_layers=memory_layers,
+            dim_feedforward=memory_feedforward,
+        ),
+        memory_encoder=MemoryEncoder(in_dim=d_model, out_dim=mem_dim),
+        version=memory,
     )
 
 

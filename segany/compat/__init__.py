@@ -5,6 +5,7 @@ Existing code runs by changing one import::
 
     from segany.compat import sam_model_registry, SamPredictor
     from segany.compat import build_sam2, SAM2ImagePredictor
+    from segany.compat import build_sam2_video_predictor   # SAM2VideoPredictor
 
 ``sam_model_registry["vit_t"]`` is MobileSAM. Checkpoints load with ``weights_only=True``.
 """
@@ -20,11 +21,11 @@ from functools import partial
 import numpy as np
 import torch
 
-from . import transforms as T
-from .models import Sam, build_model
-from .models.sam2 import Sam2
-from .predictor import ImageEmbedding, Predictor
-from .weights import load_checkpoint
+from .. import transforms as T
+from ..models import Sam, build_model
+from ..models.sam2 import Sam2
+from ..predictor import ImageEmbedding, Predictor
+from ..weights import load_checkpoint
 
 
 def _build(name: str, checkpoint: str | None = None) -> Sam:
@@ -202,7 +203,7 @@ class SamAutomaticMaskGenerator:
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
     ) -> None:
-        from .everything import MaskGenerator
+        from ..everything import MaskGenerator
 
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("exactly one of points_per_side or point_grids must be given")
@@ -470,3 +471,12 @@ __all__ = [
     "build_sam2",
     "sam_model_registry",
 ]
+
+# SAM 2's video predictor (its own module: the session and tracker glue)
+from .sam2_video import (  # noqa: E402
+    InferenceState,
+    SAM2VideoPredictor,
+    build_sam2_video_predictor,
+)
+
+__all__ += ["InferenceState", "SAM2VideoPredictor", "build_sam2_video_predictor"]
