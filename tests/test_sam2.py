@@ -395,6 +395,7 @@ def test_mask_generator_runs_in_the_models_frame(tiny_sam2, golden, preset):
         points_per_side=4,
         pred_iou_thresh=0.0,
         stability_score_thresh=0.0,
+        **({"refine_points_per_side": 4} if preset == "fast" else {}),
     )
     records = gen.generate(img)
     assert records
