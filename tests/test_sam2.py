@@ -379,3 +379,28 @@ def test_catalogue_offline_error_says_where_to_put_the_file(monkeypatch, tmp_pat
     msg = str(err.value)
     assert str(tmp_path / "weights" / "sam2.1_hiera_tiny.pt") in msg
     assert "segment_anything_2/092824/sam2.1_hiera_tiny.pt" in msg and "--model PATH" in msg
+
+
+@pytest.mark.parametrize("preset", ["reference", "fast"])
+def test_mask_generator_runs_in_the_models_frame(tiny_sam2, golden, preset):
+    """The generator maps its grid and masks with the model's geometry: masks at image
+    size, boxes inside the image (thresholds off: random weights)."""
+    from segany.everything import MaskGenerator
+
+    z, _ = golden
+    img = z["image0"]
+    gen = MaskGenerator(
+        tiny_sam2,
+        preset=preset,
+        points_per_side=4,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        **({"refine_points_per_side": 4} if preset == "fast" else {}),
+    )
+    records = gen.generate(img)
+    assert records
+    h, w = img.shape[:2]
+    for r in records:
+        assert r["segmentation"].shape == (h, w)
+        x, y, bw, bh = r["bbox"]
+        assert 0 <= x and 0 <= y and x + bw <= w and y + bh <= h

@@ -2,10 +2,12 @@
 
 from .registry import MODEL_REGISTRY, build_model, config_from_state_dict, model_from_state_dict
 from .sam import Sam
+from .sam2 import Sam2
 
 __all__ = [
     "MODEL_REGISTRY",
     "Sam",
+    "Sam2",
     "build_model",
     "config_from_state_dict",
     "model_from_state_dict",
