@@ -236,3 +236,30 @@ def _image_config() -> dict:
     z = json.loads(str(np.load(GOLDEN)["meta"]))["segany_config"]
     video_only = ("mem_dim", "memory_layers", "memory_feedforward")
     return {k: v for k, v in z.items() if k not in video_only}
+
+
+def test_tracker_for_picks_by_model(tiny_video_model, golden):
+    from segany.predictor import Predictor
+    from segany.video.sam2_tracker import tracker_for
+    from segany.video.tracker import PropagationTracker
+
+    assert isinstance(tracker_for(Predictor(tiny_video_model)), Sam2Tracker)
+    image_only = sam2_custom(**{**_image_config(), "memory": None}).eval()
+    assert isinstance(tracker_for(Predictor(image_only)), PropagationTracker)
+
+
+def test_fill_holes_fills_small_background_components_only():
+    from segany.video.sam2_tracker import fill_holes
+
+    logits = torch.full((1, 1, 12, 12), 5.0)
+    logits[0, 0, 0:3, 0:3] = -1.0  # 9 px hole at the border (a component like any other)
+    logits[0, 0, 5:7, 5:7] = -2.0  # 4 px hole
+    logits[0, 0, 9, 9] = -3.0  # 1 px
+    out = fill_holes(logits, 4)
+    assert out[0, 0, 5:7, 5:7].eq(0.1).all() and out[0, 0, 9, 9] == 0.1
+    assert out[0, 0, 0:3, 0:3].eq(-1.0).all()  # 9 px > 4: kept
+    assert out[0, 0, 4, 4] == 5.0
+    # 8-connectivity: two diagonal pixels are one component of 2
+    two = torch.full((1, 1, 5, 5), 5.0)
+    two[0, 0, 1, 1] = two[0, 0, 2, 2] = -1.0
+    assert fill_holes(two, 1)[0, 0, 1, 1] == -1.0 and fill_holes(two, 2)[0, 0, 1, 1] == 0.1

@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from ..validate import dumps
     from .frames import VideoError, open_video
     from .outputs import write_davis, write_overlay_video, write_video_json
-    from .tracker import PropagationTracker
+    from .sam2_tracker import tracker_for
 
     try:
         video = open_video(args.video)
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with tqdm(total=len(video), unit="frame", desc="track") as bar:
         try:
-            result = PropagationTracker(predictor).track(video, prompts, progress=bar.update)
+            result = tracker_for(predictor).track(video, prompts, progress=bar.update)
         except ValueError as exc:
             raise CliError(str(exc)) from None
     seconds = time.perf_counter() - t0

@@ -21,6 +21,7 @@ from .. import validate as V
 from .frames import VideoError, davis_sequences, open_video
 from .metrics import score_sequence
 from .outputs import read_davis_png
+from .sam2_tracker import tracker_for
 from .tracker import ObjectPrompt, PropagationTracker
 
 STARTS = ("mask", "click")
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         seqs = args.sequences.split(",") if args.sequences else davis_sequences(root)
         predictor = load_predictor(args.model, cache_dir=args.embedding_cache)
-        tracker = PropagationTracker(predictor)
+        tracker = tracker_for(predictor)
         results = []
         for seq in tqdm(seqs, unit="seq", desc=f"eval video ({args.start})"):
             results.append(

@@ -38,9 +38,10 @@ import torch.nn.functional as F
 
 from .. import masks as M
 from ..models.sam2_video import NO_OBJ_SCORE, HeadsOutput, Sam2Video
+from ..predictor import Predictor
 from ..transforms import SquareGeometry, video_frame_to_model_input
 from .frames import VideoSource
-from .tracker import ObjectPrompt, TrackResult
+from .tracker import ObjectPrompt, PropagationTracker, TrackResult
 
 
 @dataclass
@@ -557,3 +558,11 @@ def fill_holes(logits: torch.Tensor, max_area: int) -> torch.Tensor:
             hole = torch.from_numpy(np.isin(labels, small)).to(logits.device)
             out[b, 0] = torch.where(hole, torch.tensor(0.1, device=logits.device), out[b, 0])
     return out
+
+
+def tracker_for(predictor: Predictor) -> PropagationTracker | Sam2Tracker:
+    """The tracker a predictor's model can run: SAM 2's memory tracker for a model with
+    its video memory, the propagation tracker otherwise."""
+    if isinstance(predictor.model, Sam2Video):
+        return Sam2Tracker(predictor.model)
+    return PropagationTracker(predictor)
