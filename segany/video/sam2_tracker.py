@@ -25,6 +25,9 @@ object score.
 
 :class:`Sam2Tracker` gives the :class:`~segany.video.tracker.TrackResult` of the
 propagation tracker, so ``segany track`` and ``segany eval video`` can use either.
+
+(Longer than 500 lines because the session's memory bank and the tracker that drives it
+share their private state; split, each would reach into the other.)
 """
 
 from __future__ import annotations
