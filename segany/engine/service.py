@@ -38,7 +38,16 @@ from .. import masks as M
 from ..predictor import EmbeddingCache, ImageEmbedding, Predictor, PromptError, image_key
 from ..transforms import ImageError, load_image
 from . import stats as S
-from .store import SOURCES, STATUSES, Annotation, Image, Store, User
+from .store import (
+    SOURCES,
+    STATUSES,
+    USER_NAME_PATTERN,
+    Annotation,
+    Image,
+    Store,
+    StoreConflict,
+    User,
+)
 
 log = logging.getLogger("segany.engine")
 
@@ -90,7 +99,9 @@ class Unprocessable(ServiceError):
 
 # -- requests and responses ------------------------------------------------------------------
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities (JSON's NaN / Infinity, and 1e400) are refused in every number
+    # field: they are no coordinate or score, and one stored would break every export.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class RLE(_Model):
@@ -300,7 +311,7 @@ class TokenOut(_Model):
 
 
 class NewUserRequest(_Model):
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    name: str = Field(min_length=1, max_length=64, pattern=USER_NAME_PATTERN)
     is_admin: bool = False
 
 
@@ -629,11 +640,19 @@ class AnnotationService:
 
     def authenticate(self, token: str | None) -> UserRef:
         """The user of ``token``; with auth off, requests without a token are the ``local``
-        user. Raises :class:`Unauthorized`."""
+        user. With auth on, tokens not issued by the operator or an admin under auth (those
+        of older databases, see ``User.token_trusted``) are refused. Raises
+        :class:`Unauthorized`."""
         if token:
             u = self.store.user_by_token(token)
             if u is None:
                 raise Unauthorized("unknown or revoked token")
+            if self.auth and not u.token_trusted:
+                raise Unauthorized(
+                    f"the token of {u.name!r} was issued before this server required tokens "
+                    "and is not valid with auth on: get a new one from an admin "
+                    f"(segany annotate DIR --add-user {u.name})"
+                )
             return self._ref(u)
         if self.auth:
             raise Unauthorized(
@@ -643,10 +662,26 @@ class AnnotationService:
         return self.local_user
 
     def create_user(self, req: NewUserRequest, by: UserRef) -> TokenOut:
-        if self.auth and not by.is_admin:
+        """A new user (or a new token for one): only on a server with auth on, by an admin.
+        With auth off every caller is anonymous, so nobody may mint tokens (a token minted
+        then would be anyone's)."""
+        if not self.auth:
+            raise Forbidden(
+                "users can only be created on a server started with --auth, by an admin "
+                "(or with: segany annotate DIR --add-user NAME)"
+            )
+        if not by.is_admin:
             raise Forbidden("only an admin can create users")
         u, token = self.store.issue_token(req.name, is_admin=req.is_admin)
         return TokenOut(user=UserOut(id=u.id, name=u.name, is_admin=u.is_admin), token=token)
+
+    def ensure_admin_token(self) -> str | None:
+        """With auth on and no admin holding a trusted token: a new token for ``admin``
+        (returned, to be printed once); otherwise ``None``."""
+        if not self.auth or self.store.admin_token_issued():
+            return None
+        _, token = self.store.issue_token("admin", is_admin=True)
+        return token
 
     def users(self) -> list[UserOut]:
         return [UserOut(id=u.id, name=u.name, is_admin=u.is_admin) for u in self.store.users()]
@@ -1089,14 +1124,14 @@ class AnnotationService:
             rle, area, bbox = canonical_rle(req.segmentation, (im.height, im.width))
         if area == 0:
             raise Unprocessable("the mask is empty")
-        reject: dict[int, str] = {}
+        reject: dict[int, tuple[str, str]] = {}
         if req.replaces is not None:
             old = self.store.annotation(req.replaces)
             if old is None or old.image_id != image_id:
                 raise NotFound(f"no annotation {req.replaces} on image {image_id}")
             if old.status != "pending":
                 raise Conflict(f"annotation {req.replaces} is {old.status}, not pending")
-            reject[old.id] = "rejected"
+            reject[old.id] = ("pending", "rejected")  # checked again in the transaction
         clicks, seconds = self._take_timer(user, image_id)
         item = {
             "image_id": image_id,
@@ -1113,6 +1148,7 @@ class AnnotationService:
             "clicks": clicks,
             "seconds": seconds,
             "prompt": prompt,
+            "replaces_id": req.replaces,
         }
         ev = {
             "kind": "accept",
@@ -1122,7 +1158,10 @@ class AnnotationService:
             "annotation_index": 0,
             "data": {"clicks": clicks, "seconds": seconds, "replaces": req.replaces},
         }
-        (ann,) = self.store.add_annotations([item], [ev], set_status=reject)
+        try:
+            (ann,) = self.store.add_annotations([item], [ev], set_status=reject)
+        except StoreConflict as exc:
+            raise Conflict(str(exc)) from None
         return self._ann_out(ann)
 
     def list_annotations(self, image_id: int, statuses: list[str] | None = None) -> AnnotationList:
@@ -1182,7 +1221,11 @@ class AnnotationService:
             "stage": a.stage,
             "data": data,
         }
-        a = self.store.update_annotation(ann_id, fields, ev)
+        expect = a.status if "status" in fields else None
+        try:
+            a = self.store.update_annotation(ann_id, fields, ev, expect_status=expect)
+        except StoreConflict as exc:
+            raise Conflict(str(exc)) from None
         if a is None:
             raise NotFound(f"no annotation with id {ann_id}")
         return self._ann_out(a)
@@ -1206,7 +1249,11 @@ class AnnotationService:
         """UI-side actions (undo, redo, candidate chosen...) kept for the measurements."""
         im = self._image(image_id)
         data = req.data or {}
-        if len(json.dumps(data)) > 4096:
+        try:
+            text = json.dumps(data, allow_nan=False)
+        except ValueError:
+            raise Unprocessable("event data must not hold NaN or infinite numbers") from None
+        if len(text) > 4096:
             raise Unprocessable("event data is limited to 4 KiB")
         self._events.put(
             {
