@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     db = args.db or default_db(root)
     try:
-        if args.add_user:
+        if args.add_user is not None:
             store = Store(db)
             user, token = store.issue_token(args.add_user, is_admin=args.admin)
             store.close()
