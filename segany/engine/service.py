@@ -99,12 +99,17 @@ class Unprocessable(ServiceError):
 
 # -- requests and responses ------------------------------------------------------------------
 class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Request(_Model):
     # NaN and infinities (JSON's NaN / Infinity, and 1e400) are refused in every number
-    # field: they are no coordinate or score, and one stored would break every export.
+    # field of a request: they are no coordinate or score, and one stored would break every
+    # export. (Answers write them as null: errors.SafeJSONResponse.)
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class RLE(_Model):
+class RLE(_Request):
     """COCO run-length encoding: ``size`` is ``[height, width]``; ``counts`` the compressed
     string (or the uncompressed list of run lengths)."""
 
@@ -147,7 +152,7 @@ class OpenOut(_Model):
     next_id: int | None
 
 
-class PredictRequest(_Model):
+class PredictRequest(_Request):
     points: list[tuple[float, float]] = Field(default_factory=list, max_length=MAX_POINTS)
     labels: list[int] = Field(default_factory=list, max_length=MAX_POINTS)
     box: tuple[float, float, float, float] | None = None
@@ -200,7 +205,7 @@ def _clean_classes(v: str | None) -> str | None:
     return " . ".join(names)
 
 
-class AcceptRequest(_Model):
+class AcceptRequest(_Request):
     """A new object: either the ``segmentation`` (COCO RLE at image size) or the
     ``mask_id`` of a candidate returned by predict."""
 
@@ -214,7 +219,7 @@ class AcceptRequest(_Model):
     _cat = field_validator("category")(_clean_category)
 
 
-class UpdateRequest(_Model):
+class UpdateRequest(_Request):
     category: Category | None = None
     status: Literal["accepted", "pending", "rejected"] | None = None
     segmentation: RLE | None = None
@@ -251,7 +256,7 @@ class AnnotationList(_Model):
     annotations: list[AnnotationOut]
 
 
-class PrefillRequest(_Model):
+class PrefillRequest(_Request):
     """Stage 2: segment everything and keep the confident masks as pending objects.
 
     With ``classes`` (``"dog . cat"``), the server's text detector finds those classes
@@ -290,12 +295,12 @@ class PrefillOut(_Model):
     annotations: list[AnnotationOut]
 
 
-class EventRequest(_Model):
+class EventRequest(_Request):
     kind: Literal["undo", "redo", "select", "clear", "next", "prev", "note"]
     data: dict[str, Any] | None = None
 
 
-class DoneRequest(_Model):
+class DoneRequest(_Request):
     done: bool = True
 
 
@@ -310,7 +315,7 @@ class TokenOut(_Model):
     token: str
 
 
-class NewUserRequest(_Model):
+class NewUserRequest(_Request):
     name: str = Field(min_length=1, max_length=64, pattern=USER_NAME_PATTERN)
     is_admin: bool = False
 
