@@ -147,7 +147,8 @@ def main() -> None:
         help="comma-separated segany backends: torch, onnx, onnx-int8, torch-bf16 (torch "
         "with a bfloat16 image encoder; not the reference's numbers, see docs/performance.md);"
         " '@NAME=VALUE' after one sets an environment variable for its workers, e.g. "
-        "torch,torch@SEGANY_KEEP_FREED_MEMORY=0",
+        "torch,torch@SEGANY_KEEP_FREED_MEMORY=0 (torch-bf16 is refused on a CPU without "
+        "native bfloat16; torch-bf16@SEGANY_FORCE_BF16=1 measures it anyway)",
     )
     ap.add_argument("--weights", default=str(WEIGHTS), help="mobile_sam.pt")
     ap.add_argument("--threads", type=int, default=None, help="threads per worker")

@@ -10,18 +10,19 @@ segany label SOURCE --out DIR [--preset P] [--workers N] [--ray [ADDRESS]] [--re
 segany stats DIR|COCO.json [--compare OTHER] --out DIR
 segany train --data SRC --model mobile_sam --train decoder --steps N --out CKPT
 segany retrain IMAGES_DIR [--db URL] [--out CKPT] [--server URL]
+segany info [--json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from . import validate as V
 from . import weights as W
 
 
@@ -241,7 +242,7 @@ def _run_segment(args: argparse.Namespace) -> int:
         "overlay": args.overlay,
         "masks": records,
     }
-    print(json.dumps(summary, indent=2))
+    print(V.dumps(summary, indent=2))
     return 0
 
 
@@ -300,7 +301,7 @@ def _run_segment_text(args: argparse.Namespace) -> int:
         "coco": args.coco,
         "masks": records,
     }
-    print(json.dumps(summary, indent=2))
+    print(V.dumps(summary, indent=2))
     return 0
 
 
@@ -372,6 +373,8 @@ def _run_everything(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; everything writes into a folder")
     out.mkdir(parents=True, exist_ok=True)
     coco = CocoWriter() if args.format == "coco" else None
     used: set[str] = set()
@@ -381,11 +384,12 @@ def _run_everything(args: argparse.Namespace) -> int:
     for path in bar:
         try:
             rgb = load_image(path)
-        except ImageError as exc:
+            records = gen.generate(rgb)
+        except (ImageError, ValueError, RuntimeError, MemoryError) as exc:
+            # one bad image never stops the batch; writing errors (OSError) do
             failed.append((str(path), str(exc)))
             tqdm.write(f"segany: skipped {path}: {exc}", file=sys.stderr)
             continue
-        records = gen.generate(rgb)
         total += len(records)
         bar.set_postfix(masks=total, last=len(records))
         stem = path.stem
@@ -423,7 +427,7 @@ def _run_everything(args: argparse.Namespace) -> int:
         "format": args.format,
         "preset": args.preset,
     }
-    print(json.dumps(summary, indent=2))
+    print(V.dumps(summary, indent=2))
     return 0 if len(failed) < len(images) else 2
 
 
@@ -446,7 +450,7 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
 def _run_weights_list(args: argparse.Namespace) -> int:
     rows = W.describe()
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(V.dumps(rows, indent=2, default=str))
         return 0
     print(f"{'name':<12} {'variant':<7} {'size':>9}  {'cached':<6}  source")
     for r in rows:
@@ -496,6 +500,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)  # segany/train/cli.py: fine-tuning, model in the loop (docs/training.md)
 
 
+# -- info ------------------------------------------------------------------------------------
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    from .info import add_parser
+
+    add_parser(sub)  # segany/info.py: versions, CPU, threads, backends, folders
+
+
 # -- entry point -----------------------------------------------------------------------------
 # command -> the function adding its parser (several commands may share one)
 _GROUPS = {
@@ -508,6 +519,7 @@ _GROUPS = {
     "stats": _add_label,
     "train": _add_train,
     "retrain": _add_train,
+    "info": _add_info,
 }
 
 
@@ -540,6 +552,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .predictor import PromptError
+    from .runtime import PrecisionError
     from .text.detectors import DetectorError
     from .transforms import ImageError
 
@@ -555,9 +568,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--threads: {exc}")
     try:
         return int(args.func(args) or 0)
-    except (CliError, DetectorError, ImageError, PromptError, W.WeightsError) as exc:
+    except (
+        CliError,
+        DetectorError,
+        ImageError,
+        PrecisionError,
+        PromptError,
+        W.WeightsError,
+    ) as exc:
         print(f"segany: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, read-only, a file where a folder should be, ...
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"segany: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("segany: error: out of memory", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("segany: interrupted", file=sys.stderr)
         return 130

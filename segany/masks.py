@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from . import validate as V
+
 # -- point grids and crops ------------------------------------------------------------------
 
 
@@ -214,30 +216,13 @@ def masks_to_rle(masks: torch.Tensor | np.ndarray) -> list[dict[str, Any]]:
 
 
 def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
-    """Uncompressed or COCO (compressed) RLE -> ``(H, W)`` bool."""
-    h, w = rle["size"]
-    counts = rle["counts"]
-    if isinstance(counts, (str, bytes)):
-        enc = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
-        return mask_utils.decode(enc).astype(bool)
-    values = np.zeros(len(counts), dtype=bool)
-    values[1::2] = True
-    flat = np.repeat(values, counts)
-    if flat.size != h * w:
-        raise ValueError(f"RLE counts sum to {flat.size}, expected {h * w}")
-    return flat.reshape(w, h).T.copy()
+    """Uncompressed or COCO (compressed) RLE -> ``(H, W)`` bool; a malformed one raises
+    :class:`segany.validate.InputError`."""
+    return V.segmentation_to_mask(rle)
 
 
 def rle_area(rle: dict[str, Any]) -> int:
-    counts = rle["counts"]
-    if isinstance(counts, (str, bytes)):
-        return int(mask_utils.area(_coco_bytes(rle)))
-    return int(sum(counts[1::2]))
-
-
-def _coco_bytes(rle: dict[str, Any]) -> dict[str, Any]:
-    c = rle["counts"]
-    return {"size": list(rle["size"]), "counts": c.encode() if isinstance(c, str) else c}
+    return int(mask_utils.area(V.segmentation_to_rle(rle)))
 
 
 def masks_to_coco_rle(masks: torch.Tensor | np.ndarray) -> list[dict[str, Any]]:
@@ -250,9 +235,8 @@ def masks_to_coco_rle(masks: torch.Tensor | np.ndarray) -> list[dict[str, Any]]:
 
 
 def uncompressed_to_coco_rle(rle: dict[str, Any]) -> dict[str, Any]:
-    h, w = rle["size"]
-    enc = mask_utils.frPyObjects(rle, h, w)
-    return {"size": [h, w], "counts": enc["counts"].decode("ascii")}
+    enc = V.segmentation_to_rle(rle)
+    return {"size": list(enc["size"]), "counts": enc["counts"].decode("ascii")}
 
 
 def mask_iou_matrix(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> np.ndarray:
@@ -265,10 +249,7 @@ def mask_iou_matrix(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> np.ndar
 
 
 def _as_coco(rle: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(rle["counts"], list):
-        h, w = rle["size"]
-        return mask_utils.frPyObjects(rle, h, w)
-    return _coco_bytes(rle)
+    return V.segmentation_to_rle(rle)
 
 
 # -- cleanup ---------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from . import transforms as T
 from .models import Sam
 from .models.fuse import fuse_for_inference
 from .models.transformer import DecoderContext
-from .runtime import keep_freed_memory
+from .runtime import check_precision, keep_freed_memory
 
 # Prompts decoded together on the CPU. Each prompt carries its own (4096, 256) image-token
 # state and (64, 128, 128) + (32, 256, 256) upscaling maps (4 + 4 + 8 MB), and the decoder's
@@ -196,8 +196,9 @@ class Predictor:
         precision: ``"fp32"`` (default; matches the reference) or ``"bf16"``: the torch
             backend embeds images with a bfloat16 copy of the image encoder (made here;
             the decoder stays float32). About 1.8x faster on CPUs with AMX / AVX-512 BF16
-            and less accurate (measured in ``docs/performance.md``); slow on CPUs without
-            bfloat16 instructions. Never a default.
+            and less accurate (measured in ``docs/performance.md``); refused on CPUs
+            without bfloat16 instructions (:func:`~segany.runtime.check_precision`), where
+            it is several times slower. Never a default.
     """
 
     def __init__(
@@ -216,6 +217,7 @@ class Predictor:
             raise ValueError(f"unknown precision {precision!r}; use one of {PRECISIONS}")
         if precision != "fp32" and backend != "torch":
             raise ValueError(f"precision {precision!r} is for the torch backend")
+        check_precision(precision)
         self.precision = precision
         if decode_chunk is not None and decode_chunk < 1:
             raise ValueError("decode_chunk must be at least 1")

@@ -1,4 +1,5 @@
-"""Thread settings shared by every compute backend (torch and onnxruntime).
+"""Process settings for the math: threads shared by every compute backend (torch and
+onnxruntime), the allocator, and what this CPU can do.
 
 One setting, :func:`set_threads`, decides how many threads the math kernels use. The
 default is the number of CPUs this process may run on (``SEGANY_THREADS`` overrides it),
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
+import platform
 import sys
 
 import torch
@@ -122,3 +125,60 @@ def ort_session_options():  # -> onnxruntime.SessionOptions
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return opts
+
+
+# -- the CPU ---------------------------------------------------------------------------------
+
+#: CPU flags (as /proc/cpuinfo names them) of native bfloat16 arithmetic: Intel AMX-BF16
+#: and AVX512-BF16 on x86, the BF16 extension (``bf16``) on ARM.
+BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
+
+
+class PrecisionError(ValueError):
+    """A numeric precision this CPU has no instructions for (it would be slower than fp32)."""
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict[str, object]:
+    """``{"model": str, "arch": str, "flags": frozenset[str]}`` of this machine's CPU (from
+    ``/proc/cpuinfo`` on Linux; the model and flags may be empty elsewhere)."""
+    model, flags = platform.processor() or "", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "cpu model") and not model.strip():
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    if sys.platform == "darwin" and platform.machine() == "arm64":  # pragma: no cover
+        flags.add("bf16")  # every Apple silicon since M2 has FEAT_BF16; M1 emulates
+    return {
+        "model": model or platform.machine(),
+        "arch": platform.machine(),
+        "flags": frozenset(flags),
+    }
+
+
+def has_native_bf16(flags: frozenset[str] | set[str] | None = None) -> bool:
+    """Whether the CPU (or the given ``flags``) computes bfloat16 natively."""
+    flags = cpu_info()["flags"] if flags is None else flags
+    return any(f in flags for f in BF16_FLAGS)  # type: ignore[operator]
+
+
+def check_precision(precision: str) -> None:
+    """Refuse ``"bf16"`` on a CPU without bfloat16 instructions (:class:`PrecisionError`):
+    there it is emulated and about 4x slower than fp32 (measured on an AVX2 AMD EPYC, see
+    docs/performance.md). ``SEGANY_FORCE_BF16=1`` allows it anyway, for measuring."""
+    if precision != "bf16" or has_native_bf16():
+        return
+    if os.environ.get("SEGANY_FORCE_BF16", "").strip() == "1":
+        return
+    raise PrecisionError(
+        f"bf16 needs a CPU with native bfloat16 (AMX-BF16, AVX512-BF16 or ARM BF16); this "
+        f"{cpu_info()['model']} has none, so bf16 would be several times slower than fp32. "
+        "Use fp32 (the default)."
+    )

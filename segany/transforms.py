@@ -128,9 +128,10 @@ def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
 
 
 def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
-    """Size ``(h', w')`` of an ``(h, w)`` image resized so its longest side is ``long_side``."""
+    """Size ``(h', w')`` of an ``(h, w)`` image resized so its longest side is ``long_side``
+    (at least one pixel on each side, however thin the image)."""
     scale = long_side / max(h, w)
-    return int(h * scale + 0.5), int(w * scale + 0.5)
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
 
 
 def resize_image(image: np.ndarray, long_side: int) -> np.ndarray:

@@ -682,7 +682,8 @@ def load_checkpoint(
     If ``sha256`` is given the file's hash is checked first (a valid marker written by
     :func:`fetch` is trusted instead of rehashing). A checkpoint that wraps its weights in
     a dict under ``"model"`` or ``"state_dict"`` is unwrapped. Raises :class:`WeightsError`
-    on a hash mismatch, or if the file is missing or is not a torch state dict.
+    on a hash mismatch, if the file is missing or is not a torch state dict, or if a weight
+    is NaN or infinite.
     """
     import torch
 
@@ -713,6 +714,12 @@ def load_checkpoint(
     if bad:
         shown = ", ".join(repr(k) for k in bad[:5])
         raise WeightsError(f"{path} is not a state dict of tensors (bad entries: {shown})")
+    broken = [k for k, v in obj.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        raise WeightsError(
+            f"{path} holds NaN or infinite weights (in {shown}): a broken checkpoint"
+        )
     return dict(obj)
 
 

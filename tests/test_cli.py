@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import numpy as np
 import pytest
@@ -136,3 +138,86 @@ def test_precision_option_reaches_the_predictor(monkeypatch, tmp_path):
     parser = cli.build_parser("eval")
     args = parser.parse_args(["eval", "points", "d", "--out", "o", "--precision", "bf16"])
     assert args.precision == "bf16"
+
+
+@pytest.mark.parametrize("shape", [(1, 3000), (4000, 1), (2, 9000)])
+def test_segment_thin_images(tmp_path, capsys, mobile_sam, shape):
+    """Aspect ratios beyond 2048:1 used to resize to a zero-pixel side (a traceback)."""
+    img = tmp_path / "thin.png"
+    Image.fromarray(np.full((*shape, 3), 120, np.uint8)).save(img)
+    x, y = shape[1] // 2, shape[0] // 2
+    out = tmp_path / "m.png"
+    assert main(["segment", str(img), "--point", f"{x},{y}", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["size"] == [shape[1], shape[0]]
+    assert np.asarray(Image.open(out)).shape == shape
+
+
+def test_everything_batch_survives_bad_images(tmp_path, capsys, mobile_sam, monkeypatch):
+    from segany.everything import MaskGenerator
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.open(SAMPLE).resize((160, 107)).save(src / "a_good.jpg")
+    (src / "b_broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    Image.fromarray(np.full((1, 3000, 3), 200, np.uint8)).save(src / "c_thin.png")
+    Image.open(SAMPLE).resize((64, 43)).save(src / "d_fails.jpg")
+    generate = MaskGenerator.generate
+
+    def flaky(self, image, *a, **k):  # an error inside the model on one image
+        if image.shape[:2] == (43, 64):
+            raise RuntimeError("simulated failure")
+        return generate(self, image, *a, **k)
+
+    monkeypatch.setattr(MaskGenerator, "generate", flaky)
+    out = tmp_path / "out"
+    argv = ["everything", str(src), "--out", str(out), "--points-per-side", "4"]
+    code = main([*argv, "--preset", "reference"])  # the default preset takes a minute on
+    assert code == 0  # the uniform 1x3000 image (docs/hardening.md)
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 2
+    skipped = {s["path"].split("/")[-1]: s["error"] for s in summary["skipped"]}
+    assert set(skipped) == {"b_broken.jpg", "d_fails.jpg"}
+    assert "simulated failure" in skipped["d_fails.jpg"]
+    assert sorted(p.name for p in out.glob("*.json")) == ["a_good.json", "c_thin.json"]
+
+
+def test_out_is_a_file_or_the_disk_is_full(tmp_path, capsys, mobile_sam, monkeypatch):
+    afile = tmp_path / "taken"
+    afile.write_text("x")
+    code = main(["everything", str(SAMPLE), "--out", str(afile), "--points-per-side", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--out {afile} is a file" in err and "Traceback" not in err
+    # a mask written under a path whose parent is a file
+    code = main(["segment", str(SAMPLE), "--point", "440,330", "--out", str(afile / "m.png")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("segany: error: ") and str(afile) in err
+    assert err.count("\n") == 1
+
+    # a full disk: PIL's writes fail with ENOSPC
+    def full(self, fp, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fp))
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    out = tmp_path / "m.png"
+    code = main(["segment", str(SAMPLE), "--point", "440,330", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and err == f"segany: error: No space left on device: {out}\n"
+
+
+def test_info_reports_the_cpu_and_what_it_allows(capsys, monkeypatch):
+    from segany import runtime
+
+    fake = {"model": "Fake Xeon", "arch": "x86_64", "flags": frozenset({"avx2", "amx_bf16", "x"})}
+    monkeypatch.setattr(runtime, "cpu_info", lambda: fake)
+    assert main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cpu"]["model"] == "Fake Xeon"
+    assert report["cpu"]["flags"] == ["avx2", "amx_bf16"]  # only the flags that matter
+    assert report["precisions"] == ["fp32", "bf16"]
+    assert report["backends"][0] == "torch" and report["threads"] >= 1
+    assert report["versions"]["torch"].startswith("2.13.0")
+    monkeypatch.setattr(runtime, "cpu_info", lambda: {**fake, "flags": frozenset({"avx2"})})
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "cpu: Fake Xeon (x86_64)" in text and "bf16 refused" in text

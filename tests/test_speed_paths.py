@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from segany import transforms as T
@@ -243,9 +244,46 @@ def test_first_stages_under_padding_from_the_zero_run(fused: bool) -> None:
         enc.eval()
 
 
-def test_bf16_precision_embeds_with_a_bfloat16_encoder_copy() -> None:
+def _fake_cpu(monkeypatch, *flags: str) -> None:
+    from segany import runtime
+
+    info = {"model": "Fake CPU", "arch": "x86_64", "flags": frozenset(("avx2", *flags))}
+    monkeypatch.setattr(runtime, "cpu_info", lambda: info)
+    monkeypatch.delenv("SEGANY_FORCE_BF16", raising=False)
+
+
+@pytest.mark.parametrize("flag", ["amx_bf16", "avx512_bf16", "bf16"])
+def test_bf16_allowed_with_native_bfloat16(monkeypatch, flag) -> None:
+    _fake_cpu(monkeypatch, "avx512f", flag)
+    assert Predictor(tiny_tinyvit_sam(7), precision="bf16").precision == "bf16"
+
+
+def test_bf16_refused_without_bfloat16_instructions(monkeypatch, tmp_path, capsys, mobile_sam):
+    """On an AVX2-only CPU bf16 is emulated, 4x slower than the reference: refused with a
+    one-line reason (library and command line), unless forced for measuring."""
+    from segany import runtime
+    from segany.cli import main
+
+    _fake_cpu(monkeypatch, "avx512f", "avx512bw")  # AVX-512 without its BF16 extension
+    with pytest.raises(runtime.PrecisionError, match="this Fake CPU has none"):
+        Predictor(tiny_tinyvit_sam(7), precision="bf16")
+    assert Predictor(tiny_tinyvit_sam(7)).precision == "fp32"
+    monkeypatch.setenv("SEGANY_FORCE_BF16", "1")
+    assert Predictor(tiny_tinyvit_sam(7), precision="bf16").precision == "bf16"
+    monkeypatch.delenv("SEGANY_FORCE_BF16")
+    img = tmp_path / "i.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    argv = ["segment", str(img), "--point", "1,1", "--out", str(tmp_path / "m.png")]
+    assert main([*argv, "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("segany: error: bf16 needs a CPU with native bfloat16")
+    assert err.count("\n") == 1
+
+
+def test_bf16_precision_embeds_with_a_bfloat16_encoder_copy(monkeypatch) -> None:
     """``precision="bf16"``: the embedding comes from a bfloat16 copy of the encoder (close
     to fp32, not equal), is cached apart from the fp32 one, and the model is untouched."""
+    _fake_cpu(monkeypatch, "amx_bf16")  # the arithmetic is emulated here if need be
     sam = tiny_tinyvit_sam(7)
     image = np.random.default_rng(1).integers(0, 255, (96, 128, 3), dtype=np.uint8)
     fp32 = Predictor(sam, fuse=True)

@@ -169,3 +169,14 @@ def test_image_tokens_cover_every_cell_the_resize_reads(original):
     cut[..., : rows * 4, : cols * 4] = low[..., : rows * 4, : cols * 4]
     size = dict(input_size=input_size, original_size=original, img_size=1024)
     torch.testing.assert_close(T.masks_to_image(cut, **size), T.masks_to_image(low, **size))
+
+
+def test_thin_images_keep_one_pixel():
+    """Beyond 2048:1 the short side used to round to zero pixels."""
+    assert T.preprocess_shape(1, 3000, 1024) == (1, 1024)
+    assert T.preprocess_shape(9000, 2, 1024) == (1024, 1)
+    assert T.preprocess_shape(1, 1, 1024) == (1024, 1024)
+    img = np.full((1, 5000, 3), 7, np.uint8)
+    assert T.resize_image(img, 1024).shape == (1, 1024, 3)
+    c = T.coords_to_model(np.array([[2500.0, 0.5]]), (1, 5000), 1024)
+    assert torch.allclose(c, torch.tensor([[512.0, 0.5]]))

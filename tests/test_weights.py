@@ -409,6 +409,15 @@ def test_load_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="does not exist"):
         W.load_checkpoint(tmp_path / "missing.pt")
 
+    # a NaN weight would give NaN scores (and invalid JSON): refused at load time
+    for bad in (float("nan"), float("inf")):
+        nan = tmp_path / "nan.pt"
+        torch.save({"a": torch.ones(3), "b.c": torch.tensor([[0.0, bad]])}, nan)
+        with pytest.raises(WeightsError, match=r"nan.pt holds NaN or infinite weights \(in b.c\)"):
+            W.load_checkpoint(nan)
+    torch.save({"a": torch.ones(3), "n": torch.tensor([-1], dtype=torch.int64)}, nan)
+    assert set(W.load_checkpoint(nan)) == {"a", "n"}  # integer buffers are not checked
+
 
 # --------------------------------------------------------------------------- resolve / describe
 

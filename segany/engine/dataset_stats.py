@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .. import masks as M
+from .. import validate as V
 
 #: Masks-per-image groups of the paper's Fig. 6 (left), as inclusive ranges.
 MASK_COUNT_BINS: tuple[tuple[int, int | None], ...] = (
@@ -81,15 +81,22 @@ def _sa1b_images_in_tar(path: Path) -> Iterator[Image]:
             if member.isfile() and member.name.endswith(".json"):
                 f = tar.extractfile(member)
                 if f is not None:
-                    yield _sa1b_image(json.loads(f.read()))
+                    yield _sa1b_image(json.loads(f.read()), f"{path}:{member.name}")
 
 
-def _sa1b_image(data: dict[str, Any]) -> Image:
-    im = data["image"]
-    return int(im["width"]), int(im["height"]), list(data["annotations"])
+def _sa1b_image(data: dict[str, Any], where: str) -> Image:
+    im, anns = data.get("image"), data.get("annotations")
+    if not isinstance(im, dict) or not isinstance(anns, list):
+        raise V.InputError(f"{where}: an SA-1B image JSON needs 'image' and 'annotations'")
+    try:
+        h, w = V.check_image_size(im.get("height"), im.get("width"))
+    except V.InputError as exc:
+        raise V.InputError(f"{where}: {exc}") from None
+    return w, h, anns
 
 
-def _coco_images(data: dict[str, Any]) -> Iterator[Image]:
+def _coco_images(data: dict[str, Any], where: str) -> Iterator[Image]:
+    V.check_coco(data, where)
     by_image: dict[Any, list[dict[str, Any]]] = {im["id"]: [] for im in data["images"]}
     for a in data["annotations"]:
         by_image.setdefault(a["image_id"], []).append(a)
@@ -113,16 +120,16 @@ def open_dataset(path: str | os.PathLike[str]) -> tuple[str, Iterator[Image]]:
         if len(jsons) == 1:  # maybe a COCO file alone in its folder
             return open_dataset(jsons[0])
         if jsons:
-            return "sa1b", (_sa1b_image(json.loads(f.read_text())) for f in jsons)
+            return "sa1b", (_sa1b_image(json.loads(f.read_text()), str(f)) for f in jsons)
         raise ValueError(f"{p}: no SA-1B tars or JSON files found")
     if p.suffix == ".tar":
         return "sa1b", _sa1b_images_in_tar(p)
     if p.is_file():
         data = json.loads(p.read_text())
         if isinstance(data, dict) and "images" in data and "annotations" in data:
-            return "coco", _coco_images(data)
+            return "coco", _coco_images(data, str(p))
         if isinstance(data, dict) and "image" in data and "annotations" in data:
-            return "sa1b", iter([_sa1b_image(data)])
+            return "sa1b", iter([_sa1b_image(data, str(p))])
         raise ValueError(f"{p}: neither a COCO instances JSON nor an SA-1B image JSON")
     raise ValueError(f"{p}: not found")
 
@@ -130,15 +137,7 @@ def open_dataset(path: str | os.PathLike[str]) -> tuple[str, Iterator[Image]]:
 # -- measuring -------------------------------------------------------------------------------
 def decode(segmentation: Any, height: int, width: int) -> np.ndarray:
     """A COCO/SA-1B ``segmentation`` (RLE, compressed or not, or polygons) -> bool mask."""
-    if isinstance(segmentation, dict):
-        return M.rle_to_mask(segmentation)
-    from pycocotools import mask as mask_utils
-
-    polys = [list(map(float, poly)) for poly in segmentation if len(poly) >= 6]
-    if not polys:
-        return np.zeros((height, width), dtype=bool)
-    rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
-    return mask_utils.decode(rle).astype(bool)
+    return V.segmentation_to_mask(segmentation, height, width)
 
 
 def mask_shape(mask: np.ndarray) -> tuple[int, float, float, float] | None:
@@ -167,30 +166,43 @@ def compute(
     """Measure the dataset at ``path`` (the first ``max_images`` images if given)."""
     kind, images = open_dataset(path)
     st = DatasetStats(name=name or _default_name(path), kind=kind, path=os.fspath(path))
-    for k, (w, h, anns) in enumerate(images):
-        if max_images is not None and k >= max_images:
-            break
-        st.widths.append(w)
-        st.heights.append(h)
-        n = 0
-        for a in anns:
-            if a.get("iscrowd", 0):
-                st.skipped_crowd += 1
-                continue
-            shape = mask_shape(decode(a["segmentation"], h, w))
-            if shape is None:
-                st.skipped_empty += 1
-                continue
-            area, concavity, cx, cy = shape
-            st.rel_size.append(math.sqrt(area / (w * h)))
-            st.concavity.append(concavity)
-            st.cx.append((cx + 0.5) / w)
-            st.cy.append((cy + 0.5) / h)
-            n += 1
-        st.masks_per_image.append(n)
+    try:
+        for k, (w, h, anns) in enumerate(images):
+            if max_images is not None and k >= max_images:
+                break
+            _measure(st, path, k, w, h, anns)
+    except V.InputError as exc:  # names its file
+        raise ValueError(str(exc)) from None
     if not st.images:
         raise ValueError(f"{path}: no images")
     return st
+
+
+def _measure(st: DatasetStats, path: Any, k: int, w: int, h: int, anns: list[Any]) -> None:
+    """Add image ``k`` (``w`` x ``h``, its annotations ``anns``) to ``st``."""
+    st.widths.append(w)
+    st.heights.append(h)
+    n = 0
+    for a in anns:
+        if not isinstance(a, dict):
+            raise ValueError(f"{path}: image {k}: an annotation is not an object")
+        if a.get("iscrowd", 0):
+            st.skipped_crowd += 1
+            continue
+        try:
+            shape = mask_shape(decode(a.get("segmentation"), h, w))
+        except V.InputError as exc:
+            raise ValueError(f"{path}: image {k}, annotation {a.get('id')!r}: {exc}") from None
+        if shape is None:
+            st.skipped_empty += 1
+            continue
+        area, concavity, cx, cy = shape
+        st.rel_size.append(math.sqrt(area / (w * h)))
+        st.concavity.append(concavity)
+        st.cx.append((cx + 0.5) / w)
+        st.cy.append((cy + 0.5) / h)
+        n += 1
+    st.masks_per_image.append(n)
 
 
 def _default_name(path: str | os.PathLike[str]) -> str:
@@ -526,5 +538,5 @@ def run(
         },
         "plots": [f.name for f in files],
     }
-    (out / "stats.json").write_text(json.dumps(result, indent=1))
+    (out / "stats.json").write_text(V.dumps(result, indent=1))
     return result

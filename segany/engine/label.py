@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import validate as V
 from ..everything import DEFAULT_PRESET, PRESETS, GeneratorSettings
 from ..weights import DEFAULT_WEIGHTS
 
@@ -161,7 +162,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def _write_json(path: Path, obj: Any, indent: int | None = None) -> None:
-    atomic_write(path, json.dumps(obj, indent=indent).encode())
+    atomic_write(path, V.dumps(obj, indent=indent).encode())
 
 
 def _fsync_dir(path: Path) -> None:
@@ -860,7 +861,7 @@ def write_manifest(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
         )
         images += [{**im, "shard": index["shard"]} for im in index["images"]]
         errors += index["errors"]
-    lines = "".join(json.dumps(e) + "\n" for e in sorted(errors, key=lambda e: e["image_id"]))
+    lines = "".join(V.dumps(e) + "\n" for e in sorted(errors, key=lambda e: e["image_id"]))
     atomic_write(out / ERRORS, lines.encode())
     manifest = {
         "format": "sa1b",
@@ -1002,6 +1003,11 @@ def _label(
                     "or choose a new --out"
                 )
             plan = json.loads(plan_path.read_text())
+            if os.path.realpath(source) != os.path.realpath(plan["source"]):
+                raise LabelError(
+                    f"--resume: the job in {out} labels {plan['source']}, not "
+                    f"{os.path.abspath(source)}; resume with the same source or use a new --out"
+                )
             _check_same("model", model, plan["model"]["name"])
             _check_same("preset", preset, plan["preset"])
             _check_same("shard size", shard_size, plan["shard_size"])

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import sys
 from typing import Any
+
+from .. import validate as V
 
 
 def _setting(text: str) -> tuple[str, Any]:
@@ -149,7 +150,7 @@ def run_label(args: argparse.Namespace) -> int:
         )
     except (LabelError, ValueError) as exc:
         raise CliError(str(exc)) from None
-    print(json.dumps(report, indent=2))
+    print(V.dumps(report, indent=2))
     ips = report["steady_images_per_second"] or report["images_per_second"]
     print(
         f"segany label: {report['images']} image(s) labeled, {report['errors']} error(s) in "
@@ -212,5 +213,5 @@ def run_stats(args: argparse.Namespace) -> int:
             f"{d['concavity'].get('median', float('nan')):.3f}",
             file=sys.stderr,
         )
-    print(json.dumps({"out": args.out, "plots": result["plots"], "json": "stats.json"}))
+    print(V.dumps({"out": args.out, "plots": result["plots"], "json": "stats.json"}))
     return 0

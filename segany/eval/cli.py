@@ -7,11 +7,12 @@ Hooked into :mod:`segany.cli` by :func:`add_parser`; the work is done by
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
+
+from .. import validate as V
 
 PROTOCOL_HELP = {
     "points": "simulated clicks: mIoU after 1..N clicks (1 click: auto and oracle)",
@@ -241,6 +242,6 @@ def run(args: argparse.Namespace) -> int:
         for r in shown:
             for key in ("recall_vs_iou", "settings", "miou_per_click"):
                 r.pop(key, None)
-        print(json.dumps(shown[0] if len(shown) == 1 else shown, indent=2))
+        print(V.dumps(shown[0] if len(shown) == 1 else shown, indent=2))
         print(f"report: {written['report']}", file=sys.stderr)
     return 0

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from .. import masks as M
 from .. import transforms as T
+from .. import validate as V
 from ..predictor import Predictor
 from . import metrics as MT
 from .clicks import Click, ClickSampler
@@ -83,10 +83,13 @@ class CocoDataset:
             data = json.loads(ann_file.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise DatasetError(f"cannot read {ann_file}: {exc}") from exc
-        for key in ("images", "annotations"):
-            if key not in data:
-                raise DatasetError(f"{ann_file} has no {key!r} list: not COCO instances")
+        if not isinstance(data, dict):
+            raise DatasetError(f"{ann_file} is not a JSON object: not COCO instances")
         data.setdefault("categories", [{"id": 1, "name": "object"}])
+        try:
+            V.check_coco(data, str(ann_file))
+        except V.InputError as exc:
+            raise DatasetError(str(exc)) from None
         self.name = root.name if src.is_dir() or ann_file.name == "annotations.json" else src.stem
         self.path = src
         self.annotation_file = ann_file
@@ -115,15 +118,12 @@ class CocoDataset:
 
     def mask(self, ann: dict[str, Any], height: int, width: int) -> np.ndarray:
         """An annotation's mask ``(H, W)`` bool (polygons, RLE, or compressed RLE)."""
-        seg = ann["segmentation"]
-        if isinstance(seg, list):
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-        elif isinstance(seg.get("counts"), list):
-            rle = mask_utils.frPyObjects(seg, height, width)
-        else:
-            c = seg["counts"]
-            rle = {"size": seg["size"], "counts": c.encode() if isinstance(c, str) else c}
-        return mask_utils.decode(rle).astype(bool)
+        try:
+            return V.segmentation_to_mask(ann["segmentation"], height, width)
+        except V.InputError as exc:
+            raise DatasetError(
+                f"{self.annotation_file}: annotation {ann.get('id')}: {exc}"
+            ) from None
 
     def select(self, limit: int | None) -> list[ImageRecord]:
         """The first ``limit`` images (all with ``None``)."""

@@ -9,12 +9,13 @@ model. Per-mask (points, boxes) or per-image (proposals) details go to ``per_mas
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .. import validate as V
 
 DETAIL_KEYS = ("per_mask", "per_image")
 
@@ -267,12 +268,12 @@ def write_report(
     if command:
         results["command"] = command
     written["results"] = out / "results.json"
-    written["results"].write_text(json.dumps(results, indent=2) + "\n")
+    written["results"].write_text(V.dumps(results, indent=2) + "\n")
     for key in DETAIL_KEYS:
         if any(key in r for r in runs):
             detail = runs[0].get(key, []) if len(runs) == 1 else [r.get(key, []) for r in runs]
             written[key] = out / f"{key}.json"
-            written[key].write_text(json.dumps(detail) + "\n")
+            written[key].write_text(V.dumps(detail) + "\n")
     written["report"] = out / "report.md"
     written["report"].write_text(markdown(runs, command))
     protocol = runs[0]["protocol"]

@@ -6,10 +6,10 @@ With ``categories`` (e.g. class names from text prompts) each record names its
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from .. import validate as V
 from . import to_coco_rle
 
 CATEGORY = {"id": 1, "name": "object", "supercategory": "object"}
@@ -75,5 +75,5 @@ class CocoWriter:
     def write(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict()))
+        path.write_text(V.dumps(self.to_dict()))
         return path

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .. import validate as V
 from . import to_coco_rle
 
 
@@ -57,7 +58,7 @@ def write_sa1b(path: str | Path, records: list[dict[str, Any]], **image: Any) ->
     """Write one image's masks; ``image``: image_id, file_name, width, height."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_sa1b(records, **image)))
+    path.write_text(V.dumps(to_sa1b(records, **image)))
     return path
 
 

@@ -9,9 +9,10 @@ Every option left out takes the library's default (:class:`~segany.train.TrainCo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
+
+from .. import validate as V
 
 # option -> (TrainConfig field, type, help)
 RECIPE_OPTIONS: dict[str, tuple[str, type, str]] = {
@@ -186,10 +187,10 @@ def run_train(args: argparse.Namespace) -> int:
             tr, va = split_by_image(data.images, cfg.val_fraction, cfg.split_seed)
             paths = output_paths(args.out)
             paths["val"].parent.mkdir(parents=True, exist_ok=True)
-            paths["val"].write_text(json.dumps(to_coco(va)) + "\n")
+            paths["val"].write_text(V.dumps(to_coco(va)) + "\n")
             train_json = paths["val"].with_name(paths["val"].name.replace(".val.", ".train."))
-            train_json.write_text(json.dumps(to_coco(tr)) + "\n")
-            print(json.dumps({"train": str(train_json), "train_images": len(tr),
+            train_json.write_text(V.dumps(to_coco(tr)) + "\n")
+            print(V.dumps({"train": str(train_json), "train_images": len(tr),
                               "train_masks": sum(i.num_masks for i in tr), "val": str(paths["val"]),
                               "val_images": len(va), "val_masks": sum(i.num_masks for i in va)},
                              indent=2))  # fmt: skip
@@ -219,7 +220,7 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.quiet:
         shown = {k: meta[k] for k in ("weights", "steps_done", "wall_seconds") if k in meta}
         shown["split"] = {k: v for k, v in meta["split"].items() if not k.endswith("_images")}
-        print(json.dumps(shown, indent=2))
+        print(V.dumps(shown, indent=2))
     return 0
 
 
@@ -246,5 +247,5 @@ def run_retrain(args: argparse.Namespace) -> int:
             result["server"] = switch_server(args.server, result["checkpoint"], token=args.token)
     except (DataError, LoopError, ValueError) as exc:
         raise CliError(str(exc)) from None
-    print(json.dumps(result, indent=2))
+    print(V.dumps(result, indent=2))
     return 0

@@ -18,6 +18,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from .. import transforms as T
+from .. import validate as V
 
 
 class DataError(ValueError):
@@ -82,22 +83,6 @@ class TrainData:
         }
 
 
-def _rle(seg: Any, h: int, w: int) -> dict[str, Any] | None:
-    """Any COCO segmentation (polygons, uncompressed or compressed RLE) -> compressed RLE
-    with bytes counts; ``None`` for an unusable one."""
-    if isinstance(seg, list):
-        if not seg:
-            return None
-        return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    if not isinstance(seg, dict) or "counts" not in seg:
-        return None
-    if isinstance(seg["counts"], list):
-        return mask_utils.frPyObjects(seg, h, w)
-    counts = seg["counts"]
-    size = [int(v) for v in seg.get("size", (h, w))]
-    return {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-
-
 def _image(
     key: str,
     path: Path,
@@ -106,21 +91,29 @@ def _image(
     image_id: int,
     anns: Iterable[dict[str, Any]],
     min_area: int,
+    where: str,
 ) -> TrainImage:
+    """One image's masks; a malformed annotation raises :class:`DataError` naming ``where``
+    (the file) and the annotation."""
     rles, ids, boxes = [], [], []
     for j, a in enumerate(anns):
         if a.get("iscrowd", 0):
             continue
-        rle = _rle(a.get("segmentation"), h, w)
-        if rle is None or list(rle["size"]) != [h, w]:
-            continue
+        label = f"{where}: annotation {a.get('id', f'#{j}')!r} of image {key!r}"
+        if "segmentation" not in a:
+            raise DataError(f"{label} has no segmentation")
+        try:
+            rle = V.segmentation_to_rle(a["segmentation"], h, w)
+            bbox = a.get("bbox")
+            bbox = V.check_box_xywh(bbox) if bbox else None
+        except V.InputError as exc:
+            raise DataError(f"{label}: {exc}") from None
         area = int(mask_utils.area(rle))
         if area < max(1, min_area):
             continue
         rles.append(rle)
         ids.append(int(a.get("id", j)))
-        bbox = a.get("bbox")
-        boxes.append([float(v) for v in bbox] if bbox else mask_utils.toBbox(rle).tolist())
+        boxes.append(bbox or mask_utils.toBbox(rle).tolist())
     return TrainImage(
         key=key,
         path=path,
@@ -149,6 +142,11 @@ def coco_source(
         raise DataError(f"cannot read {ann_file}: {exc}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{ann_file} is not a COCO instances JSON (no 'images' list)")
+    data.setdefault("annotations", [])
+    try:
+        V.check_coco(data, str(ann_file))
+    except V.InputError as exc:
+        raise DataError(str(exc)) from None
     root = ann_file.parent
     if images is not None:
         image_dir = Path(images)
@@ -159,12 +157,9 @@ def coco_source(
         by_image.setdefault(a.get("image_id"), []).append(a)
     out = []
     for im in data["images"]:
-        try:
-            iid, name = im["id"], str(im["file_name"])
-            h, w = int(im["height"]), int(im["width"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"{ann_file}: malformed image entry {im!r}") from exc
-        out.append(_image(name, image_dir / name, h, w, int(iid), by_image.get(iid, []), min_area))
+        iid, name, h, w = im["id"], im["file_name"], im["height"], im["width"]
+        anns = by_image.get(iid, [])
+        out.append(_image(name, image_dir / name, h, w, iid, anns, min_area, str(ann_file)))
     name = root.name if ann_file.name == "annotations.json" else ann_file.stem
     return TrainData(name=name, source=str(ann_file), kind="coco", images=out)
 
@@ -184,11 +179,16 @@ def sa1b_source(folder: str | Path, *, min_area: int = 1) -> TrainData:
         if not isinstance(data, dict) or "image" not in data or "annotations" not in data:
             continue
         info = data["image"]
-        h, w = int(info["height"]), int(info["width"])
+        try:
+            if not isinstance(info, dict) or not isinstance(data["annotations"], list):
+                raise V.InputError("'image' must be an object and 'annotations' a list")
+            h, w = V.check_image_size(info.get("height"), info.get("width"))
+            iid = V.integer_id(info.get("image_id", len(out)), "image_id")
+        except V.InputError as exc:
+            raise DataError(f"{f}: {exc}") from None
         path = f.parent / str(info.get("file_name") or f.with_suffix(".jpg").name)
         key = path.relative_to(root).as_posix() if root.is_dir() else path.name
-        iid = int(info.get("image_id", len(out)))
-        out.append(_image(key, path, h, w, iid, data["annotations"], min_area))
+        out.append(_image(key, path, h, w, iid, data["annotations"], min_area, str(f)))
     if not out:
         raise DataError(f"no SA-1B image JSON files under {folder}")
     return TrainData(name=root.stem, source=str(root), kind="sa1b", images=out)
@@ -222,7 +222,16 @@ def store_source(
         if im.status != "ok" or im.id not in by_image:
             continue
         out.append(
-            _image(im.path, root / im.path, im.height, im.width, im.id, by_image[im.id], min_area)
+            _image(
+                im.path,
+                root / im.path,
+                im.height,
+                im.width,
+                im.id,
+                by_image[im.id],
+                min_area,
+                f"store {db}",
+            )
         )
     return TrainData(name=root.name, source=str(db), kind="store", images=out)
 

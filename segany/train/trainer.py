@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import transforms as T
+from .. import validate as V
 from ..models import Sam
 from ..predictor import EmbeddingCache, ImageEmbedding, image_key
 from . import prompts as P
@@ -658,9 +659,9 @@ class Trainer:
                 "step": self.step,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "numpy_rng": json.dumps(rng_state or self.rng.bit_generator.state),
+                "numpy_rng": V.dumps(rng_state or self.rng.bit_generator.state),
                 "torch_rng": torch.get_rng_state(),
-                "config": json.dumps(self.cfg.to_dict()),
+                "config": V.dumps(self.cfg.to_dict()),
                 "elapsed": self.elapsed,
             },
             self.paths["state"],
@@ -723,7 +724,7 @@ class Trainer:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(extra or {}),
         }
-        _atomic_text(json.dumps(meta, indent=2) + "\n", self.paths["meta"])
+        _atomic_text(V.dumps(meta, indent=2) + "\n", self.paths["meta"])
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, *, resume: bool = False) -> dict[str, Any]:
@@ -744,7 +745,7 @@ class Trainer:
         if not resume:
             torch.manual_seed(cfg.seed)
         if self.val_images:
-            _atomic_text(json.dumps(to_coco(self.val_images)) + "\n", self.paths["val"])
+            _atomic_text(V.dumps(to_coco(self.val_images)) + "\n", self.paths["val"])
         if self.embeddings is not None:
             need = self.train_images + (self.val_images if cfg.val_every else [])
             need += self.replay_images if self.teacher is not None else []
@@ -916,7 +917,7 @@ def _append_log(paths: dict[str, Path], row: dict[str, Any]) -> None:
             w.writeheader()
         w.writerow({k: row.get(k, "") for k in LOG_FIELDS})
     with paths["jsonl"].open("a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(V.dumps(row) + "\n")
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:

@@ -240,6 +240,10 @@ def test_resume_states_and_guards(images, tiny_ckpt, tmp_path):
         L.label(src, out, resume=True, overrides={"points_per_side": 5}, **kw)
     with pytest.raises(L.LabelError, match="classes"):  # a job without classes
         L.label(src, out, resume=True, classes="dog . cat", **kw)
+    other = _make_images(tmp_path / "other", 2, start=50)  # another collection: not merged
+    with pytest.raises(L.LabelError, match=f"labels {src}, not {other}"):
+        L.label(other, out, resume=True, **kw)
+    assert len(json.loads((out / "plan.json").read_text())["items"]) == 6
 
     # a kill after all of shard 1's images were marked but before its tar was renamed,
     # with a half-written temp tar and a half-written image mark of shard 2 lying around

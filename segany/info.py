@@ -1,0 +1,112 @@
+"""``segany info``: what this installation runs on and what it will use.
+
+Versions, the CPU (model, the instruction-set flags that decide speed, the kernels torch
+dispatches to), threads, available backends and precisions, and the cache folders. Speed
+figures in the docs name the CPU they come from; this is the command that tells which
+family a machine belongs to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import sys
+from typing import Any
+
+#: The CPU flags that decide which kernels run (x86 and ARM names as /proc/cpuinfo has them).
+SPEED_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "avx_vnni",
+    "asimd",
+    "sve",
+    "bf16",
+    "i8mm",
+)
+_PACKAGES = ("torch", "numpy", "onnxruntime", "opencv-python-headless", "pycocotools", "fastapi")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def collect() -> dict[str, Any]:
+    """The report as a JSON-ready dict."""
+    import torch
+
+    from . import __version__
+    from . import runtime as R
+    from . import weights as W
+
+    cpu = R.cpu_info()
+    flags = cpu["flags"]
+    versions = {"segany": __version__, "python": platform.python_version()}
+    versions.update({p: _version(p) for p in _PACKAGES})
+    backends = ["torch"]
+    if versions["onnxruntime"]:
+        backends += ["onnx", "onnx-int8"]
+    return {
+        "versions": versions,
+        "cpu": {
+            "model": cpu["model"],
+            "arch": cpu["arch"],
+            "cpus_available": R.available_cpus(),
+            "flags": [f for f in SPEED_FLAGS if f in flags],  # type: ignore[operator]
+            "torch_kernels": torch.backends.cpu.get_cpu_capability(),
+            "onednn": bool(torch.backends.mkldnn.is_available()),
+        },
+        "threads": R.get_threads(),
+        "backends": backends,
+        "precisions": ["fp32", "bf16"] if R.has_native_bf16() else ["fp32"],
+        "default": {"model": W.DEFAULT_WEIGHTS, "backend": "torch", "precision": "fp32"},
+        "folders": {"cache": str(W.cache_dir()), "weights": str(W.weights_dir())},
+    }
+
+
+def _text(report: dict[str, Any]) -> str:
+    cpu = report["cpu"]
+    lines = [
+        "segany " + report["versions"]["segany"],
+        "versions: "
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if k != "segany" and v),
+        f"cpu: {cpu['model']} ({cpu['arch']}), {cpu['cpus_available']} available",
+        f"  flags: {' '.join(cpu['flags']) or '(none of interest)'}",
+        f"  torch kernels: {cpu['torch_kernels']}, oneDNN: {'yes' if cpu['onednn'] else 'no'}",
+        f"threads: {report['threads']}",
+        f"backends: {', '.join(report['backends'])}",
+        f"precisions: {', '.join(report['precisions'])}"
+        + ("" if "bf16" in report["precisions"] else " (no native bfloat16: bf16 refused)"),
+        "default: " + ", ".join(f"{k} {v}" for k, v in report["default"].items()),
+        f"cache: {report['folders']['cache']}",
+        f"weights: {report['folders']['weights']}",
+    ]
+    return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "info",
+        help="versions, CPU, threads, backends and cache folders",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .validate import dumps
+
+    report = collect()
+    print(dumps(report, indent=2) if args.json else _text(report), file=sys.stdout)
+    return 0
