@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,21 +23,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..validate import json_safe
 from .service import ServiceError
 from .store import StoreError
 
 log = logging.getLogger("segany.engine")
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with NaN and infinite floats replaced by ``None`` (recursively)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 class SafeJSONResponse(JSONResponse):

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .. import masks as M
 from ..predictor import EmbeddingCache, ImageEmbedding, Predictor, PromptError, image_key
 from ..transforms import ImageError, load_image
+from ..validate import InputError, check_score, json_safe, segmentation_to_rle
 from . import stats as S
 from .store import (
     SOURCES,
@@ -355,46 +356,30 @@ def _text_prompt(a: Annotation) -> dict[str, Any]:
     return text if isinstance(text, dict) else {}
 
 
-def _rle_dict(rle: RLE | dict[str, Any]) -> dict[str, Any]:
+def _rle_dict(rle: RLE | dict[str, Any] | list[Any]) -> dict[str, Any] | list[Any]:
     if isinstance(rle, RLE):
         return {"size": list(rle.size), "counts": rle.counts}
     return rle
 
 
-def canonical_rle(rle: RLE | dict[str, Any], size: tuple[int, int]) -> tuple[dict, int, list]:
-    """Check a client's RLE against the image size ``(H, W)``; returns the compressed COCO
-    RLE (``counts`` as str), its area and its XYWH box. Raises :class:`Unprocessable`."""
-    d = _rle_dict(rle)
+def canonical_rle(
+    rle: RLE | dict[str, Any] | list[Any], size: tuple[int, int], what: str = "segmentation"
+) -> tuple[dict, int, list]:
+    """Check a client's segmentation (an RLE, compressed or not, or COCO polygons) against
+    the image size ``(H, W)`` with :func:`segany.validate.segmentation_to_rle`; returns the
+    compressed COCO RLE (``counts`` as str), its area and its XYWH box. Raises
+    :class:`Unprocessable` naming ``what``."""
     h, w = size
     try:
-        rh, rw = (int(v) for v in d["size"])
-    except Exception:
-        raise Unprocessable("segmentation.size must be [height, width]") from None
-    if (rh, rw) != (h, w):
-        raise Unprocessable(f"segmentation size {[rh, rw]} does not match the image {[h, w]}")
-    counts = d["counts"]
-    try:
-        if isinstance(counts, list):
-            if any((not isinstance(c, int)) or c < 0 for c in counts) or sum(counts) != h * w:
-                raise ValueError(f"uncompressed counts must be >= 0 and sum to {h * w}")
-            enc = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
-        else:
-            enc = {"size": [h, w], "counts": counts.encode("ascii")}
-            mask = mask_utils.decode(enc)
-            if mask.shape != (h, w):
-                raise ValueError("decoded mask has the wrong shape")
-            enc = mask_utils.encode(np.asfortranarray(mask))
-    except Exception as exc:
-        raise Unprocessable(f"segmentation is not a valid COCO RLE: {exc}") from None
+        enc = segmentation_to_rle(_rle_dict(rle), h, w, what=what)
+    except InputError as exc:
+        raise Unprocessable(str(exc)) from None
     area = int(mask_utils.area(enc))
     bbox = [float(v) for v in mask_utils.toBbox(enc)]
-    return {"size": [h, w], "counts": enc["counts"].decode("ascii")}, area, bbox
-
-
-def _polygons_to_rle(polys: list[list[float]], h: int, w: int) -> dict[str, Any]:
-    rles = mask_utils.frPyObjects([list(map(float, p)) for p in polys], h, w)
-    merged = mask_utils.merge(rles)
-    return {"size": [h, w], "counts": merged["counts"].decode("ascii")}
+    counts = enc["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    return {"size": [h, w], "counts": counts}, area, bbox
 
 
 def safe_relpath(root: Path, rel: str) -> Path:
@@ -1521,7 +1506,7 @@ class AnnotationService:
                 for out, a in zip(data["annotations"], anns, strict=True):
                     out["id"] = a.id
                     out["category"] = a.category
-                z.writestr(f"{im.path}.json", json.dumps(data))
+                z.writestr(f"{im.path}.json", json.dumps(json_safe(data), allow_nan=False))
         return buf.getvalue()
 
     def export_yolo(self, include_pending: bool = False) -> bytes:
@@ -1553,66 +1538,48 @@ class AnnotationService:
         given status (``pending`` by default) and source ``import``."""
         if status not in ("pending", "accepted"):
             raise BadRequest("status must be 'pending' or 'accepted'")
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-            raise Unprocessable("not a COCO instances JSON: needs an 'images' list")
-        anns_in = data.get("annotations", [])
-        if not isinstance(anns_in, list):
-            raise Unprocessable("'annotations' must be a list")
-        cats = {}
-        for c in data.get("categories", []) or []:
-            if isinstance(c, dict) and "id" in c:
-                cats[c["id"]] = _clean_category(str(c.get("name", c["id"])))[:MAX_CATEGORY]
+        from .coco_import import label, read_coco
+
         known = {im.path: im for im in self.store.images()}
-        matched: dict[Any, Image] = {}
-        skipped_images: list[str] = []
-        for entry in data["images"]:
-            if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
-                raise Unprocessable("every image needs 'id' and 'file_name'")
-            name = str(entry["file_name"])
-            safe_relpath(self.root, name)  # refuses absolute paths and '..'
-            im = known.get(PurePosixPath(name).as_posix())
-            if im is None or im.status != "ok":
-                skipped_images.append(name)
-                continue
-            matched[entry["id"]] = im
+        try:
+            coco = read_coco(
+                data,
+                known,
+                self.root,
+                clean_category=_clean_category,
+                safe_relpath=safe_relpath,
+                max_category=MAX_CATEGORY,
+            )
+        except InputError as exc:
+            raise Unprocessable(f"COCO import refused: {exc}") from None
         items = []
-        skipped = 0
-        for a in anns_in:
-            if not isinstance(a, dict) or a.get("image_id") not in matched:
-                skipped += 1
-                continue
-            im = matched[a["image_id"]]
-            seg = a.get("segmentation")
-            try:
-                if isinstance(seg, list):
-                    seg = _polygons_to_rle(seg, im.height, im.width)
-                rle, area, bbox = canonical_rle(seg, (im.height, im.width))
-            except (Unprocessable, TypeError, ValueError, KeyError):
-                skipped += 1
-                continue
+        skipped = coco.skipped_annotations
+        for i, a, category in coco.annotations:
+            im = coco.matched[a["image_id"]]
+            what = f"COCO import refused: {label(i, a)}: segmentation"
+            rle, area, bbox = canonical_rle(a["segmentation"], (im.height, im.width), what)
             if area == 0:
                 skipped += 1
                 continue
-            cat = cats.get(a.get("category_id"), str(a.get("category_id", "object")))
             items.append(
                 {
                     "image_id": im.id,
-                    "category": cat or "object",
+                    "category": category,
                     "status": status,
                     "stage": im.stage,
                     "source": "import",
                     "segmentation": rle,
                     "bbox": bbox,
                     "area": area,
-                    "score": float(a["score"])
-                    if isinstance(a.get("score"), (int, float))
-                    else None,
+                    "score": check_score(a.get("score")),
                     "model_id": None,
                     "user_id": user.id,
                     "clicks": 0,
                     "seconds": None,
                 }
             )
+        matched = coco.matched
+        skipped_images = coco.skipped_images
         ev = {"kind": "import", "user_id": user.id, "data": {"annotations": len(items)}}
         self.store.add_annotations(items, [ev])
         return ImportOut(
