@@ -1551,7 +1551,10 @@ class AnnotationService:
                 max_category=MAX_CATEGORY,
             )
         except InputError as exc:
-            raise Unprocessable(f"COCO import refused: {exc}") from None
+            msg = str(exc)  # a value can be long (a 4,000-digit id): kept short
+            raise Unprocessable(
+                f"COCO import refused: {msg[:300]}{'...' if len(msg) > 300 else ''}"
+            ) from None
         items = []
         skipped = coco.skipped_annotations
         for i, a, category in coco.annotations:
