@@ -8,7 +8,6 @@ The browser UI is served from ``web/`` (no external assets). The API is describe
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import tempfile
@@ -244,8 +243,9 @@ def create_app(
         },
     )
     async def import_coco(request: Request, u: Who, status: str = "pending") -> ImportOut:
-        # Streamed to a temporary file (in memory up to 1 MiB) and parsed from there: the
-        # body is never held as bytes next to its parsed objects.
+        # Streamed to a temporary file (in memory up to 1 MiB), then read as text whose
+        # annotations are decoded one at a time: never the body's bytes, its text and all of
+        # its objects at once.
         with tempfile.SpooledTemporaryFile(max_size=2**20) as f:
             async for chunk in request.stream():
                 f.write(chunk)
@@ -274,11 +274,14 @@ def create_app(
 
 
 def _load_json(f: Any) -> Any:
-    """The parsed JSON of a binary file; 400 (:class:`BadRequest`) when it is not JSON.
-    NaN and infinities parse as floats here and are refused by the service with the
+    """The parsed COCO JSON of a binary file (:func:`.coco_import.parse_coco`: the
+    annotations are decoded one at a time later); 400 (:class:`BadRequest`) when it is not
+    JSON. NaN and infinities parse as floats here and are refused by the service with the
     annotation they are in."""
+    from .coco_import import parse_coco
+
     try:
-        return json.load(f)
+        return parse_coco(f)
     except (ValueError, RecursionError) as exc:
         raise BadRequest(f"malformed JSON: {str(exc)[:200]}") from None
 

@@ -1541,6 +1541,8 @@ class AnnotationService:
         from .coco_import import label, read_coco
 
         known = {im.path: im for im in self.store.images()}
+        items = []
+        skipped = 0
         try:
             coco = read_coco(
                 data,
@@ -1550,37 +1552,38 @@ class AnnotationService:
                 safe_relpath=safe_relpath,
                 max_category=MAX_CATEGORY,
             )
-        except InputError as exc:
+            for i, a, category, im in coco.annotations():  # one at a time: see coco_import
+                what = f"{label(i, a)}: segmentation"
+                enc = segmentation_to_rle(a["segmentation"], im.height, im.width, what=what)
+                area = int(mask_utils.area(enc))
+                if area == 0:
+                    skipped += 1
+                    continue
+                items.append(
+                    {
+                        "image_id": im.id,
+                        "category": category,
+                        "status": status,
+                        "stage": im.stage,
+                        "source": "import",
+                        "segmentation": {
+                            "size": [im.height, im.width],
+                            "counts": enc["counts"].decode("ascii"),
+                        },
+                        "bbox": [float(v) for v in mask_utils.toBbox(enc)],
+                        "area": area,
+                        "score": check_score(a.get("score")),
+                        "model_id": None,
+                        "user_id": user.id,
+                        "clicks": 0,
+                        "seconds": None,
+                    }
+                )
+        except (InputError, ValueError) as exc:
             msg = str(exc)  # a value can be long (a 4,000-digit id): kept short
-            raise Unprocessable(
-                f"COCO import refused: {msg[:300]}{'...' if len(msg) > 300 else ''}"
-            ) from None
-        items = []
-        skipped = coco.skipped_annotations
-        for i, a, category in coco.annotations:
-            im = coco.matched[a["image_id"]]
-            what = f"COCO import refused: {label(i, a)}: segmentation"
-            rle, area, bbox = canonical_rle(a["segmentation"], (im.height, im.width), what)
-            if area == 0:
-                skipped += 1
-                continue
-            items.append(
-                {
-                    "image_id": im.id,
-                    "category": category,
-                    "status": status,
-                    "stage": im.stage,
-                    "source": "import",
-                    "segmentation": rle,
-                    "bbox": bbox,
-                    "area": area,
-                    "score": check_score(a.get("score")),
-                    "model_id": None,
-                    "user_id": user.id,
-                    "clicks": 0,
-                    "seconds": None,
-                }
-            )
+            msg = msg if len(msg) <= 300 else msg[:297] + "..."
+            raise Unprocessable(f"COCO import refused: {msg}") from None
+        skipped += coco.skipped_annotations
         matched = coco.matched
         skipped_images = coco.skipped_images
         ev = {"kind": "import", "user_id": user.id, "data": {"annotations": len(items)}}
