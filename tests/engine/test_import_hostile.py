@@ -105,3 +105,27 @@ def test_fuzz_accept_predict_update_import(tmp_path):
     statuses = out["statuses"]
     assert all(int(s) < 500 for s in statuses), statuses
     assert statuses.get("422", 0) > 50 and statuses.get("200", 0) + statuses.get("201", 0) > 10
+
+
+def test_parse_coco_decodes_annotations_lazily():
+    import io
+
+    import pytest
+
+    from segany.engine.coco_import import JsonArray, parse_coco
+
+    def parse(text: str):
+        return parse_coco(io.BytesIO(text.encode()))
+
+    doc = parse(' {"annotations" : [ {"id": 1}, {"id": 2} ] ,\n "images": [], "x": NaN } ')
+    assert isinstance(doc["annotations"], JsonArray) and doc["images"] == []
+    assert list(doc["annotations"]) == [{"id": 1}, {"id": 2}]
+    assert list(doc["annotations"]) == [{"id": 1}, {"id": 2}]  # iterable again
+    assert list(parse('{"annotations": []}')["annotations"]) == []
+    assert parse('{"annotations": 5}')["annotations"] == 5  # refused later, with a message
+    assert parse("{}") == {} and parse("[1, 2]") == [1, 2]
+    assert parse('{"a": 1, "a": 2}') == {"a": 2}  # as json.loads
+    for bad in ('{"annotations": [1, 2', '{"annotations": [1 2]}', '{"a": 1} x', '{"a" 1}',
+                '{"a": 1,}', "", "\xff", '{"annotations": [1,]}'):  # fmt: skip
+        with pytest.raises(ValueError):
+            parse(bad)
