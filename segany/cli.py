@@ -10,6 +10,7 @@ segany label SOURCE --out DIR [--preset P] [--workers N] [--ray [ADDRESS]] [--re
 segany stats DIR|COCO.json [--compare OTHER] --out DIR
 segany train --data SRC --model mobile_sam --train decoder --steps N --out CKPT
 segany retrain IMAGES_DIR [--db URL] [--out CKPT] [--server URL]
+segany track VIDEO|FRAMES_DIR --frame K --point X,Y [--object ID]... --out DIR
 segany info [--json]
 """
 
@@ -500,6 +501,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)  # segany/train/cli.py: fine-tuning, model in the loop (docs/training.md)
 
 
+# -- track -----------------------------------------------------------------------------------
+def _add_track(sub: argparse._SubParsersAction) -> None:
+    from .video.cli import add_parser
+
+    add_parser(sub)  # segany/video/cli.py: follow objects through a video (docs/video.md)
+
+
 # -- info ------------------------------------------------------------------------------------
 def _add_info(sub: argparse._SubParsersAction) -> None:
     from .info import add_parser
@@ -519,6 +527,7 @@ _GROUPS = {
     "stats": _add_label,
     "train": _add_train,
     "retrain": _add_train,
+    "track": _add_track,
     "info": _add_info,
 }
 

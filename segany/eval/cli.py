@@ -1,4 +1,4 @@
-"""``segany eval points|boxes|proposals|instances DATASET --out DIR [--model M]...``.
+"""``segany eval points|boxes|proposals|instances|video DATASET --out DIR [--model M]...``.
 
 Hooked into :mod:`segany.cli` by :func:`add_parser`; the work is done by
 :mod:`segany.eval.protocols` and :mod:`segany.eval.report`.
@@ -61,6 +61,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                 "--batch-size", type=int, default=16, help="prompts decoded at once (default 16)"
             )
         q.set_defaults(func=run)
+    from ..video.evaluate import add_parser as add_video
+
+    add_video(psub)  # segany/video/evaluate.py: DAVIS J&F (docs/video.md)
     pts = psub.choices["points"]
     pts.add_argument("--max-clicks", type=int, default=9, help="clicks per mask (default 9)")
     pts.add_argument(
