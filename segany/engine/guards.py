@@ -6,9 +6,11 @@ request-body limits.
   attacker's name in ``Host``. Requests whose ``Host`` is not one of the served names (the
   localhost names, the bound address and ``--allow-host`` names) get 421.
 - **Origin** (cross-site requests): a browser sends ``Origin`` with every cross-origin
-  request; a state-changing request (POST, PUT, PATCH, DELETE) whose ``Origin`` is not the
-  server's own (``scheme://host[:port]`` of its ``Host``) gets 403. Requests without
-  ``Origin`` (curl, scripts) are not browser cross-site requests and pass.
+  request; a state-changing request (POST, PUT, PATCH, DELETE) whose ``Origin`` is neither
+  the server's own (``scheme://host[:port]`` of its ``Host``) nor a name given with
+  ``--allow-host`` (any scheme and port: the page as a reverse proxy serves it) gets 403.
+  Requests without ``Origin`` (curl, scripts) are not browser cross-site requests and
+  pass.
 - **Body size**: each route has a limit (small for clicks and accepts, larger for the COCO
   import); a ``Content-Length`` over it gets 413 at once, and a chunked body is counted as
   it arrives and answered with 413 as soon as it passes the limit (the route never sees
@@ -86,9 +88,10 @@ class HostOriginGuard:
     """ASGI middleware: 421 for an unknown ``Host``, 403 for a cross-origin state-changing
     request. ``hosts=None`` turns the Host check off (the Origin check stays)."""
 
-    def __init__(self, app: Any, hosts: Sequence[str] | None) -> None:
+    def __init__(self, app: Any, hosts: Sequence[str] | None, origins: Sequence[str] = ()) -> None:
         self.app = app
         self.hosts = None if hosts is None else frozenset(_bare(h) for h in hosts)
+        self.origins = frozenset(_bare(h) for h in origins if h.strip() != "*")
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -108,7 +111,7 @@ class HostOriginGuard:
         origin = headers.get(b"origin")
         if origin is not None and scope.get("method", "GET") in STATE_CHANGING:
             text = origin.decode("latin-1")
-            if not _same_origin(text, host, scope.get("scheme", "http")):
+            if not _same_origin(text, host, scope.get("scheme", "http"), self.origins):
                 await send_json(
                     send,
                     403,
@@ -119,10 +122,14 @@ class HostOriginGuard:
         await self.app(scope, receive, send)
 
 
-def _same_origin(origin: str, host: str, scheme: str) -> bool:
+def _same_origin(origin: str, host: str, scheme: str, names: frozenset[str]) -> bool:
     try:
         o = urlsplit(origin)
-        return bool(o.netloc) and o.scheme == scheme and o.netloc.lower() == host.lower()
+        if not o.netloc:
+            return False
+        if (o.hostname or "").lower() in names:
+            return True
+        return o.scheme == scheme and o.netloc.lower() == host.lower()
     except ValueError:
         return False
 

@@ -82,12 +82,14 @@ def create_app(
     max_body: int = guards.IMPORT_BODY,
     small_body: int = guards.SMALL_BODY,
     hosts: Sequence[str] | None = guards.LOCAL_NAMES,
+    origins: Sequence[str] = (),
 ) -> FastAPI:
     """The FastAPI app for one service (one images folder, one model, one database).
 
     ``max_body`` limits the COCO import's body, ``small_body`` every other route's (at most
     ``max_body``). ``hosts``: the ``Host`` names answered (:func:`.guards.served_hosts`;
-    ``None``: any); cross-origin state-changing requests are refused in any case.
+    ``None``: any); cross-origin state-changing requests are refused unless their
+    ``Origin`` is a name in ``origins`` (``--allow-host``).
     """
     app = FastAPI(
         title="segany annotate",
@@ -269,7 +271,8 @@ def create_app(
         default=min(small_body, max_body),
         limits={"/api/import/coco": max_body},
     )
-    app.add_middleware(guards.HostOriginGuard, hosts=hosts)  # outermost: runs first
+    # outermost: runs first
+    app.add_middleware(guards.HostOriginGuard, hosts=hosts, origins=origins)
     return app
 
 
@@ -358,7 +361,7 @@ def serve(
             "without --allow-host, or --allow-host '*')",
             file=sys.stderr,
         )
-    app = create_app(service, hosts=hosts)
+    app = create_app(service, hosts=hosts, origins=allow_hosts)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
     finally:

@@ -149,5 +149,12 @@ def test_origin_check(client):
     # the annotator's own page, and clients that send no Origin
     assert client.post(url, json=body, headers={"Origin": "http://localhost"}).status_code == 200
     assert client.post(url, json=body).status_code == 200
+    # the page as a reverse proxy serves it, named with --allow-host
+    app = create_app(client.app.state.service, origins=["annot.example"])
+    with TestClient(app, base_url="http://localhost") as c:
+        r = c.post(url, json=body, headers={"Origin": "https://annot.example"})
+        assert r.status_code == 200
+        r = c.post(url, json=body, headers={"Origin": "https://annot.example.evil"})
+        assert r.status_code == 403
     # reads carry no risk of a change: allowed from anywhere (the Host check still applies)
     assert client.get("/api/images", headers={"Origin": "http://evil.example"}).status_code == 200
