@@ -308,3 +308,26 @@ def test_unreachable_postgresql_gets_503(postgres, images_dir, tiny_predictor, t
         admin.dispose()
         svc.close()
         svc.store.close()
+
+
+def test_rle_runs_must_sum_to_the_image(client):
+    """Item 2: a compressed RLE whose runs sum to less or more than H*W decoded into
+    uninitialised memory (201, a different mask on every decode)."""
+    iid = image_id(client, "a.png")
+    (pid,) = _pending(client.app.state.service, iid)
+    good = _rle(96, 144)
+    for counts, needle in (
+        ("", "runs sum to 0, expected height * width = 13824"),
+        ("1", "runs sum to 1, expected height * width = 13824"),
+        (good["counts"] + "1", "runs sum to 13855"),  # one run more (stored as a difference)
+        ([13824, 3], "runs sum to 13827"),
+        ("ZZ", "ends in the middle of a run"),
+    ):
+        seg = {"size": [96, 144], "counts": counts}
+        r = client.post(f"/api/images/{iid}/annotations", json={"segmentation": seg})
+        assert r.status_code == 422 and needle in r.json()["detail"], (counts, r.text)
+        r = client.patch(f"/api/annotations/{pid}", json={"segmentation": seg})
+        assert r.status_code == 422 and needle in r.json()["detail"], (counts, r.text)
+    assert len(client.app.state.service.store.annotations(iid)) == 1  # only the pending one
+    r = client.post(f"/api/images/{iid}/annotations", json={"segmentation": good})
+    assert r.status_code == 201 and r.json()["area"] == 1200
