@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .. import masks as M
 from ..predictor import EmbeddingCache, ImageEmbedding, Predictor, PromptError, image_key
 from ..transforms import ImageError, load_image
-from ..validate import InputError, check_score, json_safe, segmentation_to_rle
+from ..validate import InputError, check_score, dumps, segmentation_to_rle
 from . import stats as S
 from .store import (
     SOURCES,
@@ -1506,7 +1506,7 @@ class AnnotationService:
                 for out, a in zip(data["annotations"], anns, strict=True):
                     out["id"] = a.id
                     out["category"] = a.category
-                z.writestr(f"{im.path}.json", json.dumps(json_safe(data), allow_nan=False))
+                z.writestr(f"{im.path}.json", dumps(data))
         return buf.getvalue()
 
     def export_yolo(self, include_pending: bool = False) -> bytes:
