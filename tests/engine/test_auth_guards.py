@@ -158,3 +158,24 @@ def test_origin_check(client):
         assert r.status_code == 403
     # reads carry no risk of a change: allowed from anywhere (the Host check still applies)
     assert client.get("/api/images", headers={"Origin": "http://evil.example"}).status_code == 200
+
+
+def test_serve_applies_the_host_names(service, monkeypatch):
+    """`segany annotate --host H --allow-host NAME`: the app that uvicorn runs checks them."""
+    import uvicorn
+
+    from segany.engine.guards import HostOriginGuard
+    from segany.engine.server import serve
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append((app, kw)))
+    serve(service, host="10.0.0.7", port=8123, allow_hosts=["box.lan"])
+    app, kw = apps[0]
+    assert kw["host"] == "10.0.0.7" and kw["port"] == 8123
+    guard = next(m for m in app.user_middleware if m.cls is HostOriginGuard)
+    local = ["127.0.0.1", "localhost", "::1"]
+    assert guard.kwargs == {"hosts": [*local, "box.lan", "10.0.0.7"], "origins": ["box.lan"]}
+    with TestClient(app, base_url="http://box.lan:8123") as c:
+        assert c.get("/api/health").status_code == 200
+    with TestClient(app, base_url="http://other.lan:8123") as c:
+        assert c.get("/api/health").status_code == 421
