@@ -360,5 +360,8 @@ def dumps(obj: Any, **kwargs: Any) -> str:
 
 
 def _show(v: Any, limit: int = 60) -> str:
-    text = repr(v)
+    try:
+        text = repr(v)
+    except ValueError:  # an int past Python's digit limit for str()
+        return "a huge integer"
     return text if len(text) <= limit else text[: limit - 3] + "..."
