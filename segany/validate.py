@@ -65,7 +65,7 @@ def integer_id(value: Any, what: str) -> int:
         raise InputError(f"{what} must be an integer, got {_show(value)}")
     v = int(value)
     if not -(1 << 63) <= v < (1 << 63):
-        raise InputError(f"{what} {v} does not fit a 64-bit integer")
+        raise InputError(f"{what} {_show(v)} does not fit a 64-bit integer")
     return v
 
 
@@ -360,5 +360,8 @@ def dumps(obj: Any, **kwargs: Any) -> str:
 
 
 def _show(v: Any, limit: int = 60) -> str:
-    text = repr(v)
+    try:
+        text = repr(v)
+    except ValueError:  # an int past Python's digit limit for str()
+        return "a huge integer"
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -80,7 +80,9 @@ def test_model_routes_retrain_in_background(annotated) -> None:
     from segany.engine.server import create_app
 
     svc, images, base = annotated
-    with TestClient(create_app(svc)) as c:  # the annotator's app has the model routes
+    with TestClient(
+        create_app(svc), base_url="http://localhost"
+    ) as c:  # the annotator's app has the model routes
         got = c.get("/api/model").json()
         assert got["model_id"] == svc.model_id and got["retrain"]["state"] == "idle"
         assert c.post("/api/model/retrain", json={"bogus": 1}).status_code == 422

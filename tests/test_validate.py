@@ -129,6 +129,9 @@ def test_numbers_and_ids():
         V.integer_id(1 << 63, "id")
     with pytest.raises(V.InputError, match="must be an integer"):
         V.integer_id([1], "id")
+    with pytest.raises(V.InputError) as err:  # a 4000-digit id is not echoed whole
+        V.integer_id(10**4000, "id")
+    assert len(str(err.value)) < 120 and str(err.value).endswith("does not fit a 64-bit integer")
     with pytest.raises(V.InputError, match="more than the"):
         V.check_image_size(1 << 15, 1 << 15)
     with pytest.raises(V.InputError, match="negative width or height"):

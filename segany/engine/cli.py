@@ -49,6 +49,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default: 8000")
+    p.add_argument(
+        "--allow-host",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="also answer to this Host name (repeatable; e.g. the machine's LAN name). "
+        "Requests under any other name than localhost and --host are refused (DNS "
+        "rebinding); '*' turns the check off",
+    )
     auth = p.add_mutually_exclusive_group()
     auth.add_argument(
         "--auth",
@@ -100,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     db = args.db or default_db(root)
     try:
-        if args.add_user:
+        if args.add_user is not None:
             store = Store(db)
             user, token = store.issue_token(args.add_user, is_admin=args.admin)
             store.close()
@@ -123,9 +132,9 @@ def run(args: argparse.Namespace) -> int:
         hint = "" if args.db else " (use --db to keep the database elsewhere)"
         print(f"segany: error: {exc}{hint}", file=sys.stderr)
         return 2
-    if svc.auth and not any(u.token_hash for u in svc.store.users()):
-        _, token = svc.store.issue_token("admin", is_admin=True)
-        print(f"segany annotate: created user 'admin' with token {token}", file=sys.stderr)
+    token = svc.ensure_admin_token()
+    if token is not None:
+        print(f"segany annotate: admin token for user 'admin': {token}", file=sys.stderr)
     images = svc.list_images()
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
@@ -142,5 +151,7 @@ def run(args: argparse.Namespace) -> int:
             "segany annotate: warning: auth is off and the server listens beyond this machine",
             file=sys.stderr,
         )
-    serve(svc, host=args.host, port=args.port, log_level=args.log_level)
+    serve(
+        svc, host=args.host, port=args.port, log_level=args.log_level, allow_hosts=args.allow_host
+    )
     return 0

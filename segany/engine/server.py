@@ -1,28 +1,32 @@
 """The annotator's web server: FastAPI routes over :class:`~.service.AnnotationService`.
 
-Routes are thin: they parse, authenticate, call one service method and map
-:class:`~.service.ServiceError` to its 4xx status. The browser UI is served from ``web/``
-(no external assets). The API is described at ``/docs`` (OpenAPI).
+Routes are thin: they parse, authenticate and call one service method; :mod:`.errors`
+maps failures to statuses and :mod:`.guards` checks Host, Origin and body sizes first.
+The browser UI is served from ``web/`` (no external assets). The API is described at
+``/docs`` (OpenAPI).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Body, Depends, FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.concurrency import run_in_threadpool
 
+from . import errors, guards
 from .service import (
     AcceptRequest,
     AnnotationList,
     AnnotationOut,
     AnnotationService,
+    BadRequest,
     ConfigOut,
     DoneRequest,
     EventRequest,
@@ -36,7 +40,6 @@ from .service import (
     PrefillOut,
     PrefillRequest,
     RescanOut,
-    ServiceError,
     TokenOut,
     Unauthorized,
     UpdateRequest,
@@ -48,64 +51,6 @@ from .stats import StatsOut
 WEB = Path(__file__).resolve().parent / "web"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 log = logging.getLogger("segany.engine")
-
-
-class _BodyLimit:
-    """ASGI middleware: requests whose body exceeds ``max_bytes`` get 413."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for k, v in scope.get("headers", []):
-            if k == b"content-length":
-                try:
-                    n = int(v)
-                except ValueError:
-                    n = -1
-                if n < 0 or n > self.max_bytes:
-                    await _send_json(send, 413, f"request body over {self.max_bytes} bytes")
-                    return
-        seen = 0
-
-        async def limited() -> dict:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return msg
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _send_json(send, 413, f"request body over {self.max_bytes} bytes")
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _send_json(send: Any, status: int, detail: str) -> None:
-    import json
-
-    body = json.dumps({"detail": detail}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", b"%d" % len(body)),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 def _token(request: Request) -> str | None:
@@ -131,39 +76,30 @@ Who = Annotated[UserRef, Depends(_user)]
 MaybeWho = Annotated[UserRef | None, Depends(_optional_user)]
 
 
-def create_app(service: AnnotationService, *, max_body: int = 256 * 2**20) -> FastAPI:
-    """The FastAPI app for one service (one images folder, one model, one database)."""
+def create_app(
+    service: AnnotationService,
+    *,
+    max_body: int = guards.IMPORT_BODY,
+    small_body: int = guards.SMALL_BODY,
+    hosts: Sequence[str] | None = guards.LOCAL_NAMES,
+    origins: Sequence[str] = (),
+) -> FastAPI:
+    """The FastAPI app for one service (one images folder, one model, one database).
+
+    ``max_body`` limits the COCO import's body, ``small_body`` every other route's (at most
+    ``max_body``). ``hosts``: the ``Host`` names answered (:func:`.guards.served_hosts`;
+    ``None``: any); cross-origin state-changing requests are refused unless their
+    ``Origin`` is a name in ``origins`` (``--allow-host``).
+    """
     app = FastAPI(
         title="segany annotate",
         description="Data engine stages 1-2: interactive annotation with SAM in the loop.",
         version="0.1.0",
+        default_response_class=errors.SafeJSONResponse,
     )
     app.state.service = service
 
-    # -- errors ------------------------------------------------------------------------------
-    @app.exception_handler(ServiceError)
-    async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            ctx = next(e for e in errors if e.get("type") == "json_invalid").get("ctx") or {}
-            msg = f"malformed JSON: {ctx.get('error', 'cannot parse the body')}"
-            return JSONResponse({"detail": msg}, status_code=400)
-        parts = []
-        for e in errors[:5]:
-            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-            parts.append(f"{loc or 'body'}: {e.get('msg')}")
-        return JSONResponse(
-            {"detail": "; ".join(parts), "errors": _jsonable(errors[:20])}, status_code=422
-        )
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+    errors.install(app)
 
     # -- pages -------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -182,8 +118,17 @@ def create_app(service: AnnotationService, *, max_body: int = 256 * 2**20) -> Fa
 
     # -- API ---------------------------------------------------------------------------------
     @app.get("/api/health")
-    def health() -> dict[str, Any]:
-        return {"ok": True}
+    def health() -> JSONResponse:
+        """200 ``{"ok": true}`` when the database can be read; 503 with the reason if not."""
+        try:
+            service.store.check()
+        except Exception as exc:  # the reason is the answer; details go to the log
+            reason = errors.db_reason(exc)
+            log.error("health check: database unavailable (%s): %s", reason, exc)
+            return errors.SafeJSONResponse(
+                {"ok": False, "detail": f"database unavailable: {reason}"}, status_code=503
+            )
+        return errors.SafeJSONResponse({"ok": True})
 
     @app.get("/api/config", response_model=ConfigOut)
     def config(u: MaybeWho) -> ConfigOut:
@@ -267,7 +212,7 @@ def create_app(service: AnnotationService, *, max_body: int = 256 * 2**20) -> Fa
 
     @app.get("/api/export/coco")
     def export_coco(u: Who, include_pending: bool = False) -> JSONResponse:
-        return JSONResponse(
+        return errors.SafeJSONResponse(
             service.export_coco(include_pending),
             headers={"Content-Disposition": 'attachment; filename="annotations_coco.json"'},
         )
@@ -288,13 +233,27 @@ def create_app(service: AnnotationService, *, max_body: int = 256 * 2**20) -> Fa
             headers={"Content-Disposition": 'attachment; filename="annotations_yolo.zip"'},
         )
 
-    @app.post("/api/import/coco", response_model=ImportOut)
-    def import_coco(
-        data: Annotated[dict[str, Any], Body(description="a COCO instances JSON")],
-        u: Who,
-        status: str = "pending",
-    ) -> ImportOut:
-        return service.import_coco(data, u, status=status)
+    @app.post(
+        "/api/import/coco",
+        response_model=ImportOut,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object"}}},
+                "description": "a COCO instances JSON",
+            }
+        },
+    )
+    async def import_coco(request: Request, u: Who, status: str = "pending") -> ImportOut:
+        # Streamed to a temporary file (in memory up to 1 MiB), then read as text whose
+        # annotations are decoded one at a time: never the body's bytes, its text and all of
+        # its objects at once.
+        with tempfile.SpooledTemporaryFile(max_size=2**20) as f:
+            async for chunk in request.stream():
+                f.write(chunk)
+            f.seek(0)
+            data = await run_in_threadpool(_load_json, f)
+        return await run_in_threadpool(service.import_coco, data, u, status=status)
 
     @app.get("/api/users", response_model=list[UserOut])
     def users(u: Who) -> list[UserOut]:
@@ -307,21 +266,27 @@ def create_app(service: AnnotationService, *, max_body: int = 256 * 2**20) -> Fa
     from ..train.loop import add_routes  # /api/model, /api/model/retrain (docs/training.md)
 
     add_routes(app, service)
-    app.add_middleware(_BodyLimit, max_bytes=max_body)
+    app.add_middleware(
+        guards.BodyLimit,
+        default=min(small_body, max_body),
+        limits={"/api/import/coco": max_body},
+    )
+    # outermost: runs first
+    app.add_middleware(guards.HostOriginGuard, hosts=hosts, origins=origins)
     return app
 
 
-def _jsonable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for e in errors:
-        out.append(
-            {
-                k: (v if k in ("loc", "msg", "type") else str(v))
-                for k, v in e.items()
-                if k in ("loc", "msg", "type")
-            }
-        )
-    return out
+def _load_json(f: Any) -> Any:
+    """The parsed COCO JSON of a binary file (:func:`.coco_import.parse_coco`: the
+    annotations are decoded one at a time later); 400 (:class:`BadRequest`) when it is not
+    JSON. NaN and infinities parse as floats here and are refused by the service with the
+    annotation they are in."""
+    from .coco_import import parse_coco
+
+    try:
+        return parse_coco(f)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"malformed JSON: {str(exc)[:200]}") from None
 
 
 def is_local(host: str) -> bool:
@@ -382,12 +347,21 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
+    allow_hosts: Sequence[str] = (),
 ) -> None:
     """Run the server until interrupted (uvicorn, one process: the model is shared by all
-    request threads)."""
+    request threads). The server answers to the localhost names, ``host`` and
+    ``allow_hosts`` (see :func:`.guards.served_hosts`)."""
     import uvicorn
 
-    app = create_app(service)
+    hosts = guards.served_hosts(host, allow_hosts)
+    if hosts is None:
+        print(
+            "segany annotate: note: the Host header is not checked (bound to every interface "
+            "without --allow-host, or --allow-host '*')",
+            file=sys.stderr,
+        )
+    app = create_app(service, hosts=hosts, origins=allow_hosts)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
     finally:

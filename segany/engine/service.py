@@ -37,8 +37,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .. import masks as M
 from ..predictor import EmbeddingCache, ImageEmbedding, Predictor, PromptError, image_key
 from ..transforms import ImageError, load_image
+from ..validate import InputError, check_score, dumps, segmentation_to_rle
 from . import stats as S
-from .store import SOURCES, STATUSES, Annotation, Image, Store, User
+from .store import (
+    SOURCES,
+    STATUSES,
+    USER_NAME_PATTERN,
+    Annotation,
+    Image,
+    Store,
+    StoreConflict,
+    User,
+)
 
 log = logging.getLogger("segany.engine")
 
@@ -93,7 +103,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class RLE(_Model):
+class _Request(_Model):
+    # NaN and infinities (JSON's NaN / Infinity, and 1e400) are refused in every number
+    # field of a request: they are no coordinate or score, and one stored would break every
+    # export. (Answers write them as null: errors.SafeJSONResponse.)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class RLE(_Request):
     """COCO run-length encoding: ``size`` is ``[height, width]``; ``counts`` the compressed
     string (or the uncompressed list of run lengths)."""
 
@@ -136,7 +153,7 @@ class OpenOut(_Model):
     next_id: int | None
 
 
-class PredictRequest(_Model):
+class PredictRequest(_Request):
     points: list[tuple[float, float]] = Field(default_factory=list, max_length=MAX_POINTS)
     labels: list[int] = Field(default_factory=list, max_length=MAX_POINTS)
     box: tuple[float, float, float, float] | None = None
@@ -189,7 +206,7 @@ def _clean_classes(v: str | None) -> str | None:
     return " . ".join(names)
 
 
-class AcceptRequest(_Model):
+class AcceptRequest(_Request):
     """A new object: either the ``segmentation`` (COCO RLE at image size) or the
     ``mask_id`` of a candidate returned by predict."""
 
@@ -203,7 +220,7 @@ class AcceptRequest(_Model):
     _cat = field_validator("category")(_clean_category)
 
 
-class UpdateRequest(_Model):
+class UpdateRequest(_Request):
     category: Category | None = None
     status: Literal["accepted", "pending", "rejected"] | None = None
     segmentation: RLE | None = None
@@ -240,7 +257,7 @@ class AnnotationList(_Model):
     annotations: list[AnnotationOut]
 
 
-class PrefillRequest(_Model):
+class PrefillRequest(_Request):
     """Stage 2: segment everything and keep the confident masks as pending objects.
 
     With ``classes`` (``"dog . cat"``), the server's text detector finds those classes
@@ -279,12 +296,12 @@ class PrefillOut(_Model):
     annotations: list[AnnotationOut]
 
 
-class EventRequest(_Model):
+class EventRequest(_Request):
     kind: Literal["undo", "redo", "select", "clear", "next", "prev", "note"]
     data: dict[str, Any] | None = None
 
 
-class DoneRequest(_Model):
+class DoneRequest(_Request):
     done: bool = True
 
 
@@ -299,8 +316,8 @@ class TokenOut(_Model):
     token: str
 
 
-class NewUserRequest(_Model):
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+class NewUserRequest(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=USER_NAME_PATTERN)
     is_admin: bool = False
 
 
@@ -339,46 +356,30 @@ def _text_prompt(a: Annotation) -> dict[str, Any]:
     return text if isinstance(text, dict) else {}
 
 
-def _rle_dict(rle: RLE | dict[str, Any]) -> dict[str, Any]:
+def _rle_dict(rle: RLE | dict[str, Any] | list[Any]) -> dict[str, Any] | list[Any]:
     if isinstance(rle, RLE):
         return {"size": list(rle.size), "counts": rle.counts}
     return rle
 
 
-def canonical_rle(rle: RLE | dict[str, Any], size: tuple[int, int]) -> tuple[dict, int, list]:
-    """Check a client's RLE against the image size ``(H, W)``; returns the compressed COCO
-    RLE (``counts`` as str), its area and its XYWH box. Raises :class:`Unprocessable`."""
-    d = _rle_dict(rle)
+def canonical_rle(
+    rle: RLE | dict[str, Any] | list[Any], size: tuple[int, int], what: str = "segmentation"
+) -> tuple[dict, int, list]:
+    """Check a client's segmentation (an RLE, compressed or not, or COCO polygons) against
+    the image size ``(H, W)`` with :func:`segany.validate.segmentation_to_rle`; returns the
+    compressed COCO RLE (``counts`` as str), its area and its XYWH box. Raises
+    :class:`Unprocessable` naming ``what``."""
     h, w = size
     try:
-        rh, rw = (int(v) for v in d["size"])
-    except Exception:
-        raise Unprocessable("segmentation.size must be [height, width]") from None
-    if (rh, rw) != (h, w):
-        raise Unprocessable(f"segmentation size {[rh, rw]} does not match the image {[h, w]}")
-    counts = d["counts"]
-    try:
-        if isinstance(counts, list):
-            if any((not isinstance(c, int)) or c < 0 for c in counts) or sum(counts) != h * w:
-                raise ValueError(f"uncompressed counts must be >= 0 and sum to {h * w}")
-            enc = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
-        else:
-            enc = {"size": [h, w], "counts": counts.encode("ascii")}
-            mask = mask_utils.decode(enc)
-            if mask.shape != (h, w):
-                raise ValueError("decoded mask has the wrong shape")
-            enc = mask_utils.encode(np.asfortranarray(mask))
-    except Exception as exc:
-        raise Unprocessable(f"segmentation is not a valid COCO RLE: {exc}") from None
+        enc = segmentation_to_rle(_rle_dict(rle), h, w, what=what)
+    except InputError as exc:
+        raise Unprocessable(str(exc)) from None
     area = int(mask_utils.area(enc))
     bbox = [float(v) for v in mask_utils.toBbox(enc)]
-    return {"size": [h, w], "counts": enc["counts"].decode("ascii")}, area, bbox
-
-
-def _polygons_to_rle(polys: list[list[float]], h: int, w: int) -> dict[str, Any]:
-    rles = mask_utils.frPyObjects([list(map(float, p)) for p in polys], h, w)
-    merged = mask_utils.merge(rles)
-    return {"size": [h, w], "counts": merged["counts"].decode("ascii")}
+    counts = enc["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    return {"size": [h, w], "counts": counts}, area, bbox
 
 
 def safe_relpath(root: Path, rel: str) -> Path:
@@ -629,11 +630,19 @@ class AnnotationService:
 
     def authenticate(self, token: str | None) -> UserRef:
         """The user of ``token``; with auth off, requests without a token are the ``local``
-        user. Raises :class:`Unauthorized`."""
+        user. With auth on, tokens not issued by the operator or an admin under auth (those
+        of older databases, see ``User.token_trusted``) are refused. Raises
+        :class:`Unauthorized`."""
         if token:
             u = self.store.user_by_token(token)
             if u is None:
                 raise Unauthorized("unknown or revoked token")
+            if self.auth and not u.token_trusted:
+                raise Unauthorized(
+                    f"the token of {u.name!r} was issued before this server required tokens "
+                    "and is not valid with auth on: get a new one from an admin "
+                    f"(segany annotate DIR --add-user {u.name})"
+                )
             return self._ref(u)
         if self.auth:
             raise Unauthorized(
@@ -643,10 +652,26 @@ class AnnotationService:
         return self.local_user
 
     def create_user(self, req: NewUserRequest, by: UserRef) -> TokenOut:
-        if self.auth and not by.is_admin:
+        """A new user (or a new token for one): only on a server with auth on, by an admin.
+        With auth off every caller is anonymous, so nobody may mint tokens (a token minted
+        then would be anyone's)."""
+        if not self.auth:
+            raise Forbidden(
+                "users can only be created on a server started with --auth, by an admin "
+                "(or with: segany annotate DIR --add-user NAME)"
+            )
+        if not by.is_admin:
             raise Forbidden("only an admin can create users")
         u, token = self.store.issue_token(req.name, is_admin=req.is_admin)
         return TokenOut(user=UserOut(id=u.id, name=u.name, is_admin=u.is_admin), token=token)
+
+    def ensure_admin_token(self) -> str | None:
+        """With auth on and no admin holding a trusted token: a new token for ``admin``
+        (returned, to be printed once); otherwise ``None``."""
+        if not self.auth or self.store.admin_token_issued():
+            return None
+        _, token = self.store.issue_token("admin", is_admin=True)
+        return token
 
     def users(self) -> list[UserOut]:
         return [UserOut(id=u.id, name=u.name, is_admin=u.is_admin) for u in self.store.users()]
@@ -1089,14 +1114,14 @@ class AnnotationService:
             rle, area, bbox = canonical_rle(req.segmentation, (im.height, im.width))
         if area == 0:
             raise Unprocessable("the mask is empty")
-        reject: dict[int, str] = {}
+        reject: dict[int, tuple[str, str]] = {}
         if req.replaces is not None:
             old = self.store.annotation(req.replaces)
             if old is None or old.image_id != image_id:
                 raise NotFound(f"no annotation {req.replaces} on image {image_id}")
             if old.status != "pending":
                 raise Conflict(f"annotation {req.replaces} is {old.status}, not pending")
-            reject[old.id] = "rejected"
+            reject[old.id] = ("pending", "rejected")  # checked again in the transaction
         clicks, seconds = self._take_timer(user, image_id)
         item = {
             "image_id": image_id,
@@ -1113,6 +1138,7 @@ class AnnotationService:
             "clicks": clicks,
             "seconds": seconds,
             "prompt": prompt,
+            "replaces_id": req.replaces,
         }
         ev = {
             "kind": "accept",
@@ -1122,7 +1148,10 @@ class AnnotationService:
             "annotation_index": 0,
             "data": {"clicks": clicks, "seconds": seconds, "replaces": req.replaces},
         }
-        (ann,) = self.store.add_annotations([item], [ev], set_status=reject)
+        try:
+            (ann,) = self.store.add_annotations([item], [ev], set_status=reject)
+        except StoreConflict as exc:
+            raise Conflict(str(exc)) from None
         return self._ann_out(ann)
 
     def list_annotations(self, image_id: int, statuses: list[str] | None = None) -> AnnotationList:
@@ -1182,7 +1211,11 @@ class AnnotationService:
             "stage": a.stage,
             "data": data,
         }
-        a = self.store.update_annotation(ann_id, fields, ev)
+        expect = a.status if "status" in fields else None
+        try:
+            a = self.store.update_annotation(ann_id, fields, ev, expect_status=expect)
+        except StoreConflict as exc:
+            raise Conflict(str(exc)) from None
         if a is None:
             raise NotFound(f"no annotation with id {ann_id}")
         return self._ann_out(a)
@@ -1206,7 +1239,11 @@ class AnnotationService:
         """UI-side actions (undo, redo, candidate chosen...) kept for the measurements."""
         im = self._image(image_id)
         data = req.data or {}
-        if len(json.dumps(data)) > 4096:
+        try:
+            text = json.dumps(data, allow_nan=False)
+        except ValueError:
+            raise Unprocessable("event data must not hold NaN or infinite numbers") from None
+        if len(text) > 4096:
             raise Unprocessable("event data is limited to 4 KiB")
         self._events.put(
             {
@@ -1469,7 +1506,7 @@ class AnnotationService:
                 for out, a in zip(data["annotations"], anns, strict=True):
                     out["id"] = a.id
                     out["category"] = a.category
-                z.writestr(f"{im.path}.json", json.dumps(data))
+                z.writestr(f"{im.path}.json", dumps(data))
         return buf.getvalue()
 
     def export_yolo(self, include_pending: bool = False) -> bytes:
@@ -1501,66 +1538,54 @@ class AnnotationService:
         given status (``pending`` by default) and source ``import``."""
         if status not in ("pending", "accepted"):
             raise BadRequest("status must be 'pending' or 'accepted'")
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-            raise Unprocessable("not a COCO instances JSON: needs an 'images' list")
-        anns_in = data.get("annotations", [])
-        if not isinstance(anns_in, list):
-            raise Unprocessable("'annotations' must be a list")
-        cats = {}
-        for c in data.get("categories", []) or []:
-            if isinstance(c, dict) and "id" in c:
-                cats[c["id"]] = _clean_category(str(c.get("name", c["id"])))[:MAX_CATEGORY]
+        from .coco_import import label, read_coco
+
         known = {im.path: im for im in self.store.images()}
-        matched: dict[Any, Image] = {}
-        skipped_images: list[str] = []
-        for entry in data["images"]:
-            if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
-                raise Unprocessable("every image needs 'id' and 'file_name'")
-            name = str(entry["file_name"])
-            safe_relpath(self.root, name)  # refuses absolute paths and '..'
-            im = known.get(PurePosixPath(name).as_posix())
-            if im is None or im.status != "ok":
-                skipped_images.append(name)
-                continue
-            matched[entry["id"]] = im
         items = []
         skipped = 0
-        for a in anns_in:
-            if not isinstance(a, dict) or a.get("image_id") not in matched:
-                skipped += 1
-                continue
-            im = matched[a["image_id"]]
-            seg = a.get("segmentation")
-            try:
-                if isinstance(seg, list):
-                    seg = _polygons_to_rle(seg, im.height, im.width)
-                rle, area, bbox = canonical_rle(seg, (im.height, im.width))
-            except (Unprocessable, TypeError, ValueError, KeyError):
-                skipped += 1
-                continue
-            if area == 0:
-                skipped += 1
-                continue
-            cat = cats.get(a.get("category_id"), str(a.get("category_id", "object")))
-            items.append(
-                {
-                    "image_id": im.id,
-                    "category": cat or "object",
-                    "status": status,
-                    "stage": im.stage,
-                    "source": "import",
-                    "segmentation": rle,
-                    "bbox": bbox,
-                    "area": area,
-                    "score": float(a["score"])
-                    if isinstance(a.get("score"), (int, float))
-                    else None,
-                    "model_id": None,
-                    "user_id": user.id,
-                    "clicks": 0,
-                    "seconds": None,
-                }
+        try:
+            coco = read_coco(
+                data,
+                known,
+                self.root,
+                clean_category=_clean_category,
+                safe_relpath=safe_relpath,
+                max_category=MAX_CATEGORY,
             )
+            for i, a, category, im in coco.annotations():  # one at a time: see coco_import
+                what = f"{label(i, a)}: segmentation"
+                enc = segmentation_to_rle(a["segmentation"], im.height, im.width, what=what)
+                area = int(mask_utils.area(enc))
+                if area == 0:
+                    skipped += 1
+                    continue
+                items.append(
+                    {
+                        "image_id": im.id,
+                        "category": category,
+                        "status": status,
+                        "stage": im.stage,
+                        "source": "import",
+                        "segmentation": {
+                            "size": [im.height, im.width],
+                            "counts": enc["counts"].decode("ascii"),
+                        },
+                        "bbox": [float(v) for v in mask_utils.toBbox(enc)],
+                        "area": area,
+                        "score": check_score(a.get("score")),
+                        "model_id": None,
+                        "user_id": user.id,
+                        "clicks": 0,
+                        "seconds": None,
+                    }
+                )
+        except (InputError, ValueError) as exc:
+            msg = str(exc)  # a value can be long (a 4,000-digit id): kept short
+            msg = msg if len(msg) <= 300 else msg[:297] + "..."
+            raise Unprocessable(f"COCO import refused: {msg}") from None
+        skipped += coco.skipped_annotations
+        matched = coco.matched
+        skipped_images = coco.skipped_images
         ev = {"kind": "import", "user_id": user.id, "data": {"annotations": len(items)}}
         self.store.add_annotations(items, [ev])
         return ImportOut(

@@ -4,7 +4,16 @@ Tables: ``images`` (files registered from the images folder), ``annotations`` (o
 COCO RLE segmentation, category, status, stage and source, the model that produced it, the
 clicks and seconds it took), ``events`` (clicks and actions with timestamps, for the
 measurements), ``users`` (annotators and the SHA-256 of their tokens) and ``segany_meta``
-(schema version).
+(schema version; :mod:`.migrate` brings older databases up to date).
+
+Concurrent writers: changes of an annotation's status are conditional (``UPDATE ... WHERE
+status = <the status the caller saw>``), so two requests that both saw a pending object
+cannot both turn it into something else; and a fix records the pending object it replaces
+in ``annotations.replaces_id``, which is unique, so the database itself refuses a second
+fix of the same object (SQLite and PostgreSQL alike). Losers get :class:`StoreConflict`.
+
+Every query and write of the annotator is here (about 560 lines): one file shows every
+transaction and the rules that make concurrent requests safe.
 
 Every write commits before the function returns, so an acknowledged write survives a
 ``kill -9`` of the server (SQLite runs in WAL mode with ``synchronous=FULL``).
@@ -13,6 +22,7 @@ Every write commits before the function returns, so an acknowledged write surviv
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from collections.abc import Iterable, Iterator
@@ -26,6 +36,7 @@ from sqlalchemy import (
     Boolean,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -34,8 +45,10 @@ from sqlalchemy import (
     event,
     func,
     select,
+    update,
 )
 from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -46,17 +59,25 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.pool import StaticPool
 
-SCHEMA_VERSION = 1
+#: 2: ``users.token_trusted``, ``annotations.replaces_id`` (unique).
+SCHEMA_VERSION = 2
 
 #: Annotation statuses: ``accepted`` objects are the dataset; ``pending`` ones wait for review
 #: (stage-2 pre-fill, imports); ``rejected`` pre-fills are kept for the measurements.
 STATUSES = ("accepted", "pending", "rejected")
 #: Where an annotation came from.
 SOURCES = ("manual", "prefill", "import")
+#: User names (the API and ``--add-user`` alike): letters, digits, ``_ . @ -``, 1-64 long.
+USER_NAME_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"
 
 
 class StoreError(RuntimeError):
     """The database cannot be opened or has an incompatible schema."""
+
+
+class StoreConflict(RuntimeError):
+    """A write lost a race: the row changed (or a unique rule holds) since the caller read
+    it. Nothing was written."""
 
 
 class Base(DeclarativeBase):
@@ -75,6 +96,10 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     token_hash: Mapped[str | None] = mapped_column(String(64), unique=True, index=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The token was issued by the operator (``--add-user``, the first start with auth) or by
+    #: an admin on a server with auth on. Tokens of older databases are not: anyone could
+    #: mint them while auth was off, so a server with auth on refuses them.
+    token_trusted: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
@@ -100,6 +125,7 @@ class Image(Base):
 
 class Annotation(Base):
     __tablename__ = "annotations"
+    __table_args__ = (Index("ux_annotations_replaces_id", "replaces_id", unique=True),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
     category: Mapped[str] = mapped_column(String(128), default="object")
@@ -122,6 +148,10 @@ class Annotation(Base):
     seconds: Mapped[float | None] = mapped_column(Float, default=None)
     #: The prompt that produced the mask: ``{"points", "labels", "box"}`` (or None).
     prompt: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    #: The pending object this one fixes (at most one fix per object: a unique index).
+    replaces_id: Mapped[int | None] = mapped_column(
+        ForeignKey("annotations.id", ondelete="SET NULL"), default=None
+    )
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     updated_at: Mapped[float] = mapped_column(Float, default=time.time)
 
@@ -177,16 +207,19 @@ def redact(url: str) -> str:
 class Store:
     """Opens (and creates) the schema and answers the queries the service needs."""
 
-    def __init__(self, url: str | Path, *, echo: bool = False) -> None:
+    def __init__(self, url: str | Path, *, echo: bool = False, busy_timeout: float = 30.0) -> None:
         self.url = normalize_url(url)
         try:
             parsed: URL = make_url(self.url)
         except Exception as exc:
             raise StoreError(f"not a database URL: {url!r} ({exc})") from None
         self.dialect = parsed.get_backend_name()
+        #: Largest id a lookup can match (INTEGER is 64-bit in SQLite, 32-bit in PostgreSQL);
+        #: larger ids are not found instead of overflowing the driver.
+        self.max_id = 2**63 - 1 if self.dialect == "sqlite" else 2**31 - 1
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
         if self.dialect == "sqlite":
-            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": busy_timeout}
             db = parsed.database
             if not db or db == ":memory:":
                 kwargs["poolclass"] = StaticPool
@@ -201,23 +234,25 @@ class Store:
         except Exception as exc:
             raise StoreError(f"cannot open database {redact(self.url)}: {exc}") from None
         if self.dialect == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            ms = int(busy_timeout * 1000)
+            event.listen(self.engine, "connect", lambda c, r: _sqlite_pragmas(c, r, ms))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._create()
 
     def _create(self) -> None:
+        from .migrate import upgrade
+
         try:
+            with self.session() as s:
+                fresh = not self.engine.dialect.has_table(s.connection(), "segany_meta")
+            if not fresh:
+                upgrade(self.engine, SCHEMA_VERSION)
             Base.metadata.create_all(self.engine)
             with self.session() as s:
                 row = s.get(Meta, "schema_version")
                 if row is None:
                     s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
                     s.commit()
-                elif int(row.value) > SCHEMA_VERSION:
-                    raise StoreError(
-                        f"database schema version {row.value} is newer than this segany "
-                        f"({SCHEMA_VERSION}); upgrade segany"
-                    )
         except StoreError:
             raise
         except Exception as exc:
@@ -225,6 +260,17 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def check(self) -> None:
+        """Read the schema version and one image row (``/api/health``); raises the
+        driver's error when the database cannot be read."""
+        with self.session() as s:
+            if s.get(Meta, "schema_version") is None:
+                raise StoreError("the database has no schema version")
+            s.execute(select(Image.id).limit(1)).all()
+
+    def _id_ok(self, value: Any) -> bool:
+        return isinstance(value, int) and 0 < value <= self.max_id
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -270,6 +316,8 @@ class Store:
             return list(s.scalars(select(Image).order_by(Image.id)))
 
     def image(self, image_id: int) -> Image | None:
+        if not self._id_ok(image_id):
+            return None
         with self.session() as s:
             return s.get(Image, image_id)
 
@@ -278,6 +326,8 @@ class Store:
             return s.scalars(select(Image).where(Image.path == path)).first()
 
     def update_image(self, image_id: int, **fields: Any) -> Image | None:
+        if not self._id_ok(image_id):
+            return None
         with self.session() as s:
             im = s.get(Image, image_id)
             if im is None:
@@ -305,20 +355,40 @@ class Store:
         self,
         items: Iterable[dict[str, Any]],
         events: Iterable[dict[str, Any]] = (),
-        set_status: dict[int, str] | None = None,
+        set_status: dict[int, tuple[str, str]] | None = None,
     ) -> list[Annotation]:
         """Insert annotations (and events referring to them by position: an event's
         ``annotation_index`` is replaced by the new id), and change the status of other
-        annotations (``id -> status``), in one transaction."""
+        annotations (``id -> (status it must have now, new status)``), in one transaction.
+
+        Raises :class:`StoreConflict` (and writes nothing) when one of those annotations is
+        gone or no longer has the expected status, or when an item's ``replaces_id`` is
+        already taken by another fix."""
         now = time.time()
         with self.session() as s:
+            for ann_id, (was, status) in (set_status or {}).items():
+                res = s.execute(
+                    update(Annotation)
+                    .where(Annotation.id == ann_id, Annotation.status == was)
+                    .values(status=status, updated_at=now)
+                )
+                if res.rowcount != 1:
+                    s.rollback()
+                    now_status = s.scalar(select(Annotation.status).where(Annotation.id == ann_id))
+                    raise StoreConflict(
+                        f"annotation {ann_id} is "
+                        + (f"{now_status}, not {was}" if now_status else "gone")
+                        + " (changed by another request)"
+                    )
             anns = [Annotation(created_at=now, updated_at=now, **it) for it in items]
             s.add_all(anns)
-            for ann_id, status in (set_status or {}).items():
-                old = s.get(Annotation, ann_id)
-                if old is not None:
-                    old.status, old.updated_at = status, now
-            s.flush()
+            try:
+                s.flush()
+            except IntegrityError:
+                s.rollback()
+                raise StoreConflict(
+                    "the pending object was already fixed by another request"
+                ) from None
             for ev in events:
                 ev = dict(ev)
                 idx = ev.pop("annotation_index", None)
@@ -335,6 +405,8 @@ class Store:
             return sorted(set(s.scalars(q.distinct())))
 
     def annotation(self, ann_id: int) -> Annotation | None:
+        if not self._id_ok(ann_id):
+            return None
         with self.session() as s:
             return s.get(Annotation, ann_id)
 
@@ -361,24 +433,43 @@ class Store:
             return list(s.scalars(q.order_by(Annotation.image_id, Annotation.id)))
 
     def update_annotation(
-        self, ann_id: int, fields: dict[str, Any], ev: dict[str, Any] | None = None
+        self,
+        ann_id: int,
+        fields: dict[str, Any],
+        ev: dict[str, Any] | None = None,
+        *,
+        expect_status: str | None = None,
     ) -> Annotation | None:
+        """Change fields of an annotation (one ``UPDATE``, so a concurrent delete makes it
+        match nothing instead of failing). ``None``: the annotation is gone. With
+        ``expect_status``, the update applies only while the annotation still has that
+        status; otherwise :class:`StoreConflict`."""
+        if not self._id_ok(ann_id):
+            return None
+        now = time.time()
         with self.session() as s:
-            ann = s.get(Annotation, ann_id)
-            if ann is None:
-                return None
-            for k, v in fields.items():
-                setattr(ann, k, v)
-            ann.updated_at = time.time()
+            q = update(Annotation).where(Annotation.id == ann_id)
+            if expect_status is not None:
+                q = q.where(Annotation.status == expect_status)
+            res = s.execute(q.values(**fields, updated_at=now))
+            if res.rowcount != 1:
+                s.rollback()
+                status = s.scalar(select(Annotation.status).where(Annotation.id == ann_id))
+                if status is None:
+                    return None
+                raise StoreConflict(
+                    f"annotation {ann_id} is {status}, not {expect_status} "
+                    "(changed by another request)"
+                )
             if ev is not None:
-                s.add(Event(ts=ev.pop("ts", ann.updated_at), annotation_id=ann_id, **ev))
+                s.add(Event(ts=ev.pop("ts", now), annotation_id=ann_id, **ev))
             s.commit()
-            return ann
+            return s.get(Annotation, ann_id)
 
     def delete_annotations(
         self, ids: Iterable[int], ev: dict[str, Any] | None = None
     ) -> list[Annotation]:
-        ids = list(ids)
+        ids = [i for i in ids if self._id_ok(i)]
         with self.session() as s:
             gone = list(s.scalars(select(Annotation).where(Annotation.id.in_(ids))))
             if gone:
@@ -431,7 +522,14 @@ class Store:
 
     def issue_token(self, name: str, *, is_admin: bool = False) -> tuple[User, str]:
         """Create the user (or keep it) and give it a new token; the old token stops working.
-        Only the token's SHA-256 is stored."""
+        Only the token's SHA-256 is stored. Callers are the operator or an admin with auth
+        on: the token is trusted (``User.token_trusted``). Raises :class:`ValueError` for a
+        name outside :data:`USER_NAME_PATTERN`."""
+        if not isinstance(name, str) or not re.fullmatch(USER_NAME_PATTERN, name):
+            raise ValueError(
+                f"invalid user name {str(name)[:80]!r}: use 1-64 letters, digits, '_', '.', "
+                "'@' or '-'"
+            )
         token = new_token()
         with self.session() as s:
             u = s.scalars(select(User).where(User.name == name)).first()
@@ -441,11 +539,20 @@ class Store:
             elif is_admin:
                 u.is_admin = True
             u.token_hash = hash_token(token)
+            u.token_trusted = True
             s.commit()
             return u, token
 
+    def admin_token_issued(self) -> bool:
+        """Whether some admin holds a trusted token (see ``User.token_trusted``)."""
+        with self.session() as s:
+            q = select(User.id).where(
+                User.is_admin.is_(True), User.token_hash.is_not(None), User.token_trusted.is_(True)
+            )
+            return s.execute(q.limit(1)).first() is not None
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any, busy_ms: int = 30000) -> None:
     cur = dbapi_conn.cursor()
     try:
         cur.execute("PRAGMA journal_mode=WAL")
@@ -453,5 +560,5 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         pass
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
     cur.close()

@@ -51,12 +51,15 @@ class Propagation:
 
     box: its bounding box, grown by ``margin`` of its size on each side (at least 2 px);
     point: a positive click at its interior point farthest from the boundary;
-    mask_input: its low-res logits as the decoder's mask input.
+    mask_input: its low-res logits as the decoder's mask input;
+    candidates: ask for the decoder's three masks and keep the one that overlaps the
+    previous mask most (IoU), instead of its single-mask answer.
     """
 
     box: bool = True
     point: bool = True
     mask_input: bool = False
+    candidates: bool = False
     margin: float = 0.1
     #: a lost object's last box grows by this fraction per frame while it is searched for
     search_growth: float = 0.1
@@ -216,12 +219,16 @@ class PropagationTracker:
                 point_coords=np.stack([s.point for s in st])[:, None] if use_point else None,
                 point_labels=np.ones((len(group), 1)) if use_point else None,
                 mask_input=np.stack([s.low_res for s in st])[:, None] if use_mask else None,
-                multimask_output=False,
+                multimask_output=cfg.candidates,
                 return_logits=True,
             )
             low = pred.low_res_logits
             for i, o in enumerate(group):
-                out[o] = (pred.masks[i, 0], low[i, 0], float(pred.scores[i, 0]))
+                k = 0
+                if cfg.candidates and state[o].mask is not None:
+                    prev = state[o].mask
+                    k = int(np.argmax([_iou(pred.masks[i, j] > 0, prev) for j in range(3)]))
+                out[o] = (pred.masks[i, k], low[i, k], float(pred.scores[i, k]))
         return [out[o] for o in objects]
 
 
@@ -233,6 +240,7 @@ class _State:
     point: np.ndarray | None  # (2,) x, y; None while lost
     low_res: np.ndarray | None
     lost: int = 0
+    mask: np.ndarray | None = None  # (H, W) bool, the last mask (kept only when needed)
 
     @classmethod
     def update(
@@ -246,7 +254,8 @@ class _State:
             return cls(_grow(old.box, cfg.search_growth, h, w), None, None, old.lost + 1)
         ys, xs = np.nonzero(mask)
         box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
-        return cls(_grow(box, cfg.margin, h, w), np.array(found[:2], float), low)
+        keep = mask if cfg.candidates else None
+        return cls(_grow(box, cfg.margin, h, w), np.array(found[:2], float), low, mask=keep)
 
     @classmethod
     def from_result(cls, result: TrackResult, f: int, obj: int, cfg: Propagation) -> _State:
@@ -258,3 +267,8 @@ def _grow(box: np.ndarray, margin: float, h: int, w: int) -> np.ndarray:
     dx = max(2.0, margin * (x1 - x0))
     dy = max(2.0, margin * (y1 - y0))
     return np.array([max(0.0, x0 - dx), max(0.0, y0 - dy), min(w, x1 + dx), min(h, y1 + dy)])
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0

@@ -108,7 +108,7 @@ def client(service: AnnotationService):
 
     from segany.engine.server import create_app
 
-    with TestClient(create_app(service)) as c:
+    with TestClient(create_app(service), base_url="http://localhost") as c:
         yield c
 
 

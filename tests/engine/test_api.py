@@ -489,7 +489,7 @@ def _text_client(db_url, images_dir, predictor, tmp_path, detector):
 
     svc = make_service(db_url, images_dir, predictor, tmp_path / "cache", detector=detector,
                        prefetch=False)  # fmt: skip
-    return svc, TestClient(create_app(svc))
+    return svc, TestClient(create_app(svc), base_url="http://localhost")
 
 
 def test_prefill_with_classes_and_coco_export(db_url, images_dir, tiny_predictor, tmp_path):
@@ -613,7 +613,7 @@ def test_prefill_with_classes_tiny_grounding_dino(db_url, images_dir, tmp_path):
                         prefetch=False, detector=str(det_dir))  # fmt: skip
     try:
         assert svc._detector is None  # lazily loaded
-        with TestClient(create_app(svc)) as client:
+        with TestClient(create_app(svc), base_url="http://localhost") as client:
             iid = image_id(client, "a.png")
             body = {"classes": "dog . person", "box_threshold": 0.0}
             r = client.post(f"/api/images/{iid}/prefill", json=body)

@@ -133,7 +133,7 @@ def test_body_too_large(client, service):
 
     from segany.engine.server import create_app
 
-    with TestClient(create_app(service, max_body=1000)) as small:
+    with TestClient(create_app(service, max_body=1000), base_url="http://localhost") as small:
         r = small.post(
             "/api/import/coco",
             content=b"{" + b" " * 2000 + b"}",

@@ -1,0 +1,66 @@
+"""Schema upgrades of the annotator's database, run by :class:`~.store.Store` on open.
+
+Each step is idempotent (it checks what exists first) and runs in one transaction with the
+new version number, so an interrupted upgrade is redone on the next start.
+
+- 1 -> 2: ``users.token_trusted`` (false for every existing token: version 1 let anyone
+  mint tokens, even admin ones, while auth was off, so none of them is trusted with auth
+  on; the first start with ``--auth`` then prints a new admin token) and
+  ``annotations.replaces_id`` with its unique index (one fix per pending object).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection, Engine
+
+
+def _version(conn: Connection) -> int:
+    row = conn.execute(text("SELECT value FROM segany_meta WHERE key = 'schema_version'")).first()
+    return int(row[0]) if row else 0
+
+
+def upgrade(engine: Engine, target: int) -> None:
+    """Bring an existing database up to schema ``target``. Raises
+    :class:`~.store.StoreError` when the database is newer than this segany."""
+    from .store import StoreError
+
+    with engine.begin() as conn:
+        version = _version(conn)
+        if version > target:
+            raise StoreError(
+                f"database schema version {version} is newer than this segany ({target}); "
+                "upgrade segany"
+            )
+        if version < 2 <= target:
+            _to_2(conn)
+            conn.execute(
+                text("UPDATE segany_meta SET value = :v WHERE key = 'schema_version'"),
+                {"v": "2"},
+            )
+
+
+def _to_2(conn: Connection) -> None:
+    insp = inspect(conn)
+    tables = set(insp.get_table_names())
+    if "users" in tables:
+        cols = {c["name"] for c in insp.get_columns("users")}
+        if "token_trusted" not in cols:
+            conn.execute(
+                text("ALTER TABLE users ADD COLUMN token_trusted BOOLEAN NOT NULL DEFAULT FALSE")
+            )
+    if "annotations" in tables:
+        cols = {c["name"] for c in insp.get_columns("annotations")}
+        if "replaces_id" not in cols:
+            conn.execute(
+                text(
+                    "ALTER TABLE annotations ADD COLUMN replaces_id INTEGER "
+                    "REFERENCES annotations(id) ON DELETE SET NULL"
+                )
+            )
+        conn.execute(
+            text(
+                "CREATE UNIQUE INDEX IF NOT EXISTS ux_annotations_replaces_id "
+                "ON annotations (replaces_id)"
+            )
+        )
