@@ -152,64 +152,6 @@ HIERA_DIMS: dict[str, dict[str, Any]] = {
 }
 
 
-def sam2_memory_shapes(
-    *, version: str, hidden_dim: int = 256, mem_dim: int = 64, num_maskmem: int = 7
-) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the video-memory parameters of the official checkpoints
-    (memory attention: 4 layers, feed-forward 2048; memory encoder: mask downsampler of
-    four stride-2 steps, two ConvNeXt fuser blocks; object pointers). ``version`` "2.1"
-    adds ``no_obj_embed_spatial`` and the projection of the pointers' temporal encoding."""
-    d, m = hidden_dim, mem_dim
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def linear(name: str, n_in: int, n_out: int) -> None:
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (n_out, n_in), (n_out,)
-
-    def norm(name: str, n: int) -> None:
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (n,), (n,)
-
-    def conv(name: str, n_in: int, n_out: int, k: int, groups: int = 1) -> None:
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (n_out, n_in // groups, k, k), (n_out,)
-
-    for i in range(4):
-        layer = f"memory_attention.layers.{i}"
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            linear(f"{layer}.self_attn.{proj}", d, d)
-        linear(f"{layer}.cross_attn_image.q_proj", d, d)
-        linear(f"{layer}.cross_attn_image.k_proj", m, d)
-        linear(f"{layer}.cross_attn_image.v_proj", m, d)
-        linear(f"{layer}.cross_attn_image.out_proj", d, d)
-        linear(f"{layer}.linear1", d, 2048)
-        linear(f"{layer}.linear2", 2048, d)
-        for n in (1, 2, 3):
-            norm(f"{layer}.norm{n}", d)
-    norm("memory_attention.norm", d)
-    chans = [1, 4, 16, 64, 256]
-    for j in range(4):
-        conv(f"memory_encoder.mask_downsampler.encoder.{3 * j}", chans[j], chans[j + 1], 3)
-        norm(f"memory_encoder.mask_downsampler.encoder.{3 * j + 1}", chans[j + 1])
-    conv("memory_encoder.mask_downsampler.encoder.12", 256, d, 1)
-    conv("memory_encoder.pix_feat_proj", d, d, 1)
-    for j in range(2):
-        block = f"memory_encoder.fuser.layers.{j}"
-        conv(f"{block}.dwconv", d, d, 7, groups=d)
-        norm(f"{block}.norm", d)
-        linear(f"{block}.pwconv1", d, 4 * d)
-        linear(f"{block}.pwconv2", 4 * d, d)
-        shapes[f"{block}.gamma"] = (d,)
-    conv("memory_encoder.out_proj", d, m, 1)
-    shapes["maskmem_tpos_enc"] = (num_maskmem, 1, 1, m)
-    shapes["no_mem_pos_enc"] = (1, 1, d)
-    conv("mask_downsample", 1, 1, 4)
-    shapes["no_obj_ptr"] = (1, d)
-    for j in range(3):
-        linear(f"obj_ptr_proj.layers.{j}", d, d)
-    if version == "2.1":
-        linear("obj_ptr_tpos_proj", d, m)
-        shapes["no_obj_embed_spatial"] = (1, m)
-    return shapes
-
-
 def sam2_custom(
     *,
     embed_dim: int,

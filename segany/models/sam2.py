@@ -14,13 +14,11 @@ What differs from :class:`~segany.models.sam.Sam` for a single image:
 - the low-res logits handed back for refinement are clamped to ``+-32``.
 
 The modules of the video model (memory attention, memory encoder, object pointers, ...)
-are kept as parameter holders so that the official checkpoints load with strict key
-checking; nothing here reads them.
+are added by :class:`~segany.models.sam2_video.Sam2Video`, which the registry builds for
+the official configs.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -34,20 +32,6 @@ PIXEL_MEAN = (0.485, 0.456, 0.406)  # 0-1 units
 PIXEL_STD = (0.229, 0.224, 0.225)
 
 
-def _hold(root: nn.Module, name: str, shape: Sequence[int]) -> None:
-    """Register a zero parameter of ``shape`` under the dotted ``name`` below ``root``,
-    creating plain holder modules for the path."""
-    *path, leaf = name.split(".")
-    mod = root
-    for part in path:
-        child = mod._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            mod.add_module(part, child)
-        mod = child
-    mod.register_parameter(leaf, nn.Parameter(torch.zeros(*shape)))
-
-
 class Sam2(Sam):
     """SAM 2's image path: image encoder + prompt encoder + mask decoder.
 
@@ -59,8 +43,6 @@ class Sam2(Sam):
         image_encoder: ``(B, 3, S, S)`` -> maps of strides 4, 8, 16 with ``C`` channels.
         prompt_encoder: a :class:`PromptEncoder` with ``box_as_points=True``.
         mask_decoder: a :class:`MaskDecoder` with ``use_high_res_features=True``.
-        memory: dotted names and shapes of the video-memory parameters kept (unused) so
-            that official checkpoints load strictly; empty for an image-only model.
         pixel_mean, pixel_std: RGB normalisation in 0-1 units.
 
     The submodules carry the official names (``sam_prompt_encoder``, ``sam_mask_decoder``);
@@ -77,7 +59,6 @@ class Sam2(Sam):
         image_encoder: HieraImageEncoder,
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
-        memory: Mapping[str, Sequence[int]] | None = None,
         pixel_mean: tuple[float, float, float] = PIXEL_MEAN,
         pixel_std: tuple[float, float, float] = PIXEL_STD,
     ) -> None:
@@ -88,8 +69,6 @@ class Sam2(Sam):
         self.sam_prompt_encoder = prompt_encoder
         self.sam_mask_decoder = mask_decoder
         self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, prompt_encoder.embed_dim))
-        for name, shape in (memory or {}).items():
-            _hold(self, name, shape)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
