@@ -139,7 +139,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """An official-layout SAM 2.1 Hiera-T file ({"model": state_dict}) of random weights."""
     torch.manual_seed(0)
     model = build_model("sam2.1_hiera_t")
-    path = tmp_path_factory.mktemp("sam2") / "sam2.1_hiera_tiny.pt"
+    # (not the catalogue's file name: that one would be checked against Meta's hash)
+    path = tmp_path_factory.mktemp("sam2") / "random_sam2.1_hiera_t.pt"
     torch.save({"model": model.state_dict()}, path)
     return path
 

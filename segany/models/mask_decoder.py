@@ -306,6 +306,9 @@ class MaskDecoder(nn.Module):
                 r, c = crop_tokens
                 s0, s1 = high_res_features
                 high_res_features = (s0[..., : 4 * r, : 4 * c], s1[..., : 2 * r, : 2 * c])
-        masks = self.upscale(src, hyper_in, high_res_features)
+        if high_res_features is None:
+            masks = self.upscale(src, hyper_in)
+        else:
+            masks = self.upscale(src, hyper_in, high_res_features)
         iou = self.iou_prediction_head(iou_token_out)
         return masks, (iou if len(outputs) == self.num_mask_tokens else iou[:, outputs])
