@@ -57,6 +57,7 @@ from typing import Any
 
 from .. import validate as V
 from ..everything import DEFAULT_PRESET, PRESETS, GeneratorSettings
+from ..files import TMP_PREFIX, atomic_file, atomic_write, find_images, is_image_name
 from ..weights import DEFAULT_WEIGHTS
 
 #: SA-1B tars hold ~11k images; a smaller default keeps the work lost to a crash small.
@@ -65,7 +66,6 @@ DEFAULT_SHARD_SIZE = 1000
 DEFAULT_THREADS_PER_WORKER = 1
 #: A worker process dying this many times on the same image makes it an error.
 MAX_ATTEMPTS = 3
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 PLAN = "plan.json"
 MANIFEST = "manifest.json"
 INSTANCES = "instances.json"
@@ -73,7 +73,7 @@ REPORT = "report.json"
 ERRORS = "errors.jsonl"
 SHARDS = "shards"
 STAGING = "staging"
-_TMP = ".tmp-"
+_TMP = TMP_PREFIX
 _FORMAT_VERSION = 1
 
 
@@ -150,46 +150,20 @@ def shard_index(out: Path, shard: int) -> Path:
     return out / SHARDS / f"{shard_name(shard)}.index.json"
 
 
-# -- atomic files ----------------------------------------------------------------------------
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f"{_TMP}{path.name}.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
+# -- files ---------------------------------------------------------------------------------
 def _write_json(path: Path, obj: Any, indent: int | None = None) -> None:
-    atomic_write(path, V.dumps(obj, indent=indent).encode())
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    atomic_write(path, V.dumps(obj, indent=indent))
 
 
 # -- source ----------------------------------------------------------------------------------
 def list_source(source: str | os.PathLike[str], *, exclude: Path | None = None) -> list[str]:
-    """The images of ``source``: a folder (recursive, sorted, symlinked folders not followed)
+    """The images of ``source``: a folder or an image file (:func:`segany.files.find_images`)
     or a text file with one path per line (relative to the file's folder; blank lines and
     ``#`` comments skipped; kept in order). Duplicates are dropped. Paths under ``exclude``
     (the output folder) are skipped."""
     src = Path(source).expanduser()
-    if src.is_dir():
-        found = []
-        for root, dirs, files in os.walk(src):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(files):
-                if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
-                    found.append(os.path.abspath(os.path.join(root, name)))
-    elif src.is_file() and src.suffix.lower() in IMAGE_SUFFIXES:
-        found = [os.path.abspath(src)]
+    if src.is_dir() or (src.is_file() and is_image_name(src.name)):
+        found = [str(p) for p in find_images(src)]
     elif src.is_file():
         found = []
         for line in src.read_text().splitlines():
@@ -241,7 +215,7 @@ def write_error(out: Path, item: Item, reason: str) -> dict[str, Any]:
 def process_item(generator: Any, out: Path, item: Item) -> dict[str, Any]:
     """Label one image: load it, generate masks, write its image copy and SA-1B JSON into
     the shard's staging folder. Unreadable images become error marks, never exceptions."""
-    from ..formats.sa1b import to_sa1b
+    from ..datasets.sa1b import to_sa1b
     from ..transforms import ImageError, load_image
 
     t0 = time.perf_counter()
@@ -723,11 +697,11 @@ def finalize_shard(out: Path, shard: int, items: list[Item]) -> dict[str, Any]:
     sdir = staging_dir(out, shard)
     name = shard_name(shard)
     tar_path = shard_tar(out, shard)
-    tmp = tar_path.with_name(f"{_TMP}{tar_path.name}.{os.getpid()}")
     images: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     masks = 0
-    with open(tmp, "wb") as raw:
+    # the tar is renamed into place (the shard's commit mark) after its index is written
+    with atomic_file(tar_path) as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for it in sorted(items, key=lambda i: i.image_id):
                 stem = image_stem(it.image_id)
@@ -756,17 +730,14 @@ def finalize_shard(out: Path, shard: int, items: list[Item]) -> dict[str, Any]:
                     }
                 )
         raw.flush()
-        os.fsync(raw.fileno())
-    index = {
-        "shard": f"{name}.tar",
-        "images": images,
-        "errors": errors,
-        "counts": {"images": len(images), "errors": len(errors), "masks": masks},
-        "bytes": tmp.stat().st_size,
-    }
-    _write_json(shard_index(out, shard), index)
-    os.replace(tmp, tar_path)  # the shard's commit mark
-    _fsync_dir(tar_path.parent)
+        index = {
+            "shard": f"{name}.tar",
+            "images": images,
+            "errors": errors,
+            "counts": {"images": len(images), "errors": len(errors), "masks": masks},
+            "bytes": raw.tell(),
+        }
+        _write_json(shard_index(out, shard), index)
     shutil.rmtree(sdir, ignore_errors=True)
     return index
 

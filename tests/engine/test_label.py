@@ -306,8 +306,8 @@ def test_mask_shape_concavity_and_centre():
 
 
 def test_stats_on_coco_and_sa1b(tmp_path, tiny_ckpt):
-    from segany.formats.coco import CocoWriter
-    from segany.formats.sa1b import write_sa1b
+    from segany.datasets.coco import CocoWriter
+    from segany.datasets.sa1b import write_sa1b
 
     def rec(mask: np.ndarray) -> dict:
         ys, xs = np.nonzero(mask)
