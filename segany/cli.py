@@ -167,6 +167,7 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
 def _run_segment(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from .datasets import rle_bbox, to_rle
     from .loader import load_predictor
     from .transforms import load_image
     from .viz import candidates_panel, overlay_prediction
@@ -200,17 +201,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     records = []
     for i in range(len(pred.scores)):
         m = pred.masks[i]
-        ys, xs = np.nonzero(m)
-        bbox = (
-            [
-                int(xs.min()),
-                int(ys.min()),
-                int(xs.max() - xs.min() + 1),
-                int(ys.max() - ys.min() + 1),
-            ]
-            if len(xs)
-            else [0, 0, 0, 0]
-        )
+        bbox = [int(v) for v in rle_bbox(to_rle(m))]
         rec = {
             "index": i,
             "score": round(float(pred.scores[i]), 4),

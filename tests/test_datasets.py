@@ -25,6 +25,7 @@ from segany.datasets import (
 )
 from segany.datasets.png import write_png
 from segany.engine import label as L
+from segany.text.pipeline import TextSegmentation
 
 H, W = 40, 60
 
@@ -138,6 +139,15 @@ def test_every_writer_reads_back_the_same_masks_and_boxes(tmp_path, monkeypatch)
             assert got == pytest.approx(
                 [0.9, 0.8, 0.7, 0.6]), writer  # fmt: skip
     assert open_dataset(written["label"][0]).images[0].key == "sa_3.png"
+    # text prompts' records (segment --text, label --classes) carry the same boxes
+    n = len(masks)
+    text = TextSegmentation(masks=masks, boxes=np.zeros((n, 4)), scores=np.ones(n),
+                            ious=np.ones(n), stability=np.ones(n), labels=np.zeros(n, int),
+                            phrases=["x"] * n, queries=["x"], image_size=(H, W))  # fmt: skip
+    assert [r["bbox"] for r in text.records()] == EXPECTED_BOXES
+    text_coco = CocoWriter()
+    text.add_to(text_coco, file_name="a.png")
+    assert [a["bbox"] for a in text_coco.to_dict()["annotations"]] == EXPECTED_BOXES
     # the PNG writer's metadata.csv has the same boxes
     folder = write_png(tmp_path / "png", records)
     with open(folder / "metadata.csv", newline="") as f:

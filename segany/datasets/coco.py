@@ -111,7 +111,8 @@ class CocoWriter:
         description: str = "segany everything",
     ) -> None:
         """``categories``: COCO categories (default one ``object`` class); ``extra_keys``:
-        record keys copied into each annotation as they are."""
+        record keys (or :class:`MaskRecord` fields, when set) copied into each annotation
+        as they are."""
         self.images: list[dict[str, Any]] = []
         self.annotations: list[dict[str, Any]] = []
         self.categories = [dict(c) for c in categories] if categories else [dict(CATEGORY)]
@@ -148,8 +149,12 @@ class CocoWriter:
                 ann["score"] = score
             if m.stability_score is not None:
                 ann["stability_score"] = m.stability_score
-            if isinstance(r, Mapping):
-                ann.update({k: r[k] for k in self.extra_keys if k in r})
+            for k in self.extra_keys:
+                if isinstance(r, Mapping):
+                    if k in r:
+                        ann[k] = r[k]
+                elif getattr(r, k, None) is not None:
+                    ann[k] = getattr(r, k)
             self.annotations.append(ann)
         return image_id
 

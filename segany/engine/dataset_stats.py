@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import validate as V
 from ..datasets import ImageRecord, open_dataset
+from ..files import atomic_write
 
 #: Masks-per-image groups of the paper's Fig. 6 (left), as inclusive ranges.
 MASK_COUNT_BINS: tuple[tuple[int, int | None], ...] = (
@@ -464,5 +465,5 @@ def run(
         },
         "plots": [f.name for f in files],
     }
-    (out / "stats.json").write_text(V.dumps(result, indent=1))
+    atomic_write(out / "stats.json", V.dumps(result, indent=1))
     return result

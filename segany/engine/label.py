@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import validate as V
+from ..datasets.sa1b import read_tar
 from ..everything import DEFAULT_PRESET, PRESETS, GeneratorSettings
 from ..files import TMP_PREFIX, atomic_file, atomic_write, find_images, is_image_name
 from ..weights import DEFAULT_WEIGHTS
@@ -750,30 +751,6 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def read_shard(path: str | os.PathLike[str]) -> Iterator[tuple[dict[str, Any], bytes]]:
-    """The (SA-1B JSON, image bytes) pairs of one shard tar, in order."""
-    with tarfile.open(path, "r") as tar:
-        files: dict[str, bytes] = {}
-        for member in tar:
-            f = tar.extractfile(member)
-            if f is not None:
-                files[member.name] = f.read()
-    for name, data in files.items():
-        if name.endswith(".json"):
-            ann = json.loads(data)
-            yield ann, files.get(ann["image"]["file_name"], b"")
-
-
-def read_shard_json(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """The per-image SA-1B JSONs of one shard tar, in order, without reading the images."""
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".json"):
-                f = tar.extractfile(member)
-                if f is not None:
-                    yield json.loads(f.read())
-
-
 def _planned_shards(plan: dict[str, Any]) -> list[int]:
     return sorted({s for _, _, s in plan["items"]})
 
@@ -790,15 +767,13 @@ def write_instances(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
     text = plan["text"]
     writer = coco_writer(text["classes"])
     for s in _planned_shards(plan):
-        anns = sorted(read_shard_json(shard_tar(out, s)), key=lambda a: a["image"]["image_id"])
-        for ann in anns:
-            im = ann["image"]
+        for im in sorted(read_tar(shard_tar(out, s)), key=lambda im: im.image_id):
             writer.add(
-                ann["annotations"],
-                file_name=im["file_name"],
-                width=im["width"],
-                height=im["height"],
-                image_id=im["image_id"],
+                im.annotations,
+                file_name=im.file_name,
+                width=im.width,
+                height=im.height,
+                image_id=im.image_id,
             )
     data = writer.to_dict()
     data["info"] = {
@@ -1240,26 +1215,19 @@ def _plan_workers(
     return "local", workers, min(t, cpus)
 
 
-def iter_dataset(out: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Every per-image SA-1B JSON of a labeled folder, in manifest (shard) order."""
-    out = Path(out)
-    manifest = json.loads((out / MANIFEST).read_text())
-    for shard in manifest["shards"]:
-        yield from read_shard_json(out / shard["path"])
-
-
 def check_dataset(out: str | os.PathLike[str]) -> dict[str, Any]:
     """Verify a finished job: each planned input is in exactly one tar (with its image and
-    valid JSON) or in the errors file, and the manifest agrees. Raises ``AssertionError``."""
+    valid JSON, read by :mod:`segany.datasets`) or in the errors file, and the manifest
+    agrees. Raises ``AssertionError``."""
     out = Path(out)
     plan = json.loads((out / PLAN).read_text())
     manifest = json.loads((out / MANIFEST).read_text())
     seen: dict[int, str] = {}
     for shard in manifest["shards"]:
-        for ann, img in read_shard(out / shard["path"]):
-            i = ann["image"]["image_id"]
+        for im in read_tar(out / shard["path"]):  # checks every mask
+            i = im.image_id
             assert i not in seen, f"image {i} in {seen.get(i)} and {shard['name']}"
-            assert img, f"image {i}: no image file in {shard['name']}"
+            assert im.read_bytes(), f"image {i}: no image file in {shard['name']}"
             seen[i] = shard["name"]
     errs = [json.loads(line) for line in (out / ERRORS).read_text().splitlines() if line]
     err_ids = {e["image_id"] for e in errs}
