@@ -177,6 +177,8 @@ def test_sniffing_rule(tmp_path) -> None:
     assert sniff(tmp_path / "x.sqlite")[0] == "store"
     (tmp_path / "t.tar").touch()
     assert sniff(tmp_path / "t.tar")[0] == "sa1b"
+    (tmp_path / "export.zip").touch()
+    assert sniff(tmp_path / "export.zip")[0] == "sa1b"
     (tmp_path / "other.json").write_text('{"a": 1}')
     with pytest.raises(DatasetError, match="neither a COCO"):
         sniff(tmp_path / "other.json")

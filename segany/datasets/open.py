@@ -23,7 +23,7 @@ def sniff(source: str | os.PathLike[str]) -> tuple[str, Path]:
     1. a database URL (``...://...``) or a ``.db`` / ``.sqlite`` file: the annotator's store;
     2. a folder with ``.segany/annotations.db``: the store of that annotated folder;
     3. a folder with ``manifest.json`` (``segany label``'s output): SA-1B shards;
-    4. a ``.tar`` file: one SA-1B shard;
+    4. a ``.tar`` file: one SA-1B shard; a ``.zip``: SA-1B JSONs (the annotator's export);
     5. a ``.json`` file: COCO if it has an ``images`` list, SA-1B if ``image`` and
        ``annotations``;
     6. a folder with ``annotations.json``: COCO;
@@ -47,7 +47,7 @@ def sniff(source: str | os.PathLike[str]) -> tuple[str, Path]:
             if len(jsons) == 1 and is_coco(load_json(jsons[0])):
                 return "coco", jsons[0]
         return "sa1b", p
-    if p.is_file() and p.suffix == ".tar":
+    if p.is_file() and p.suffix in (".tar", ".zip"):
         return "sa1b", p
     if p.is_file():
         data = load_json(p)

@@ -1,8 +1,8 @@
 """SA-1B: per-image JSON ``{"image": {image_id, width, height, file_name}, "annotations":
 [{id, segmentation (COCO RLE), bbox (XYWH), area, predicted_iou, stability_score, crop_box,
-point_coords}]}``, loose in a folder (``segany everything --format sa1b``) or in tar shards
-beside the images (SA-1B itself, and ``segany label``'s output: ``manifest.json`` naming
-``shards/sa_*.tar``).
+point_coords}]}``, loose in a folder (``segany everything --format sa1b``), in a zip (the
+annotator's export) or in tar shards beside the images (SA-1B itself, and ``segany label``'s
+output: ``manifest.json`` naming ``shards/sa_*.tar``).
 
 Writer (:func:`to_sa1b`, :func:`write_sa1b`): records without ``crop_box`` /
 ``point_coords`` (masks prompted by a box, e.g. from text prompts) get the whole image and
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,30 @@ def read_tar(path: Path) -> Iterator[ImageRecord]:
         yield image_record(data, where=where, source=source, key=name, fallback_id=k)
 
 
+def read_zip(path: Path, images: Path | None) -> Iterator[ImageRecord]:
+    """A zip of SA-1B image JSONs (the annotator's SA-1B export, ``<image path>.json``), in
+    zip order; each image is its ``file_name`` under ``images`` (the annotated folder), else
+    beside the zip."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            blobs = [(n, z.read(n)) for n in z.namelist() if n.endswith(".json")]
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"cannot read the zip {path}: {exc}") from None
+    folder = images if images is not None else path.parent
+    for k, (jname, raw) in enumerate(blobs):
+        where = f"{path}:{jname}"
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise DatasetError(f"{where}: {exc}") from None
+        info = data.get("image") if isinstance(data, dict) else None
+        name = info.get("file_name") if isinstance(info, dict) else None
+        if not isinstance(name, str) or not name:
+            name = jname[: -len(".json")]
+        source = ImageFile(path=folder / name)
+        yield image_record(data, where=where, source=source, key=name, fallback_id=k)
+
+
 def labeled_shards(root: Path) -> list[Path]:
     """The shard tars of a ``segany label`` output, in manifest order."""
     manifest = load_json(root / MANIFEST)
@@ -191,7 +216,8 @@ def labeled_shards(root: Path) -> list[Path]:
 
 def read_sa1b_dataset(source: str | os.PathLike[str], images: Any = None) -> Dataset:
     """An SA-1B dataset: a ``segany label`` output (``manifest.json``), a folder of tars, a
-    tar, a folder of per-image JSONs or one such JSON (see the module doc). Images are read
+    tar, a zip of per-image JSONs (the annotator's export; images under ``images``), a
+    folder of per-image JSONs or one such JSON (see the module doc). Images are read
     lazily, one tar at a time."""
     p = Path(source).expanduser()
     img_dir = Path(images).expanduser() if images is not None else None
@@ -209,6 +235,8 @@ def read_sa1b_dataset(source: str | os.PathLike[str], images: Any = None) -> Dat
             raise DatasetError(f"no SA-1B tars or image JSON files under {p}")
         return Dataset(name=p.name, kind="sa1b", source=p,
                        read=lambda: read_json_files(p, files, img_dir, strict=False))  # fmt: skip
+    if p.is_file() and p.suffix == ".zip":
+        return Dataset(name=p.stem, kind="sa1b", source=p, read=lambda: read_zip(p, img_dir))
     if p.is_file() and p.suffix == ".tar":
         return Dataset(name=p.stem, kind="sa1b", source=p, read=lambda: read_tar(p))
     if p.is_file():
@@ -229,6 +257,7 @@ __all__ = [
     "read_sa1b",
     "read_sa1b_dataset",
     "read_tar",
+    "read_zip",
     "to_sa1b",
     "write_sa1b",
 ]
