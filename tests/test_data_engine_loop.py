@@ -1,6 +1,7 @@
 """The data engine's loop through the command line, with a tiny model: label a folder
 (stage 3) -> fine-tune on the labels (``segany train --data DS``) -> evaluate the new model
-on the labels (``segany eval points DS``) -> label again with the new model."""
+on the labels (``segany eval points DS``) and on the held-out split (its images in the
+tars) -> label again with the new model."""
 
 from __future__ import annotations
 
@@ -67,6 +68,15 @@ def test_label_train_eval_label_again(tmp_path: Path, capsys) -> None:
     assert [r["masks"] for r in res["runs"]] == [data.num_masks] * 2
     assert res["models"] == ["tiny", "ft"]
     assert all(0 <= r["miou"]["1"] <= 100 for r in res["runs"])
+
+    # the held-out split, its images found in the labeled tars
+    val = tmp_path / "run" / "ft.val.json"
+    held_out = open_dataset(val, images=ds)
+    assert [im.key for im in held_out.images] == meta["split"]["val_images"]
+    ev = ["eval", "boxes", str(val), "--images", str(ds), "--model", str(model)]
+    assert main([*ev, "--out", str(tmp_path / "eval_val"), "--quiet"]) == 0
+    res = json.loads((tmp_path / "eval_val" / "results.json").read_text())
+    assert res["masks"] == held_out.num_masks > 0
 
     again = tmp_path / "ds2"
     assert main([*label, "--out", str(again), "--model", str(model), "--no-progress"]) == 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from .records import (
     ImageFile,
     ImageRecord,
     MaskRecord,
+    TarMember,
     parse_annotations,
 )
 
@@ -50,11 +51,13 @@ def read_coco(
     images: str | os.PathLike[str] | None = None,
     *,
     data: Any = None,
+    locate: Callable[[str], ImageFile | TarMember] | None = None,
 ) -> Dataset:
     """A COCO instances JSON (or a folder holding ``annotations.json``). Images are looked
     up in ``images``, else ``images/`` beside the file, else beside it. The whole file is
     checked (:func:`segany.validate.check_coco`) before anything is read. ``data``: the
-    file's content when already loaded."""
+    file's content when already loaded; ``locate`` finds an image by ``file_name`` instead
+    (e.g. in the tars of a labeled dataset)."""
     src = Path(source).expanduser()
     ann_file = src / "annotations.json" if src.is_dir() else src
     if data is None:
@@ -87,7 +90,7 @@ def read_coco(
                 height=h,
                 width=w,
                 file_name=name,
-                source=ImageFile(path=image_dir / name),
+                source=locate(name) if locate else ImageFile(path=image_dir / name),
                 annotations=anns,
             )
         )

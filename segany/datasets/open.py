@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .coco import is_coco, load_json, read_coco
-from .records import Dataset, DatasetError
-from .sa1b import MANIFEST, NOT_IMAGE_JSON, is_sa1b, read_sa1b_dataset
+from .records import Dataset, DatasetError, TarMember
+from .sa1b import (
+    MANIFEST,
+    NOT_IMAGE_JSON,
+    is_sa1b,
+    labeled_shards,
+    read_sa1b_dataset,
+    tar_images,
+)
 from .store import read_store
 
 KINDS = ("auto", "coco", "sa1b", "store")
@@ -59,6 +66,21 @@ def sniff(source: str | os.PathLike[str]) -> tuple[str, Path]:
     raise DatasetError(f"data source not found: {source}")
 
 
+def _in_tars(images: str | os.PathLike[str] | None) -> Callable[[str], TarMember] | None:
+    """When ``images`` is a ``segany label`` output or a tar: a lookup of its images by
+    file name (so a COCO split of a labeled dataset finds its images in the shards)."""
+    if images is None:
+        return None
+    p = Path(images).expanduser()
+    if p.is_dir() and (p / MANIFEST).is_file():
+        members = tar_images(labeled_shards(p))
+    elif p.is_file() and p.suffix == ".tar":
+        members = tar_images([p])
+    else:
+        return None
+    return lambda name: members.get(name) or TarMember(tar=p, name=name, offset=None)
+
+
 def open_dataset(
     source: str | os.PathLike[str],
     *,
@@ -68,8 +90,10 @@ def open_dataset(
 ) -> Dataset:
     """Open ``source`` as ``kind`` (``coco``, ``sa1b``, ``store`` or ``auto``: the rule of
     :func:`sniff`). ``images`` is the image folder when the images are not where the
-    annotations say (COCO, loose SA-1B JSON) and the annotated folder for a store given as
-    a database (required then); ``statuses`` the store's objects to read."""
+    annotations say (COCO, loose SA-1B JSON; for COCO also a ``segany label`` output or a
+    tar holding them, e.g. for a training run's ``.val.json``) and the annotated folder for
+    a store given as a database (required then); ``statuses`` the store's objects to
+    read."""
     if kind not in KINDS:
         raise DatasetError(f"unknown data kind {kind!r}; use {', '.join(KINDS)}")
     if kind == "auto":
@@ -77,7 +101,7 @@ def open_dataset(
     else:
         path = Path(os.fspath(source)).expanduser()
     if kind == "coco":
-        return read_coco(path, images)
+        return read_coco(path, images, locate=_in_tars(images))
     if kind == "sa1b":
         return read_sa1b_dataset(path, images)
     if path.is_dir():

@@ -205,6 +205,21 @@ def read_zip(path: Path, images: Path | None) -> Iterator[ImageRecord]:
         yield image_record(data, where=where, source=source, key=name, fallback_id=k)
 
 
+def tar_images(tars: Iterable[Path]) -> dict[str, TarMember]:
+    """The members of ``tars`` that are not JSON (the images), by name; headers only."""
+    out: dict[str, TarMember] = {}
+    for t in tars:
+        try:
+            with tarfile.open(t, "r") as tar:
+                for m in tar:
+                    if m.isfile() and not m.name.endswith(".json"):
+                        out[m.name] = TarMember(tar=t, name=m.name, offset=m.offset_data,
+                                                size=m.size)  # fmt: skip
+        except (OSError, tarfile.TarError) as exc:
+            raise DatasetError(f"cannot read the tar {t}: {exc}") from None
+    return out
+
+
 def labeled_shards(root: Path) -> list[Path]:
     """The shard tars of a ``segany label`` output, in manifest order."""
     manifest = load_json(root / MANIFEST)
@@ -258,6 +273,7 @@ __all__ = [
     "read_sa1b_dataset",
     "read_tar",
     "read_zip",
+    "tar_images",
     "to_sa1b",
     "write_sa1b",
 ]
