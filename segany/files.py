@@ -5,8 +5,9 @@ files and folders whose name starts with ``.`` are skipped (hidden, and the temp
 files of :func:`atomic_write`), symlinked folders are not followed, and a file counts as an
 image by its suffix (:data:`IMAGE_SUFFIXES`, any case).
 
-Atomic write (:func:`atomic_write`, :func:`atomic_file`): the data goes to a hidden
-temporary name beside the target (``.tmp-<name>.<pid>``), is flushed and renamed over the
+Atomic write (:func:`atomic_write`, :func:`atomic_file`, :func:`atomic_path` for tools
+that write to a path themselves): the data goes to a hidden
+temporary name beside the target (``.tmp-<pid>-<name>``), is flushed and renamed over the
 target with :func:`os.replace`, so a reader sees the old file or the whole new one, never
 a part. With ``durable=True`` (the default) the file is fsynced before the rename and the
 folder after it, so the new file also survives a power loss once the call returns.
@@ -70,7 +71,29 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 def temporary_name(path: str | os.PathLike[str]) -> Path:
     """The temporary file :func:`atomic_file` writes before renaming it to ``path``."""
     p = Path(path)
-    return p.with_name(f"{TMP_PREFIX}{p.name}.{os.getpid()}")
+    return p.with_name(f"{TMP_PREFIX}{os.getpid()}-{p.name}")  # keeps the suffix
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, durable: bool = True) -> Iterator[Path]:
+    """``with atomic_path(path) as tmp:`` have a tool write the file ``tmp`` (for writers
+    that take a path, e.g. ``torch.onnx.export``); on a normal exit it replaces ``path``
+    (fsynced first with ``durable``), on an exception it is removed. The parent folder is
+    created if needed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(target)
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(target.parent)
 
 
 @contextlib.contextmanager
@@ -83,21 +106,14 @@ def atomic_file(
     folder is created if needed."""
     if mode not in ("wb", "w"):
         raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(target)
-    try:
+    with atomic_path(path, durable=False) as tmp:
         with open(tmp, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
             if durable:
                 os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     if durable:
-        fsync_dir(target.parent)
+        fsync_dir(Path(path).parent)
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, durable: bool = True) -> Path:
@@ -112,6 +128,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "TMP_PREFIX",
     "atomic_file",
+    "atomic_path",
     "atomic_write",
     "find_images",
     "fsync_dir",

@@ -130,22 +130,31 @@ class CocoWriter:
         width: int,
         height: int,
         image_id: int | None = None,
+        keep_ids: bool = False,
+        file_values: bool = False,
     ) -> int:
         """Add one image and its masks (model records or :class:`MaskRecord`); returns the
-        image id (``len(images) + 1`` unless given)."""
+        image id (``len(images) + 1`` unless given). Annotation ids count from 1 over the
+        file, or with ``keep_ids`` are the records' own. Areas and boxes are measured on
+        the masks, or with ``file_values`` taken from the records' source file where it gave
+        them (ground truth for COCOeval: COCO's areas are polygon areas)."""
         image_id = len(self.images) + 1 if image_id is None else int(image_id)
         h, w = V.check_image_size(height, width)
         self.images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
         for i, r in enumerate(records):
             m = as_mask_record(r, h, w, index=i, where=file_name)
             score = m.score if m.score is not None else m.predicted_iou
+            area, bbox = m.area, m.bbox
+            if file_values:
+                area = m.file_area if m.file_area is not None else area
+                bbox = m.file_bbox if m.file_bbox is not None else bbox
             ann = {
-                "id": len(self.annotations) + 1,
+                "id": m.id if keep_ids else len(self.annotations) + 1,
                 "image_id": image_id,
                 "category_id": _category(r, m, self.categories[0]["id"]),
                 "segmentation": m.segmentation(),
-                "area": m.area,
-                "bbox": list(m.bbox),
+                "area": area,
+                "bbox": list(bbox),
                 "iscrowd": int(m.iscrowd),
             }
             if score is not None:
@@ -206,34 +215,26 @@ def to_coco(
     categories: Sequence[Mapping[str, Any]] | None = None,
     file_values: bool = False,
 ) -> dict[str, Any]:
-    """A COCO instances dict of ``images`` (image and annotation ids kept; ``file_name``
-    the image's key, or its absolute path; ``categories`` default to one ``object``
-    category per id used). Boxes and areas are measured on the masks, or
-    with ``file_values`` taken from the source file where it gave them (ground truth for
-    COCOeval: COCO's areas are polygon areas)."""
-    imgs, anns = [], []
+    """A COCO instances dict of ``images`` through :class:`CocoWriter` (image and
+    annotation ids kept; ``file_name`` the image's key, or its absolute path;
+    ``categories`` default to one ``object`` category per id used; ``file_values``: see
+    :meth:`CocoWriter.add`)."""
+    images = list(images)
+    if not categories:
+        used = sorted({a.category_id for im in images for a in im.annotations}) or [1]
+        categories = [{**CATEGORY, "id": c} for c in used]
+    writer = CocoWriter(categories, description="segany dataset")
     for im in images:
-        name = str(im.path.resolve()) if absolute_paths else im.key
-        imgs.append({"id": im.image_id, "file_name": name, "width": im.width, "height": im.height})
-        for m in im.annotations:
-            area = m.file_area if file_values and m.file_area is not None else m.area
-            bbox = m.file_bbox if file_values and m.file_bbox is not None else m.bbox
-            ann = {
-                "id": m.id,
-                "image_id": im.image_id,
-                "category_id": m.category_id,
-                "segmentation": m.segmentation(),
-                "area": area,
-                "bbox": [float(v) for v in bbox],
-                "iscrowd": int(m.iscrowd),
-            }
-            anns.append(ann)
-    if categories:
-        cats = [dict(c) for c in categories]
-    else:  # one "object" category per id used
-        used = sorted({a["category_id"] for a in anns}) or [1]
-        cats = [{**CATEGORY, "id": c} for c in used]
-    return {"images": imgs, "annotations": anns, "categories": cats}
+        writer.add(
+            im.annotations,
+            file_name=str(im.path.resolve()) if absolute_paths else im.key,
+            width=im.width,
+            height=im.height,
+            image_id=im.image_id,
+            keep_ids=True,
+            file_values=file_values,
+        )
+    return writer.to_dict()
 
 
 __all__ = [
