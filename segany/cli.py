@@ -168,6 +168,7 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
 def _run_segment(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from .datasets import rle_bbox, to_rle
     from .loader import load_predictor
     from .transforms import load_image
     from .viz import candidates_panel, overlay_prediction
@@ -201,17 +202,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     records = []
     for i in range(len(pred.scores)):
         m = pred.masks[i]
-        ys, xs = np.nonzero(m)
-        bbox = (
-            [
-                int(xs.min()),
-                int(ys.min()),
-                int(xs.max() - xs.min() + 1),
-                int(ys.max() - ys.min() + 1),
-            ]
-            if len(xs)
-            else [0, 0, 0, 0]
-        )
+        bbox = [int(v) for v in rle_bbox(to_rle(m))]
         rec = {
             "index": i,
             "score": round(float(pred.scores[i]), 4),
@@ -307,12 +298,9 @@ def _run_segment_text(args: argparse.Namespace) -> int:
 
 
 # -- everything ------------------------------------------------------------------------------
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-
-
 def _add_everything(sub: argparse._SubParsersAction) -> None:
+    from .datasets import FORMATS
     from .everything import DEFAULT_PRESET, PRESETS
-    from .formats import FORMATS
 
     p = sub.add_parser(
         "everything", help="segment everything in images (automatic mask generation)"
@@ -334,17 +322,13 @@ def _add_everything(sub: argparse._SubParsersAction) -> None:
 
 
 def _collect_images(inputs: list[str]) -> list[Path]:
+    """The images of folders (:func:`segany.files.find_images`) and files given as they are."""
+    from .files import find_images
+
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            found.extend(
-                sorted(
-                    f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                )
-            )
-        else:
-            found.append(path)
+        found.extend(find_images(path) if path.is_dir() else [path])
     return found
 
 
@@ -352,11 +336,11 @@ def _run_everything(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
+    from .datasets.coco import CocoWriter
+    from .datasets.png import write_png
+    from .datasets.sa1b import write_sa1b
+    from .datasets.yolo import write_yolo
     from .everything import MaskGenerator
-    from .formats.coco import CocoWriter
-    from .formats.png import write_png
-    from .formats.sa1b import write_sa1b
-    from .formats.yolo import write_yolo
     from .loader import load_predictor
     from .transforms import ImageError, load_image
     from .viz import overlay_records

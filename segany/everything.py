@@ -138,8 +138,10 @@ class MaskGenerator:
         **overrides: any :class:`GeneratorSettings` field.
 
     ``generate(image)`` returns one dict per mask: ``segmentation``, ``area``, ``bbox``
-    (XYWH), ``predicted_iou``, ``point_coords`` (``[[x, y]]``), ``stability_score``,
-    ``crop_box`` (XYWH), sorted as the reference sorts them (by NMS rank).
+    (XYWH in the reference's convention, ``w = x1 - x0`` with ``x1`` the last column; every
+    writer of :mod:`segany.datasets` writes pycocotools' box instead), ``predicted_iou``,
+    ``point_coords`` (``[[x, y]]``), ``stability_score``, ``crop_box`` (XYWH), sorted as the
+    reference sorts them (by NMS rank).
     """
 
     def __init__(

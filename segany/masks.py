@@ -2,7 +2,9 @@
 
 Conventions: masks are ``(..., H, W)`` bool tensors/arrays; boxes are XYXY in pixels
 where a mask's box spans its first to last occupied pixel index (``x1 = last column``,
-as Meta's generator reports them); points are ``(x, y)``.
+as Meta's generator reports them and uses them for NMS); points are ``(x, y)``. What is
+written to files uses COCO's box instead (``x + w`` one past the last column):
+:func:`segany.datasets.rle_bbox`.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def overlay_masks(
 
 def overlay_records(image: np.ndarray, records: Sequence[dict], **kwargs) -> np.ndarray:
     """:func:`overlay_masks` over generator records (any segmentation encoding)."""
-    from .formats import to_mask
+    from .datasets import to_mask
 
     return overlay_masks(image, [to_mask(r["segmentation"]) for r in records], **kwargs)
 

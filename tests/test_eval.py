@@ -232,7 +232,7 @@ def test_dataset_decodes_every_segmentation_kind(dataset):
     ds = P.CocoDataset(dataset)
     assert len(ds) == 2 and ds.name == dataset.name
     got = [
-        (im.id, gts.shape, [int(g.sum()) for g in gts])
+        (im.image_id, gts.shape, [int(g.sum()) for g in gts])
         for im, _, _, gts in ds.iter_images(ds.images)
     ]
     assert got == [(1, (2, 96, 128), [32 * 40, 30 * 50]), (2, (1, 96, 128), [50 * 60])]
@@ -332,7 +332,7 @@ def test_detections_file_is_filtered(dataset, tmp_path):
 
 def test_cli_errors(dataset, tmp_path, capsys):
     assert main(["eval", "points", str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
-    assert "no COCO annotations" in capsys.readouterr().err
+    assert "data source not found" in capsys.readouterr().err
     bad = tmp_path / "dets.json"
     bad.write_text('{"not": "a list"}')
     argv = ["eval", "instances", str(dataset), "--out", str(tmp_path), "--boxes", str(bad)]

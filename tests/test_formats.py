@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from segany import masks as M
-from segany.formats import to_coco_rle, to_mask
-from segany.formats.coco import CocoWriter
-from segany.formats.png import read_png, write_png
-from segany.formats.sa1b import read_sa1b, write_sa1b
-from segany.formats.yolo import read_yolo, write_yolo
+from segany.datasets import to_coco_rle, to_mask
+from segany.datasets.coco import CocoWriter
+from segany.datasets.png import read_png, write_png
+from segany.datasets.sa1b import read_sa1b, write_sa1b
+from segany.datasets.yolo import read_yolo, write_yolo
 from segany.viz import overlay_masks, overlay_records
 
 

@@ -211,7 +211,7 @@ def test_sources_and_split(squares: Path, tmp_path: Path) -> None:
     # the COCO written for the evaluation round-trips
     again = tmp_path / "val.json"
     again.write_text(json.dumps(D.to_coco(va)))
-    back = D.coco_source(again, squares / "images")
+    back = D.open_source(again, images=squares / "images")
     assert [i.key for i in back.images] == [i.key for i in va]
     assert np.array_equal(back.images[0].masks(), va[0].masks())
 

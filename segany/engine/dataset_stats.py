@@ -1,9 +1,10 @@
 """Dataset statistics like the SA-1B figures of the paper (Fig. 5 and 6): masks per image,
 relative mask size, mask concavity, spatial distribution of mask centres, image sizes.
 
-Reads a labeled folder (``segany label`` output: manifest + shard tars), raw SA-1B tars or
-per-image SA-1B JSON files in a folder (``segany everything --format sa1b``), one shard tar,
-or a COCO instances JSON. Two datasets are drawn side by side for comparison.
+Reads whatever :func:`segany.datasets.open_dataset` reads: a labeled folder (``segany
+label`` output: manifest + shard tars), raw SA-1B tars or per-image SA-1B JSON files in a
+folder (``segany everything --format sa1b``), one shard tar, a COCO instances JSON or the
+annotator's store. Two datasets are drawn side by side for comparison.
 
 Definitions (per mask, decoded at image resolution):
 
@@ -17,11 +18,8 @@ COCO ``iscrowd`` regions are not objects and are skipped (and counted in the JSO
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,8 @@ import cv2
 import numpy as np
 
 from .. import validate as V
+from ..datasets import ImageRecord, open_dataset
+from ..files import atomic_write
 
 #: Masks-per-image groups of the paper's Fig. 6 (left), as inclusive ranges.
 MASK_COUNT_BINS: tuple[tuple[int, int | None], ...] = (
@@ -71,75 +71,7 @@ class DatasetStats:
         return len(self.rel_size)
 
 
-# -- reading ---------------------------------------------------------------------------------
-Image = tuple[int, int, list[dict[str, Any]]]  # width, height, annotations
-
-
-def _sa1b_images_in_tar(path: Path) -> Iterator[Image]:
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".json"):
-                f = tar.extractfile(member)
-                if f is not None:
-                    yield _sa1b_image(json.loads(f.read()), f"{path}:{member.name}")
-
-
-def _sa1b_image(data: dict[str, Any], where: str) -> Image:
-    im, anns = data.get("image"), data.get("annotations")
-    if not isinstance(im, dict) or not isinstance(anns, list):
-        raise V.InputError(f"{where}: an SA-1B image JSON needs 'image' and 'annotations'")
-    try:
-        h, w = V.check_image_size(im.get("height"), im.get("width"))
-    except V.InputError as exc:
-        raise V.InputError(f"{where}: {exc}") from None
-    return w, h, anns
-
-
-def _coco_images(data: dict[str, Any], where: str) -> Iterator[Image]:
-    V.check_coco(data, where)
-    by_image: dict[Any, list[dict[str, Any]]] = {im["id"]: [] for im in data["images"]}
-    for a in data["annotations"]:
-        by_image.setdefault(a["image_id"], []).append(a)
-    for im in data["images"]:
-        yield int(im["width"]), int(im["height"]), by_image[im["id"]]
-
-
-def open_dataset(path: str | os.PathLike[str]) -> tuple[str, Iterator[Image]]:
-    """``(kind, images)`` of a labeled folder, a folder of SA-1B tars or JSONs, a tar, an
-    SA-1B image JSON or a COCO JSON. ``kind`` is ``"sa1b"`` or ``"coco"``."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        manifest = p / "manifest.json"
-        if manifest.is_file():
-            shards = [p / s["path"] for s in json.loads(manifest.read_text())["shards"]]
-        else:
-            shards = sorted(p.rglob("*.tar"))
-        if shards:
-            return "sa1b", (im for s in shards for im in _sa1b_images_in_tar(s))
-        jsons = sorted(f for f in p.rglob("*.json") if f.name not in ("manifest.json", "plan.json"))
-        if len(jsons) == 1:  # maybe a COCO file alone in its folder
-            return open_dataset(jsons[0])
-        if jsons:
-            return "sa1b", (_sa1b_image(json.loads(f.read_text()), str(f)) for f in jsons)
-        raise ValueError(f"{p}: no SA-1B tars or JSON files found")
-    if p.suffix == ".tar":
-        return "sa1b", _sa1b_images_in_tar(p)
-    if p.is_file():
-        data = json.loads(p.read_text())
-        if isinstance(data, dict) and "images" in data and "annotations" in data:
-            return "coco", _coco_images(data, str(p))
-        if isinstance(data, dict) and "image" in data and "annotations" in data:
-            return "sa1b", iter([_sa1b_image(data, str(p))])
-        raise ValueError(f"{p}: neither a COCO instances JSON nor an SA-1B image JSON")
-    raise ValueError(f"{p}: not found")
-
-
 # -- measuring -------------------------------------------------------------------------------
-def decode(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """A COCO/SA-1B ``segmentation`` (RLE, compressed or not, or polygons) -> bool mask."""
-    return V.segmentation_to_mask(segmentation, height, width)
-
-
 def mask_shape(mask: np.ndarray) -> tuple[int, float, float, float] | None:
     """``(area, concavity, centre x, centre y)`` in pixels, ``None`` for an empty mask."""
     rows = np.flatnonzero(mask.any(1))
@@ -163,36 +95,31 @@ def mask_shape(mask: np.ndarray) -> tuple[int, float, float, float] | None:
 def compute(
     path: str | os.PathLike[str], *, name: str | None = None, max_images: int | None = None
 ) -> DatasetStats:
-    """Measure the dataset at ``path`` (the first ``max_images`` images if given)."""
-    kind, images = open_dataset(path)
-    st = DatasetStats(name=name or _default_name(path), kind=kind, path=os.fspath(path))
-    try:
-        for k, (w, h, anns) in enumerate(images):
-            if max_images is not None and k >= max_images:
-                break
-            _measure(st, path, k, w, h, anns)
-    except V.InputError as exc:  # names its file
-        raise ValueError(str(exc)) from None
+    """Measure the dataset at ``path`` (read by :func:`segany.datasets.open_dataset`; the
+    first ``max_images`` images if given). A malformed dataset raises ``ValueError``
+    naming the file, image and annotation."""
+    ds = open_dataset(path)
+    st = DatasetStats(name=name or _default_name(path), kind=ds.kind, path=os.fspath(path))
+    for k, im in enumerate(ds.iter_images()):
+        if max_images is not None and k >= max_images:
+            break
+        _measure(st, im)
     if not st.images:
         raise ValueError(f"{path}: no images")
     return st
 
 
-def _measure(st: DatasetStats, path: Any, k: int, w: int, h: int, anns: list[Any]) -> None:
-    """Add image ``k`` (``w`` x ``h``, its annotations ``anns``) to ``st``."""
+def _measure(st: DatasetStats, im: ImageRecord) -> None:
+    """Add one image and its masks to ``st``."""
+    w, h = im.width, im.height
     st.widths.append(w)
     st.heights.append(h)
     n = 0
-    for a in anns:
-        if not isinstance(a, dict):
-            raise ValueError(f"{path}: image {k}: an annotation is not an object")
-        if a.get("iscrowd", 0):
+    for a in im.annotations:
+        if a.iscrowd:
             st.skipped_crowd += 1
             continue
-        try:
-            shape = mask_shape(decode(a.get("segmentation"), h, w))
-        except V.InputError as exc:
-            raise ValueError(f"{path}: image {k}, annotation {a.get('id')!r}: {exc}") from None
+        shape = mask_shape(a.mask())
         if shape is None:
             st.skipped_empty += 1
             continue
@@ -538,5 +465,5 @@ def run(
         },
         "plots": [f.name for f in files],
     }
-    (out / "stats.json").write_text(V.dumps(result, indent=1))
+    atomic_write(out / "stats.json", V.dumps(result, indent=1))
     return result

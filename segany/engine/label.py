@@ -56,7 +56,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import validate as V
+from ..datasets.sa1b import read_tar
 from ..everything import DEFAULT_PRESET, PRESETS, GeneratorSettings
+from ..files import TMP_PREFIX, atomic_file, atomic_write, find_images, is_image_name
 from ..weights import DEFAULT_WEIGHTS
 
 #: SA-1B tars hold ~11k images; a smaller default keeps the work lost to a crash small.
@@ -65,7 +67,6 @@ DEFAULT_SHARD_SIZE = 1000
 DEFAULT_THREADS_PER_WORKER = 1
 #: A worker process dying this many times on the same image makes it an error.
 MAX_ATTEMPTS = 3
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 PLAN = "plan.json"
 MANIFEST = "manifest.json"
 INSTANCES = "instances.json"
@@ -73,7 +74,7 @@ REPORT = "report.json"
 ERRORS = "errors.jsonl"
 SHARDS = "shards"
 STAGING = "staging"
-_TMP = ".tmp-"
+_TMP = TMP_PREFIX
 _FORMAT_VERSION = 1
 
 
@@ -150,46 +151,20 @@ def shard_index(out: Path, shard: int) -> Path:
     return out / SHARDS / f"{shard_name(shard)}.index.json"
 
 
-# -- atomic files ----------------------------------------------------------------------------
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f"{_TMP}{path.name}.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
+# -- files ---------------------------------------------------------------------------------
 def _write_json(path: Path, obj: Any, indent: int | None = None) -> None:
-    atomic_write(path, V.dumps(obj, indent=indent).encode())
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    atomic_write(path, V.dumps(obj, indent=indent))
 
 
 # -- source ----------------------------------------------------------------------------------
 def list_source(source: str | os.PathLike[str], *, exclude: Path | None = None) -> list[str]:
-    """The images of ``source``: a folder (recursive, sorted, symlinked folders not followed)
+    """The images of ``source``: a folder or an image file (:func:`segany.files.find_images`)
     or a text file with one path per line (relative to the file's folder; blank lines and
     ``#`` comments skipped; kept in order). Duplicates are dropped. Paths under ``exclude``
     (the output folder) are skipped."""
     src = Path(source).expanduser()
-    if src.is_dir():
-        found = []
-        for root, dirs, files in os.walk(src):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(files):
-                if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
-                    found.append(os.path.abspath(os.path.join(root, name)))
-    elif src.is_file() and src.suffix.lower() in IMAGE_SUFFIXES:
-        found = [os.path.abspath(src)]
+    if src.is_dir() or (src.is_file() and is_image_name(src.name)):
+        found = [str(p) for p in find_images(src)]
     elif src.is_file():
         found = []
         for line in src.read_text().splitlines():
@@ -241,7 +216,7 @@ def write_error(out: Path, item: Item, reason: str) -> dict[str, Any]:
 def process_item(generator: Any, out: Path, item: Item) -> dict[str, Any]:
     """Label one image: load it, generate masks, write its image copy and SA-1B JSON into
     the shard's staging folder. Unreadable images become error marks, never exceptions."""
-    from ..formats.sa1b import to_sa1b
+    from ..datasets.sa1b import to_sa1b
     from ..transforms import ImageError, load_image
 
     t0 = time.perf_counter()
@@ -723,11 +698,11 @@ def finalize_shard(out: Path, shard: int, items: list[Item]) -> dict[str, Any]:
     sdir = staging_dir(out, shard)
     name = shard_name(shard)
     tar_path = shard_tar(out, shard)
-    tmp = tar_path.with_name(f"{_TMP}{tar_path.name}.{os.getpid()}")
     images: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     masks = 0
-    with open(tmp, "wb") as raw:
+    # the tar is renamed into place (the shard's commit mark) after its index is written
+    with atomic_file(tar_path) as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for it in sorted(items, key=lambda i: i.image_id):
                 stem = image_stem(it.image_id)
@@ -756,17 +731,14 @@ def finalize_shard(out: Path, shard: int, items: list[Item]) -> dict[str, Any]:
                     }
                 )
         raw.flush()
-        os.fsync(raw.fileno())
-    index = {
-        "shard": f"{name}.tar",
-        "images": images,
-        "errors": errors,
-        "counts": {"images": len(images), "errors": len(errors), "masks": masks},
-        "bytes": tmp.stat().st_size,
-    }
-    _write_json(shard_index(out, shard), index)
-    os.replace(tmp, tar_path)  # the shard's commit mark
-    _fsync_dir(tar_path.parent)
+        index = {
+            "shard": f"{name}.tar",
+            "images": images,
+            "errors": errors,
+            "counts": {"images": len(images), "errors": len(errors), "masks": masks},
+            "bytes": raw.tell(),
+        }
+        _write_json(shard_index(out, shard), index)
     shutil.rmtree(sdir, ignore_errors=True)
     return index
 
@@ -777,30 +749,6 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.mode = 0o644
     info.mtime = 0  # identical inputs give identical tars
     tar.addfile(info, io.BytesIO(data))
-
-
-def read_shard(path: str | os.PathLike[str]) -> Iterator[tuple[dict[str, Any], bytes]]:
-    """The (SA-1B JSON, image bytes) pairs of one shard tar, in order."""
-    with tarfile.open(path, "r") as tar:
-        files: dict[str, bytes] = {}
-        for member in tar:
-            f = tar.extractfile(member)
-            if f is not None:
-                files[member.name] = f.read()
-    for name, data in files.items():
-        if name.endswith(".json"):
-            ann = json.loads(data)
-            yield ann, files.get(ann["image"]["file_name"], b"")
-
-
-def read_shard_json(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """The per-image SA-1B JSONs of one shard tar, in order, without reading the images."""
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if member.isfile() and member.name.endswith(".json"):
-                f = tar.extractfile(member)
-                if f is not None:
-                    yield json.loads(f.read())
 
 
 def _planned_shards(plan: dict[str, Any]) -> list[int]:
@@ -819,15 +767,13 @@ def write_instances(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
     text = plan["text"]
     writer = coco_writer(text["classes"])
     for s in _planned_shards(plan):
-        anns = sorted(read_shard_json(shard_tar(out, s)), key=lambda a: a["image"]["image_id"])
-        for ann in anns:
-            im = ann["image"]
+        for im in sorted(read_tar(shard_tar(out, s)), key=lambda im: im.image_id):
             writer.add(
-                ann["annotations"],
-                file_name=im["file_name"],
-                width=im["width"],
-                height=im["height"],
-                image_id=im["image_id"],
+                im.annotations,
+                file_name=im.file_name,
+                width=im.width,
+                height=im.height,
+                image_id=im.image_id,
             )
     data = writer.to_dict()
     data["info"] = {
@@ -1269,26 +1215,19 @@ def _plan_workers(
     return "local", workers, min(t, cpus)
 
 
-def iter_dataset(out: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Every per-image SA-1B JSON of a labeled folder, in manifest (shard) order."""
-    out = Path(out)
-    manifest = json.loads((out / MANIFEST).read_text())
-    for shard in manifest["shards"]:
-        yield from read_shard_json(out / shard["path"])
-
-
 def check_dataset(out: str | os.PathLike[str]) -> dict[str, Any]:
     """Verify a finished job: each planned input is in exactly one tar (with its image and
-    valid JSON) or in the errors file, and the manifest agrees. Raises ``AssertionError``."""
+    valid JSON, read by :mod:`segany.datasets`) or in the errors file, and the manifest
+    agrees. Raises ``AssertionError``."""
     out = Path(out)
     plan = json.loads((out / PLAN).read_text())
     manifest = json.loads((out / MANIFEST).read_text())
     seen: dict[int, str] = {}
     for shard in manifest["shards"]:
-        for ann, img in read_shard(out / shard["path"]):
-            i = ann["image"]["image_id"]
+        for im in read_tar(out / shard["path"]):  # checks every mask
+            i = im.image_id
             assert i not in seen, f"image {i} in {seen.get(i)} and {shard['name']}"
-            assert img, f"image {i}: no image file in {shard['name']}"
+            assert im.read_bytes(), f"image {i}: no image file in {shard['name']}"
             seen[i] = shard["name"]
     errs = [json.loads(line) for line in (out / ERRORS).read_text().splitlines() if line]
     err_ids = {e["image_id"] for e in errs}

@@ -41,7 +41,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         )
         q.add_argument("--out", required=True, help="folder for report.md, results.json, plots")
         q.add_argument("--limit", type=int, help="only the first N images")
-        q.add_argument("--images", help="image folder (default: DATASET/images)")
+        q.add_argument(
+            "--images",
+            help="image folder, or a segany label output holding the images (default: "
+            "DATASET/images)",
+        )
         q.add_argument("--embedding-cache", help="folder keeping image embeddings across runs")
         q.add_argument(
             "--backend",

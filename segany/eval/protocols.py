@@ -1,10 +1,12 @@
-"""Zero-shot evaluation protocols over any COCO-format dataset.
+"""Zero-shot evaluation protocols over any dataset segany reads.
 
-A dataset is a folder with ``images/`` and ``annotations.json`` (COCO "instances": RLE,
-compressed or not, or polygons). Each runner takes a :class:`~segany.predictor.Predictor`,
-embeds every image once and batches the prompts of an image through
-:meth:`~segany.predictor.Predictor.predict_batch`; it returns a plain dict of figures (the
-content of ``results.json``) whose per-mask details sit under the key ``"per_mask"``.
+A dataset is anything :func:`segany.datasets.open_dataset` reads: typically a folder with
+``images/`` and ``annotations.json`` (COCO "instances": RLE, compressed or not, or
+polygons), also SA-1B files or tars and ``segany label`` outputs. Each runner takes a
+:class:`~segany.predictor.Predictor`, embeds every image once and batches the prompts of
+an image through :meth:`~segany.predictor.Predictor.predict_batch`; it returns a plain
+dict of figures (the content of ``results.json``) whose per-mask details sit under the key
+``"per_mask"``.
 
 - :func:`run_points`: simulated clicks (:mod:`segany.eval.clicks`); mIoU after 1..N clicks,
   at one click both "auto" (highest predicted IoU of the three outputs) and "oracle" (best
@@ -22,15 +24,13 @@ import io
 import json
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import masks as M
-from .. import transforms as T
-from .. import validate as V
+from ..datasets import DatasetError, ImageRecord, open_dataset, to_coco
 from ..predictor import Predictor
 from . import metrics as MT
 from .clicks import Click, ClickSampler
@@ -43,70 +43,37 @@ DEFAULT_BATCH = 16
 Progress = Callable[[int], None]
 
 
-class DatasetError(ValueError):
-    """A dataset folder or annotation file that cannot be used."""
-
-
 # -- dataset ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ImageRecord:
-    id: int
-    path: Path
-    width: int
-    height: int
-
-
 class CocoDataset:
-    """A COCO-format dataset: ``root/annotations.json`` and ``root/images/``.
+    """A dataset to evaluate on, read by :func:`segany.datasets.open_dataset` (COCO, SA-1B
+    loose or in shards, a ``segany label`` output, the annotator's store) and indexed by
+    pycocotools for COCOeval.
 
-    ``source`` is the folder or the annotations file itself (images are then looked up in
-    ``images/`` beside it, or beside the file); ``images`` overrides the image folder.
+    ``source`` is the folder or file (for COCO, images are looked up in ``images/``
+    beside the annotations file, or beside it); ``images`` overrides the image folder.
+    COCO ground truth keeps the file's areas and boxes (COCO's areas are polygon areas).
     Crowd annotations (``iscrowd`` = 1) are not prompted but stay in the ground truth that
     COCOeval sees.
     """
 
-    def __init__(self, source: str | Path, images: str | Path | None = None) -> None:
+    def __init__(
+        self, source: str | Path, images: str | Path | None = None, *, kind: str = "auto"
+    ) -> None:
         from pycocotools.coco import COCO
 
-        src = Path(source)
-        ann_file = src / "annotations.json" if src.is_dir() else src
-        if not ann_file.is_file():
-            raise DatasetError(f"no COCO annotations at {ann_file}")
-        root = ann_file.parent
-        if images is not None:
-            image_dir = Path(images)
-        elif (root / "images").is_dir():
-            image_dir = root / "images"
-        else:
-            image_dir = root
-        try:
-            data = json.loads(ann_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DatasetError(f"cannot read {ann_file}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise DatasetError(f"{ann_file} is not a JSON object: not COCO instances")
-        data.setdefault("categories", [{"id": 1, "name": "object"}])
-        try:
-            V.check_coco(data, str(ann_file))
-        except V.InputError as exc:
-            raise DatasetError(str(exc)) from None
-        self.name = root.name if src.is_dir() or ann_file.name == "annotations.json" else src.stem
-        self.path = src
-        self.annotation_file = ann_file
-        self.image_dir = image_dir
+        ds = open_dataset(source, images=images, kind=kind)
+        data = to_coco(ds.images, categories=ds.categories, file_values=True)
+        known = {c["id"] for c in data["categories"]}
+        used = sorted({a["category_id"] for a in data["annotations"]} - known)
+        data["categories"] += [{"id": c, "name": "object"} for c in used]
+        self.name = ds.name
+        self.path = Path(source)
+        self.kind = ds.kind
+        self.images: list[ImageRecord] = ds.images
         self.coco = COCO()
         self.coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco.createIndex()
-        self.images = [
-            ImageRecord(
-                id=int(im["id"]),
-                path=image_dir / im["file_name"],
-                width=int(im["width"]),
-                height=int(im["height"]),
-            )
-            for im in data["images"]
-        ]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -116,45 +83,27 @@ class CocoDataset:
         anns = self.coco.imgToAnns.get(image_id, [])
         return [a for a in anns if crowd or not a.get("iscrowd", 0)]
 
-    def mask(self, ann: dict[str, Any], height: int, width: int) -> np.ndarray:
-        """An annotation's mask ``(H, W)`` bool (polygons, RLE, or compressed RLE)."""
-        try:
-            return V.segmentation_to_mask(ann["segmentation"], height, width)
-        except V.InputError as exc:
-            raise DatasetError(
-                f"{self.annotation_file}: annotation {ann.get('id')}: {exc}"
-            ) from None
-
     def select(self, limit: int | None) -> list[ImageRecord]:
         """The first ``limit`` images (all with ``None``)."""
         return self.images if limit is None else self.images[: max(0, limit)]
 
     def count_masks(self, images: list[ImageRecord]) -> int:
-        return sum(len(self.annotations(im.id)) for im in images)
+        return sum(len(self.annotations(im.image_id)) for im in images)
 
     def load(self, image: ImageRecord) -> np.ndarray:
-        rgb = T.load_image(image.path)
-        if rgb.shape[:2] != (image.height, image.width):
-            raise DatasetError(
-                f"{image.path} is {rgb.shape[1]}x{rgb.shape[0]} but the annotations say "
-                f"{image.width}x{image.height}"
-            )
-        return rgb
+        """The image as RGB; :class:`DatasetError` when it is not the annotated size."""
+        return image.load()
 
     def iter_images(
         self, images: list[ImageRecord]
     ) -> Iterator[tuple[ImageRecord, np.ndarray, list[dict[str, Any]], np.ndarray]]:
         """``(image, rgb, annotations, masks (M, H, W))`` for each image, skipping none (an
-        image without annotations gives ``M`` = 0)."""
+        image without annotations gives ``M`` = 0); crowd regions are left out."""
         for im in images:
-            anns = self.annotations(im.id)
+            anns = self.annotations(im.image_id)
             rgb = self.load(im)
-            h, w = rgb.shape[:2]
-            if anns:
-                gts = np.stack([self.mask(a, h, w) for a in anns])
-            else:
-                gts = np.zeros((0, h, w), dtype=bool)
-            yield im, rgb, anns, gts
+            keep = [i for i, a in enumerate(im.annotations) if not a.iscrowd]
+            yield im, rgb, anns, im.masks(keep)
 
 
 def _area(ann: dict[str, Any], gt: np.ndarray) -> float:
@@ -321,7 +270,7 @@ def run_points(
                 oracle.append(float(r["oracle_iou_1"][j]))
                 per_mask.append(
                     {
-                        "image_id": im.id,
+                        "image_id": im.image_id,
                         "ann_id": ann.get("id"),
                         "area": area,
                         "iou": [round(float(v), 5) for v in r["iou"][j]],
@@ -442,7 +391,7 @@ def run_boxes(
                 ious.append(float(got[j]))
                 per_mask.append(
                     {
-                        "image_id": im.id,
+                        "image_id": im.image_id,
                         "ann_id": ann.get("id"),
                         "area": area,
                         "box": [round(float(v), 2) for v in boxes[j]],
@@ -544,7 +493,7 @@ def run_proposals(
         for rec in records:
             dets.append(
                 {
-                    "image_id": im.id,
+                    "image_id": im.image_id,
                     "category_id": 1,
                     "segmentation": rec["segmentation"],
                     "score": float(rec["predicted_iou"]),
@@ -556,12 +505,12 @@ def run_proposals(
             top = mat.max(axis=1) if mat.shape[1] else np.zeros(len(anns))
             best.extend(float(v) for v in top)
             areas.extend(_area(a, g) for a, g in zip(anns, gts))
-        per_image.append({"image_id": im.id, "proposals": len(records), "masks": len(anns)})
+        per_image.append({"image_id": im.image_id, "proposals": len(records), "masks": len(anns)})
         if progress is not None:
             progress(1)
     seconds_gen = time.perf_counter() - start
     stats, ev = coco_evaluate(
-        dataset, dets, [im.id for im in images], use_cats=False, max_dets=(10, 100, 1000)
+        dataset, dets, [im.image_id for im in images], use_cats=False, max_dets=(10, 100, 1000)
     )
     result = _base("proposals", dataset, model, images)
     result.update(
@@ -614,7 +563,7 @@ def load_detections(
                 "score": 1.0,
             }
             for im in dataset.images
-            for a in dataset.annotations(im.id)
+            for a in dataset.annotations(im.image_id)
         ]
     path = Path(source)
     try:
@@ -625,7 +574,7 @@ def load_detections(
         dets = dets["annotations"]
     if not isinstance(dets, list):
         raise DatasetError(f"{path}: expected a COCO results list of detections")
-    known = {im.id for im in dataset.images}
+    known = {im.image_id for im in dataset.images}
     out = []
     for d in dets:
         try:
@@ -666,7 +615,7 @@ def run_instances(
     results: list[dict[str, Any]] = []
     used: list[dict[str, Any]] = []
     for im in images:
-        dets = sorted(by_image.get(im.id, []), key=lambda d: -d["score"])[:max_per_image]
+        dets = sorted(by_image.get(im.image_id, []), key=lambda d: -d["score"])[:max_per_image]
         if dets:
             rgb = dataset.load(im)
             predictor.set_image(rgb)
@@ -683,7 +632,7 @@ def run_instances(
                 for d, rle in zip(dets[sl], rles):
                     results.append(
                         {
-                            "image_id": im.id,
+                            "image_id": im.image_id,
                             "category_id": d["category_id"],
                             "segmentation": rle,
                             "score": d["score"],
@@ -692,7 +641,7 @@ def run_instances(
             used.extend(dets)
         if progress is not None:
             progress(1)
-    ids = [im.id for im in images]
+    ids = [im.image_id for im in images]
     seg_stats, _ = coco_evaluate(dataset, results, ids, iou_type="segm")
     box_stats, _ = coco_evaluate(dataset, [dict(d) for d in used], ids, iou_type="bbox")
     result = _base("instances", dataset, model, images)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .. import validate as V
+from ..files import atomic_write
 
 DETAIL_KEYS = ("per_mask", "per_image")
 
@@ -268,14 +269,14 @@ def write_report(
     if command:
         results["command"] = command
     written["results"] = out / "results.json"
-    written["results"].write_text(V.dumps(results, indent=2) + "\n")
+    atomic_write(written["results"], V.dumps(results, indent=2) + "\n")
     for key in DETAIL_KEYS:
         if any(key in r for r in runs):
             detail = runs[0].get(key, []) if len(runs) == 1 else [r.get(key, []) for r in runs]
             written[key] = out / f"{key}.json"
-            written[key].write_text(V.dumps(detail) + "\n")
+            atomic_write(written[key], V.dumps(detail) + "\n")
     written["report"] = out / "report.md"
-    written["report"].write_text(markdown(runs, command))
+    atomic_write(written["report"], markdown(runs, command))
     protocol = runs[0]["protocol"]
     if protocol == "points":
         written["plot_clicks"] = plot_clicks(runs, out / "miou_vs_clicks.png")

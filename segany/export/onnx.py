@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import atomic_path
 from ..models import Sam
 from ..models.fuse import fuse_for_inference
 from ..models.transformer import DecoderContext
@@ -156,9 +157,7 @@ def _export(
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
 ) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.onnx")
-    with warnings.catch_warnings():
+    with atomic_path(path, durable=False) as tmp, warnings.catch_warnings():  # a cache
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
@@ -171,7 +170,6 @@ def _export(
             dynamo=False,
             do_constant_folding=True,
         )
-    os.replace(tmp, path)
     return path
 
 
@@ -287,12 +285,11 @@ def quantize_dynamic_int8(path: str | os.PathLike[str]) -> Path:
     src = Path(path)
     dst = src.with_name(src.stem + ".int8.onnx")
     if not dst.is_file():
-        tmp = dst.with_suffix(f".tmp{os.getpid()}.onnx")
-        quantize_dynamic(
-            str(src),
-            str(tmp),
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm"],
-        )
-        os.replace(tmp, dst)
+        with atomic_path(dst, durable=False) as tmp:
+            quantize_dynamic(
+                str(src),
+                str(tmp),
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul", "Gemm"],
+            )
     return dst

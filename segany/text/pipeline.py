@@ -23,7 +23,8 @@ import torch
 
 from .. import masks as M
 from .. import transforms as T
-from ..formats.coco import CocoWriter
+from ..datasets.coco import CocoWriter
+from ..datasets.records import rle_bbox
 from ..predictor import Predictor
 from .detectors import DEFAULT_DETECTOR, Detections, Detector, clip_boxes, load_detector
 
@@ -88,10 +89,11 @@ class TextSegmentation:
         self, output_mode: OutputMode = "binary_mask", *, first_category_id: int = 1
     ) -> list[dict[str, Any]]:
         """One dict per mask in the shape of the mask generator's records (``segmentation``,
-        ``area``, ``bbox`` XYWH of the mask, ``predicted_iou``, ``stability_score``) plus
+        ``area``, ``bbox`` XYWH of the mask by :func:`segany.datasets.rle_bbox`,
+        ``predicted_iou``, ``stability_score``) plus
         ``category_id`` (query index + ``first_category_id``), ``label``, ``phrase``,
         ``score`` (detector) and ``box`` (detector box, XYXY); every writer in
-        :mod:`segany.formats` takes them."""
+        :mod:`segany.datasets` takes them."""
         n = len(self)
         if n == 0:
             return []
@@ -104,7 +106,7 @@ class TextSegmentation:
             segs = list(self.masks)
         else:
             raise ValueError(f"unknown output_mode {output_mode!r}")
-        bboxes = M.xyxy_to_xywh(M.masks_to_boxes(m)).tolist()
+        bboxes = [list(rle_bbox(r)) for r in M.masks_to_coco_rle(m)]
         areas = m.sum((-1, -2)).tolist()
         names = self.label_names
         return [

@@ -6,11 +6,9 @@ from .data import (
     DataError,
     TrainData,
     TrainImage,
-    coco_source,
+    for_training,
     open_source,
-    sa1b_source,
     split_by_image,
-    store_source,
 )
 from .losses import dice_loss, focal_loss, iou_mse, mask_iou, sam_loss
 from .trainer import TrainConfig, Trainer, output_paths
@@ -21,15 +19,13 @@ __all__ = [
     "TrainData",
     "TrainImage",
     "Trainer",
-    "coco_source",
     "dice_loss",
     "focal_loss",
+    "for_training",
     "iou_mse",
     "mask_iou",
     "open_source",
     "output_paths",
-    "sa1b_source",
     "sam_loss",
     "split_by_image",
-    "store_source",
 ]

@@ -171,6 +171,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from ..cli import CliError
+    from ..files import atomic_write
     from .data import DataError, open_source, split_by_image, to_coco
     from .trainer import output_paths, train
 
@@ -186,10 +187,9 @@ def run_train(args: argparse.Namespace) -> int:
             data = open_source(args.data, images=args.images, kind=args.data_kind)
             tr, va = split_by_image(data.images, cfg.val_fraction, cfg.split_seed)
             paths = output_paths(args.out)
-            paths["val"].parent.mkdir(parents=True, exist_ok=True)
-            paths["val"].write_text(V.dumps(to_coco(va)) + "\n")
+            atomic_write(paths["val"], V.dumps(to_coco(va)) + "\n")
             train_json = paths["val"].with_name(paths["val"].name.replace(".val.", ".train."))
-            train_json.write_text(V.dumps(to_coco(tr)) + "\n")
+            atomic_write(train_json, V.dumps(to_coco(tr)) + "\n")
             print(V.dumps({"train": str(train_json), "train_images": len(tr),
                               "train_masks": sum(i.num_masks for i in tr), "val": str(paths["val"]),
                               "val_images": len(va), "val_masks": sum(i.num_masks for i in va)},

@@ -110,10 +110,11 @@ def retrain_from_store(
     catalogue model); ``out`` to ``IMAGES_DIR/.segany/models/retrain-NNN.pt``; ``config``
     is a :class:`TrainConfig` or overrides of :func:`retrain_config`. Records a
     ``model_trained`` event and returns its data (with ``checkpoint``)."""
+    from ..datasets import open_dataset
     from ..engine.server import default_db
     from ..engine.store import Store, redact
     from ..weights import DEFAULT_WEIGHTS
-    from .data import DataError, store_source
+    from .data import DataError, for_training
     from .trainer import train
 
     root = Path(images_dir).expanduser().resolve()
@@ -121,7 +122,7 @@ def retrain_from_store(
         raise LoopError(f"images folder not found: {images_dir}")
     db = db or default_db(root)
     try:
-        data = store_source(db, root)
+        data = for_training(open_dataset(db, images=root, kind="store"))
     except Exception as exc:  # StoreError, SQLAlchemy errors
         raise LoopError(f"cannot read the annotations of {root}: {exc}") from exc
     if data.num_masks == 0:

@@ -35,8 +35,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +47,7 @@ import torch.nn.functional as F
 
 from .. import transforms as T
 from .. import validate as V
+from ..files import atomic_file, atomic_write
 from ..models import Sam
 from ..predictor import EmbeddingCache, ImageEmbedding, image_key
 from . import prompts as P
@@ -174,22 +173,9 @@ def output_paths(out: str | Path) -> dict[str, Path]:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """``torch.save`` through :func:`segany.files.atomic_file` (durable)."""
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def encoder_fingerprint(model: Sam) -> str:
@@ -224,12 +210,7 @@ class EmbeddingSource:
             hit = self.cache.get(key)
             if hit is not None:
                 return hit
-        rgb = T.load_image(image.path)
-        if rgb.shape[:2] != (image.height, image.width):
-            raise ValueError(
-                f"{image.path} is {rgb.shape[1]}x{rgb.shape[0]} but the annotations say "
-                f"{image.width}x{image.height}"
-            )
+        rgb = image.load()
         key = self._key(image, rgb)
         self._keys[image.key] = key
         hit = self.cache.get(key)
@@ -443,7 +424,7 @@ class Trainer:
         xs = []
         for im in images:
             x, _ = T.to_model_input(
-                T.load_image(im.path), img_size=m.img_size, pixel_mean=m.pixel_mean,
+                im.load(), img_size=m.img_size, pixel_mean=m.pixel_mean,
                 pixel_std=m.pixel_std,
             )  # fmt: skip
             xs.append(x)
@@ -725,7 +706,7 @@ class Trainer:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **(extra or {}),
         }
-        _atomic_text(V.dumps(meta, indent=2) + "\n", self.paths["meta"])
+        atomic_write(self.paths["meta"], V.dumps(meta, indent=2) + "\n")
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, *, resume: bool = False) -> dict[str, Any]:
@@ -746,7 +727,7 @@ class Trainer:
         if not resume:
             torch.manual_seed(cfg.seed)
         if self.val_images:
-            _atomic_text(V.dumps(to_coco(self.val_images)) + "\n", self.paths["val"])
+            atomic_write(self.paths["val"], V.dumps(to_coco(self.val_images)) + "\n")
         if self.embeddings is not None:
             need = self.train_images + (self.val_images if cfg.val_every else [])
             need += self.replay_images if self.teacher is not None else []

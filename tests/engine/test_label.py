@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -58,13 +59,23 @@ def images(tmp_path_factory) -> Path:
     return root
 
 
+def _read_shard(path: Path):
+    """The (SA-1B JSON, image bytes) pairs of one shard tar, as stored."""
+    with tarfile.open(path, "r") as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    for name, data in files.items():
+        if name.endswith(".json"):
+            ann = json.loads(data)
+            yield ann, files.get(ann["image"]["file_name"], b"")
+
+
 def _contents(out: Path) -> dict[str, tuple[dict, bytes]]:
     """Per-image JSON and image bytes of a finished dataset, keyed by source path."""
     manifest = json.loads((out / "manifest.json").read_text())
     source = {im["image_id"]: im["source"] for im in manifest["images"]}
     found = {}
     for shard in manifest["shards"]:
-        for ann, img in L.read_shard(out / shard["path"]):
+        for ann, img in _read_shard(out / shard["path"]):
             key = source[ann["image"]["image_id"]]
             assert key not in found
             found[key] = (ann, img)
@@ -252,7 +263,7 @@ def test_resume_states_and_guards(images, tiny_ckpt, tmp_path):
     shard1 = [it for it in items if it.shard == 1]
     staged = L.staging_dir(out, 1)
     staged.mkdir(parents=True)
-    for ann, img in L.read_shard(L.shard_tar(out, 1)):
+    for ann, img in _read_shard(L.shard_tar(out, 1)):
         (staged / ann["image"]["file_name"]).write_bytes(img)
         (staged / f"sa_{ann['image']['image_id']}.json").write_text(json.dumps(ann))
     for e in json.loads(L.shard_index(out, 1).read_text())["errors"]:
@@ -306,8 +317,8 @@ def test_mask_shape_concavity_and_centre():
 
 
 def test_stats_on_coco_and_sa1b(tmp_path, tiny_ckpt):
-    from segany.formats.coco import CocoWriter
-    from segany.formats.sa1b import write_sa1b
+    from segany.datasets.coco import CocoWriter
+    from segany.datasets.sa1b import write_sa1b
 
     def rec(mask: np.ndarray) -> dict:
         ys, xs = np.nonzero(mask)

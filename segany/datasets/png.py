@@ -1,5 +1,6 @@
 """One PNG per mask (0/255) in a folder per image, plus ``metadata.csv`` (SAM's
-``amg.py`` layout: id, area, bbox, point, predicted IoU, stability, crop box)."""
+``amg.py`` layout: id, area, bbox, point, predicted IoU, stability, crop box). The bbox
+is measured on the mask (:func:`~.records.rle_bbox`), as in every writer."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import to_mask
+from ..files import atomic_file
+from .coco import as_mask_record
+from .records import to_mask
 
 HEADER = (
     "id,file,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,"
@@ -25,13 +28,13 @@ def write_png(folder: str | Path, records: list[dict[str, Any]]) -> Path:
     rows = []
     for i, r in enumerate(records):
         name = f"{i}.png"
-        Image.fromarray(to_mask(r["segmentation"]).astype(np.uint8) * 255).save(folder / name)
-        (px, py) = r["point_coords"][0]
-        rows.append(
-            [i, name, int(r["area"]), *r["bbox"], px, py, r["predicted_iou"]]
-            + [r["stability_score"], *r["crop_box"]]
-        )
-    with open(folder / "metadata.csv", "w", newline="") as f:
+        mask = to_mask(r["segmentation"])
+        m = as_mask_record(r, *mask.shape, index=i, where=str(folder))
+        Image.fromarray(mask.astype(np.uint8) * 255).save(folder / name)
+        (px, py) = m.point_coords[0] if m.point_coords else ("", "")
+        crop = m.crop_box or (0.0, 0.0, float(mask.shape[1]), float(mask.shape[0]))
+        rows.append([i, name, m.area, *m.bbox, px, py, m.predicted_iou, m.stability_score, *crop])
+    with atomic_file(folder / "metadata.csv", "w") as f:
         w = csv.writer(f)
         w.writerow(HEADER)
         w.writerows(rows)

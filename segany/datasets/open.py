@@ -1,0 +1,117 @@
+"""The one sniffing rule: which reader opens a source (:func:`open_dataset`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .coco import is_coco, load_json, read_coco
+from .records import Dataset, DatasetError, TarMember
+from .sa1b import (
+    MANIFEST,
+    NOT_IMAGE_JSON,
+    is_sa1b,
+    labeled_shards,
+    read_sa1b_dataset,
+    tar_images,
+)
+from .store import read_store
+
+KINDS = ("auto", "coco", "sa1b", "store")
+#: Where the annotator keeps its store inside the annotated folder.
+STORE_IN_FOLDER = Path(".segany") / "annotations.db"
+STORE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+
+
+def sniff(source: str | os.PathLike[str]) -> tuple[str, Path]:
+    """``(kind, path)`` of ``source`` by the rule, first match wins:
+
+    1. a database URL (``...://...``) or a ``.db`` / ``.sqlite`` file: the annotator's store;
+    2. a folder with ``.segany/annotations.db``: the store of that annotated folder;
+    3. a folder with ``manifest.json`` (``segany label``'s output): SA-1B shards;
+    4. a ``.tar`` file: one SA-1B shard; a ``.zip``: SA-1B JSONs (the annotator's export);
+    5. a ``.json`` file: COCO if it has an ``images`` list, SA-1B if ``image`` and
+       ``annotations``;
+    6. a folder with ``annotations.json``: COCO;
+    7. a folder whose only JSON file is COCO: that file;
+    8. another folder: SA-1B (tars, else per-image JSON files, searched recursively).
+
+    ``path`` is what the reader opens (the file of rule 7)."""
+    text = os.fspath(source)
+    p = Path(text).expanduser()
+    if "://" in text or p.suffix in STORE_SUFFIXES:
+        return "store", p
+    if p.is_dir():
+        if (p / STORE_IN_FOLDER).is_file():
+            return "store", p
+        if (p / MANIFEST).is_file():
+            return "sa1b", p
+        if (p / "annotations.json").is_file():
+            return "coco", p
+        if not any(p.rglob("*.tar")):
+            jsons = [f for f in p.rglob("*.json") if f.name not in NOT_IMAGE_JSON][:2]
+            if len(jsons) == 1 and is_coco(load_json(jsons[0])):
+                return "coco", jsons[0]
+        return "sa1b", p
+    if p.is_file() and p.suffix in (".tar", ".zip"):
+        return "sa1b", p
+    if p.is_file():
+        data = load_json(p)
+        if is_coco(data):
+            return "coco", p
+        if is_sa1b(data):
+            return "sa1b", p
+        raise DatasetError(f"{p}: neither a COCO instances JSON nor an SA-1B image JSON")
+    raise DatasetError(f"data source not found: {source}")
+
+
+def _in_tars(images: str | os.PathLike[str] | None) -> Callable[[str], TarMember] | None:
+    """When ``images`` is a ``segany label`` output or a tar: a lookup of its images by
+    file name (so a COCO split of a labeled dataset finds its images in the shards)."""
+    if images is None:
+        return None
+    p = Path(images).expanduser()
+    if p.is_dir() and (p / MANIFEST).is_file():
+        members = tar_images(labeled_shards(p))
+    elif p.is_file() and p.suffix == ".tar":
+        members = tar_images([p])
+    else:
+        return None
+    return lambda name: members.get(name) or TarMember(tar=p, name=name, offset=None)
+
+
+def open_dataset(
+    source: str | os.PathLike[str],
+    *,
+    images: str | os.PathLike[str] | None = None,
+    kind: str = "auto",
+    statuses: Sequence[str] = ("accepted",),
+) -> Dataset:
+    """Open ``source`` as ``kind`` (``coco``, ``sa1b``, ``store`` or ``auto``: the rule of
+    :func:`sniff`). ``images`` is the image folder when the images are not where the
+    annotations say (COCO, loose SA-1B JSON; for COCO also a ``segany label`` output or a
+    tar holding them, e.g. for a training run's ``.val.json``) and the annotated folder for
+    a store given as a database (required then); ``statuses`` the store's objects to
+    read."""
+    if kind not in KINDS:
+        raise DatasetError(f"unknown data kind {kind!r}; use {', '.join(KINDS)}")
+    if kind == "auto":
+        kind, path = sniff(source)
+    else:
+        path = Path(os.fspath(source)).expanduser()
+    if kind == "coco":
+        return read_coco(path, images, locate=_in_tars(images))
+    if kind == "sa1b":
+        return read_sa1b_dataset(path, images)
+    if path.is_dir():
+        db: str | Path = path / STORE_IN_FOLDER
+        images = images if images is not None else path
+    else:
+        db = os.fspath(source)
+    if images is None:
+        raise DatasetError("the store needs the annotated images folder (--images DIR)")
+    return read_store(db, images, statuses=statuses)
+
+
+__all__ = ["KINDS", "open_dataset", "sniff"]
