@@ -45,14 +45,25 @@ def add_large_image_args(p: argparse.ArgumentParser, *, prompts: bool) -> None:
         help=f"refuse images above N pixels (default {MAX_PIXELS} for images decoded whole; "
         "TIFFs are read by window and have no limit unless given)",
     )
+    when = (
+        f"default for TIFFs larger than {DEFAULT_TILE} px or with a CRS"
+        if prompts
+        else "implied by --format " + "|".join(GEO_FORMATS)
+    )
     g.add_argument(
         "--tile-size",
         type=int,
         default=None,
         metavar="PX",
-        help=f"work tile by tile (default for TIFFs larger than {DEFAULT_TILE} px or with a CRS)",
+        help=f"work tile by tile, tiles of PX pixels (default {DEFAULT_TILE}; {when})",
     )
-    g.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, metavar="PX", help="tiles'")
+    g.add_argument(
+        "--overlap",
+        type=int,
+        default=DEFAULT_OVERLAP,
+        metavar="PX",
+        help=f"minimum overlap of neighbouring tiles (default {DEFAULT_OVERLAP})",
+    )
     g.add_argument("--bands", type=_bands, metavar="R,G,B", help="1-based bands (1 or 3)")
     g.add_argument("--scale", type=_scale, metavar="LOW,HIGH", help="raw values mapped to 0..255")
     if prompts:

@@ -93,8 +93,7 @@ def test_segment_cli_writes_georeferenced_mask(mobile_sam, tmp_path, capsys) -> 
         [
             "segment",
             str(LANDSAT),
-            "--point",
-            f"{lon[0]},{lat[0]}",
+            f"--point={lon[0]},{lat[0]}",  # a negative longitude is not an option
             "--point-crs",
             "EPSG:4326",
             "--tile-size",
