@@ -1,8 +1,9 @@
 """Segment everything in an image of any size, tile by tile, with one set of object ids.
 
 Each tile (see :class:`segany.tiles.TileGrid`) goes through an unchanged
-:class:`segany.everything.MaskGenerator`; its masks are painted, best predicted IoU first,
-into one label raster on disk (zarr, uint32 ids, image frame). Where a tile overlaps tiles
+:class:`segany.everything.MaskGenerator`; its masks are painted
+into one label raster on disk (zarr, uint32 ids, image frame), smallest first (a mask
+over several objects keeps only the pixels left free). Where a tile overlaps tiles
 already done, a mask is the same object as an existing one when they agree on the shared
 pixels (IoU >= ``match_iou`` there): the two are merged, so an object seen whole by two
 tiles comes out once and an object cut by a tile border comes out whole. Ids merged after
@@ -96,7 +97,7 @@ class TiledMaskGenerator:
         match_iou: masks agreeing with an existing object at least this much on the pixels
             they share with earlier tiles are merged into it.
         min_new_fraction: a mask whose pixels are mostly (more than 1 - this) taken by
-            other objects of the same tile is left out (a union of objects already there).
+            other objects is left out (a union of objects already there).
     """
 
     def __init__(
@@ -207,7 +208,9 @@ class TiledMaskGenerator:
         found, _ = self.generator.generate_masks(src.read(*win))
         masks = found.masks.numpy()
         valid = src.valid(*win)
-        order = np.argsort(-found.iou.numpy(), kind="stable")
+        # smallest first: a mask covering several objects (or the background) then finds
+        # their pixels taken and keeps only what is left, instead of swallowing them
+        order = np.argsort(masks.reshape(len(masks), -1).sum(1), kind="stable")
         cur = ids.resolve(raw) if raw.any() else raw.copy()
         out = raw.copy()
         for k in order:

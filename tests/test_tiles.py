@@ -229,7 +229,7 @@ def test_tiled_everything_on_nuclei_mosaic(mobile_sam, mosaic, tmp_path) -> None
             (n / (m.sum() + (labels == j).sum() - n) for j, n in zip(ids, inter) if j), default=0
         )
         best[_cut(m, grid)].append(iou)
-    assert len(best[True]) >= 10
+    assert len(best[True]) == 4  # the nuclei of 60+ px that no 256-px tile holds whole
     assert np.mean(best[True]) >= np.mean(best[False]) - 0.05
     assert np.mean(best[False]) > 0.6
 
