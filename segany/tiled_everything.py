@@ -210,7 +210,7 @@ class TiledMaskGenerator:
         valid = src.valid(*win)
         # smallest first: a mask covering several objects (or the background) then finds
         # their pixels taken and keeps only what is left, instead of swallowing them
-        order = np.argsort(masks.reshape(len(masks), -1).sum(1), kind="stable")
+        order = np.argsort(masks.sum((1, 2)), kind="stable")
         cur = ids.resolve(raw) if raw.any() else raw.copy()
         out = raw.copy()
         for k in order:
