@@ -119,6 +119,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--embedding-cache", help="folder keeping image embeddings across runs")
     _add_text_args(p)
+    from .geo_cli import add_large_image_args
+
+    add_large_image_args(p, prompts=True)  # segany/geo_cli.py: tiles, GeoTIFF, --max-pixels
     p.set_defaults(func=_run_segment, multimask=None)
 
 
@@ -170,16 +173,20 @@ def _run_segment(args: argparse.Namespace) -> int:
 
     from .datasets import rle_bbox, to_rle
     from .loader import load_predictor
-    from .transforms import load_image
+    from .transforms import MAX_PIXELS, load_image
     from .viz import candidates_panel, overlay_prediction
 
     if args.text is not None:
         if args.point or args.box is not None:
             raise CliError("--text finds its own boxes: give --text, or --point/--box, not both")
         return _run_segment_text(args)
+    from .geo_cli import handles_segment, run_segment
+
+    if handles_segment(args):
+        return run_segment(args)
     if not args.point and args.box is None:
         raise CliError("give at least one --point, a --box or --text")
-    image = load_image(args.image)
+    image = load_image(args.image, max_pixels=args.max_pixels or MAX_PIXELS)
     predictor = load_predictor(
         args.model, cache_dir=args.embedding_cache, backend=args.backend, precision=args.precision
     )
@@ -307,7 +314,9 @@ def _add_everything(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--format", choices=FORMATS, default="sa1b", help="default: sa1b")
+    from .geo_cli import GEO_FORMATS, add_large_image_args
+
+    p.add_argument("--format", choices=FORMATS + GEO_FORMATS, default="sa1b", help="default: sa1b")
     p.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -318,6 +327,7 @@ def _add_everything(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop-layers", type=int, help="override the preset's crop layers")
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay PNGs")
     _add_model_args(p)
+    add_large_image_args(p, prompts=False)  # segany/geo_cli.py: tiled, georeferenced outputs
     p.set_defaults(func=_run_everything)
 
 
@@ -342,12 +352,16 @@ def _run_everything(args: argparse.Namespace) -> int:
     from .datasets.yolo import write_yolo
     from .everything import MaskGenerator
     from .loader import load_predictor
-    from .transforms import ImageError, load_image
+    from .transforms import MAX_PIXELS, ImageError, load_image
     from .viz import overlay_records
 
     images = _collect_images(args.inputs)
     if not images:
         raise CliError("no images found in " + " ".join(args.inputs))
+    from .geo_cli import handles_everything, run_everything
+
+    if handles_everything(args):
+        return run_everything(args, images)
     try:
         gen = MaskGenerator(
             load_predictor(args.model, backend=args.backend, precision=args.precision),
@@ -368,7 +382,7 @@ def _run_everything(args: argparse.Namespace) -> int:
     bar = tqdm(images, unit="img", desc="everything")
     for path in bar:
         try:
-            rgb = load_image(path)
+            rgb = load_image(path, max_pixels=args.max_pixels or MAX_PIXELS)
             records = gen.generate(rgb)
         except (ImageError, ValueError, RuntimeError, MemoryError) as exc:
             # one bad image never stops the batch; writing errors (OSError) do

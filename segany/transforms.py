@@ -126,11 +126,17 @@ def load_image(src: ImageLike, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 
 
 def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
-    w, h = size
-    if w * h > max_pixels:
+    check_pixel_limit(size[0], size[1], max_pixels, name)
+
+
+def check_pixel_limit(width: int, height: int, max_pixels: int, name: str) -> None:
+    """Refuse an image of more than ``max_pixels`` pixels (a decompression-bomb guard),
+    saying how to raise the limit."""
+    if width * height > max_pixels:
         raise ImageError(
-            f"{name} is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}; "
-            "downscale it or raise max_pixels"
+            f"{name} is {width}x{height} = {width * height} pixels, above the limit of "
+            f"{max_pixels}; downscale it or raise the limit (--max-pixels N on the command "
+            "line, max_pixels=N in Python)"
         )
 
 
