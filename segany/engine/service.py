@@ -349,6 +349,13 @@ class UserRef:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _finite_or_none(value: float | None, default: float) -> float | None:
+    """A stored score for export: ``default`` when unset, None when not finite."""
+    if value is None:
+        return default
+    return float(value) if np.isfinite(value) else None
+
+
 def _text_prompt(a: Annotation) -> dict[str, Any]:
     """The text part of an annotation's prompt (pre-filled by class name), else ``{}``."""
     prompt = a.prompt if isinstance(a.prompt, dict) else None
@@ -1447,8 +1454,10 @@ class AnnotationService:
             "segmentation": a.segmentation,
             "area": a.area,
             "bbox": a.bbox,
-            "predicted_iou": a.score if a.score is not None else 1.0,
-            "stability_score": a.stability if a.stability is not None else 1.0,
+            # a row stored with a non-finite number (by an older segany or by hand) exports
+            # it as null rather than failing the export for everyone
+            "predicted_iou": _finite_or_none(a.score, 1.0),
+            "stability_score": _finite_or_none(a.stability, 1.0),
             "crop_box": [0.0, 0.0, float(w), float(h)],
             "point_coords": prompt.get("points") or [],
         }
@@ -1484,6 +1493,7 @@ class AnnotationService:
         data["info"] = {"description": "segany annotate", "model": self.model_name}
         for out, a in zip(data["annotations"], order, strict=True):
             out["id"] = a.id  # the annotator's ids, stable across exports
+            out.setdefault("score", None)  # stored non-finite: null
         return data
 
     def export_sa1b(self, include_pending: bool = False) -> bytes:

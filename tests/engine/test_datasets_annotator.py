@@ -30,7 +30,7 @@ def client(images_dir, tmp_path):
 
     svc = make_service(f"sqlite:///{tmp_path / 'a.db'}", images_dir,
                        Predictor(tiny_sam(), model_id="tiny"), tmp_path / "cache")  # fmt: skip
-    with TestClient(create_app(svc)) as c:
+    with TestClient(create_app(svc), base_url="http://localhost") as c:
         yield c
     svc.close()
     svc.store.close()
