@@ -93,12 +93,16 @@ from segany.predictor import EmbeddingCache
 from segany.runtime import set_threads
 set_threads(int(sys.argv[2]))
 backend, _, bf = sys.argv[3].partition("-bf")
-pred = load_predictor(
-    sys.argv[1],
-    backend=backend,
-    precision="bf16" if bf else "fp32",
-    cache=EmbeddingCache(max_items=0),
-)
+if backend == "compat":  # Meta's API through segany.compat (keeps no embedding cache)
+    from segany.compat import SamPredictor, sam_model_registry
+    pred = SamPredictor(sam_model_registry["vit_t"](checkpoint=sys.argv[1]))
+else:
+    pred = load_predictor(
+        sys.argv[1],
+        backend=backend,
+        precision="bf16" if bf else "fp32",
+        cache=EmbeddingCache(max_items=0),
+    )
 def set_image(img):
     pred.set_image(img)
 def click(pt):
@@ -145,7 +149,8 @@ def main() -> None:
         "--backends",
         default="torch,onnx",
         help="comma-separated segany backends: torch, onnx, onnx-int8, torch-bf16 (torch "
-        "with a bfloat16 image encoder; not the reference's numbers, see docs/performance.md);"
+        "with a bfloat16 image encoder; not the reference's numbers, see docs/performance.md), "
+        "compat (segany.compat.SamPredictor, Meta's API, fused as torch);"
         " '@NAME=VALUE' after one sets an environment variable for its workers, e.g. "
         "torch,torch@SEGANY_KEEP_FREED_MEMORY=0 (torch-bf16 is refused on a CPU without "
         "native bfloat16; torch-bf16@SEGANY_FORCE_BF16=1 measures it anyway)",

@@ -23,8 +23,9 @@ import torch
 
 from .. import transforms as T
 from ..models import Sam, build_model
+from ..models.fuse import InferenceView
 from ..models.sam2 import Sam2
-from ..predictor import ImageEmbedding, Predictor
+from ..predictor import EmbeddingCache, ImageEmbedding, Predictor
 from ..weights import load_checkpoint
 
 
@@ -33,6 +34,27 @@ def _build(name: str, checkpoint: str | None = None) -> Sam:
     if checkpoint is not None:
         sam.load_state_dict(load_checkpoint(checkpoint), strict=True)
     return sam.eval()
+
+
+class _FastPredictor:
+    """A :class:`Predictor` over the :class:`InferenceView` of a user's model: the fused
+    copy in eval mode (a new predictor, and so a new embedding, when the weights changed),
+    the model itself in training mode. Like the reference, it keeps no embedding cache:
+    every ``set_image`` encodes (and no weights fingerprint is computed for cache keys)."""
+
+    def __init__(self, model: Sam) -> None:
+        self.view = InferenceView(model)
+        self.predictor: Predictor | None = None
+
+    def get(self) -> Predictor:
+        model = self.view.current()
+        if self.predictor is None or self.predictor.model is not model:
+            training = self.view.model.training
+            self.predictor = Predictor(
+                model, cache=EmbeddingCache(max_items=0), model_id="compat-uncached"
+            )
+            self.view.model.train(training)  # Predictor puts its model in eval mode
+        return self.predictor
 
 
 sam_model_registry: dict[str, Callable[..., Sam]] = {
@@ -88,13 +110,15 @@ class SamPredictor:
         sam_model.require_sam1("SamPredictor (use SAM2ImagePredictor)")
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.img_size)
-        self._predictor = Predictor(sam_model)
+        self._fast = _FastPredictor(sam_model)
+        self._predictor = self._fast.get()
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
         if image_format != self.model.image_format:
             image = image[..., ::-1]
+        self._predictor = self._fast.get()
         self._predictor.set_image(np.ascontiguousarray(image))
 
     def set_torch_image(
@@ -108,8 +132,9 @@ class SamPredictor:
             pixel_std=m.pixel_std,
         )
         size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
-        with torch.inference_mode():
-            emb = m.embed_image(x, valid=size)  # the rest is the zero padding added above
+        self._predictor = self._fast.get()
+        with torch.inference_mode():  # the rest is the zero padding added above
+            emb = self._predictor.model.embed_image(x, valid=size)
         self._predictor.set_embedding(
             ImageEmbedding(
                 embedding=emb,
@@ -306,7 +331,8 @@ class SAM2ImagePredictor:
                 UserWarning,
                 stacklevel=2,
             )
-        self._predictor = Predictor(sam_model)
+        self._fast = _FastPredictor(sam_model)
+        self._predictor = self._fast.get()
         self._states: list[ImageEmbedding] = []
         self._is_batch = False
 
@@ -335,6 +361,7 @@ class SAM2ImagePredictor:
     def set_image(self, image: np.ndarray | object) -> None:
         """Embed one RGB image (``(H, W, 3)`` array or PIL image)."""
         self.reset_predictor()
+        self._predictor = self._fast.get()
         self._states = [self._predictor.set_image(image)]
 
     def set_image_batch(self, image_list: list[np.ndarray]) -> None:
@@ -342,6 +369,7 @@ class SAM2ImagePredictor:
         self.reset_predictor()
         if not isinstance(image_list, list):
             raise TypeError("image_list must be a list of (H, W, 3) RGB arrays")
+        self._predictor = self._fast.get()
         self._states = [self._predictor.set_image(img) for img in image_list]
         self._is_batch = True
 
@@ -432,7 +460,7 @@ class SAM2ImagePredictor:
             if masks_in.ndim == 3:
                 masks_in = masks_in[None]
         p = self._predictor
-        if p._state is not st:
+        if not p.is_image_set or p.state is not st:
             p.set_embedding(st)
         out = p.predict_batch(
             point_coords=coords,

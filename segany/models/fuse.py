@@ -8,6 +8,9 @@ an unfused model.
 
 from __future__ import annotations
 
+import copy
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -295,3 +298,37 @@ def fuse_for_inference(model: nn.Module, *, onednn: bool | None = None) -> nn.Mo
     model.requires_grad_(False)
     model._segany_fused = True
     return model
+
+
+def weights_version(model: nn.Module) -> tuple[tuple[int, int], ...]:
+    """Identity and in-place version counter of every parameter and buffer of ``model``:
+    changes whenever a weight is replaced or updated in place (optimiser steps,
+    ``load_state_dict``, ``.to()``), and only then."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return tuple((id(t), t._version) for t in tensors)
+
+
+class InferenceView:
+    """The fast inference form of a model that stays the user's to train.
+
+    :meth:`current` returns a fused deep copy (:func:`fuse_for_inference`) of ``model``
+    while it is in eval mode, rebuilt whenever its weights change (see
+    :func:`weights_version`); in training mode, the model itself (batch norms then use
+    batch statistics, as the unfused model does). ``model`` is never rewritten: its
+    parameters, state dict and ``.train()`` keep working. The copy costs the model's
+    memory once more."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._key: tuple | None = None
+        self._copy: nn.Module | None = None
+
+    def current(self) -> nn.Module:
+        if self.model.training:
+            return self.model
+        key = weights_version(self.model)
+        if self._copy is None or key != self._key:
+            self._copy = None  # the old copy's memory is free before the new one is made
+            self._copy = fuse_for_inference(copy.deepcopy(self.model))
+            self._key = key
+        return self._copy
