@@ -66,10 +66,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--backend",
-        choices=("torch", "onnx", "onnx-int8"),
-        default="torch",
-        help="inference engine (onnx: exported once and cached; onnx-int8: quantised, "
-        "see docs/performance.md for its accuracy cost)",
+        choices=("auto", "torch", "onnx", "onnx-int8"),
+        default="auto",
+        help="inference engine (auto: the faster exact one on this machine, timed once and "
+        "recorded, or $SEGANY_BACKEND; onnx: exported once and cached; onnx-int8: "
+        "quantised, see docs/performance.md for its accuracy cost)",
     )
     p.add_argument(
         "--precision",

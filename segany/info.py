@@ -69,13 +69,33 @@ def collect() -> dict[str, Any]:
         "threads": R.get_threads(),
         "backends": backends,
         "precisions": ["fp32", "bf16"] if R.has_native_bf16() else ["fp32"],
-        "default": {"model": W.DEFAULT_WEIGHTS, "backend": "torch", "precision": "fp32"},
+        "default": {"model": W.DEFAULT_WEIGHTS, "backend": "auto", "precision": "fp32"},
+        "auto_backend": _auto_backend(W.DEFAULT_WEIGHTS),
         "folders": {"cache": str(W.cache_dir()), "weights": str(W.weights_dir())},
     }
 
 
+def _auto_backend(model: str) -> dict[str, Any]:
+    """What ``backend="auto"`` picks for ``model`` here: ``$SEGANY_BACKEND``, the recorded
+    choice with its timings, or not measured yet."""
+    import os
+
+    from . import autotune as A
+    from . import weights as W
+
+    env = os.environ.get(A.BACKEND_ENV, "").strip()
+    if env and env != "auto":
+        return {"backend": env, "source": f"${A.BACKEND_ENV}"}
+    spec = W.get_spec(model)
+    entry = A.cached_choice(spec.sha256[:32] if spec.sha256 else None)
+    if entry is None:
+        return {"backend": None, "source": "not timed yet", "file": str(A.choices_file())}
+    return {"backend": entry["backend"], "source": A.describe(entry), "when": entry["when"]}
+
+
 def _text(report: dict[str, Any]) -> str:
     cpu = report["cpu"]
+    auto = report["auto_backend"]
     lines = [
         "segany " + report["versions"]["segany"],
         "versions: "
@@ -88,6 +108,12 @@ def _text(report: dict[str, Any]) -> str:
         f"precisions: {', '.join(report['precisions'])}"
         + ("" if "bf16" in report["precisions"] else " (no native bfloat16: bf16 refused)"),
         "default: " + ", ".join(f"{k} {v}" for k, v in report["default"].items()),
+        "auto backend: "
+        + (
+            f"{auto['backend']} ({auto['source']})"
+            if auto["backend"]
+            else "not timed yet on this machine (`segany info --measure` or the first load)"
+        ),
         f"cache: {report['folders']['cache']}",
         f"weights: {report['folders']['weights']}",
     ]
@@ -101,12 +127,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__.splitlines()[0],
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="time the exact backends for the default model now and record the auto choice",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from .validate import dumps
 
+    if args.measure:
+        from . import weights as W
+        from .autotune import candidates, choose, measure_backend
+        from .loader import load_model
+        from .models.fuse import fuse_for_inference
+
+        sam = fuse_for_inference(load_model(W.DEFAULT_WEIGHTS))
+        sha = W.get_spec(W.DEFAULT_WEIGHTS).sha256
+        choose(sam, sha[:32] if sha else None, candidates(sam), measure=measure_backend)
     report = collect()
     print(dumps(report, indent=2) if args.json else _text(report), file=sys.stdout)
     return 0

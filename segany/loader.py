@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
+from .autotune import resolve_backend
 from .models import Sam, model_from_state_dict
+from .models.fuse import fuse_for_inference
 from .predictor import EmbeddingCache, Predictor
 from .runtime import set_threads
 from .weights import DEFAULT_WEIGHTS, WeightsError, load_checkpoint, resolve
@@ -49,7 +51,7 @@ def load_predictor(
     cache_dir: str | Path | None = None,
     cache: EmbeddingCache | None = None,
     progress: bool = True,
-    backend: str = "torch",
+    backend: str = "auto",
     fuse: bool = True,
     threads: int | None = None,
     precision: str = "fp32",
@@ -57,8 +59,10 @@ def load_predictor(
     """A :class:`Predictor` over :func:`load_model`; ``cache_dir`` keeps embeddings on disk
     (or pass a ready ``cache``).
 
-    ``backend`` is ``"torch"``, ``"onnx"`` (exported once, cached under
-    ``~/.cache/segany/onnx``) or ``"onnx-int8"``; ``fuse`` applies
+    ``backend`` is ``"auto"`` (default: the faster of the exact backends on this machine,
+    measured once and recorded, or ``$SEGANY_BACKEND``; see :mod:`segany.autotune`),
+    ``"torch"``, ``"onnx"`` (exported once, cached under ``~/.cache/segany/onnx``) or
+    ``"onnx-int8"``; ``fuse`` applies
     :func:`segany.models.fuse.fuse_for_inference` (the predictor owns this model, so the
     inference-only rewrite is safe); ``threads`` calls :func:`segany.runtime.set_threads`;
     ``precision`` ``"bf16"`` embeds with a bfloat16 encoder (faster on AMX CPUs, less
@@ -67,10 +71,18 @@ def load_predictor(
     if threads is not None:
         set_threads(threads)
     sam, sha = _load(model, device=device, progress=progress)
+    model_id = sha[:32] if sha else None
+    if backend == "auto":
+        if precision != "fp32" or torch.device(device).type != "cpu":
+            backend = "torch"  # bf16 and GPUs are the torch backend's
+        else:
+            if fuse:  # measured as it will run
+                fuse_for_inference(sam)
+            backend = resolve_backend(backend, sam, model_id)
     return Predictor(
         sam,
         cache=cache if cache is not None else EmbeddingCache(cache_dir),
-        model_id=sha[:32] if sha else None,
+        model_id=model_id,
         backend=backend,
         fuse=fuse,
         precision=precision,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ from segany.models import Sam
 from segany.models.registry import vit_custom
 
 torch.set_num_threads(2)
+# backend="auto" times torch against onnxruntime on a machine's first load (a minute with the
+# ONNX export); tests use torch unless they set a backend (tests/test_autotune.py covers auto)
+os.environ.setdefault("SEGANY_BACKEND", "torch")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_REFERENCE = REPO.parent / "shared" / "reference"

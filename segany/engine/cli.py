@@ -36,9 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--backend",
-        default="torch",
-        choices=("torch", "onnx", "onnx-int8"),
-        help="inference backend (default: torch)",
+        default="auto",
+        choices=("auto", "torch", "onnx", "onnx-int8"),
+        help="inference backend (default auto: the faster exact one here, timed once)",
     )
     p.add_argument(
         "--detector",

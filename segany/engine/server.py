@@ -304,7 +304,7 @@ def build_service(
     *,
     db: str | None = None,
     model: str = "mobile_sam",
-    backend: str = "torch",
+    backend: str = "auto",
     auth: bool | None = None,
     host: str = "127.0.0.1",
     cache_dir: str | Path | None = None,

@@ -1,0 +1,176 @@
+"""``backend="auto"``: the fastest exact backend for this machine, measured once and cached.
+
+The exact backends are ``"torch"`` (fused fp32) and ``"onnx"`` (fp32 through onnxruntime);
+both match the reference goldens. Which one is faster depends on the CPU: on an Intel Xeon
+with AVX-512 torch won the encoder and the click, on an AMD EPYC with AVX2 onnxruntime's
+encoder was a few percent faster and its click much slower (docs/performance.md). The
+first ``auto`` load on a machine times both on one synthetic image (a few encodes and
+clicks; the ONNX export it needs is cached for later use) and keeps the answer in
+``<cache>/auto-backend.json``, keyed by the CPU, the library versions, the thread count and
+the weights. The cost compared is ``encode + CLICKS_PER_IMAGE x click``.
+
+Overrides: an explicit backend, or ``SEGANY_BACKEND=torch|onnx|onnx-int8`` in the
+environment (the default backend of every command and of :func:`segany.load_predictor`).
+int8 and bf16 change the masks and are never chosen automatically.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import runtime as R
+from .files import atomic_write
+
+log = logging.getLogger(__name__)
+
+#: backends ``auto`` may pick: those that keep parity with the reference
+EXACT_BACKENDS = ("torch", "onnx")
+#: clicks weighed against one image encoding when comparing backends
+CLICKS_PER_IMAGE = 10
+BACKEND_ENV = "SEGANY_BACKEND"
+
+Measure = Callable[[torch.nn.Module, str | None, str], dict[str, float]]
+
+
+def choices_file() -> Path:
+    from .weights import cache_dir
+
+    return cache_dir() / "auto-backend.json"
+
+
+def machine_key(model_id: str | None) -> str:
+    """What the choice depends on: CPU model and flags, versions, threads, weights."""
+    cpu = R.cpu_info()
+    ort = importlib.util.find_spec("onnxruntime")
+    parts = {
+        "cpu": cpu["model"],
+        "arch": cpu["arch"],
+        "flags": sorted(cpu["flags"]),  # type: ignore[arg-type]
+        "torch": torch.__version__,
+        "onnxruntime": _ort_version() if ort else None,
+        "threads": R.get_threads(),
+        "model": model_id,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def candidates(model: torch.nn.Module) -> list[str]:
+    """The exact backends that can run ``model`` here (onnx: SAM 1 family with
+    onnxruntime installed)."""
+    out = ["torch"]
+    sam1 = getattr(model, "input_geometry", "longest_side") == "longest_side"
+    if sam1 and importlib.util.find_spec("onnxruntime") is not None:
+        out.append("onnx")
+    return out
+
+
+def read_choices() -> dict[str, Any]:
+    try:
+        data = json.loads(choices_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def cached_choice(model_id: str | None) -> dict[str, Any] | None:
+    """The recorded choice for these weights on this machine, or None."""
+    entry = read_choices().get(machine_key(model_id))
+    return entry if isinstance(entry, dict) and entry.get("backend") in EXACT_BACKENDS else None
+
+
+def resolve_backend(
+    backend: str,
+    model: torch.nn.Module,
+    model_id: str | None,
+    *,
+    measure: Measure | None = None,
+) -> str:
+    """``backend`` unless it is ``"auto"``; for ``"auto"``: ``$SEGANY_BACKEND`` if set,
+    else the recorded choice, else measure now (and record)."""
+    if backend != "auto":
+        return backend
+    env = os.environ.get(BACKEND_ENV, "").strip()
+    if env and env != "auto":
+        return env
+    options = candidates(model)
+    if len(options) == 1:
+        return options[0]
+    entry = cached_choice(model_id)
+    if entry is not None:
+        return entry["backend"]
+    return choose(model, model_id, options, measure=measure or measure_backend)["backend"]
+
+
+def choose(
+    model: torch.nn.Module, model_id: str | None, options: list[str], *, measure: Measure
+) -> dict[str, Any]:
+    """Time every option, record and return ``{"backend", "figures", "cpu", "when"}``."""
+    log.warning(
+        "backend auto: timing %s once on this machine (recorded in %s)",
+        " and ".join(options),
+        choices_file(),
+    )
+    figures = {b: measure(model, model_id, b) for b in options}
+    cost = {b: f["encode_s"] + CLICKS_PER_IMAGE * f["click_s"] for b, f in figures.items()}
+    entry = {
+        "backend": min(cost, key=cost.__getitem__),
+        "figures": figures,
+        "cpu": R.cpu_info()["model"],
+        "threads": R.get_threads(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    data = read_choices()
+    data[machine_key(model_id)] = entry
+    try:
+        atomic_write(choices_file(), json.dumps(data, indent=1, sort_keys=True), durable=False)
+    except OSError as exc:  # a read-only cache: the choice holds for this process only
+        log.warning("backend auto: could not record the choice: %s", exc)
+    log.warning("backend auto: %s (%s)", entry["backend"], describe(entry))
+    return entry
+
+
+def describe(entry: dict[str, Any]) -> str:
+    return "; ".join(
+        f"{b}: encode {f['encode_s'] * 1e3:.0f} ms, click {f['click_s'] * 1e3:.1f} ms"
+        for b, f in entry["figures"].items()
+    )
+
+
+def measure_backend(model: torch.nn.Module, model_id: str | None, backend: str) -> dict[str, float]:
+    """Best-of encode time and median click time of ``backend`` on a 1024 x 768 image."""
+    from .predictor import EmbeddingCache, Predictor
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(768, 1024, 3), dtype=np.uint8)
+    m = model if backend == "torch" else copy.deepcopy(model)
+    p = Predictor(m, backend=backend, model_id=model_id, cache=EmbeddingCache(max_items=0))
+    encodes = []
+    for _ in range(3):
+        t = time.perf_counter()
+        p.set_image(image)
+        encodes.append(time.perf_counter() - t)
+    clicks = []
+    for k in range(7):
+        pt = np.array([[100.0 + 100 * k, 380.0]])
+        t = time.perf_counter()
+        p.predict(point_coords=pt, point_labels=np.array([1]))
+        clicks.append(time.perf_counter() - t)
+    return {"encode_s": min(encodes[1:]), "click_s": float(np.median(clicks[1:]))}
