@@ -297,3 +297,67 @@ def test_eval_video_on_a_davis_root(tmp_path, mobile_sam, capsys):
         assert (out / "jf.png").is_file() and "| **all** |" in (out / "report.md").read_text()
     assert main(["eval", "video", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "not a DAVIS root" in capsys.readouterr().err
+
+
+# -- stage-3 labeling of videos --------------------------------------------------------------
+def _write_mp4(path, frames):
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        s.options = {"qp": "0"}
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def test_label_tracks_the_objects_of_a_videos_first_frame(tmp_path, mobile_sam, capsys):
+    """`segany label` on a folder with videos: segment-everything on frame 0, every object
+    tracked, one JSON per video; resumable; an unreadable video is reported, not fatal."""
+    from pycocotools import mask as mask_utils
+
+    from segany.cli import main
+
+    frames, squares, discs = _clip(5)
+    src = tmp_path / "src"
+    src.mkdir()
+    _write_mp4(src / "clip.mp4", frames)
+    (src / "broken.mp4").write_bytes(b"not a video")
+    out = tmp_path / "ds"
+    args = ["label", str(src), "--out", str(out), "--video-objects", "4", "--no-progress"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)["videos"]
+    assert report["videos"] == 1 and report["skipped"] == 0 and report["frames"] == 5
+    assert [e["video"].endswith("broken.mp4") for e in report["errors"]] == [True]
+    data = json.loads((out / "videos" / "clip.mp4.json").read_text())
+    assert data["videos"][0]["length"] == 5 and data["videos"][0]["width"] == W
+    tracks = data["annotations"]
+    assert 1 <= len(tracks) <= 4 and report["objects"] == len(tracks)
+
+    def best_iou(truth):
+        ious = []
+        for t in tracks:
+            per_frame = []
+            for f in range(5):
+                seg = t["segmentations"][f]
+                if seg is None:
+                    per_frame.append(0.0)
+                    continue
+                m = mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()})
+                per_frame.append(
+                    (m.astype(bool) & truth[f]).sum() / (m.astype(bool) | truth[f]).sum()
+                )
+            ious.append(min(per_frame))
+        return max(ious)
+
+    # the square and the disc are found on frame 0 and followed on every frame
+    assert best_iou(squares) > 0.8 and best_iou(discs) > 0.8
+    # again: the labeled video is skipped with --resume, refused without it
+    assert main(args) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    again = json.loads(capsys.readouterr().out)["videos"]
+    assert again["skipped"] == 1 and again["videos"] == 0

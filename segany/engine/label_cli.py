@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import sys
+from pathlib import Path
 from typing import Any
 
 from .. import validate as V
@@ -41,10 +42,23 @@ def add_label_parser(sub: argparse._SubParsersAction) -> None:
         "recursively, or a text file with one image path per line) and write an SA-1B style "
         "dataset to --out: shards/sa_NNNNNN.tar (image + per-image JSON), manifest.json, "
         "errors.jsonl, report.json. A killed job continues with --resume; nothing finished "
-        "is redone and every readable image ends up exactly once. See docs/labeling.md.",
+        "is redone and every readable image ends up exactly once. Video files in SOURCE "
+        "(mp4, mov, avi, mkv, webm) are labeled too: segment-everything on the first frame, "
+        "each object tracked through the clip, one YouTube-VIS style JSON per video in "
+        "OUT/videos/. See docs/labeling.md and docs/video.md.",
     )
-    p.add_argument("source", metavar="SOURCE", help="folder of images or text file of paths")
+    p.add_argument(
+        "source", metavar="SOURCE", help="folder of images and videos, or text file of paths"
+    )
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--video-objects",
+        type=int,
+        default=None,
+        metavar="N",
+        help="videos: track at most N objects of the first frame, best predicted IoU first "
+        "(default 64)",
+    )
     p.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -121,14 +135,76 @@ def _add_class_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_label(args: argparse.Namespace) -> int:
-    from ..cli import CliError
-    from .label import LabelError, label
-
     overrides = dict(args.set)
     if args.points_per_side is not None:
         overrides["points_per_side"] = args.points_per_side
     if args.crop_layers is not None:
         overrides["crop_n_layers"] = args.crop_layers
+    from ..video.label import find_videos
+
+    videos = find_videos(args.source, exclude=args.out)
+    code = 0
+    if not videos or _has_images(args.source, args.out):
+        code = _label_images(args, overrides)
+    if videos:
+        code = max(code, _label_videos(args, overrides, videos))
+    return code
+
+
+def _has_images(source: str, out: str) -> bool:
+    from .label import LabelError, list_source
+
+    try:
+        return bool(list_source(source, exclude=Path(out).expanduser().resolve()))
+    except LabelError:
+        return True  # let the image labeler report it
+
+
+def _label_videos(args: argparse.Namespace, overrides: dict, videos: list) -> int:
+    """The videos of the source: segment-everything on the first frame, then tracked
+    (:mod:`segany.video.label`)."""
+    from ..cli import CliError
+    from ..everything import DEFAULT_PRESET, MaskGenerator
+    from ..loader import load_predictor
+    from ..video.label import DEFAULT_MAX_OBJECTS, label_videos
+    from ..video.sam2_tracker import tracker_for
+    from ..weights import DEFAULT_WEIGHTS
+
+    out = Path(args.out).expanduser().resolve()
+    if args.classes is not None:
+        raise CliError("--classes does not apply to videos yet; label them without it")
+    if (out / "videos").is_dir() and any((out / "videos").iterdir()) and not args.resume:
+        raise CliError(f"{out} already holds labeled videos; pass --resume to continue")
+    predictor = load_predictor(args.model or DEFAULT_WEIGHTS, progress=not args.no_progress)
+    try:
+        generator = MaskGenerator(predictor, preset=args.preset or DEFAULT_PRESET, **overrides)
+    except (TypeError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    if args.video_objects is not None and args.video_objects < 1:
+        raise CliError("--video-objects must be at least 1")
+    report = label_videos(
+        videos,
+        args.source,
+        out,
+        tracker=tracker_for(predictor),
+        generator=generator,
+        max_objects=args.video_objects or DEFAULT_MAX_OBJECTS,
+        progress=not args.no_progress,
+    )
+    print(V.dumps({"videos": report}, indent=2))
+    print(
+        f"segany label: {report['videos']} video(s) labeled ({report['skipped']} done before, "
+        f"{len(report['errors'])} error(s)), {report['objects']} track(s), "
+        f"{report['frames_per_second']:.2f} frames/s -> {out / 'videos'}",
+        file=sys.stderr,
+    )
+    return 2 if report["errors"] and not report["videos"] and not report["skipped"] else 0
+
+
+def _label_images(args: argparse.Namespace, overrides: dict) -> int:
+    from ..cli import CliError
+    from .label import LabelError, label
+
     try:
         report = label(
             args.source,

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .. import validate as V
+from ..files import atomic_write
 from ..viz import overlay_masks
 from .frames import VideoSource
 from .tracker import TrackResult
@@ -117,9 +118,7 @@ def to_video_json(result: TrackResult, *, name: str, file_names: list[str]) -> d
 
 
 def write_video_json(result: TrackResult, path: str | os.PathLike[str], **kw: Any) -> Path:
-    path = Path(path)
-    path.write_text(V.dumps(to_video_json(result, **kw)) + "\n")
-    return path
+    return atomic_write(path, V.dumps(to_video_json(result, **kw)) + "\n")
 
 
 def write_overlay_video(
