@@ -128,22 +128,61 @@ def write_label_geotiff(path: str | Path, seg: TiledSegmentation, source: Raster
     return path
 
 
-def object_polygons(seg: TiledSegmentation, source: RasterSource):
-    """Yield ``(object dict, shapely geometry in map coordinates)`` per object: the exact
-    pixel outlines (``rasterio.features.shapes``) of its label pixels, read over its
-    bounding box only."""
+def mask_polygon(mask: np.ndarray, transform: Any):
+    """The exact pixel outline of a ``(H, W)`` bool mask as one shapely geometry, its
+    pixel ``(x, y)`` corners mapped by the affine ``transform``."""
     from rasterio.features import shapes
-    from rasterio.transform import Affine
     from shapely.geometry import shape
     from shapely.ops import unary_union
+
+    m = np.ascontiguousarray(mask, dtype=np.uint8)
+    return unary_union([shape(g) for g, _ in shapes(m, mask=m.astype(bool), transform=transform)])
+
+
+def object_polygons(seg: TiledSegmentation, source: RasterSource):
+    """Yield ``(object dict, shapely geometry in map coordinates)`` per object: the exact
+    pixel outlines of its label pixels, read over its bounding box only."""
+    from rasterio.transform import Affine
 
     base = source.transform if source.is_georeferenced else Affine.identity()
     for obj in seg.objects:
         bx, by, bw, bh = obj["bbox"]
         mask = seg.labels((bx, by, bx + bw, by + bh)) == obj["id"]
-        tr = base @ Affine.translation(bx, by)
-        parts = [shape(g) for g, _ in shapes(mask.astype(np.uint8), mask=mask, transform=tr)]
-        yield obj, unary_union(parts)
+        yield obj, mask_polygon(mask, base @ Affine.translation(bx, by))
+
+
+def write_features(
+    path: str | Path,
+    rows: Sequence[tuple[dict[str, Any], Any]],
+    fields: dict[str, str],
+    *,
+    crs: Any = None,
+    driver: str | None = None,
+) -> Path:
+    """``rows`` of ``(attributes, shapely geometry)`` as MultiPolygons with the attributes
+    ``fields`` (name -> numpy dtype) in ``crs`` (``None``: none), as GeoJSON or GeoPackage
+    (from the suffix unless ``driver`` is given); written atomically."""
+    import pyogrio.raw
+    import shapely
+
+    path = Path(path)
+    driver = driver or VECTOR_DRIVERS.get(path.suffix.lower())
+    if driver is None:
+        raise GeoError(f"cannot tell the vector format of {path}: use .geojson or .gpkg")
+    geoms = [shapely.to_wkb(shapely.geometry.MultiPolygon(_polygons(g))) for _, g in rows]
+    data = [np.asarray([a[name] for a, _ in rows], dtype) for name, dtype in fields.items()]
+    with _tmp_then_replace(path) as tmp:
+        pyogrio.raw.write(
+            str(tmp),
+            geometry=np.asarray(geoms, dtype=object),
+            field_data=data,
+            fields=list(fields),
+            crs=crs.to_wkt() if hasattr(crs, "to_wkt") else crs,
+            driver=driver,
+            geometry_type="MultiPolygon",
+            layer=path.stem if driver == "GPKG" else None,
+        )
+    return path
 
 
 def write_vectors(
@@ -152,38 +191,13 @@ def write_vectors(
     """Polygons of ``seg``'s objects with ``id``, ``score``, ``area`` (map units squared;
     pixels without a CRS) and ``pixels``, in ``source``'s CRS, as GeoJSON or GeoPackage
     (from the suffix unless ``driver`` is given)."""
-    import pyogrio.raw
-    import shapely
-
-    path = Path(path)
-    driver = driver or VECTOR_DRIVERS.get(path.suffix.lower())
-    if driver is None:
-        raise GeoError(f"cannot tell the vector format of {path}: use .geojson or .gpkg")
-    ids, scores, areas, pixels, geoms = [], [], [], [], []
-    for obj, geom in object_polygons(seg, source):
-        ids.append(obj["id"])
-        scores.append(obj["score"])
-        areas.append(float(geom.area))
-        pixels.append(obj["area"])
-        geoms.append(shapely.to_wkb(shapely.geometry.MultiPolygon(_polygons(geom))))
-    crs = source.crs.to_wkt() if source.is_georeferenced else None
-    with _tmp_then_replace(path) as tmp:
-        pyogrio.raw.write(
-            str(tmp),
-            geometry=np.asarray(geoms, dtype=object),
-            field_data=[
-                np.asarray(ids, np.int64),
-                np.asarray(scores, np.float64),
-                np.asarray(areas, np.float64),
-                np.asarray(pixels, np.int64),
-            ],
-            fields=["id", "score", "area", "pixels"],
-            crs=crs,
-            driver=driver,
-            geometry_type="MultiPolygon",
-            layer=path.stem if driver == "GPKG" else None,
-        )
-    return path
+    rows = [
+        ({"id": o["id"], "score": o["score"], "area": float(g.area), "pixels": o["area"]}, g)
+        for o, g in object_polygons(seg, source)
+    ]
+    fields = {"id": "int64", "score": "float64", "area": "float64", "pixels": "int64"}
+    crs = source.crs if source.is_georeferenced else None
+    return write_features(path, rows, fields, crs=crs, driver=driver)
 
 
 def _polygons(geom) -> list:

@@ -153,9 +153,12 @@ def create_app(
     def image(image_id: int, u: Who) -> ImageOut:
         return service.get_image(image_id)
 
-    @app.get("/api/images/{image_id}/file", response_class=FileResponse)
-    def image_file(image_id: int, u: Who) -> FileResponse:
-        return FileResponse(service.image_file(image_id))
+    @app.get("/api/images/{image_id}/file")
+    def image_file(image_id: int, u: Who) -> Response:
+        shown, media_type = service.display_image(image_id)
+        if isinstance(shown, bytes):  # a TIFF's pixels as PNG
+            return Response(shown, media_type=media_type)
+        return FileResponse(shown)
 
     @app.post("/api/images/{image_id}/open", response_model=OpenOut)
     def open_image(image_id: int, u: Who) -> OpenOut:
@@ -223,6 +226,14 @@ def create_app(
             service.export_sa1b(include_pending),
             media_type="application/zip",
             headers={"Content-Disposition": 'attachment; filename="annotations_sa1b.zip"'},
+        )
+
+    @app.get("/api/export/gpkg")
+    def export_gpkg(u: Who, include_pending: bool = False) -> Response:
+        return Response(
+            service.export_gpkg(include_pending),
+            media_type="application/zip",
+            headers={"Content-Disposition": 'attachment; filename="annotations_gpkg.zip"'},
         )
 
     @app.get("/api/export/yolo")

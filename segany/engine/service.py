@@ -38,6 +38,7 @@ from .. import masks as M
 from ..predictor import EmbeddingCache, ImageEmbedding, Predictor, PromptError, image_key
 from ..transforms import ImageError, load_image
 from ..validate import InputError, check_score, dumps, segmentation_to_rle
+from . import georaster
 from . import stats as S
 from .store import (
     SOURCES,
@@ -733,14 +734,17 @@ class AnnotationService:
             "error": None,
         }
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with PILImage.open(path) as img:
-                    w, h = img.size
-                    try:
-                        orient = img.getexif().get(0x0112, 1)
-                    except Exception:
-                        orient = 1
+            if georaster.is_raster(path):  # any band count and type; no EXIF rotation
+                (w, h), orient = georaster.size(path), 1
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    with PILImage.open(path) as img:
+                        w, h = img.size
+                        try:
+                            orient = img.getexif().get(0x0112, 1)
+                        except Exception:
+                            orient = 1
             if orient in (5, 6, 7, 8):
                 w, h = h, w
             fields["width"], fields["height"] = int(w), int(h)
@@ -793,6 +797,32 @@ class AnnotationService:
     def get_image(self, image_id: int) -> ImageOut:
         im = self._image(image_id)
         return self._image_out(im, self.store.counts().get(image_id))
+
+    def read_rgb(self, path: Path) -> np.ndarray:
+        """An image file's RGB pixels under the pixel limit (TIFF / GeoTIFF through
+        :mod:`segany.engine.georaster`)."""
+        if georaster.is_raster(path):
+            return georaster.read_rgb(path, max_pixels=self.max_pixels)
+        return load_image(path, max_pixels=self.max_pixels)
+
+    def display_image(self, image_id: int) -> tuple[Path | bytes, str | None]:
+        """What the page shows: the file itself, or PNG bytes of a TIFF's pixels (browsers
+        do not show TIFF); ``(file or bytes, media type or None)``."""
+        path = self.image_file(image_id)
+        if not georaster.is_raster(path):
+            return path, None
+        try:
+            return georaster.png(self.read_rgb(path)), "image/png"
+        except ImageError as exc:
+            raise Unprocessable(f"image {path.name} cannot be read: {exc}") from None
+
+    def export_gpkg(self, include_pending: bool = False) -> bytes:
+        """A zip of one GeoPackage per georeferenced image: its objects as polygons in the
+        image's CRS (see :func:`segany.engine.georaster.export_gpkg`)."""
+        statuses = ["accepted", "pending"] if include_pending else ["accepted"]
+        images, by_image, _ = self._export_rows(statuses)
+        rows = [(im.path, by_image.get(im.id, [])) for im in images]
+        return georaster.export_gpkg(self.root, rows)
 
     def image_file(self, image_id: int) -> Path:
         """The image's file on disk (checked to lie inside the images folder)."""
@@ -890,7 +920,7 @@ class AnnotationService:
                         return hit
             path = safe_relpath(self.root, im.path)
             try:
-                rgb = load_image(path, max_pixels=self.max_pixels)
+                rgb = self.read_rgb(path)
             except ImageError as exc:
                 self.store.update_image(im.id, status="error", error=str(exc))
                 raise Unprocessable(f"image {im.path} cannot be read: {exc}") from None
@@ -1340,7 +1370,7 @@ class AnnotationService:
         del emb
         path = safe_relpath(self.root, im.path)
         try:
-            rgb = load_image(path, max_pixels=self.max_pixels)
+            rgb = self.read_rgb(path)
         except ImageError as exc:
             raise Unprocessable(f"image {im.path} cannot be read: {exc}") from None
         with self._prefill_lock:
