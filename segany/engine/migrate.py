@@ -7,6 +7,9 @@ new version number, so an interrupted upgrade is redone on the next start.
   mint tokens, even admin ones, while auth was off, so none of them is trusted with auth
   on; the first start with ``--auth`` then prints a new admin token) and
   ``annotations.replaces_id`` with its unique index (one fix per pending object).
+- 2 -> 3: ``categories`` (created by the store before the upgrade) filled with the classes
+  in use, in order of first use (smallest annotation id); names that differ only in case or
+  white space become one class, spelled as first used, and their annotations are renamed.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ def upgrade(engine: Engine, target: int) -> None:
                 text("UPDATE segany_meta SET value = :v WHERE key = 'schema_version'"),
                 {"v": "2"},
             )
+        if version < 3 <= target:
+            _to_3(conn)
+            conn.execute(
+                text("UPDATE segany_meta SET value = :v WHERE key = 'schema_version'"),
+                {"v": "3"},
+            )
 
 
 def _to_2(conn: Connection) -> None:
@@ -64,3 +73,29 @@ def _to_2(conn: Connection) -> None:
                 "ON annotations (replaces_id)"
             )
         )
+
+
+def _to_3(conn: Connection) -> None:
+    import time
+
+    from .store import category_key
+
+    if "annotations" not in set(inspect(conn).get_table_names()):
+        return
+    rows = conn.execute(
+        text("SELECT category, MIN(id) AS first FROM annotations GROUP BY category ORDER BY first")
+    ).all()
+    known = {k: n for k, n in conn.execute(text("SELECT key, name FROM categories")).all()}
+    for name, _ in rows:
+        key = category_key(name)
+        if key not in known:
+            known[key] = " ".join(name.split())
+            conn.execute(
+                text("INSERT INTO categories (key, name, created_at) VALUES (:k, :n, :t)"),
+                {"k": key, "n": known[key], "t": time.time()},
+            )
+        if known[key] != name:
+            conn.execute(
+                text("UPDATE annotations SET category = :n WHERE category = :o"),
+                {"n": known[key], "o": name},
+            )

@@ -1467,14 +1467,18 @@ class AnnotationService:
     # -- export / import ---------------------------------------------------------------------
     def _export_rows(
         self, statuses: list[str]
-    ) -> tuple[list[Image], dict[int, list[Annotation]], list[str]]:
+    ) -> tuple[list[Image], dict[int, list[Annotation]], dict[str, int]]:
         anns = self.store.annotations(statuses=statuses)
         by_image: dict[int, list[Annotation]] = {}
         for a in anns:
             by_image.setdefault(a.image_id, []).append(a)
         images = [im for im in self.store.images() if im.status == "ok" or im.id in by_image]
-        cats = sorted({a.category for a in anns})
-        return images, by_image, cats
+        # class ids in order of first use (the store's categories table): stable across
+        # exports whatever classes are added later
+        ids = {name: cid for cid, name in self.store.category_table()}
+        for c in sorted({a.category for a in anns} - ids.keys()):  # not registered (old rows)
+            ids[c] = max(ids.values(), default=0) + 1
+        return images, by_image, ids
 
     @staticmethod
     def _record(a: Annotation) -> dict[str, Any]:
@@ -1498,10 +1502,14 @@ class AnnotationService:
         from ..formats.coco import CocoWriter
 
         statuses = ["accepted", "pending"] if include_pending else ["accepted"]
-        images, by_image, cats = self._export_rows(statuses)
-        cat_ids = {c: i + 1 for i, c in enumerate(cats)}
-        writer = CocoWriter(
-            [{"id": i, "name": c, "supercategory": "object"} for c, i in cat_ids.items()],
+        images, by_image, cat_ids = self._export_rows(statuses)
+        used = {a.category for anns in by_image.values() for a in anns}
+        writer = CocoWriter(  # the classes of these objects, with their stable ids
+            [
+                {"id": i, "name": c, "supercategory": "object"}
+                for c, i in cat_ids.items()
+                if c in used
+            ],
             extra_keys=("attributes",),
         )
         order: list[Annotation] = []
@@ -1555,7 +1563,8 @@ class AnnotationService:
         from ..formats.yolo import yolo_lines
 
         statuses = ["accepted", "pending"] if include_pending else ["accepted"]
-        images, by_image, cats = self._export_rows(statuses)
+        images, by_image, cat_ids = self._export_rows(statuses)
+        cats = list(cat_ids)  # in id order: a class's index never shifts
         cls = {c: i for i, c in enumerate(cats)}
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:

@@ -59,8 +59,8 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.pool import StaticPool
 
-#: 2: ``users.token_trusted``, ``annotations.replaces_id`` (unique).
-SCHEMA_VERSION = 2
+#: 2: ``users.token_trusted``, ``annotations.replaces_id`` (unique). 3: ``categories``.
+SCHEMA_VERSION = 3
 
 #: Annotation statuses: ``accepted`` objects are the dataset; ``pending`` ones wait for review
 #: (stage-2 pre-fill, imports); ``rejected`` pre-fills are kept for the measurements.
@@ -100,6 +100,25 @@ class User(Base):
     #: an admin on a server with auth on. Tokens of older databases are not: anyone could
     #: mint them while auth was off, so a server with auth on refuses them.
     token_trusted: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+def category_key(name: str) -> str:
+    """What makes two category names the same class: case and runs of white space do not
+    count (``"Dog"``, ``"dog"`` and ``" dog "`` are one class)."""
+    return " ".join(name.split()).casefold()
+
+
+class Category(Base):
+    """One row per class, in order of first use: the id is the class's COCO category id
+    (and its position the YOLO class index) in every export, so ids never shift when a new
+    class appears. ``name`` is the spelling first used; later spellings with the same
+    :func:`category_key` are stored as this name."""
+
+    __tablename__ = "categories"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(128), unique=True)
+    name: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
@@ -245,9 +264,9 @@ class Store:
         try:
             with self.session() as s:
                 fresh = not self.engine.dialect.has_table(s.connection(), "segany_meta")
+            Base.metadata.create_all(self.engine)  # new tables; upgrade fills them
             if not fresh:
                 upgrade(self.engine, SCHEMA_VERSION)
-            Base.metadata.create_all(self.engine)
             with self.session() as s:
                 row = s.get(Meta, "schema_version")
                 if row is None:
@@ -365,6 +384,9 @@ class Store:
         gone or no longer has the expected status, or when an item's ``replaces_id`` is
         already taken by another fix."""
         now = time.time()
+        # the classes first, in their own short transactions (SQLite has one writer)
+        items = [{**it, "category": self.category_name(it.get("category") or "object")}
+                 for it in items]  # fmt: skip
         with self.session() as s:
             for ann_id, (was, status) in (set_status or {}).items():
                 res = s.execute(
@@ -397,6 +419,28 @@ class Store:
                 s.add(Event(ts=ev.pop("ts", now), **ev))
             s.commit()
             return anns
+
+    def category_name(self, name: str) -> str:
+        """The stored spelling of ``name``'s class, registering it (with the next id) if it
+        is new. Safe against a concurrent registration of the same class."""
+        key = category_key(name)
+        for _ in range(2):
+            with self.session() as s:
+                got = s.scalar(select(Category.name).where(Category.key == key))
+                if got is not None:
+                    return got
+                s.add(Category(key=key, name=" ".join(name.split())))
+                try:
+                    s.commit()
+                    return " ".join(name.split())
+                except IntegrityError:  # registered by another request meanwhile
+                    s.rollback()
+        raise StoreError(f"category {name!r} could not be registered")
+
+    def category_table(self) -> list[tuple[int, str]]:
+        """Every registered class as ``(id, name)``, in order of first use."""
+        with self.session() as s:
+            return [(r.id, r.name) for r in s.scalars(select(Category).order_by(Category.id))]
 
     def categories(self, statuses: Iterable[str] = ("accepted",)) -> list[str]:
         """The distinct categories of the annotations with these statuses, sorted."""
@@ -447,6 +491,8 @@ class Store:
         if not self._id_ok(ann_id):
             return None
         now = time.time()
+        if "category" in fields:
+            fields = {**fields, "category": self.category_name(fields["category"])}
         with self.session() as s:
             q = update(Annotation).where(Annotation.id == ann_id)
             if expect_status is not None:

@@ -317,7 +317,8 @@ def test_export_coco_sa1b_yolo(client):
     r = client.get("/api/export/coco")
     assert r.status_code == 200
     data = r.json()
-    assert [c["name"] for c in data["categories"]] == ["noise", "red box"]
+    # ids in order of first use (tests/engine/test_categories.py: they never shift)
+    assert [(c["id"], c["name"]) for c in data["categories"]] == [(1, "red box"), (2, "noise")]
     assert {im["file_name"] for im in data["images"]} == {"a.png", "b.jpg", "sub/c.png"}
     coco = COCO()
     coco.dataset = data
@@ -344,7 +345,7 @@ def test_export_coco_sa1b_yolo(client):
     assert m.shape == (96, 144)
 
     z = zipfile.ZipFile(io.BytesIO(client.get("/api/export/yolo").content))
-    assert z.read("classes.txt").decode().splitlines() == ["noise", "red box"]
+    assert z.read("classes.txt").decode().splitlines() == ["red box", "noise"]
     lines = z.read("labels/a.txt").decode().splitlines()
     assert len(lines) <= 2 and all(line.split()[0] in ("0", "1") for line in lines)
     for line in lines:
