@@ -257,3 +257,97 @@ def test_negative_points_box_undo_prefill_and_keys(browser, app_url):
     stats.close()
     assert errors == []
     page.close()
+
+
+@pytest.mark.weights
+def test_labels_cannot_go_wrong(browser, app_url):
+    """One spelling per class, edits that leave the field (Esc reverts), the label Enter
+    applies shown, accept-all asks first, a deleted object comes back with U, a resized
+    window refits the image."""
+    base, svc = app_url
+    page, errors = _page(browser, base)
+    _open(page, "kitchen.jpg")
+    iid = svc.store.image_by_path("kitchen.jpg").id
+    page.locator("#category").fill("Dog")
+    x, y = _screen(page, 440, 330)
+    page.mouse.click(x, y)
+    page.wait_for_selector(".candidate >> nth=2")
+    assert 'Enter accepts as "Dog"' in page.locator("#status").inner_text()
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#objects li")
+    (first,) = svc.store.annotations(iid)
+    # a second object typed "dog" is the same class, stored as first spelled
+    page.locator("#category").fill("dog ")
+    x, y = _screen(page, 200, 200)
+    page.mouse.click(x, y)
+    page.wait_for_selector(".candidate >> nth=2")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelectorAll('#objects li').length === 2")
+    assert sorted(a.category for a in svc.store.annotations(iid)) == ["Dog", "Dog"]
+
+    # edit a category in the list: Esc leaves the field without saving the typo ...
+    field = page.locator(f'#objects li[data-id="{first.id}"] .cat')
+    field.click()
+    field.fill("personn")
+    field.press("Escape")
+    assert field.input_value() == "Dog" and svc.store.annotation(first.id).category == "Dog"
+    assert page.evaluate("document.activeElement.id") == "canvas"  # shortcuts work again
+    # ... Enter saves and leaves it
+    field.click()
+    field.fill("person")
+    field.press("Enter")
+    page.wait_for_function(f"S.objects.find(a => a.id === {first.id}).category === 'person'")
+    assert svc.store.annotation(first.id).category == "person"
+    assert page.evaluate("document.activeElement.id") == "canvas"
+
+    # delete with the keyboard, restore with U
+    page.evaluate(f"selectObject({first.id}, false)")  # (editing it selected it already)
+    page.keyboard.press("Delete")
+    page.wait_for_function("document.querySelectorAll('#objects li').length === 1")
+    page.keyboard.press("u")
+    page.wait_for_function("document.querySelectorAll('#objects li').length === 2")
+    restored = max(svc.store.annotations(iid), key=lambda a: a.id)
+    assert restored.category == "person"
+    assert np.array_equal(rle_to_mask(restored.segmentation), rle_to_mask(first.segmentation))
+
+    # accept all pending asks first, naming the count and the label
+    for k in range(2):
+        m = np.zeros((426, 640), bool)
+        m[10 + 40 * k : 40 + 40 * k, 10:60] = True
+        seg = {"size": [426, 640], **_rle(m)}
+        item = {"image_id": iid, "category": "object", "status": "pending", "area": 1500}
+        item.update(source="prefill", stage=2, segmentation=seg, bbox=[10.0, 10.0, 50.0, 30.0])
+        svc.store.add_annotations([item])
+    page.keyboard.press("f")  # reload the objects through a refit and a reopen
+    page.evaluate("loadObjects()")
+    page.wait_for_function("document.querySelectorAll('#objects li.pending').length === 2")
+    page.locator("#category").fill("box")
+    page.locator("#canvas").focus()
+    asked: list[str] = []
+
+    def answer(dialog, accept):
+        asked.append(dialog.message)
+        dialog.accept() if accept else dialog.dismiss()
+
+    page.once("dialog", lambda d: answer(d, False))
+    page.keyboard.press("Shift+A")
+    page.wait_for_timeout(300)
+    assert asked == ['Accept all 2 pending object(s) (2 class-agnostic one(s) as "box")?']
+    assert len(svc.store.annotations(iid, statuses=["pending"])) == 2  # dismissed: nothing
+    page.once("dialog", lambda d: answer(d, True))
+    page.keyboard.press("Shift+A")
+    page.wait_for_function("document.querySelectorAll('#objects li.pending').length === 0")
+    assert {a.category for a in svc.store.annotations(iid, statuses=["accepted"])} >= {"box"}
+
+    # a resized window refits the image
+    scale = page.evaluate("S.view.s")
+    page.set_viewport_size({"width": 900, "height": 600})
+    page.wait_for_function(f"S.view.s < {scale}")
+    assert errors == []
+    page.close()
+
+
+def _rle(mask: np.ndarray) -> dict:
+    from segany.masks import masks_to_coco_rle
+
+    return {"counts": masks_to_coco_rle(mask[None])[0]["counts"]}

@@ -67,7 +67,13 @@ function toast(msg, isError) {
 
 function fail(e) {
   console.error(e);
-  if (!(e instanceof ApiError && e.status === 401)) toast(e.message || String(e), true);
+  if (e instanceof ApiError && e.status === 401) return;
+  const offline = e instanceof TypeError; // fetch() could not reach the server
+  const msg = offline
+    ? "the server cannot be reached (is segany annotate still running?): nothing was saved, try again"
+    : (e.message || String(e));
+  toast(msg, true);
+  setStatus(msg);
 }
 
 function setStatus(msg) { $("#status").textContent = msg; }
@@ -146,9 +152,9 @@ function renderImageList() {
 
 async function openImage(id) {
   if (S.current && S.current.id === id && S.img) return;
+  const info = await api("POST", `/api/images/${id}/open`); // fails first: nothing is lost
   resetPrompt();
   S.selected = null;
-  const info = await api("POST", `/api/images/${id}/open`);
   S.current = info.image;
   S.nav = { prev: info.prev_id, next: info.next_id };
   history.replaceState(null, "", `#image=${id}`);
@@ -174,7 +180,8 @@ async function openImage(id) {
   S.img = img;
   fit();
   await loadObjects();
-  if (info.embedding === "ready") setStatus("ready: click on an object");
+  setStatus(info.embedding === "ready" ? "ready: click on an object"
+    : "click on an object (the embedding is being computed: the first click waits for it)");
   $("#canvas").focus();
 }
 
@@ -253,9 +260,18 @@ function renderObjects() {
     cat.setAttribute("list", "categories");
     cat.title = "edit the category";
     cat.addEventListener("change", () => {
+      if (cat.value.trim() === a.category) return;
       api("PATCH", `/api/annotations/${a.id}`, { category: cat.value })
-        .then((r) => { a.category = r.category; toast(`category: ${r.category}`); })
+        .then((r) => { a.category = r.category; cat.value = r.category; toast(`category: ${r.category}`); })
         .catch((e) => { cat.value = a.category; fail(e); });
+    });
+    cat.addEventListener("keydown", (ev) => {
+      if (ev.key === "Escape") cat.value = a.category; // leave without saving the edit
+      if (ev.key === "Enter" || ev.key === "Escape") {
+        ev.preventDefault(); ev.stopPropagation();
+        cat.blur(); // saves on Enter (change), then the shortcuts work again
+        $("#canvas").focus();
+      }
     });
     cat.addEventListener("focus", () => selectObject(a.id, false));
     li.appendChild(cat);
@@ -310,11 +326,26 @@ function selectNext() {
 }
 
 async function deleteObject(id) {
+  const a = S.objects.find((x) => x.id === id);
   try {
     await api("DELETE", `/api/annotations/${id}`);
     if (S.selected === id) S.selected = null;
+    if (a && a.status === "accepted" && S.current) {
+      S.lastDeleted = { imageId: S.current.id, body: { segmentation: a.segmentation, category: a.category, score: a.score } };
+    }
     await loadObjects();
-    toast("deleted");
+    toast(S.lastDeleted ? `deleted object ${id}: U restores it` : "deleted");
+  } catch (e) { fail(e); }
+}
+
+async function restoreDeleted() {
+  const d = S.lastDeleted;
+  if (!d || !S.current || d.imageId !== S.current.id) { toast("nothing to restore on this image"); return; }
+  try {
+    const a = await api("POST", `/api/images/${d.imageId}/annotations`, d.body);
+    S.lastDeleted = null;
+    await loadObjects();
+    toast(`restored as object ${a.id} (${a.category})`);
   } catch (e) { fail(e); }
 }
 
@@ -339,6 +370,9 @@ async function acceptAllPending() {
   const pend = S.objects.filter((a) => a.status === "pending");
   if (!pend.length) { toast("no pending objects"); return; }
   const cat = $("#category").value.trim();
+  const agnostic = pend.filter((a) => a.category === "object").length;
+  const label = cat && agnostic ? ` (${agnostic} class-agnostic one(s) as "${cat}")` : "";
+  if (!window.confirm(`Accept all ${pend.length} pending object(s)${label}?`)) return;
   try {
     for (const a of pend) {
       const body = { status: "accepted" };
@@ -418,6 +452,7 @@ async function runPredict(entry, prev, imageId) {
     } else {
       entry.error = e.message;
       renderCandidates();
+      setStatus(`segmenting failed: ${e instanceof TypeError ? "the server cannot be reached" : e.message}`);
       throw e;
     }
   }
@@ -426,7 +461,8 @@ async function runPredict(entry, prev, imageId) {
   entry.sel = res.best;
   entry.canvases = res.masks.map((m) => maskCanvas(m.segmentation, CANDIDATE_RGBA));
   $("#latency").textContent = `click\u2192mask ${rtt.toFixed(0)} ms (server ${res.ms.toFixed(0)} ms)`;
-  setStatus(`${entry.points.length} point(s)${entry.box ? " + box" : ""}: choose a candidate, Enter accepts`);
+  setStatus(`${entry.points.length} point(s)${entry.box ? " + box" : ""}: choose a candidate, ` +
+    `Enter accepts as "${acceptLabel()}"`);
   if (current() === entry) { renderCandidates(); redraw(); }
 }
 
@@ -504,6 +540,13 @@ function redo() {
   if (S.current) api("POST", `/api/images/${S.current.id}/events`, { kind: "redo" }).catch(() => {});
 }
 
+function acceptLabel() {
+  // what Enter saves the current mask as: a fixed pending object keeps its class
+  const fixed = S.fixing !== null ? S.objects.find((x) => x.id === S.fixing) : null;
+  if (fixed && fixed.category !== "object") return fixed.category;
+  return $("#category").value.trim() || "object";
+}
+
 async function accept() {
   if (S.accepting) return; // one accept at a time (Enter held down, double clicks)
   S.accepting = true;
@@ -521,9 +564,7 @@ async function acceptNow() {
     return;
   }
   const m = cur.result.masks[cur.sel];
-  let category = $("#category").value.trim() || "object";
-  const fixed = S.fixing !== null ? S.objects.find((x) => x.id === S.fixing) : null;
-  if (fixed && fixed.category !== "object") category = fixed.category; // a fix keeps its class
+  const category = acceptLabel();
   const body = { segmentation: m.segmentation, category, score: m.score };
   if (S.fixing !== null) body.replaces = S.fixing;
   try {
@@ -559,6 +600,7 @@ async function markDoneAndNext() {
 
 async function prefill() {
   if (!S.current) return;
+  if (S.prefilling) { toast("a pre-fill is running on this image"); return; }
   const body = {
     pred_iou_thresh: Number($("#iou").value),
     stability_score_thresh: Number($("#stab").value),
@@ -569,6 +611,7 @@ async function prefill() {
   if (classes) body.classes = classes;
   setStatus(classes ? `pre-filling (detecting ${classes})\u2026` : "pre-filling (segment everything)\u2026");
   $("#prefill").disabled = true;
+  S.prefilling = true;
   try {
     const r = await api("POST", `/api/images/${S.current.id}/prefill`, body);
     await loadObjects();
@@ -578,7 +621,7 @@ async function prefill() {
       (r.skipped_overlap ? ` (${r.skipped_overlap} overlapped accepted objects)` : "") +
       ": A accepts, R rejects, E fixes, or click to add what is missing");
   } catch (e) { fail(e); setStatus("pre-fill failed"); }
-  finally { $("#prefill").disabled = false; }
+  finally { $("#prefill").disabled = false; S.prefilling = false; }
 }
 
 // -- canvas ----------------------------------------------------------------------------------
@@ -783,11 +826,12 @@ window.addEventListener("keydown", (ev) => {
   if (k === "r") { if (S.selected !== null) decidePending(S.selected, "rejected"); return; }
   if (k === "e") { if (S.selected !== null) fixPending(S.selected); return; }
   if (k === "g") { prefill(); return; }
+  if (k === "u") { restoreDeleted(); return; }
   if (k === "c") { ev.preventDefault(); $("#category").focus(); $("#category").select(); return; }
   if (k === "f") { fit(); return; }
 });
 window.addEventListener("keyup", (ev) => { if (ev.key === " ") S.space = false; });
-window.addEventListener("resize", resize);
+window.addEventListener("resize", () => { resize(); if (S.img) fit(); });
 
 // -- buttons ---------------------------------------------------------------------------------
 $("#accept").addEventListener("click", () => accept());
