@@ -103,7 +103,7 @@ def add_label_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_class_args(p: argparse.ArgumentParser) -> None:
-    from ..cli import add_detector_args
+    from ..cli_common import add_detector_args
 
     g = p.add_argument_group(
         "class names",
@@ -121,7 +121,7 @@ def _add_class_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_label(args: argparse.Namespace) -> int:
-    from ..cli import CliError
+    from ..cli_common import CliError
     from .label import LabelError, label
 
     overrides = dict(args.set)
@@ -189,7 +189,7 @@ def add_stats_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from ..cli import CliError
+    from ..cli_common import CliError
     from .dataset_stats import run
 
     if args.max_images is not None and args.max_images < 1:

@@ -20,15 +20,18 @@ def _version(conn: Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def upgrade(engine: Engine, target: int) -> None:
-    """Bring an existing database up to schema ``target``. Raises
-    :class:`~.store.StoreError` when the database is newer than this segany."""
-    from .store import StoreError
+class SchemaTooNew(Exception):
+    """The database was written by a newer segany (:class:`~.store.Store` reports it as a
+    ``StoreError``)."""
 
+
+def upgrade(engine: Engine, target: int) -> None:
+    """Bring an existing database up to schema ``target``. Raises :class:`SchemaTooNew`
+    when the database is newer than this segany."""
     with engine.begin() as conn:
         version = _version(conn)
         if version > target:
-            raise StoreError(
+            raise SchemaTooNew(
                 f"database schema version {version} is newer than this segany ({target}); "
                 "upgrade segany"
             )

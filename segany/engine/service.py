@@ -35,7 +35,14 @@ from pycocotools import mask as mask_utils
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import masks as M
-from ..predictor import EmbeddingCache, ImageEmbedding, Predictor, PromptError, image_key
+from ..predictor import (
+    EmbeddingCache,
+    ImageEmbedding,
+    Predictor,
+    PromptError,
+    image_key,
+    model_fingerprint,
+)
 from ..transforms import ImageError, load_image
 from ..validate import InputError, check_score, dumps, segmentation_to_rle
 from . import stats as S
@@ -526,6 +533,11 @@ class _EventWriter:
 
 
 # -- the service -----------------------------------------------------------------------------
+def _backend_name(predictor: Any) -> str:
+    """The name of a predictor's non-torch backend (``onnx``, ``onnx-int8``...)."""
+    return str(getattr(predictor, "backend_name", None) or "onnx")
+
+
 class AnnotationService:
     """The data engine behind the annotator.
 
@@ -575,9 +587,11 @@ class AnnotationService:
         self.model = predictor.model
         self.model_id = predictor.model_id
         self._backend = getattr(predictor, "backend", None)
-        tag = "" if self._backend is None else f"-{getattr(predictor, 'backend_name', 'backend')}"
-        self._key_prefix = f"{self.model_id}{tag}"
+        #: the predictor backend's name (``torch``, ``onnx``, ``onnx-int8``)
+        self.backend_name = "torch" if self._backend is None else _backend_name(predictor)
+        self._key_prefix = self._embedding_prefix(self.model_id)
         self.model_name = model_name
+        self._switch_lock = threading.Lock()
         self.cache = _LockedCache(cache_dir, max_items=memory_items)
         self.auth = auth
         self.max_pixels = max_pixels
@@ -620,6 +634,42 @@ class AnnotationService:
             )
             self._prefetcher.start()
         self.local_user = self._ref(store.ensure_user("local"))
+
+    def _embedding_prefix(self, model_id: str) -> str:
+        tag = "" if self._backend is None else f"-{self.backend_name}"
+        return f"{model_id}{tag}"
+
+    def switch_model(self, predictor: Predictor, *, name: str) -> dict[str, Any]:
+        """Answer with ``predictor``'s model (and backend) from now on, shown as ``name``.
+
+        Requests already running finish with the old model; every later prediction,
+        pre-fill and accepted object uses (and records) the new model id. Embeddings stay
+        valid when the image encoder is unchanged (a decoder fine-tune: same
+        :func:`~segany.fingerprint.model_fingerprint` of ``image_encoder``), so nothing is
+        re-embedded then. Returns ``model``, ``model_id``, ``backend``, ``previous_model``,
+        ``previous_model_id`` and ``embeddings_kept``."""
+        same_encoder = model_fingerprint(self.model.image_encoder) == model_fingerprint(
+            predictor.model.image_encoder
+        )
+        with self._switch_lock:
+            old_name, old_id = self.model_name, self.model_id
+            self.model = predictor.model
+            self.model_id = predictor.model_id
+            self._backend = getattr(predictor, "backend", None)
+            self.backend_name = "torch" if self._backend is None else _backend_name(predictor)
+            self.model_name = name
+            if not same_encoder:  # embeddings of the old encoder must not be reused
+                self._key_prefix = self._embedding_prefix(self.model_id)
+                self._keys = {}
+            self._tls = threading.local()  # each request thread builds a new predictor
+        return {
+            "model": name,
+            "model_id": self.model_id,
+            "backend": self.backend_name,
+            "previous_model": old_name,
+            "previous_model_id": old_id,
+            "embeddings_kept": same_encoder,
+        }
 
     def close(self) -> None:
         if self._closed:

@@ -59,6 +59,8 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.pool import StaticPool
 
+from .migrate import SchemaTooNew, upgrade
+
 #: 2: ``users.token_trusted``, ``annotations.replaces_id`` (unique).
 SCHEMA_VERSION = 2
 
@@ -175,6 +177,12 @@ class ImageCounts:
     rejected: int = 0
 
 
+def default_db(images_dir: str | Path) -> str:
+    """The SQLite file used when no ``--db`` is given: ``IMAGES_DIR/.segany/annotations.db``
+    (hidden folders are not scanned for images)."""
+    return str(Path(images_dir).expanduser().resolve() / ".segany" / "annotations.db")
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -240,8 +248,6 @@ class Store:
         self._create()
 
     def _create(self) -> None:
-        from .migrate import upgrade
-
         try:
             with self.session() as s:
                 fresh = not self.engine.dialect.has_table(s.connection(), "segany_meta")
@@ -253,6 +259,8 @@ class Store:
                 if row is None:
                     s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
                     s.commit()
+        except SchemaTooNew as exc:
+            raise StoreError(str(exc)) from None
         except StoreError:
             raise
         except Exception as exc:
