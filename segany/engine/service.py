@@ -35,6 +35,7 @@ from pycocotools import mask as mask_utils
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import masks as M
+from ..files import find_images
 from ..predictor import (
     EmbeddingCache,
     ImageEmbedding,
@@ -60,7 +61,6 @@ from .store import (
 log = logging.getLogger("segany.engine")
 
 #: Files with these suffixes (case-insensitive) are registered from the images folder.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 #: The annotator refuses images above this many pixels by default (about 8k x 6k): every
 #: click returns masks at full resolution.
 DEFAULT_MAX_PIXELS = 50_000_000
@@ -753,20 +753,14 @@ class AnnotationService:
         ones marked missing). Files that are not images are ignored; unreadable or too
         large images are listed with status ``error`` and the reason."""
         found: dict[str, dict[str, Any]] = {}
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
-                    continue
-                full = Path(dirpath) / name
-                try:
-                    real = full.resolve()
-                except OSError:
-                    continue
-                if not real.is_relative_to(self.root) or not real.is_file():
-                    continue  # a symlink leading out of the folder is never served
-                rel = full.relative_to(self.root).as_posix()
-                found[rel] = self._probe(real)
+        for full in find_images(self.root):  # the one discovery rule (segany.files)
+            try:
+                real = full.resolve()
+            except OSError:
+                continue
+            if not real.is_relative_to(self.root) or not real.is_file():
+                continue  # a symlink leading out of the folder is never served
+            found[full.relative_to(self.root).as_posix()] = self._probe(real)
         out = self.store.sync_images(found)
         return RescanOut(**out)
 
@@ -1409,7 +1403,7 @@ class AnnotationService:
             if isinstance(seg, dict) and isinstance(seg.get("counts"), str):
                 rles.append({"size": list(seg["size"]), "counts": seg["counts"]})
             else:
-                from ..formats import to_coco_rle
+                from ..datasets import to_coco_rle
 
                 rles.append(to_coco_rle(seg))
         skipped = 0
@@ -1515,7 +1509,7 @@ class AnnotationService:
     def export_coco(self, include_pending: bool = False) -> dict[str, Any]:
         """COCO instances JSON of the accepted objects (and pending ones if asked), one
         category per label; images without objects are listed too."""
-        from ..formats.coco import CocoWriter
+        from ..datasets.coco import CocoWriter
 
         statuses = ["accepted", "pending"] if include_pending else ["accepted"]
         images, by_image, cats = self._export_rows(statuses)
@@ -1548,7 +1542,7 @@ class AnnotationService:
 
     def export_sa1b(self, include_pending: bool = False) -> bytes:
         """A zip of SA-1B per-image JSON files (``<image path>.json``)."""
-        from ..formats.sa1b import to_sa1b
+        from ..datasets.sa1b import to_sa1b
 
         statuses = ["accepted", "pending"] if include_pending else ["accepted"]
         images, by_image, _ = self._export_rows(statuses)
@@ -1572,7 +1566,7 @@ class AnnotationService:
     def export_yolo(self, include_pending: bool = False) -> bytes:
         """A zip in the YOLO-seg layout: ``labels/<image path without suffix>.txt`` (one
         polygon per object, class ids in ``classes.txt``) and ``data.yaml``."""
-        from ..formats.yolo import yolo_lines
+        from ..datasets.yolo import yolo_lines
 
         statuses = ["accepted", "pending"] if include_pending else ["accepted"]
         images, by_image, cats = self._export_rows(statuses)
