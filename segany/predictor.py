@@ -19,6 +19,7 @@ import torch
 
 from . import transforms as T
 from .files import atomic_file
+from .fingerprint import model_fingerprint
 from .models import Sam
 from .models.fuse import fuse_for_inference
 from .models.transformer import DecoderContext
@@ -161,15 +162,6 @@ def image_key(image: np.ndarray) -> str:
     """Content hash of an RGB image array (shape included)."""
     h = hashlib.sha256(str(image.shape).encode())
     h.update(np.ascontiguousarray(image).data)
-    return h.hexdigest()[:32]
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of a model's parameters and buffers, for caches keyed by model."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
 
 

@@ -36,13 +36,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import masks as M
 from ..files import find_images
+from ..fingerprint import model_fingerprint
 from ..predictor import (
     EmbeddingCache,
     ImageEmbedding,
     Predictor,
     PromptError,
     image_key,
-    model_fingerprint,
 )
 from ..transforms import ImageError, load_image
 from ..validate import InputError, check_score, dumps, segmentation_to_rle
