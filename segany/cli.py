@@ -25,10 +25,7 @@ import numpy as np
 
 from . import validate as V
 from . import weights as W
-
-
-class CliError(Exception):
-    """A user error reported as one line, exit code 2."""
+from .cli_common import CliError, add_detector_args
 
 
 def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
@@ -124,31 +121,6 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
 
     add_large_image_args(p, prompts=True)  # segany/geo_cli.py: tiles, GeoTIFF, --max-pixels
     p.set_defaults(func=_run_segment, multimask=None)
-
-
-def add_detector_args(g: argparse._ArgumentGroup, *, note: str = "") -> None:
-    """``--detector``, ``--box-threshold``, ``--text-threshold`` (no argparse defaults: the
-    detector's own apply, see :mod:`segany.text.detectors`); ``note`` is added to each help."""
-    from .text import detectors as D
-
-    g.add_argument(
-        "--detector",
-        metavar="NAME|PATH",
-        help=f"{', '.join(D.DETECTORS)}, a hub id or a local folder "
-        f"(default: {D.DEFAULT_DETECTOR}{note})",
-    )
-    g.add_argument(
-        "--box-threshold",
-        type=float,
-        help=f"keep boxes scoring above this (default: {D.BOX_THRESHOLD} for Grounding DINO, "
-        f"{D.OWL_BOX_THRESHOLD} for OWLv2{note})",
-    )
-    g.add_argument(
-        "--text-threshold",
-        type=float,
-        help=f"Grounding DINO: words scoring above this form a box's phrase "
-        f"(default: {D.TEXT_THRESHOLD}{note})",
-    )
 
 
 def _add_text_args(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,8 @@ image by its suffix (:data:`IMAGE_SUFFIXES`, any case).
 
 Atomic write (:func:`atomic_write`, :func:`atomic_file`, :func:`atomic_path` for tools
 that write to a path themselves): the data goes to a hidden
-temporary name beside the target (``.tmp-<pid>-<name>``), is flushed and renamed over the
+temporary name beside the target (``.tmp-<pid>-<thread>-<name>``: writers in other
+processes and threads never share one), is flushed and renamed over the
 target with :func:`os.replace`, so a reader sees the old file or the whole new one, never
 a part. With ``durable=True`` (the default) the file is fsynced before the rename and the
 folder after it, so the new file also survives a power loss once the call returns.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -71,7 +73,8 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 def temporary_name(path: str | os.PathLike[str]) -> Path:
     """The temporary file :func:`atomic_file` writes before renaming it to ``path``."""
     p = Path(path)
-    return p.with_name(f"{TMP_PREFIX}{os.getpid()}-{p.name}")  # keeps the suffix
+    tid = threading.get_native_id()
+    return p.with_name(f"{TMP_PREFIX}{os.getpid()}-{tid}-{p.name}")  # keeps the suffix
 
 
 @contextlib.contextmanager

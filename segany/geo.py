@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .files import atomic_path
 from .rasters import RasterSource
 from .tiled_everything import TiledSegmentation
 
@@ -70,24 +71,6 @@ def _profile(source: RasterSource, dtype: str, nodata: float | None) -> dict[str
     }
 
 
-def _tmp_then_replace(path: Path):
-    import contextlib
-    import os
-
-    @contextlib.contextmanager
-    def ctx():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-        try:
-            yield tmp
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-
-    return ctx()
-
-
 def write_mask_geotiff(
     path: str | Path,
     mask: np.ndarray,
@@ -102,7 +85,7 @@ def write_mask_geotiff(
 
     path = Path(path)
     x0, y0, x1, y1 = window
-    with _tmp_then_replace(path) as tmp:
+    with atomic_path(path) as tmp:
         with rasterio.open(tmp, "w", **_profile(source, "uint8", None)) as dst:
             dst.write(mask.astype(np.uint8) * 255, 1, window=Window(x0, y0, x1 - x0, y1 - y0))
     return path
@@ -119,7 +102,7 @@ def write_label_geotiff(path: str | Path, seg: TiledSegmentation, source: Raster
     if (h, w) != source.size:
         raise GeoError(f"segmentation is {w}x{h}, the raster {source.width}x{source.height}")
     step = 1024
-    with _tmp_then_replace(path) as tmp:
+    with atomic_path(path) as tmp:
         with rasterio.open(tmp, "w", **_profile(source, "uint32", 0)) as dst:
             for y in range(0, h, step):
                 for x in range(0, w, step):
@@ -171,7 +154,7 @@ def write_features(
         raise GeoError(f"cannot tell the vector format of {path}: use .geojson or .gpkg")
     geoms = [shapely.to_wkb(shapely.geometry.MultiPolygon(_polygons(g))) for _, g in rows]
     data = [np.asarray([a[name] for a, _ in rows], dtype) for name, dtype in fields.items()]
-    with _tmp_then_replace(path) as tmp:
+    with atomic_path(path) as tmp:
         pyogrio.raw.write(
             str(tmp),
             geometry=np.asarray(geoms, dtype=object),

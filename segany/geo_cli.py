@@ -100,7 +100,7 @@ def run_segment(args: argparse.Namespace) -> int:
     GeoTIFF with the input's transform and CRS when ``--out`` ends in .tif."""
     from PIL import Image
 
-    from .cli import CliError
+    from .cli_common import CliError
     from .geo import map_to_pixels, write_mask_geotiff
     from .loader import load_predictor
     from .tiles import TiledPredictor
@@ -155,7 +155,7 @@ def run_everything(args: argparse.Namespace, images: list[Path]) -> int:
     """``segany everything`` tile by tile: per image, ``OUT/STEM.tif`` (uint32 label
     raster, georeferenced like the input), ``.geojson`` or ``.gpkg`` (polygons with id,
     score, area), and the resumable run in ``OUT/STEM.tiles/``."""
-    from .cli import CliError
+    from .cli_common import CliError
     from .everything import MaskGenerator
     from .geo import write_label_geotiff, write_vectors
     from .loader import load_predictor

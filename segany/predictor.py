@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
-import tempfile
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,6 +18,8 @@ import numpy as np
 import torch
 
 from . import transforms as T
+from .files import atomic_file
+from .fingerprint import model_fingerprint
 from .models import Sam
 from .models.fuse import fuse_for_inference
 from .models.transformer import DecoderContext
@@ -131,10 +131,8 @@ class EmbeddingCache:
         self._remember(key, item)
         if self.directory is None:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-        os.close(fd)
-        try:
+        # a cache: atomic (readers never see a part) but not fsynced
+        with atomic_file(self.directory / f"{key}.pt", durable=False) as f:
             torch.save(
                 {
                     "embedding": item.embedding.contiguous(),
@@ -142,12 +140,8 @@ class EmbeddingCache:
                     "input_size": list(item.input_size),
                     "high_res": [t.contiguous() for t in item.high_res],
                 },
-                tmp,
+                f,
             )
-            os.replace(tmp, self.directory / f"{key}.pt")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     def _remember(self, key: str, item: ImageEmbedding) -> None:
         self._memory[key] = item
@@ -168,15 +162,6 @@ def image_key(image: np.ndarray) -> str:
     """Content hash of an RGB image array (shape included)."""
     h = hashlib.sha256(str(image.shape).encode())
     h.update(np.ascontiguousarray(image).data)
-    return h.hexdigest()[:32]
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of a model's parameters and buffers, for caches keyed by model."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
 
 

@@ -16,7 +16,6 @@ being written is restored first). Memory holds one tile's masks, whatever the im
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from . import validate as V
 from .everything import MaskGenerator
+from .files import atomic_write
 from .rasters import RasterSource, open_raster
 from .tiles import DEFAULT_OVERLAP, DEFAULT_TILE, TileGrid, tile_starts
 
@@ -267,9 +267,9 @@ class TiledMaskGenerator:
 
     @staticmethod
     def _save_state(out: Path, state: dict) -> None:
-        tmp = out / "state.json.tmp"
-        tmp.write_text(V.dumps(state))
-        os.replace(tmp, out / "state.json")
+        # not fsynced: the zarr tiles it describes are not either, so after a power loss an
+        # older state (tiles redone) is the consistent one
+        atomic_write(out / "state.json", V.dumps(state), durable=False)
 
     def _finish(
         self,

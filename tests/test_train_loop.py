@@ -134,3 +134,23 @@ def test_cli_retrain(annotated, tmp_path: Path, capsys: pytest.CaptureFixture) -
     out = json.loads(capsys.readouterr().out)
     assert Path(out["checkpoint"]).is_file() and out["masks"] == 12
     assert L.model_history(svc.store)[-1]["kind"] == "model_trained"
+
+
+def test_switch_to_another_encoder_drops_the_embeddings(annotated, tmp_path: Path) -> None:
+    svc, images, base = annotated
+    im = svc.store.images()[0]
+    click = PredictRequest(points=[(20.0, 20.0)], labels=[1])
+    svc.predict(im.id, click, svc.local_user)
+    assert svc.embedding_ready(im)
+    same = tmp_path / "same.pt"
+    torch.save(tiny_sam().state_dict(), same)  # the same encoder
+    assert L.switch_service_model(svc, same)["embeddings_kept"] is True
+    assert svc.embedding_ready(im)  # nothing to re-embed
+    other = tmp_path / "other.pt"
+    torch.save(tiny_sam(1).state_dict(), other)  # another image encoder
+    switched = L.switch_service_model(svc, other, name="other")
+    assert switched["embeddings_kept"] is False and svc.model_name == "other"
+    assert svc.model_id == switched["model_id"] != switched["previous_model_id"]
+    assert not svc.embedding_ready(im)  # the old encoder's embedding is not used
+    assert svc.predict(im.id, click, svc.local_user).masks
+    assert svc.embedding_ready(im)

@@ -24,7 +24,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..validate import json_safe
-from .service import ServiceError
+from .schemas import ServiceError
 from .store import StoreError
 
 log = logging.getLogger("segany.engine")

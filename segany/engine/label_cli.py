@@ -117,7 +117,7 @@ def add_label_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_class_args(p: argparse.ArgumentParser) -> None:
-    from ..cli import add_detector_args
+    from ..cli_common import add_detector_args
 
     g = p.add_argument_group(
         "class names",
@@ -163,7 +163,7 @@ def _has_images(source: str, out: str) -> bool:
 def _label_videos(args: argparse.Namespace, overrides: dict, videos: list) -> int:
     """The videos of the source: segment-everything on the first frame, then tracked
     (:mod:`segany.video.label`)."""
-    from ..cli import CliError
+    from ..cli_common import CliError
     from ..everything import DEFAULT_PRESET, MaskGenerator
     from ..loader import load_predictor
     from ..video.label import DEFAULT_MAX_OBJECTS, label_videos
@@ -202,7 +202,7 @@ def _label_videos(args: argparse.Namespace, overrides: dict, videos: list) -> in
 
 
 def _label_images(args: argparse.Namespace, overrides: dict) -> int:
-    from ..cli import CliError
+    from ..cli_common import CliError
     from .label import LabelError, label
 
     try:
@@ -265,7 +265,7 @@ def add_stats_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from ..cli import CliError
+    from ..cli_common import CliError
     from .dataset_stats import run
 
     if args.max_images is not None and args.max_images < 1:

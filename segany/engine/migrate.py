@@ -23,15 +23,18 @@ def _version(conn: Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def upgrade(engine: Engine, target: int) -> None:
-    """Bring an existing database up to schema ``target``. Raises
-    :class:`~.store.StoreError` when the database is newer than this segany."""
-    from .store import StoreError
+class SchemaTooNew(Exception):
+    """The database was written by a newer segany (:class:`~.store.Store` reports it as a
+    ``StoreError``)."""
 
+
+def upgrade(engine: Engine, target: int) -> None:
+    """Bring an existing database up to schema ``target``. Raises :class:`SchemaTooNew`
+    when the database is newer than this segany."""
     with engine.begin() as conn:
         version = _version(conn)
         if version > target:
-            raise StoreError(
+            raise SchemaTooNew(
                 f"database schema version {version} is newer than this segany ({target}); "
                 "upgrade segany"
             )
@@ -75,10 +78,14 @@ def _to_2(conn: Connection) -> None:
         )
 
 
+def category_key(name: str) -> str:
+    """What makes two category names the same class: case and runs of white space do not
+    count (``"Dog"``, ``"dog"`` and ``" dog "`` are one class)."""
+    return " ".join(name.split()).casefold()
+
+
 def _to_3(conn: Connection) -> None:
     import time
-
-    from .store import category_key
 
     if "annotations" not in set(inspect(conn).get_table_names()):
         return

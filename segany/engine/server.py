@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from ..train.routes import add_model_routes
 from . import errors, guards
 from .service import (
     AcceptRequest,
@@ -47,6 +48,9 @@ from .service import (
     UserRef,
 )
 from .stats import StatsOut
+from .store import default_db
+
+__all__ = ["build_service", "create_app", "default_db", "is_local", "serve"]
 
 WEB = Path(__file__).resolve().parent / "web"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -274,9 +278,7 @@ def create_app(
     def new_user(req: NewUserRequest, u: Who) -> TokenOut:
         return service.create_user(req, u)
 
-    from ..train.loop import add_routes  # /api/model, /api/model/retrain (docs/training.md)
-
-    add_routes(app, service)
+    add_model_routes(app, service)  # /api/model, /api/model/retrain (docs/training.md)
     app.add_middleware(
         guards.BodyLimit,
         default=min(small_body, max_body),
@@ -302,12 +304,6 @@ def _load_json(f: Any) -> Any:
 
 def is_local(host: str) -> bool:
     return host in LOCAL_HOSTS
-
-
-def default_db(images_dir: str | Path) -> str:
-    """The SQLite file used when no ``--db`` is given: ``IMAGES_DIR/.segany/annotations.db``
-    (hidden folders are not scanned for images)."""
-    return str(Path(images_dir).expanduser().resolve() / ".segany" / "annotations.db")
 
 
 def build_service(

@@ -59,6 +59,8 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.pool import StaticPool
 
+from .migrate import SchemaTooNew, category_key, upgrade
+
 #: 2: ``users.token_trusted``, ``annotations.replaces_id`` (unique). 3: ``categories``.
 SCHEMA_VERSION = 3
 
@@ -101,12 +103,6 @@ class User(Base):
     #: mint them while auth was off, so a server with auth on refuses them.
     token_trusted: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
-
-
-def category_key(name: str) -> str:
-    """What makes two category names the same class: case and runs of white space do not
-    count (``"Dog"``, ``"dog"`` and ``" dog "`` are one class)."""
-    return " ".join(name.split()).casefold()
 
 
 class Category(Base):
@@ -194,6 +190,12 @@ class ImageCounts:
     rejected: int = 0
 
 
+def default_db(images_dir: str | Path) -> str:
+    """The SQLite file used when no ``--db`` is given: ``IMAGES_DIR/.segany/annotations.db``
+    (hidden folders are not scanned for images)."""
+    return str(Path(images_dir).expanduser().resolve() / ".segany" / "annotations.db")
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -259,8 +261,6 @@ class Store:
         self._create()
 
     def _create(self) -> None:
-        from .migrate import upgrade
-
         try:
             with self.session() as s:
                 fresh = not self.engine.dialect.has_table(s.connection(), "segany_meta")
@@ -272,6 +272,8 @@ class Store:
                 if row is None:
                     s.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
                     s.commit()
+        except SchemaTooNew as exc:
+            raise StoreError(str(exc)) from None
         except StoreError:
             raise
         except Exception as exc:

@@ -141,7 +141,7 @@ def command_line(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..cli import CliError
+    from ..cli_common import CliError
     from ..loader import load_predictor
     from ..weights import DEFAULT_WEIGHTS
     from . import protocols as P

@@ -475,13 +475,22 @@ def run_proposals(
     overrides: dict[str, Any] | None = None,
     limit: int | None = None,
     progress: Progress | None = None,
+    generator: Any = None,
 ) -> dict[str, Any]:
     """Segment everything in each image; class-agnostic mask recall with COCOeval (segm,
     ``useCats`` = 0, maxDets 10/100/1000, score = predicted IoU), plus the mean over ground
-    truth masks of the best proposal's IoU ("best-proposal mIoU")."""
-    from ..everything import MaskGenerator
+    truth masks of the best proposal's IoU ("best-proposal mIoU").
 
-    gen = MaskGenerator(predictor, preset=preset, output_mode="coco_rle", **(overrides or {}))
+    The proposals come from a :class:`~segany.everything.MaskGenerator` over ``predictor``
+    with ``preset`` and ``overrides``, or from ``generator``: any object whose
+    ``generate(rgb)`` returns records with ``segmentation`` (COCO RLE) and
+    ``predicted_iou`` (the preset is then reported as ``"custom"``)."""
+    if generator is None:
+        from ..everything import MaskGenerator
+
+        gen = MaskGenerator(predictor, preset=preset, output_mode="coco_rle", **(overrides or {}))
+    else:
+        gen, preset = generator, "custom"
     images = dataset.select(limit)
     start = time.perf_counter()
     dets: list[dict[str, Any]] = []
@@ -518,7 +527,7 @@ def run_proposals(
             "masks": dataset.count_masks(images),
             "proposals": len(dets),
             "preset": preset,
-            "settings": _settings_dict(gen.settings),
+            "settings": _settings_dict(getattr(gen, "settings", None)),
             **{name: _pct(float(v)) for name, v in zip(AR_NAMES, stats[6:12])},
             "best_proposal_miou": _r(MT.miou(best)),
             "best_proposal_miou_by_size": _r_sizes(MT.miou_by_size(best, areas)),

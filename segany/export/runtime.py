@@ -9,7 +9,6 @@ graphs of :mod:`segany.export.onnx` with onnxruntime, using the thread count of
 
 from __future__ import annotations
 
-import hashlib
 import os
 import weakref
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..fingerprint import model_fingerprint
 from ..models import Sam
 from ..runtime import ort_session_options
 
@@ -88,11 +88,7 @@ class OnnxBackend:
 
         if directory is None:
             if model_id is None:
-                h = hashlib.sha256()
-                for name, t in sam.state_dict().items():
-                    h.update(name.encode())
-                    h.update(t.detach().cpu().contiguous().numpy().tobytes())
-                model_id = h.hexdigest()[:32]
+                model_id = model_fingerprint(sam)
             directory = default_onnx_dir(model_id)
         d = Path(directory)
         paths = {name: d / f"{name}.onnx" for name in GRAPHS}

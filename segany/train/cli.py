@@ -170,7 +170,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..cli import CliError
+    from ..cli_common import CliError
     from ..files import atomic_write
     from .data import DataError, open_source, split_by_image, to_coco
     from .trainer import output_paths, train
@@ -225,7 +225,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_retrain(args: argparse.Namespace) -> int:
-    from ..cli import CliError
+    from ..cli_common import CliError
     from .data import DataError
     from .loop import LoopError, retrain_from_store, switch_server
 

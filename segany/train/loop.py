@@ -4,13 +4,14 @@ masks, switch the running annotator to the new checkpoint, and keep a model hist
 - :func:`retrain_from_store`: the accepted objects of an annotated folder -> a decoder
   fine-tune (starting from the model the annotator last switched to) -> a checkpoint under
   ``IMAGES_DIR/.segany/models/``; a ``model_trained`` event records it in the store.
-- :func:`switch_service_model`: make an :class:`~segany.engine.service.AnnotationService`
-  use a checkpoint from now on; a ``model_switch`` event records the new model id with its
+- :func:`switch_service_model`: load a checkpoint and make an
+  :class:`~segany.engine.service.AnnotationService` use it from now on (its public
+  ``switch_model()``); a ``model_switch`` event records the new model id with its
   checkpoint. Every annotation (manual accepts and stage-2 pre-labels) already stores the
   ``model_id`` that produced it, so :func:`model_history` tells which checkpoint made which
   pre-labels.
-- :func:`add_routes`: ``GET/POST /api/model`` and ``GET/POST /api/model/retrain`` on the
-  annotator's app (retrain runs in a background thread, then switches).
+- :class:`RetrainJob`: retrain in a background thread, then switch; the annotator's
+  ``GET/POST /api/model`` and ``GET/POST /api/model/retrain`` are in :mod:`.routes`.
 - :func:`switch_server`: the client side of ``POST /api/model`` (``segany retrain --server``).
 """
 
@@ -111,8 +112,7 @@ def retrain_from_store(
     is a :class:`TrainConfig` or overrides of :func:`retrain_config`. Records a
     ``model_trained`` event and returns its data (with ``checkpoint``)."""
     from ..datasets import open_dataset
-    from ..engine.server import default_db
-    from ..engine.store import Store, redact
+    from ..engine.store import Store, default_db, redact
     from ..weights import DEFAULT_WEIGHTS
     from .data import DataError, for_training
     from .trainer import train
@@ -176,17 +176,6 @@ def _ranges(ids: list[int]) -> list[list[int]]:
 
 
 # -- switch ----------------------------------------------------------------------------------
-def _backend_name(service: Any) -> str:
-    """The predictor backend the service was started with (``torch``, ``onnx``...)."""
-    if getattr(service, "_backend", None) is None:
-        return "torch"
-    tag = str(service._key_prefix)[len(str(service.model_id)) :].lstrip("-")
-    return tag or "onnx"
-
-
-_switch_lock = threading.Lock()
-
-
 def switch_service_model(
     service: Any,
     checkpoint: str | Path,
@@ -194,43 +183,27 @@ def switch_service_model(
     name: str | None = None,
     user_id: int | None = None,
 ) -> dict[str, Any]:
-    """Make ``service`` answer with ``checkpoint`` from now on (same backend as before).
-
-    Requests already running finish with the old model; every later prediction, pre-fill
-    and accepted object uses (and records) the new model id. Embeddings stay valid when the
-    image encoder is unchanged (decoder fine-tunes), so nothing is re-embedded then.
+    """Load ``checkpoint`` on the backend ``service`` runs and hand it to
+    :meth:`~segany.engine.service.AnnotationService.switch_model` (requests already running
+    finish with the old model; embeddings are kept when the image encoder is unchanged).
     Records a ``model_switch`` event and returns its data."""
     from ..loader import load_predictor
     from ..weights import WeightsError
-    from .trainer import encoder_fingerprint
 
     path = Path(checkpoint).expanduser()
-    backend = _backend_name(service)
     try:
-        pred = load_predictor(path, backend=backend, progress=False)
+        pred = load_predictor(path, backend=service.backend_name, progress=False)
     except (WeightsError, ValueError, RuntimeError) as exc:
         raise LoopError(f"cannot load {checkpoint}: {exc}") from exc
-    new_id = pred.model_id
-    with _switch_lock:
-        old = {"model": service.model_name, "model_id": service.model_id}
-        same_encoder = encoder_fingerprint(service.model) == encoder_fingerprint(pred.model)
-        service.model = pred.model
-        service.model_id = new_id
-        service._backend = pred.backend
-        service.model_name = name or path.name
-        if not same_encoder:  # embeddings of the old encoder must not be reused
-            tag = "" if pred.backend is None else f"-{backend}"
-            service._key_prefix = f"{new_id}{tag}"
-            service._keys = {}
-        service._tls = threading.local()  # each request thread builds a new predictor
+    switched = service.switch_model(pred, name=name or path.name)
     record = {
-        "model": service.model_name,
-        "model_id": new_id,
+        "model": switched["model"],
+        "model_id": switched["model_id"],
         "checkpoint": str(path.resolve()),
-        "backend": backend,
-        "previous_model": old["model"],
-        "previous_model_id": old["model_id"],
-        "embeddings_kept": same_encoder,
+        "backend": switched["backend"],
+        "previous_model": switched["previous_model"],
+        "previous_model_id": switched["previous_model_id"],
+        "embeddings_kept": switched["embeddings_kept"],
     }
     _record(service.store, "model_switch", record, user_id)
     return record
@@ -318,11 +291,3 @@ class RetrainJob:
             self.error = f"{type(exc).__name__}: {exc}"
             self.state = "failed"
             traceback.print_exc()
-
-
-def add_routes(app: Any, service: Any) -> RetrainJob:
-    """Add ``/api/model`` and ``/api/model/retrain`` to the annotator's FastAPI ``app``
-    (see :mod:`.routes`); returns the retrain job (also at ``app.state.retrain_job``)."""
-    from .routes import add_model_routes
-
-    return add_model_routes(app, service)

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import Body, HTTPException, Request
 
-from ..engine.service import ServiceError
+from ..engine.schemas import ServiceError
 from .loop import RETRAIN_DEFAULTS, LoopError, RetrainJob, model_history, switch_service_model
 
 

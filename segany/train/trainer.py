@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from .. import transforms as T
 from .. import validate as V
 from ..files import atomic_file, atomic_write
+from ..fingerprint import model_fingerprint
 from ..models import Sam
 from ..predictor import EmbeddingCache, ImageEmbedding, image_key
 from . import prompts as P
@@ -178,18 +179,6 @@ def _atomic_save(obj: Any, path: Path) -> None:
         torch.save(obj, f)
 
 
-def encoder_fingerprint(model: Sam) -> str:
-    """Hash of the image encoder's weights: embeddings are shared by every model with the
-    same encoder (e.g. a base model and its decoder fine-tunes)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in model.image_encoder.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:24]
-
-
 class EmbeddingSource:
     """Image embeddings of a frozen encoder, computed once and kept in an
     :class:`~segany.predictor.EmbeddingCache` (on disk when ``cache_dir`` is given) under
@@ -198,7 +187,7 @@ class EmbeddingSource:
     def __init__(self, model: Sam, cache_dir: str | Path | None, *, max_items: int = 256) -> None:
         self.model = model
         self.cache = EmbeddingCache(cache_dir, max_items=max_items)
-        self.prefix = f"enc{encoder_fingerprint(model)}"
+        self.prefix = f"enc{model_fingerprint(model.image_encoder)[:24]}"  # shared by fine-tunes
         self._keys: dict[str, str] = {}
 
     def _key(self, image: TrainImage, rgb: np.ndarray) -> str:

@@ -75,7 +75,7 @@ def parse_prompts(items: list[tuple[str, Any]], size: tuple[int, int]) -> dict[i
     """The ordered prompt options -> ``{frame: {object: ObjectPrompt}}``."""
     from PIL import Image
 
-    from ..cli import CliError
+    from ..cli_common import CliError
     from .tracker import ObjectPrompt
 
     obj, frame = 1, 0
@@ -118,7 +118,7 @@ def parse_prompts(items: list[tuple[str, Any]], size: tuple[int, int]) -> dict[i
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..cli import CliError
+    from ..cli_common import CliError
     from ..loader import load_predictor
     from ..validate import dumps
     from .frames import VideoError, open_video

@@ -124,7 +124,7 @@ def add_parser(psub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..cli import CliError
+    from ..cli_common import CliError
     from ..loader import load_predictor
 
     root = Path(args.dataset)

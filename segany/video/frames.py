@@ -15,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import IMAGE_SUFFIXES
 from ..transforms import ImageError, load_image
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
-FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+#: Image suffixes read as frames: :data:`segany.files.IMAGE_SUFFIXES` but GIF (an animated GIF
+#: is opened as a video).
+FRAME_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".gif")
 
 
 class VideoError(ValueError):

@@ -1,0 +1,255 @@
+"""The annotator's objects: accept a mask, list, fix, reject or delete objects, and the
+events of the measurements. A part of :class:`~.service.AnnotationService`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from pycocotools import mask as mask_utils
+
+from ..validate import InputError, segmentation_to_rle
+from .schemas import (
+    RLE,
+    AcceptRequest,
+    AnnotationList,
+    AnnotationOut,
+    BadRequest,
+    Conflict,
+    EventRequest,
+    NotFound,
+    Unprocessable,
+    UpdateRequest,
+    UserRef,
+)
+from .store import STATUSES, Annotation, StoreConflict
+
+
+def _text_prompt(a: Annotation) -> dict[str, Any]:
+    """The text part of an annotation's prompt (pre-filled by class name), else ``{}``."""
+    prompt = a.prompt if isinstance(a.prompt, dict) else None
+    text = prompt.get("text") if prompt else None
+    return text if isinstance(text, dict) else {}
+
+
+def _rle_dict(rle: RLE | dict[str, Any] | list[Any]) -> dict[str, Any] | list[Any]:
+    if isinstance(rle, RLE):
+        return {"size": list(rle.size), "counts": rle.counts}
+    return rle
+
+
+def canonical_rle(
+    rle: RLE | dict[str, Any] | list[Any], size: tuple[int, int], what: str = "segmentation"
+) -> tuple[dict, int, list]:
+    """Check a client's segmentation (an RLE, compressed or not, or COCO polygons) against
+    the image size ``(H, W)`` with :func:`segany.validate.segmentation_to_rle`; returns the
+    compressed COCO RLE (``counts`` as str), its area and its XYWH box. Raises
+    :class:`Unprocessable` naming ``what``."""
+    h, w = size
+    try:
+        enc = segmentation_to_rle(_rle_dict(rle), h, w, what=what)
+    except InputError as exc:
+        raise Unprocessable(str(exc)) from None
+    area = int(mask_utils.area(enc))
+    bbox = [float(v) for v in mask_utils.toBbox(enc)]
+    counts = enc["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    return {"size": [h, w], "counts": counts}, area, bbox
+
+
+class AnnotationsMixin:
+    """Objects of :class:`~.service.AnnotationService` (its state is set up there)."""
+
+    # -- objects -----------------------------------------------------------------------------
+    def _ann_out(self, a: Annotation, names: dict[int, str] | None = None) -> AnnotationOut:
+        if names is None:
+            names = {u.id: u.name for u in self.store.users()}
+        text = _text_prompt(a)
+        return AnnotationOut(
+            id=a.id,
+            image_id=a.image_id,
+            category=a.category,
+            status=a.status,
+            stage=a.stage,
+            source=a.source,
+            segmentation=RLE(size=tuple(a.segmentation["size"]), counts=a.segmentation["counts"]),
+            bbox=list(a.bbox),
+            area=a.area,
+            score=a.score,
+            stability=a.stability,
+            model_id=a.model_id,
+            detector_score=text.get("score"),
+            phrase=text.get("phrase"),
+            user=names.get(a.user_id) if a.user_id is not None else None,
+            clicks=a.clicks,
+            seconds=a.seconds,
+            created_at=a.created_at,
+            updated_at=a.updated_at,
+        )
+
+    def accept(self, image_id: int, req: AcceptRequest, user: UserRef) -> AnnotationOut:
+        """Save a mask as an object with a category. It is committed before this returns."""
+        im = self._image(image_id)
+        if im.status == "missing":
+            raise NotFound(f"image file {im.path} is gone from the images folder")
+        if (req.segmentation is None) == (req.mask_id is None):
+            raise Unprocessable("give exactly one of 'segmentation' and 'mask_id'")
+        score = req.score
+        prompt = None
+        if req.mask_id is not None:
+            cand = self._candidates.get(req.mask_id)
+            if cand is None:
+                raise NotFound(f"mask_id {req.mask_id!r} is unknown or expired")
+            if cand.image_id != image_id:
+                raise Unprocessable(f"mask_id {req.mask_id!r} belongs to image {cand.image_id}")
+            rle, area, bbox = cand.rle, cand.area, cand.bbox
+            score = cand.score if score is None else score
+            prompt = cand.prompt
+        else:
+            rle, area, bbox = canonical_rle(req.segmentation, (im.height, im.width))
+        if area == 0:
+            raise Unprocessable("the mask is empty")
+        reject: dict[int, tuple[str, str]] = {}
+        if req.replaces is not None:
+            old = self.store.annotation(req.replaces)
+            if old is None or old.image_id != image_id:
+                raise NotFound(f"no annotation {req.replaces} on image {image_id}")
+            if old.status != "pending":
+                raise Conflict(f"annotation {req.replaces} is {old.status}, not pending")
+            reject[old.id] = ("pending", "rejected")  # checked again in the transaction
+        clicks, seconds = self._take_timer(user, image_id)
+        item = {
+            "image_id": image_id,
+            "category": req.category,
+            "status": "accepted",
+            "stage": im.stage,
+            "source": "manual",
+            "segmentation": rle,
+            "bbox": bbox,
+            "area": area,
+            "score": score,
+            "model_id": self.model_id,
+            "user_id": user.id,
+            "clicks": clicks,
+            "seconds": seconds,
+            "prompt": prompt,
+            "replaces_id": req.replaces,
+        }
+        ev = {
+            "kind": "accept",
+            "user_id": user.id,
+            "image_id": image_id,
+            "stage": im.stage,
+            "annotation_index": 0,
+            "data": {"clicks": clicks, "seconds": seconds, "replaces": req.replaces},
+        }
+        try:
+            (ann,) = self.store.add_annotations([item], [ev], set_status=reject)
+        except StoreConflict as exc:
+            raise Conflict(str(exc)) from None
+        return self._ann_out(ann)
+
+    def list_annotations(self, image_id: int, statuses: list[str] | None = None) -> AnnotationList:
+        self._image(image_id)
+        if statuses is not None:
+            bad = [s for s in statuses if s not in STATUSES]
+            if bad:
+                raise BadRequest(f"unknown status {bad[0]!r}; use one of {list(STATUSES)}")
+        names = {u.id: u.name for u in self.store.users()}
+        anns = self.store.annotations(
+            image_id, statuses=statuses if statuses else ["accepted", "pending"]
+        )
+        return AnnotationList(
+            image_id=image_id, annotations=[self._ann_out(a, names) for a in anns]
+        )
+
+    def get_annotation(self, ann_id: int) -> AnnotationOut:
+        a = self.store.annotation(ann_id)
+        if a is None:
+            raise NotFound(f"no annotation with id {ann_id}")
+        return self._ann_out(a)
+
+    def update_annotation(self, ann_id: int, req: UpdateRequest, user: UserRef) -> AnnotationOut:
+        """Edit the category, replace the mask, or accept / reject a pending object."""
+        a = self.store.annotation(ann_id)
+        if a is None:
+            raise NotFound(f"no annotation with id {ann_id}")
+        fields: dict[str, Any] = {}
+        kind = "edit"
+        data: dict[str, Any] = {}
+        if req.category is not None and req.category != a.category:
+            fields["category"] = req.category
+            data["category"] = [a.category, req.category]
+        if req.segmentation is not None:
+            im = self._image(a.image_id)
+            rle, area, bbox = canonical_rle(req.segmentation, (im.height, im.width))
+            if area == 0:
+                raise Unprocessable("the mask is empty")
+            fields.update(segmentation=rle, area=area, bbox=bbox)
+        if req.status is not None and req.status != a.status:
+            fields["status"] = req.status
+            if a.status == "pending" and req.status in ("accepted", "rejected"):
+                kind = "accept" if req.status == "accepted" else "reject"
+                clicks, seconds = self._take_timer(user, a.image_id)
+                data.update(clicks=clicks, seconds=seconds)
+                if req.status == "accepted":
+                    fields.update(seconds=seconds, user_id=user.id, clicks=a.clicks + clicks)
+            else:
+                kind = "status"
+            data["status"] = [a.status, req.status]
+        if not fields:
+            return self._ann_out(a)
+        ev = {
+            "kind": kind,
+            "user_id": user.id,
+            "image_id": a.image_id,
+            "stage": a.stage,
+            "data": data,
+        }
+        expect = a.status if "status" in fields else None
+        try:
+            a = self.store.update_annotation(ann_id, fields, ev, expect_status=expect)
+        except StoreConflict as exc:
+            raise Conflict(str(exc)) from None
+        if a is None:
+            raise NotFound(f"no annotation with id {ann_id}")
+        return self._ann_out(a)
+
+    def delete_annotation(self, ann_id: int, user: UserRef) -> None:
+        a = self.store.annotation(ann_id)
+        if a is None:
+            raise NotFound(f"no annotation with id {ann_id}")
+        self.store.delete_annotations(
+            [ann_id],
+            {
+                "kind": "delete",
+                "user_id": user.id,
+                "image_id": a.image_id,
+                "stage": a.stage,
+                "data": {"category": a.category, "status": a.status},
+            },
+        )
+
+    def record_event(self, image_id: int, req: EventRequest, user: UserRef) -> None:
+        """UI-side actions (undo, redo, candidate chosen...) kept for the measurements."""
+        im = self._image(image_id)
+        data = req.data or {}
+        try:
+            text = json.dumps(data, allow_nan=False)
+        except ValueError:
+            raise Unprocessable("event data must not hold NaN or infinite numbers") from None
+        if len(text) > 4096:
+            raise Unprocessable("event data is limited to 4 KiB")
+        self._events.put(
+            {
+                "ts": time.time(),
+                "kind": req.kind,
+                "user_id": user.id,
+                "image_id": image_id,
+                "stage": im.stage,
+                "data": data,
+            }
+        )

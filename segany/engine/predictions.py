@@ -1,0 +1,182 @@
+"""The annotator's click path: prompts -> masks (candidates kept for accept), and the
+object timers behind the paper's measurements. A part of
+:class:`~.service.AnnotationService`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from .. import masks as M
+from ..predictor import PromptError
+from .schemas import RLE, MaskOut, NotFound, PredictOut, PredictRequest, Unprocessable, UserRef
+
+
+@dataclass
+class _Timer:
+    start: float
+    clicks: int = 0
+
+
+@dataclass
+class _Candidate:
+    image_id: int
+    logits: np.ndarray  # (S/4, S/4) float16 (128 KiB at S = 1024)
+    rle: dict[str, Any]
+    score: float
+    area: int
+    bbox: list[float]
+    prompt: dict[str, Any] = field(default_factory=dict)
+
+
+class _LRU:
+    """A small thread-safe LRU map."""
+
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
+        self._d: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            if key not in self._d:
+                return None
+            self._d.move_to_end(key)
+            return self._d[key]
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.max_items:
+                self._d.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+class PredictionsMixin:
+    """Predictions of :class:`~.service.AnnotationService` (its state is set up there)."""
+
+    # -- the click path ----------------------------------------------------------------------
+    def predict(self, image_id: int, req: PredictRequest, user: UserRef) -> PredictOut:
+        """Masks for the current clicks (and box, and the previous mask as ``mask_input``):
+        three candidates with ``multimask``, else one; COCO RLE at image size."""
+        t0 = time.perf_counter()
+        im = self._image(image_id, usable=True)
+        if len(req.points) != len(req.labels):
+            raise Unprocessable(
+                f"points ({len(req.points)}) and labels ({len(req.labels)}) differ in length"
+            )
+        if any(lab not in (0, 1) for lab in req.labels):
+            raise Unprocessable("labels must be 1 (object) or 0 (background)")
+        if not req.points and req.box is None:
+            raise Unprocessable("give at least one point or a box")
+        mask_input = None
+        if req.mask_input_id is not None:
+            cand = self._candidates.get(req.mask_input_id)
+            if cand is None:
+                raise NotFound(f"mask_input_id {req.mask_input_id!r} is unknown or expired")
+            if cand.image_id != image_id:
+                raise Unprocessable(
+                    f"mask_input_id {req.mask_input_id!r} belongs to image {cand.image_id}"
+                )
+            mask_input = cand.logits[None].astype(np.float32)
+        emb = self.embedding(im)
+        p = self._predictor()
+        if not (p.is_image_set and p.state is emb):
+            p.set_embedding(emb)  # per thread, once per image (decoder context)
+        coords = np.asarray(req.points, dtype=np.float64).reshape(-1, 2) if req.points else None
+        labels = np.asarray(req.labels, dtype=np.int64) if req.points else None
+        box = np.asarray(req.box, dtype=np.float64) if req.box is not None else None
+        try:
+            with self._decode:
+                pred = p.predict(
+                    point_coords=coords,
+                    point_labels=labels,
+                    box=box,
+                    mask_input=mask_input,
+                    multimask_output=req.multimask,
+                )
+        except PromptError as exc:
+            raise Unprocessable(str(exc)) from None
+        rles = M.masks_to_coco_rle(pred.masks)
+        prompt = {
+            "points": [list(map(float, pt)) for pt in req.points],
+            "labels": list(req.labels),
+            "box": list(req.box) if req.box is not None else None,
+        }
+        base = uuid.uuid4().hex[:16]
+        outs = []
+        for k, rle in enumerate(rles):
+            enc = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+            area = int(mask_utils.area(enc))
+            bbox = [float(v) for v in mask_utils.toBbox(enc)]
+            mid = f"{base}-{k}"
+            score = float(pred.scores[k])
+            self._candidates.put(
+                mid,
+                _Candidate(
+                    image_id=image_id,
+                    logits=np.asarray(pred.low_res_logits[k], dtype=np.float16),
+                    rle=rle,
+                    score=score,
+                    area=area,
+                    bbox=bbox,
+                    prompt=prompt,
+                ),
+            )
+            outs.append(
+                MaskOut(
+                    index=k,
+                    segmentation=RLE(size=tuple(rle["size"]), counts=rle["counts"]),
+                    score=round(score, 5),
+                    area=area,
+                    bbox=bbox,
+                    mask_input_id=mid,
+                )
+            )
+        with self._timers_lock:
+            t = self._timers.setdefault((user.id, image_id), _Timer(start=time.time()))
+            t.clicks += 1
+        ms = (time.perf_counter() - t0) * 1e3
+        self._events.put(
+            {
+                "ts": time.time(),
+                "kind": "predict",
+                "user_id": user.id,
+                "image_id": image_id,
+                "stage": im.stage,
+                "data": {
+                    "points": len(req.points),
+                    "box": req.box is not None,
+                    "refine": mask_input is not None,
+                    "ms": round(ms, 2),
+                },
+            }
+        )
+        return PredictOut(
+            image_id=image_id,
+            width=im.width,
+            height=im.height,
+            masks=outs,
+            best=int(np.argmax(pred.scores)),
+            ms=round(ms, 2),
+        )
+
+    def _take_timer(self, user: UserRef, image_id: int) -> tuple[int, float | None]:
+        now = time.time()
+        with self._timers_lock:
+            t = self._timers.pop((user.id, image_id), None)
+            self._timers[(user.id, image_id)] = _Timer(start=now)
+        if t is None:
+            return 0, None
+        return t.clicks, round(now - t.start, 3)

@@ -1,0 +1,190 @@
+"""The annotator's stage 2: pre-fill an image with pending objects from the automatic mask
+generator, or from a text detector's boxes by class names. A part of
+:class:`~.service.AnnotationService`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pycocotools import mask as mask_utils
+
+from .. import masks as M
+from ..transforms import ImageError
+from .images import safe_relpath, torch_threads
+from .schemas import Conflict, PrefillOut, PrefillRequest, Unprocessable, UserRef
+
+log = logging.getLogger("segany.engine")
+
+
+class PrefillMixin:
+    """Pre-fills of :class:`~.service.AnnotationService` (its state is set up there)."""
+
+    # -- stage 2 -----------------------------------------------------------------------------
+    def _generator(self, req: PrefillRequest) -> Any:
+        if self._generator_factory is not None:
+            return self._generator_factory(req)
+        from ..everything import MaskGenerator
+
+        return MaskGenerator(
+            self._new_predictor(),
+            preset="fast",
+            output_mode="coco_rle",
+            points_per_side=max(2, req.points_per_side // 2),
+            refine_points_per_side=req.points_per_side,
+            pred_iou_thresh=req.pred_iou_thresh,
+            stability_score_thresh=req.stability_score_thresh,
+            min_mask_region_area=req.min_area,
+            max_masks=req.max_masks,
+            max_mask_region_fraction=0.95,
+        )
+
+    def text_detector(self) -> Any:
+        """The text detector for pre-fills by class names, loaded on first use (once).
+        Raises :class:`Conflict` when none is configured or it cannot be loaded (missing
+        weights: the message says what to download and where)."""
+        if self._detector is not None:
+            return self._detector
+        if self._detector_source is None:
+            raise Conflict(
+                "pre-filling by class names needs a text detector, and this server has "
+                "none: start it with `segany annotate IMAGES_DIR --detector NAME|FOLDER` "
+                "(e.g. --detector grounding-dino-tiny; see docs/text.md)"
+            )
+        with self._detector_lock:
+            if self._detector is None:
+                from ..text import DetectorError, load_detector
+
+                try:
+                    self._detector = load_detector(self._detector_source)
+                except DetectorError as exc:
+                    raise Conflict(f"the text detector cannot be loaded: {exc}") from None
+                self.detector_name = str(getattr(self._detector, "name", self.detector_name))
+                log.info("text detector %s loaded", self.detector_name)
+            return self._detector
+
+    def _class_labeler(self, req: PrefillRequest, detector: Any) -> Any:
+        from ..text import TextSegmenter, parse_queries
+        from .label import ClassLabeler
+
+        assert req.classes is not None
+        segmenter = TextSegmenter(
+            self._new_predictor(),
+            detector,
+            box_threshold=req.box_threshold,
+            text_threshold=req.text_threshold,
+            max_detections=req.max_masks,
+        )
+        return ClassLabeler(segmenter, parse_queries(req.classes))
+
+    def _prefill_model_id(self) -> str:
+        """``<SAM model id>+<detector name>`` (the store keeps 64 characters)."""
+        return f"{self.model_id}+{self.detector_name}"[:64]
+
+    def prefill(self, image_id: int, req: PrefillRequest, user: UserRef) -> PrefillOut:
+        """Stage 2 on one image: segment everything with the given thresholds and add the
+        masks as *pending* objects (skipping those that overlap accepted objects). The
+        image counts as stage 2 from now on.
+
+        With ``req.classes``, the text detector finds those classes and SAM segments each
+        box instead; every mask becomes a pending object with its class as category, SAM's
+        predicted IoU as ``score`` and the detector's score and phrase kept in its prompt.
+        """
+        t0 = time.perf_counter()
+        im = self._image(image_id, usable=True)
+        detector = self.text_detector() if req.classes else None  # fails before any work
+        emb = self.embedding(im)  # cached: the generator reuses it
+        del emb
+        path = safe_relpath(self.root, im.path)
+        try:
+            rgb = self.read_rgb(path)
+        except ImageError as exc:
+            raise Unprocessable(f"image {im.path} cannot be read: {exc}") from None
+        with self._prefill_lock:
+            gen = self._generator(req) if detector is None else self._class_labeler(req, detector)
+            with self._decode, torch_threads(self.embed_threads):
+                records = gen.generate(rgb)
+        h, w = rgb.shape[:2]
+        removed = 0
+        if req.replace:
+            old = self.store.annotations(image_id, statuses=["pending"], source="prefill")
+            removed = len(self.store.delete_annotations([a.id for a in old]))
+        accepted = self.store.annotations(image_id, statuses=["accepted", "pending"])
+        rles = []
+        for r in records:
+            seg = r["segmentation"]
+            if isinstance(seg, dict) and isinstance(seg.get("counts"), str):
+                rles.append({"size": list(seg["size"]), "counts": seg["counts"]})
+            else:
+                from ..datasets import to_coco_rle
+
+                rles.append(to_coco_rle(seg))
+        skipped = 0
+        keep = list(range(len(records)))
+        if accepted and rles:
+            iou = M.mask_iou_matrix(rles, [a.segmentation for a in accepted])
+            keep = [i for i in keep if iou[i].max() <= req.overlap_iou]
+            skipped = len(records) - len(keep)
+        items = []
+        model_id = self.model_id if detector is None else self._prefill_model_id()
+        for i in keep:
+            r = records[i]
+            enc = {"size": [h, w], "counts": rles[i]["counts"].encode("ascii")}
+            area = int(mask_utils.area(enc))
+            if area == 0:
+                continue  # a box SAM found nothing in: not an object
+            prompt: dict[str, Any] = {
+                "points": [list(map(float, p)) for p in r.get("point_coords", [])],
+                "labels": [1] * len(r.get("point_coords", [])),
+                "box": [float(v) for v in r["box"]] if "box" in r else None,
+            }
+            if detector is not None:
+                prompt["text"] = {
+                    "class": r["label"],
+                    "phrase": r.get("phrase"),
+                    "score": float(r["score"]),
+                    "detector": self.detector_name,
+                }
+            items.append(
+                {
+                    "image_id": image_id,
+                    "category": req.category if detector is None else r["label"],
+                    "status": "pending",
+                    "stage": 2,
+                    "source": "prefill",
+                    "segmentation": rles[i],
+                    "bbox": [float(v) for v in mask_utils.toBbox(enc)],
+                    "area": area,
+                    "score": float(r.get("predicted_iou", 0.0)),
+                    "stability": float(r.get("stability_score", 0.0)),
+                    "model_id": model_id,
+                    "user_id": None,
+                    "clicks": 0,
+                    "seconds": None,
+                    "prompt": prompt,
+                }
+            )
+        settings = req.model_dump()
+        if detector is not None:
+            settings["detector"] = self.detector_name
+        ev = {
+            "kind": "prefill",
+            "user_id": user.id,
+            "image_id": image_id,
+            "stage": 2,
+            "data": {**settings, "created": len(items), "skipped_overlap": skipped},
+        }
+        anns = self.store.add_annotations(items, [ev])
+        self.store.update_image(image_id, stage=2)
+        names = {u.id: u.name for u in self.store.users()}
+        return PrefillOut(
+            image_id=image_id,
+            created=len(anns),
+            skipped_overlap=skipped,
+            removed_pending=removed,
+            seconds=round(time.perf_counter() - t0, 3),
+            settings=settings,
+            annotations=[self._ann_out(a, names) for a in anns],
+        )

@@ -1,0 +1,305 @@
+"""The annotator's API: its errors (each with its HTTP status) and its typed requests and
+responses (pydantic), used by :mod:`.service` and :mod:`.server`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .store import USER_NAME_PATTERN
+
+#: The annotator refuses images above this many pixels by default (about 8k x 6k): every
+#: click returns masks at full resolution.
+DEFAULT_MAX_PIXELS = 50_000_000
+MAX_POINTS = 100
+MAX_CATEGORY = 128
+#: Longest ``classes`` text of a pre-fill request.
+MAX_CLASSES_TEXT = 4096
+
+
+# -- errors ----------------------------------------------------------------------------------
+class ServiceError(Exception):
+    """An error the client caused or must know about; ``status`` is the HTTP status."""
+
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ServiceError):
+    status = 400
+
+
+class Unauthorized(ServiceError):
+    status = 401
+
+
+class Forbidden(ServiceError):
+    status = 403
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class Conflict(ServiceError):
+    status = 409
+
+
+class Unprocessable(ServiceError):
+    status = 422
+
+
+# -- requests and responses ------------------------------------------------------------------
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Request(_Model):
+    # NaN and infinities (JSON's NaN / Infinity, and 1e400) are refused in every number
+    # field of a request: they are no coordinate or score, and one stored would break every
+    # export. (Answers write them as null: errors.SafeJSONResponse.)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class RLE(_Request):
+    """COCO run-length encoding: ``size`` is ``[height, width]``; ``counts`` the compressed
+    string (or the uncompressed list of run lengths)."""
+
+    size: tuple[int, int]
+    counts: str | list[int]
+
+
+class ImageOut(_Model):
+    id: int
+    path: str
+    width: int
+    height: int
+    status: str
+    error: str | None = None
+    stage: int
+    done: bool
+    accepted: int = 0
+    pending: int = 0
+
+
+class ImageList(_Model):
+    images: list[ImageOut]
+    total: int
+    done: int
+    annotated: int
+    categories: list[str]
+
+
+class RescanOut(_Model):
+    added: int
+    updated: int
+    missing: int
+    total: int
+
+
+class OpenOut(_Model):
+    image: ImageOut
+    embedding: Literal["ready", "computing"]
+    prev_id: int | None
+    next_id: int | None
+
+
+class PredictRequest(_Request):
+    points: list[tuple[float, float]] = Field(default_factory=list, max_length=MAX_POINTS)
+    labels: list[int] = Field(default_factory=list, max_length=MAX_POINTS)
+    box: tuple[float, float, float, float] | None = None
+    mask_input_id: str | None = Field(default=None, max_length=64)
+    multimask: bool = True
+
+
+class MaskOut(_Model):
+    index: int
+    segmentation: RLE
+    score: float
+    area: int
+    bbox: list[float]
+    #: Pass as ``mask_input_id`` to refine this mask, or as ``mask_id`` to accept it.
+    mask_input_id: str
+
+
+class PredictOut(_Model):
+    image_id: int
+    width: int
+    height: int
+    masks: list[MaskOut]
+    best: int
+    ms: float
+
+
+Category = Annotated[str, Field(min_length=1, max_length=MAX_CATEGORY)]
+
+
+def _clean_category(v: str | None) -> str | None:
+    if v is None:
+        return None
+    v = " ".join(v.split())
+    if not v:
+        raise ValueError("category must not be empty")
+    return v
+
+
+def _clean_classes(v: str | None) -> str | None:
+    """``"dog . cat"`` -> the class names joined by ``" . "`` (blank: ``None``, i.e. no
+    classes; only separators: an error); each name must fit a category."""
+    if v is None or not v.strip():
+        return None
+    from ..text.pipeline import parse_queries
+
+    names = parse_queries(v)
+    long = [n for n in names if len(n) > MAX_CATEGORY]
+    if long:
+        raise ValueError(f"class name longer than {MAX_CATEGORY} characters: {long[0][:40]!r}...")
+    return " . ".join(names)
+
+
+class AcceptRequest(_Request):
+    """A new object: either the ``segmentation`` (COCO RLE at image size) or the
+    ``mask_id`` of a candidate returned by predict."""
+
+    segmentation: RLE | None = None
+    mask_id: str | None = Field(default=None, max_length=64)
+    category: Category = "object"
+    #: A pending (pre-filled) object that this one fixes; it is marked rejected.
+    replaces: int | None = None
+    score: float | None = None
+
+    _cat = field_validator("category")(_clean_category)
+
+
+class UpdateRequest(_Request):
+    category: Category | None = None
+    status: Literal["accepted", "pending", "rejected"] | None = None
+    segmentation: RLE | None = None
+
+    _cat = field_validator("category")(_clean_category)
+
+
+class AnnotationOut(_Model):
+    id: int
+    image_id: int
+    category: str
+    status: str
+    stage: int
+    source: str
+    segmentation: RLE
+    bbox: list[float]
+    area: int
+    score: float | None = None
+    stability: float | None = None
+    model_id: str | None = None
+    #: Pre-filled by class name: the detector's confidence and phrase (``score`` stays
+    #: SAM's predicted IoU).
+    detector_score: float | None = None
+    phrase: str | None = None
+    user: str | None = None
+    clicks: int = 0
+    seconds: float | None = None
+    created_at: float
+    updated_at: float
+
+
+class AnnotationList(_Model):
+    image_id: int
+    annotations: list[AnnotationOut]
+
+
+class PrefillRequest(_Request):
+    """Stage 2: segment everything and keep the confident masks as pending objects.
+
+    With ``classes`` (``"dog . cat"``), the server's text detector finds those classes
+    instead and SAM segments each box: every mask becomes a pending object whose category
+    is its class; ``box_threshold`` / ``text_threshold`` (default: the detector's) and
+    ``max_masks`` apply, and ``pred_iou_thresh``, ``stability_score_thresh``,
+    ``points_per_side``, ``min_area`` and ``category`` do not.
+    """
+
+    pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0)
+    stability_score_thresh: float = Field(0.92, ge=0.0, le=1.0)
+    points_per_side: int = Field(16, ge=2, le=64)
+    min_area: int = Field(100, ge=0)
+    max_masks: int = Field(100, ge=1, le=1000)
+    #: Skip masks overlapping an existing accepted object by more than this IoU.
+    overlap_iou: float = Field(0.5, ge=0.0, le=1.0)
+    category: Category = "object"
+    #: Replace the pending pre-filled objects of an earlier run on this image.
+    replace: bool = True
+    #: Class names separated by " . " (needs a server started with --detector).
+    classes: str | None = Field(default=None, max_length=MAX_CLASSES_TEXT)
+    box_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    text_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+
+    _cat = field_validator("category")(_clean_category)
+    _classes = field_validator("classes")(_clean_classes)
+
+
+class PrefillOut(_Model):
+    image_id: int
+    created: int
+    skipped_overlap: int
+    removed_pending: int
+    seconds: float
+    settings: dict[str, Any]
+    annotations: list[AnnotationOut]
+
+
+class EventRequest(_Request):
+    kind: Literal["undo", "redo", "select", "clear", "next", "prev", "note"]
+    data: dict[str, Any] | None = None
+
+
+class DoneRequest(_Request):
+    done: bool = True
+
+
+class UserOut(_Model):
+    id: int
+    name: str
+    is_admin: bool
+
+
+class TokenOut(_Model):
+    user: UserOut
+    token: str
+
+
+class NewUserRequest(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=USER_NAME_PATTERN)
+    is_admin: bool = False
+
+
+class ImportOut(_Model):
+    images: int
+    annotations: int
+    skipped_images: list[str]
+    skipped_annotations: int
+
+
+class ConfigOut(_Model):
+    auth: bool
+    model: str
+    model_id: str
+    images_dir: str
+    stages: list[int]
+    prefill_defaults: PrefillRequest
+    categories: list[str]
+    user: str | None = None
+    #: The text detector for pre-filling by class names (``None``: not configured).
+    detector: str | None = None
+
+
+@dataclass(frozen=True)
+class UserRef:
+    id: int
+    name: str
+    is_admin: bool = False

@@ -1,0 +1,34 @@
+"""The one model fingerprint: which weights a model (or one of its parts) holds.
+
+:func:`model_fingerprint` hashes a module's ``state_dict``: every entry's name and the raw
+bytes of its values, in order. Equal weights give equal ids whatever built or loaded them;
+any changed value gives another id. Its users: :attr:`segany.predictor.Predictor.model_id`
+(when the catalogue gives no file hash), the embedding cache keys of training
+(``model.image_encoder``) and of the annotator's model switch (embeddings kept when the
+image encoder's id is unchanged), and the folder of a model's exported ONNX graphs.
+
+A checkpoint *file* is identified by its SHA-256 instead (:func:`segany.weights.sha256_file`,
+the catalogue's hashes); that is the model id of catalogue models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+#: Hex digits of a fingerprint.
+FINGERPRINT_LENGTH = 32
+
+
+def model_fingerprint(module: torch.nn.Module) -> str:
+    """The first :data:`FINGERPRINT_LENGTH` hex digits of the SHA-256 of ``module``'s
+    parameters and buffers (``state_dict`` names and value bytes)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:FINGERPRINT_LENGTH]
+
+
+__all__ = ["FINGERPRINT_LENGTH", "model_fingerprint"]
