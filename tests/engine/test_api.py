@@ -379,7 +379,7 @@ def test_import_coco_for_review(client):
     assert out["skipped_annotations"] == 1
     b = client.get(f"/api/images/{ids['b.jpg']}/annotations").json()["annotations"]
     assert len(b) == 1 and b[0]["status"] == "pending" and b[0]["source"] == "import"
-    assert b[0]["category"] == "noise" and 1900 < b[0]["area"] < 2200
+    assert b[0]["category"] == "red box" and 1900 < b[0]["area"] < 2200
     s = client.get("/api/stats").json()
     assert s["imported"] == n_before + 1
     # malformed imports
