@@ -46,8 +46,10 @@ def for_training(model: Sam) -> Sam:
 
 
 def feature_state(model: Sam) -> dict[str, torch.Tensor]:
-    """The weights that make the cached per-image features (their hash names the cache)."""
-    state = {f"image_encoder.{k}": v for k, v in model.image_encoder.state_dict().items()}
+    """The weights that make the cached per-image features (their hash names the cache):
+    the image encoder's (under its own key names, as before SAM 2, so that SAM 1 caches
+    keep their names) and SAM 2's ``no_mem_embed``, ``conv_s0.*``, ``conv_s1.*``."""
+    state = dict(model.image_encoder.state_dict())
     if is_sam2(model):
         md = model.mask_decoder
         state["no_mem_embed"] = model.no_mem_embed
