@@ -110,17 +110,25 @@ def test_sam2_decoder_training_lowers_the_loss(tmp_path: Path) -> None:
     assert set(saved) == {"model"} and set(saved["model"]) == set(sd)
 
 
-def test_sam2_full_mode_trains_the_encoder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["decoder+prompt", "full"])
+def test_sam2_other_modes_train_their_parts(mode: str, tmp_path: Path) -> None:
+    """``decoder+prompt`` also moves the prompt encoder, on cached features (``conv_s0``
+    frozen); ``full`` runs the encoder each step and moves it and ``conv_s0`` too."""
     data = D.open_source(NUCLEI)
     tr = D.split_by_image(data.images, 0.0, 0)[0][:1]
     model = tiny_sam2()
-    w0 = model.image_encoder.trunk.patch_embed.proj.weight.clone()
-    c0 = model.mask_decoder.conv_s0.weight.clone()
-    trainer = Trainer(model, tr, [], _cfg(steps=1, train="full", masks_per_image=2),
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model, tr, [], _cfg(steps=1, train=mode, masks_per_image=2),
                       tmp_path / "f.pt", progress=False)  # fmt: skip
     trainer.run()
-    assert not torch.equal(w0, model.image_encoder.trunk.patch_embed.proj.weight)
-    assert not torch.equal(c0, model.mask_decoder.conv_s0.weight)
+    sd = model.state_dict()
+    moved = {k for k in start if not torch.equal(start[k], sd[k])}
+    assert "sam_prompt_encoder.not_a_point_embed.weight" in moved  # the padding point: always
+    encoder = {"image_encoder.trunk.patch_embed.proj.weight", "sam_mask_decoder.conv_s0.weight"}
+    if mode == "full":
+        assert encoder <= moved
+    else:
+        assert not moved & encoder and not any(k.startswith("image_encoder.") for k in moved)
 
 
 def test_cli_train_sam2_checkpoint_loads_back(tmp_path: Path) -> None:
