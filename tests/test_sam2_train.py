@@ -131,6 +131,21 @@ def test_sam2_other_modes_train_their_parts(mode: str, tmp_path: Path) -> None:
         assert not moved & encoder and not any(k.startswith("image_encoder.") for k in moved)
 
 
+def test_sam2_replay_uses_the_high_res_maps_and_starts_at_zero(tmp_path: Path) -> None:
+    """Replay distillation with SAM 2: teacher and student decode with the cached high-res
+    maps in the same (training) mode, so the loss is 0 before any update."""
+    data = D.open_source(NUCLEI)
+    tr = D.split_by_image(data.images, 0.0, 0)[0][:1]
+    replay = D.image_source(NUCLEI / "images").images[1:2]
+    trainer = Trainer(tiny_sam2(), tr, [], _cfg(steps=1, replay_points=2), tmp_path / "r.pt",
+                      progress=False, replay_images=replay)  # fmt: skip
+    trainer.embeddings.prepare(replay, progress=False)
+    assert trainer.teacher[1].training  # the student's mode (no stability fallback)
+    assert trainer.replay_loss(np.random.default_rng(0), train=False) == pytest.approx(0, abs=1e-5)
+    trainer.run()
+    assert trainer.replay_loss(np.random.default_rng(0), train=False) > 0  # the student moved
+
+
 def test_cli_train_sam2_checkpoint_loads_back(tmp_path: Path) -> None:
     """``segany train --model`` an official-layout SAM 2.1 Hiera-T file (random weights):
     the fine-tune is ``{"model": state_dict}`` and loads with ``segany.load_model``."""
