@@ -194,6 +194,29 @@ def test_predictor_onnx_matches_reference_golden(exported, golden, monkeypatch, 
         Predictor(model, backend="onnx-int8")
 
 
+def test_onnx_backend_of_a_fused_model(exported, golden, monkeypatch, tmp_path) -> None:
+    """``load_predictor(..., backend="onnx")`` fuses the model first (oneDNN Hiera linears
+    that have run on the CPU): the export still traces plain operators and agrees."""
+    import copy
+
+    model, backend, _ = exported
+    z, _ = golden
+    monkeypatch.setenv("SEGANY_CACHE", str(tmp_path))
+    fused = copy.deepcopy(model)
+    p = Predictor(fused, fuse=True)
+    p.set_image(z["image0"])  # runs the fused encoder once
+    po = Predictor(fused, backend="onnx")
+    po.set_image(z["image0"])
+    x = _model_input(model, z["image0"])
+    emb, high_res = backend.embed_features(x)
+    assert float((po.embedding - emb).abs().max()) < ENC_ATOL
+    for a, b in zip(po.state.high_res, high_res):
+        assert float((a - b).abs().max()) < ENC_ATOL
+    click = {"point_coords": np.array([[80.0, 60.0]]), "point_labels": np.array([1])}
+    a, b = p.predict(**click, return_logits=True), po.predict(**click, return_logits=True)
+    np.testing.assert_allclose(b.low_res_logits, a.low_res_logits, atol=PRED_LOWRES_ATOL)
+
+
 def test_cli_export_sam2(tiny_sam2, monkeypatch, tmp_path) -> None:
     """``segany export`` with a SAM 2 model writes both graphs and their description (the
     model loading is the tiny model's here; official files load as in test_sam2.py)."""
