@@ -481,6 +481,13 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)  # segany/video/cli.py: follow objects through a video (docs/video.md)
 
 
+# -- export ----------------------------------------------------------------------------------
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from .export.cli import add_parser
+
+    add_parser(sub)  # segany/export/cli.py: ONNX graphs of any model (docs/sam2.md)
+
+
 # -- info ------------------------------------------------------------------------------------
 def _add_info(sub: argparse._SubParsersAction) -> None:
     from .info import add_parser
@@ -501,6 +508,7 @@ _GROUPS = {
     "train": _add_train,
     "retrain": _add_train,
     "track": _add_track,
+    "export": _add_export,
     "info": _add_info,
 }
 

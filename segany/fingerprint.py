@@ -14,6 +14,7 @@ the catalogue's hashes); that is the model id of catalogue models.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 import torch
 
@@ -24,11 +25,17 @@ FINGERPRINT_LENGTH = 32
 def model_fingerprint(module: torch.nn.Module) -> str:
     """The first :data:`FINGERPRINT_LENGTH` hex digits of the SHA-256 of ``module``'s
     parameters and buffers (``state_dict`` names and value bytes)."""
+    return state_fingerprint(module.state_dict())
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """:func:`model_fingerprint` of a ``name -> tensor`` mapping (e.g. the weights of
+    several parts of a model that together make a cached feature)."""
     h = hashlib.sha256()
-    for name, t in module.state_dict().items():
+    for name, t in state.items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:FINGERPRINT_LENGTH]
 
 
-__all__ = ["FINGERPRINT_LENGTH", "model_fingerprint"]
+__all__ = ["FINGERPRINT_LENGTH", "model_fingerprint", "state_fingerprint"]

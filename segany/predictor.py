@@ -212,8 +212,10 @@ class Predictor:
             raise ValueError("decode_chunk must be at least 1")
         self.decode_chunk = decode_chunk
         sam2 = getattr(self.model, "input_geometry", "") == "square"
-        if sam2 and (backend != "torch" or precision != "fp32"):
-            raise ValueError("SAM 2 models run on the torch backend in fp32 only (for now)")
+        # SAM 2 backends must give the high-res maps (OnnxBackend.embed_features)
+        sam2_backend = backend in ("torch", "onnx") or hasattr(backend, "embed_features")
+        if sam2 and (not sam2_backend or precision != "fp32"):
+            raise ValueError("SAM 2 models run on the torch or onnx backend in fp32 only (for now)")
         if fuse:
             fuse_for_inference(self.model)
         self.geometry = T.geometry_of(self.model)
@@ -299,6 +301,8 @@ class Predictor:
                 emb = self._encoder_bf16(x, valid=input_size).float()
             elif self.backend is None:
                 emb, high_res = m.embed_features(x, valid=input_size)
+            elif hasattr(self.backend, "embed_features"):  # the encoder's other outputs too
+                emb, high_res = self.backend.embed_features(x)
             else:
                 emb = self.backend.embed(x)
         return ImageEmbedding(
@@ -509,6 +513,7 @@ class Predictor:
         masks at image size, less work; not for feeding back as ``mask_input``."""
         with torch.inference_mode():
             if self.backend is not None:
+                extra = {"high_res_features": self.state.high_res} if self.state.high_res else {}
                 return self.backend.decode(
                     self.state.embedding,
                     point_coords=point_coords,
@@ -516,6 +521,7 @@ class Predictor:
                     boxes=boxes,
                     mask_input=mask_input,
                     multimask_output=multimask_output,
+                    **extra,
                 )
             crop = self._image_tokens() if image_only else None
             low, iou = self._decode_torch(

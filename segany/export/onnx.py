@@ -25,6 +25,22 @@ place for image geometry):
     ``v``, ``q`` ``(1, h*w, 128)``, once per image; ``prompt.onnx`` takes those plus
     ``point_coords`` / ``point_labels`` (as above) and gives the same two outputs as
     ``decoder.onnx``, without redoing the per-image work on every click.
+
+SAM 2 (:class:`~segany.models.sam2.Sam2`; :func:`graphs_of` gives ``encoder`` and
+``decoder`` only), traced from the same model code:
+
+- ``encoder.onnx``: ``image`` ``(1, 3, S, S)`` (the square input of
+  :class:`~segany.transforms.SquareGeometry`) -> ``image_embeddings`` ``(1, C, S/16, S/16)``
+  (with ``no_mem_embed`` added) and the projected high-resolution maps
+  ``high_res_feats_0`` ``(1, C/8, S/4, S/4)`` and ``high_res_feats_1`` ``(1, C/4, S/8, S/8)``
+  (:meth:`~segany.models.sam2.Sam2.embed_features`);
+- ``decoder.onnx``: the SAM 1 decoder's inputs plus the two high-res maps after
+  ``image_embeddings``; outputs ``low_res_masks`` ``(B, 4, 4h, 4w)`` and
+  ``iou_predictions`` ``(B, 4)`` as above and ``object_score_logits`` ``(B, 1)``. The
+  sparse prompts follow SAM 2's order: box corners first (labels 2, 3), then the clicks,
+  then always a padding point; the choice among the four outputs (SAM 2's stability
+  fallback when one mask is asked for) is made by the caller
+  (:class:`segany.export.runtime.OnnxBackend`).
 """
 
 from __future__ import annotations
@@ -40,6 +56,7 @@ from torch import nn
 from ..files import atomic_path
 from ..models import Sam
 from ..models.fuse import fuse_for_inference
+from ..models.sam2 import Sam2
 from ..models.transformer import DecoderContext
 
 OPSET = 18
@@ -66,6 +83,18 @@ class EncoderGraph(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(image)
+
+
+class Sam2EncoderGraph(nn.Module):
+    """SAM 2: the image -> the image embedding and the two projected high-res maps."""
+
+    def __init__(self, sam: Sam2) -> None:
+        super().__init__()
+        self.sam = sam
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        embedding, (feat_s0, feat_s1) = self.sam.embed_features(image)
+        return embedding, feat_s0, feat_s1
 
 
 class DecoderGraph(nn.Module):
@@ -105,6 +134,32 @@ class DecoderGraph(nn.Module):
         )
 
 
+class Sam2DecoderGraph(DecoderGraph):
+    """SAM 2: :class:`DecoderGraph` with the high-res maps, also giving the object score."""
+
+    def forward(  # type: ignore[override]
+        self,
+        image_embeddings: torch.Tensor,
+        high_res_feats_0: torch.Tensor,
+        high_res_feats_1: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pe = self.prompt_encoder
+        sparse = self.embed_points(point_coords, point_labels)
+        gate = has_mask_input.reshape(1, 1, 1, 1)
+        no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        dense = gate * pe.mask_downscaling(mask_input) + (1 - gate) * no_mask
+        keep: dict = {}
+        masks, iou = self.mask_decoder.predict_masks(
+            image_embeddings, self.dense_pe, sparse, dense, few_tokens=True, keep=keep,
+            high_res_features=(high_res_feats_0, high_res_feats_1),
+        )  # fmt: skip
+        return masks, iou, keep["object_score_logits"]
+
+
 class ContextGraph(nn.Module):
     """``image_embeddings`` -> the decoder's per-image context (see the module docstring)."""
 
@@ -141,7 +196,6 @@ class PromptGraph(DecoderGraph):
 
 def _prepared(sam: Sam) -> Sam:
     """A fused, float32, CPU copy of ``sam`` (the caller's model is left untouched)."""
-    sam.require_sam1("ONNX export")
     model = copy.deepcopy(sam).float().cpu().eval()
     fuse_for_inference(model, onednn=False)  # plain operators: oneDNN calls do not export
     # channels-last strides are a torch CPU detail; ONNX graphs are layout-free.
@@ -177,13 +231,14 @@ def export_encoder(sam: Sam, path: str | os.PathLike[str]) -> Path:
     """Write the image encoder of ``sam`` to ``path`` (see the module docstring)."""
     model = _prepared(sam)
     s = model.img_size
+    sam2 = isinstance(model, Sam2)
     with torch.no_grad():
         return _export(
-            EncoderGraph(model),
+            Sam2EncoderGraph(model) if sam2 else EncoderGraph(model),
             (torch.zeros(1, 3, s, s),),
             Path(path),
             input_names=["image"],
-            output_names=["image_embeddings"],
+            output_names=["image_embeddings", *(HIGH_RES if sam2 else ())],
             dynamic_axes={},
         )
 
@@ -194,32 +249,43 @@ def export_decoder(sam: Sam, path: str | os.PathLike[str]) -> Path:
     pe = model.prompt_encoder
     h, w = pe.image_embedding_size
     mh, mw = pe.mask_input_size
+    c = pe.embed_dim
+    sam2 = isinstance(model, Sam2)
+    high_res = (torch.randn(1, c // 8, 4 * h, 4 * w), torch.randn(1, c // 4, 2 * h, 2 * w))
     args = (
-        torch.randn(1, pe.embed_dim, h, w),
-        torch.randint(0, 1024, (2, 3, 2)).float(),
+        torch.randn(1, c, h, w),
+        *(high_res if sam2 else ()),
+        torch.randint(0, pe.input_image_size[0], (2, 3, 2)).float(),
         torch.tensor([[1.0, 0.0, -1.0], [2.0, 3.0, 1.0]]),
         torch.zeros(2, 1, mh, mw),
         torch.zeros(1),
     )
+    outputs = ["low_res_masks", "iou_predictions"]
+    axes = {**_PROMPT_AXES, "mask_input": {0: "batch"}}
+    if sam2:
+        outputs.append("object_score_logits")
+        axes["object_score_logits"] = {0: "batch"}
     with torch.no_grad():
         return _export(
-            DecoderGraph(model),
+            Sam2DecoderGraph(model) if sam2 else DecoderGraph(model),
             args,
             Path(path),
             input_names=[
                 "image_embeddings",
+                *(HIGH_RES if sam2 else ()),
                 "point_coords",
                 "point_labels",
                 "mask_input",
                 "has_mask_input",
             ],
-            output_names=["low_res_masks", "iou_predictions"],
-            dynamic_axes={**_PROMPT_AXES, "mask_input": {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes=axes,
         )
 
 
 def export_context(sam: Sam, path: str | os.PathLike[str]) -> Path:
     """Write the decoder's per-image part of ``sam`` (``context.onnx``) to ``path``."""
+    _sam1_only(sam, "context.onnx")
     model = _prepared(sam)
     pe = model.prompt_encoder
     h, w = pe.image_embedding_size
@@ -236,6 +302,7 @@ def export_context(sam: Sam, path: str | os.PathLike[str]) -> Path:
 
 def export_prompt(sam: Sam, path: str | os.PathLike[str]) -> Path:
     """Write the decoder's per-prompt part of ``sam`` (``prompt.onnx``) to ``path``."""
+    _sam1_only(sam, "prompt.onnx")
     model = _prepared(sam)
     pe = model.prompt_encoder
     h, w = pe.image_embedding_size
@@ -260,11 +327,26 @@ def export_prompt(sam: Sam, path: str | os.PathLike[str]) -> Path:
 
 
 GRAPHS = ("encoder", "decoder", "context", "prompt")
+#: SAM 2's graphs (its decoder is not split at the per-image context)
+SAM2_GRAPHS = ("encoder", "decoder")
+#: the extra outputs of SAM 2's encoder graph, extra inputs of its decoder graph
+HIGH_RES = ("high_res_feats_0", "high_res_feats_1")
+
+
+def graphs_of(sam: Sam) -> tuple[str, ...]:
+    """The graphs :func:`export_onnx` writes for ``sam``."""
+    return SAM2_GRAPHS if isinstance(sam, Sam2) else GRAPHS
+
+
+def _sam1_only(sam: Sam, what: str) -> None:
+    if isinstance(sam, Sam2):
+        raise ValueError(f"{what} is not made for SAM 2 models (their graphs: {SAM2_GRAPHS})")
 
 
 def export_onnx(sam: Sam, directory: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write ``encoder.onnx``, ``decoder.onnx``, ``context.onnx`` and ``prompt.onnx`` into
-    ``directory``; returns their paths by name (:data:`GRAPHS`)."""
+    """Write the graphs of ``sam`` (:func:`graphs_of`: ``encoder.onnx``, ``decoder.onnx``,
+    and for SAM 1 ``context.onnx`` and ``prompt.onnx``) into ``directory``; returns their
+    paths by name."""
     d = Path(directory)
     writers = {
         "encoder": export_encoder,
@@ -272,7 +354,7 @@ def export_onnx(sam: Sam, directory: str | os.PathLike[str]) -> dict[str, Path]:
         "context": export_context,
         "prompt": export_prompt,
     }
-    return {name: writers[name](sam, d / f"{name}.onnx") for name in GRAPHS}
+    return {name: writers[name](sam, d / f"{name}.onnx") for name in graphs_of(sam)}
 
 
 def quantize_dynamic_int8(path: str | os.PathLike[str]) -> Path:

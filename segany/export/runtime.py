@@ -18,6 +18,7 @@ import torch
 
 from ..fingerprint import model_fingerprint
 from ..models import Sam
+from ..models.mask_decoder import select_stable
 from ..runtime import ort_session_options
 
 BACKENDS = ("torch", "onnx")
@@ -42,6 +43,12 @@ class OnnxBackend:
             them, prompts without a mask input reuse the per-image context (computed on
             the first such prompt for an embedding) instead of running ``decoder.onnx``.
         mask_input_size: ``(4h, 4w)`` of the low-res logits, for the empty mask input.
+        dynamic_multimask: SAM 2: ``(delta, thresh)`` of the decoder's stability fallback
+            (:func:`~segany.models.mask_decoder.select_stable`) when one mask is asked for.
+
+    SAM 2 graphs (recognised by the decoder's ``high_res_feats_*`` inputs) take the
+    encoder's high-res maps, get their prompts in SAM 2's order (box corners, clicks, a
+    padding point always) and have no context / prompt split.
     """
 
     name = "onnx"
@@ -54,6 +61,7 @@ class OnnxBackend:
         context: str | os.PathLike[str] | None = None,
         prompt: str | os.PathLike[str] | None = None,
         mask_input_size: tuple[int, int] = (256, 256),
+        dynamic_multimask: tuple[float, float] | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -69,6 +77,9 @@ class OnnxBackend:
         self.context = None if context is None else session(context)
         self.prompt = None if prompt is None else session(prompt)
         self.mask_input_size = mask_input_size
+        self.dynamic_multimask = dynamic_multimask
+        inputs = [i.name for i in self.decoder.get_inputs()]
+        self.high_res_inputs = [n for n in inputs if n.startswith("high_res_feats_")]
         self._no_mask = np.zeros((1, 1, *mask_input_size), np.float32)
         # the per-image context of the last embedding decoded: (embedding, feeds)
         self._ctx: tuple[weakref.ref, dict[str, np.ndarray]] | None = None
@@ -84,31 +95,41 @@ class OnnxBackend:
     ) -> OnnxBackend:
         """Export ``sam`` once (cached in ``directory``, default :func:`default_onnx_dir`)
         and open the graphs; ``quantized`` uses the int8 dynamic-quantised variants."""
-        from .onnx import GRAPHS, export_onnx, quantize_dynamic_int8
+        from .onnx import export_onnx, graphs_of, quantize_dynamic_int8
 
         if directory is None:
             if model_id is None:
                 model_id = model_fingerprint(sam)
             directory = default_onnx_dir(model_id)
         d = Path(directory)
-        paths = {name: d / f"{name}.onnx" for name in GRAPHS}
+        paths = {name: d / f"{name}.onnx" for name in graphs_of(sam)}
         if not all(p.is_file() for p in paths.values()):
             paths = export_onnx(sam, d)
         if quantized:
             paths = {name: quantize_dynamic_int8(p) for name, p in paths.items()}
+        md = sam.mask_decoder
+        dynamic = None
+        if md.dynamic_multimask_via_stability:
+            dynamic = (md.dynamic_multimask_stability_delta, md.dynamic_multimask_stability_thresh)
         return cls(
             paths["encoder"],
             paths["decoder"],
-            context=paths["context"],
-            prompt=paths["prompt"],
+            context=paths.get("context"),
+            prompt=paths.get("prompt"),
             mask_input_size=sam.prompt_encoder.mask_input_size,
+            dynamic_multimask=dynamic,
         )
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         """``(1, 3, S, S)`` normalised, padded image -> ``(1, C, h, w)`` embedding."""
+        return self.embed_features(image)[0]
+
+    def embed_features(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The embedding and the encoder graph's other outputs (SAM 2: the high-res maps
+        the decoder takes as ``high_res_features``; none for SAM 1)."""
         x = np.ascontiguousarray(image.detach().cpu().numpy(), dtype=np.float32)
-        (emb,) = self.encoder.run(None, {"image": x})
-        return torch.from_numpy(emb)
+        emb, *high_res = self.encoder.run(None, {"image": x})
+        return torch.from_numpy(emb), tuple(torch.from_numpy(t) for t in high_res)
 
     def decode(
         self,
@@ -119,28 +140,45 @@ class OnnxBackend:
         boxes: torch.Tensor | None = None,
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
+        high_res_features: tuple[torch.Tensor, ...] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Same contract as :meth:`segany.models.Sam.decode` (model frame)."""
         coords, labels = [], []
         b = next((int(t.shape[0]) for t in (point_coords, boxes, mask_input) if t is not None), 1)
+        box_first = bool(self.high_res_inputs)  # SAM 2's order
+        if boxes is not None:
+            corners = (boxes.float().cpu().numpy().reshape(b, 2, 2), np.array([2.0, 3.0]))
+        if boxes is not None and box_first:
+            coords.append(corners[0])
+            labels.append(np.broadcast_to(corners[1], (b, 2)))
         if point_coords is not None:
             coords.append(point_coords.float().cpu().numpy())
             labels.append(point_labels.float().cpu().numpy())
-        if boxes is not None:
-            coords.append(boxes.float().cpu().numpy().reshape(b, 2, 2))
-            labels.append(np.broadcast_to(np.array([2.0, 3.0], np.float32), (b, 2)))
-        else:  # the padding point the released models expect when no box is given
+        if boxes is not None and not box_first:
+            coords.append(corners[0])
+            labels.append(np.broadcast_to(corners[1], (b, 2)))
+        if boxes is None or box_first:  # the padding point the released models expect
             coords.append(np.zeros((b, 1, 2), np.float32))
             labels.append(-np.ones((b, 1), np.float32))
         points = {
             "point_coords": np.ascontiguousarray(np.concatenate(coords, axis=1), np.float32),
             "point_labels": np.ascontiguousarray(np.concatenate(labels, axis=1), np.float32),
         }
+        if len(high_res_features or ()) != len(self.high_res_inputs):
+            raise ValueError(f"this decoder graph takes {len(self.high_res_inputs)} high-res "
+                             f"feature maps, got {len(high_res_features or ())}")  # fmt: skip
+        for name, t in zip(self.high_res_inputs, high_res_features or ()):
+            points[name] = np.ascontiguousarray(t.detach().cpu().numpy(), np.float32)
         if mask_input is None and self.prompt is not None:
             feeds = {**self._context_feeds(image_embeddings), **points}
             low_res, iou = self.prompt.run(None, feeds)
         else:
-            low_res, iou = self._decode_full(image_embeddings, points, mask_input, b)
+            low_res, iou = self._decode_full(image_embeddings, points, mask_input, b)[:2]
+        if not multimask_output and self.dynamic_multimask is not None:
+            delta, thresh = self.dynamic_multimask
+            return select_stable(
+                torch.from_numpy(low_res), torch.from_numpy(iou), delta=delta, thresh=thresh
+            )
         sel = slice(1, None) if multimask_output else slice(0, 1)
         return torch.from_numpy(low_res[:, sel]), torch.from_numpy(iou[:, sel])
 

@@ -165,11 +165,7 @@ class MaskDecoder(nn.Module):
     def stability(self, logits: torch.Tensor) -> torch.Tensor:
         """``(B, K, H, W)`` logits -> ``(B, K)`` IoU of the masks thresholded at
         ``+delta`` and ``-delta`` (1 when both are empty)."""
-        delta = self.dynamic_multimask_stability_delta
-        flat = logits.flatten(-2)
-        inter = (flat > delta).sum(-1).float()
-        union = (flat > -delta).sum(-1).float()
-        return torch.where(union > 0, inter / union, 1.0)
+        return stability(logits, self.dynamic_multimask_stability_delta)
 
     def select_stable(
         self, masks: torch.Tensor, iou: torch.Tensor
@@ -177,11 +173,12 @@ class MaskDecoder(nn.Module):
         """All outputs ``(B, 4, H, W)``, ``(B, 4)`` -> the single-mask output where it is
         stable, else the multimask output with the highest predicted IoU: ``(B, 1, H, W)``,
         ``(B, 1)``."""
-        best = iou[:, 1:].argmax(-1) + 1
-        rows = torch.arange(masks.shape[0], device=masks.device)
-        stable = self.stability(masks[:, :1]) >= self.dynamic_multimask_stability_thresh
-        pick = torch.where(stable[:, 0], torch.zeros_like(best), best)
-        return masks[rows, pick].unsqueeze(1), iou[rows, pick].unsqueeze(1)
+        return select_stable(
+            masks,
+            iou,
+            delta=self.dynamic_multimask_stability_delta,
+            thresh=self.dynamic_multimask_stability_thresh,
+        )
 
     def project_high_res(
         self, feat_s0: torch.Tensor, feat_s1: torch.Tensor
@@ -312,3 +309,27 @@ class MaskDecoder(nn.Module):
             masks = self.upscale(src, hyper_in, high_res_features)
         iou = self.iou_prediction_head(iou_token_out)
         return masks, (iou if len(outputs) == self.num_mask_tokens else iou[:, outputs])
+
+
+def stability(logits: torch.Tensor, delta: float) -> torch.Tensor:
+    """``(B, K, H, W)`` logits -> ``(B, K)`` IoU of the masks thresholded at ``+delta`` and
+    ``-delta`` (1 when both are empty)."""
+    flat = logits.flatten(-2)
+    inter = (flat > delta).sum(-1).float()
+    union = (flat > -delta).sum(-1).float()
+    return torch.where(union > 0, inter / union, 1.0)
+
+
+def select_stable(
+    masks: torch.Tensor, iou: torch.Tensor, *, delta: float, thresh: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM 2's choice when one mask is asked for: of all outputs ``(B, 4, H, W)``,
+    ``(B, 4)``, the single-mask output (index 0) where its :func:`stability` at ``delta``
+    is at least ``thresh``, else the multimask output with the highest predicted IoU;
+    returns ``(B, 1, H, W)``, ``(B, 1)`` (used by :class:`MaskDecoder` and by the ONNX
+    backend, whose graph gives all four outputs)."""
+    best = iou[:, 1:].argmax(-1) + 1
+    rows = torch.arange(masks.shape[0], device=masks.device)
+    stable = stability(masks[:, :1], delta) >= thresh
+    pick = torch.where(stable[:, 0], torch.zeros_like(best), best)
+    return masks[rows, pick].unsqueeze(1), iou[rows, pick].unsqueeze(1)

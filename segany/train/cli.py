@@ -27,6 +27,8 @@ RECIPE_OPTIONS: dict[str, tuple[str, type, str]] = {
     "--empty-rounds": ("empty_rounds", int, "rounds without a new point (last one at the end)"),
     "--box-prob": ("box_prob", float, "odds that the first prompt is a box, not a point"),
     "--box-noise": ("box_noise", float, "box noise std as a fraction of the side"),
+    "--iou-loss": ("iou_loss", str, "IoU-head error: mse, l1, or auto (SAM 2: l1, else mse)"),
+    "--object-weight": ("object_weight", float, "weight of SAM 2's object-score loss"),
     "--grad-clip": ("grad_clip", float, "clip the gradient norm (0: off)"),
     "--seed": ("seed", int, "seed of the sampling of masks and prompts"),
     "--val-fraction": ("val_fraction", float, "fraction of the images held out"),

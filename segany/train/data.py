@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import transforms as T
 from ..datasets import Dataset, DatasetError, ImageFile, ImageRecord, open_dataset, to_coco
 from ..files import find_images
 
@@ -101,11 +100,6 @@ def lowres_targets(
     return out, valid
 
 
-def model_input_size(image: TrainImage, img_size: int) -> tuple[int, int]:
-    """``(h, w)`` of the image resized for the model (see :func:`transforms.preprocess_shape`)."""
-    return T.preprocess_shape(image.height, image.width, img_size)
-
-
 def image_source(source: str | Path, images: str | Path | None = None) -> Dataset:
     """Images without masks (e.g. for replay): the images of a dataset file, or every image
     file under a folder (:func:`segany.files.find_images`)."""
@@ -140,7 +134,6 @@ __all__ = [
     "for_training",
     "image_source",
     "lowres_targets",
-    "model_input_size",
     "open_source",
     "split_by_image",
     "to_coco",

@@ -5,6 +5,12 @@ error between its prediction and the true IoU of the predicted (thresholded) mas
 weight 1. With multimask output each mask's loss is computed but only the lowest one is
 back-propagated (the model is free to spread its three outputs over the ambiguity).
 
+SAM 2's training (``training/loss_fns.py`` of the sam2 repository, the image case of its
+fine-tuning configs: weights 20:1:1:1) is the same recipe with two changes, both options of
+:func:`sam_loss`: the IoU error is absolute (L1) instead of squared, and the object-score
+logit is trained with a binary cross-entropy towards "the target is not empty"; the mask
+and IoU terms count only for masks whose target is not empty.
+
 Every function takes logits ``(..., H, W)``, binary targets of the same shape and an optional
 ``valid`` mask (pixels outside it, e.g. the padding of the model frame, are ignored), and
 returns one value per mask (the pixel dimensions reduced); :func:`sam_loss` combines them.
@@ -90,13 +96,23 @@ def iou_mse(pred_iou: torch.Tensor, true_iou: torch.Tensor) -> torch.Tensor:
     return (pred_iou - true_iou.detach()) ** 2
 
 
+def iou_l1(pred_iou: torch.Tensor, true_iou: torch.Tensor) -> torch.Tensor:
+    """Absolute error between predicted and true IoU, elementwise (SAM 2's IoU loss)."""
+    return (pred_iou - true_iou.detach()).abs()
+
+
+IOU_LOSSES = {"mse": iou_mse, "l1": iou_l1}
+
+
 @dataclass
 class LossOutput:
     """The result of :func:`sam_loss` for ``B`` masks with ``K`` outputs each.
 
     ``loss`` is the scalar to back-propagate (mean over masks); ``focal``, ``dice``,
-    ``iou_mse`` are the means of the parts (detached); ``chosen`` ``(B,)`` is the output with
-    the lowest mask loss; ``true_iou`` ``(B, K)`` the IoU of every output with the target.
+    ``iou_mse`` (the IoU term, squared or absolute error) and ``object`` (the object-score
+    cross-entropy, 0 without object scores) are the means of the parts (detached);
+    ``chosen`` ``(B,)`` is the output with the lowest mask loss; ``true_iou`` ``(B, K)`` the
+    IoU of every output with the target.
     """
 
     loss: torch.Tensor
@@ -105,6 +121,7 @@ class LossOutput:
     iou_mse: torch.Tensor
     chosen: torch.Tensor
     true_iou: torch.Tensor
+    object: torch.Tensor
 
 
 def sam_loss(
@@ -119,6 +136,9 @@ def sam_loss(
     alpha: float = FOCAL_ALPHA,
     gamma: float = FOCAL_GAMMA,
     iou_all_outputs: bool = True,
+    iou_loss: str = "mse",
+    object_logits: torch.Tensor | None = None,
+    object_weight: float = 1.0,
 ) -> LossOutput:
     """The SAM loss of ``K`` outputs per mask.
 
@@ -127,6 +147,10 @@ def sam_loss(
         target: ``(B, H, W)`` binary ground truth; valid: ``(B, H, W)`` or ``None``.
         iou_all_outputs: train the IoU prediction of every output (so that the highest
             predicted IoU picks the best mask at inference); ``False``: only the chosen one.
+        iou_loss: ``"mse"`` (SAM) or ``"l1"`` (SAM 2) error of the predicted IoUs.
+        object_logits: SAM 2's object-score logits ``(B, 1)``: adds ``object_weight`` x
+            their binary cross-entropy towards "the target has a pixel (in ``valid``)", and
+            the mask and IoU terms then count only for masks with a non-empty target.
 
     Only the output with the lowest ``focal_weight * focal + dice_weight * dice`` receives
     the mask gradient (with ``K`` = 1 that is the only output).
@@ -142,9 +166,20 @@ def sam_loss(
     chosen = mask_loss.detach().argmin(dim=1)
     rows = torch.arange(len(chosen), device=logits.device)
     true_iou = mask_iou(logits.detach(), tgt, v)
-    err = iou_mse(pred_iou, true_iou)
+    if iou_loss not in IOU_LOSSES:
+        raise ValueError(f"iou_loss must be one of {sorted(IOU_LOSSES)}, got {iou_loss!r}")
+    err = IOU_LOSSES[iou_loss](pred_iou, true_iou)
     iou_term = err.mean(dim=1) if iou_all_outputs else err[rows, chosen]
     total = mask_loss[rows, chosen] + iou_weight * iou_term
+    obj = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    if object_logits is not None:
+        present = (target > 0.5) if valid is None else (target > 0.5) & valid.bool()
+        present = present.flatten(1).any(dim=1).to(logits.dtype)  # (B,)
+        obj = F.binary_cross_entropy_with_logits(
+            object_logits.reshape(-1), present, reduction="none"
+        )
+        total = total * present + object_weight * obj
+        obj = obj.detach().mean()
     return LossOutput(
         loss=total.mean(),
         focal=focal[rows, chosen].detach().mean(),
@@ -152,4 +187,5 @@ def sam_loss(
         iou_mse=iou_term.detach().mean(),
         chosen=chosen,
         true_iou=true_iou,
+        object=obj,
     )

@@ -48,12 +48,12 @@ import torch.nn.functional as F
 from .. import transforms as T
 from .. import validate as V
 from ..files import atomic_file, atomic_write
-from ..fingerprint import model_fingerprint
+from ..fingerprint import state_fingerprint
 from ..models import Sam
 from ..predictor import EmbeddingCache, ImageEmbedding, image_key
+from . import family as FAM
 from . import prompts as P
-from .data import TrainData, TrainImage, lowres_targets, model_input_size, to_coco
-from .losses import sam_loss
+from .data import TrainData, TrainImage, lowres_targets, to_coco
 
 MODES = ("decoder", "decoder+prompt", "full", "iou-head", "heads")
 LOG_FIELDS = (
@@ -63,6 +63,7 @@ LOG_FIELDS = (
     "focal",
     "dice",
     "iou_mse",
+    "object",
     "iou_first",
     "iou_last",
     "replay",
@@ -82,7 +83,9 @@ class TrainConfig:
 
     The recipe defaults are the paper's (11 rounds: 8 points + 2 without; focal:dice 20:1;
     IoU MSE x1; AdamW, weight decay 0.1, warmup then x0.1 at 2/3 and 26/27 of the steps)
-    with a fine-tuning learning rate and a CPU-sized batch. ``replay_*`` apply only when
+    with a fine-tuning learning rate and a CPU-sized batch; for SAM 2 (``iou_loss="auto"``)
+    the IoU error is absolute and the object score is trained (``object_weight``), as in
+    SAM 2's training (see :mod:`.losses`). ``replay_*`` apply only when
     the trainer is given replay images (see :meth:`Trainer.replay_loss`),
     ``rehearse_weight`` only when it is given labelled rehearsal images.
     """
@@ -107,6 +110,8 @@ class TrainConfig:
     focal_weight: float = 20.0
     dice_weight: float = 1.0
     iou_weight: float = 1.0
+    iou_loss: str = "auto"
+    object_weight: float = 1.0
     grad_clip: float = 0.0
     seed: int = 0
     val_fraction: float = 0.1
@@ -129,6 +134,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1")
         if not 0 <= self.box_prob <= 1:
             raise ValueError("box_prob must be in [0, 1]")
+        if self.iou_loss not in ("auto", "mse", "l1"):
+            raise ValueError(f"iou_loss must be 'auto', 'mse' or 'l1', got {self.iou_loss!r}")
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         self.decay_at = tuple(self.decay_at)
 
@@ -180,14 +187,16 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 class EmbeddingSource:
-    """Image embeddings of a frozen encoder, computed once and kept in an
+    """Image features of a frozen encoder (:func:`.family.embed`), computed once and kept in an
     :class:`~segany.predictor.EmbeddingCache` (on disk when ``cache_dir`` is given) under
     ``enc<encoder hash>-<image content hash>``."""
 
     def __init__(self, model: Sam, cache_dir: str | Path | None, *, max_items: int = 256) -> None:
         self.model = model
         self.cache = EmbeddingCache(cache_dir, max_items=max_items)
-        self.prefix = f"enc{model_fingerprint(model.image_encoder)[:24]}"  # shared by fine-tunes
+        # the weights behind the cached features (encoder; SAM 2's conv_s0/s1, no_mem_embed),
+        # shared by every decoder fine-tune of one base model
+        self.prefix = f"enc{state_fingerprint(FAM.feature_state(model))[:24]}"
         self._keys: dict[str, str] = {}
 
     def _key(self, image: TrainImage, rgb: np.ndarray) -> str:
@@ -205,15 +214,7 @@ class EmbeddingSource:
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        m = self.model
-        x, input_size = T.to_model_input(
-            rgb, img_size=m.img_size, pixel_mean=m.pixel_mean, pixel_std=m.pixel_std
-        )
-        with torch.no_grad():
-            emb = m.embed_image(x).cpu()
-        item = ImageEmbedding(
-            embedding=emb, original_size=(image.height, image.width), input_size=input_size
-        )
+        item = FAM.embed(self.model, rgb)
         self.cache.put(key, item)
         return item
 
@@ -240,6 +241,7 @@ class Batch:
     first_is_box: np.ndarray  # (B,) bool
     first_points: np.ndarray  # (B, 2) model frame
     boxes: np.ndarray  # (B, 4) model frame, jittered
+    high_res: tuple[torch.Tensor, ...] = ()  # SAM 2: (n_images, ...) each; full mode: ()
 
     def __len__(self) -> int:
         return len(self.image_index)
@@ -251,6 +253,7 @@ class StepStats:
     focal: float = 0.0
     dice: float = 0.0
     iou_mse: float = 0.0
+    object: float = 0.0
     iou_first: float = 0.0
     iou_last: float = 0.0
     masks: int = 0
@@ -292,10 +295,10 @@ class Trainer:
         replay_images: Sequence[TrainImage] = (),
         rehearse_images: Sequence[TrainImage] = (),
     ) -> None:
-        model.require_sam1("training")
         self.cfg = config
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.model = FAM.for_training(model.to(self.device))
+        self.geometry = T.geometry_of(self.model)
         self.train_images = [im for im in train_images if im.num_masks]
         self.val_images = [im for im in val_images if im.num_masks]
         if not self.train_images:
@@ -331,8 +334,6 @@ class Trainer:
 
     # -- set-up ------------------------------------------------------------------------------
     def _set_trainable(self) -> list[torch.nn.Parameter]:
-        for p in self.model.parameters():
-            p.requires_grad_(False)
         md = self.model.mask_decoder
         parts = {
             "decoder": [md],
@@ -346,12 +347,7 @@ class Trainer:
                 md.mask_tokens,
             ],  # fmt: skip
         }[self.cfg.train]
-        params = []
-        for part in parts:
-            for p in part.parameters():
-                p.requires_grad_(True)
-                params.append(p)
-        return params
+        return FAM.trainable(self.model, parts, self.cfg.train)
 
     # -- batches -----------------------------------------------------------------------------
     def sample_batch(
@@ -370,7 +366,7 @@ class Trainer:
             k = min(cfg.masks_per_image, im.num_masks)
             sel = np.sort(rng.choice(im.num_masks, size=k, replace=False))
             masks = im.masks(sel)
-            input_size = model_input_size(im, s)
+            input_size = self.geometry.input_size(im.height, im.width)
             tgt, valid = lowres_targets(masks, input_size, s, self.grid)
             keep = tgt.reshape(len(tgt), -1).any(axis=1)
             if not keep.any():
@@ -380,8 +376,8 @@ class Trainer:
             img_list.append(im)
             n = len(sel)
             first_box = P.choose_first_prompts(n, rng, cfg.box_prob)
-            pts = T.coords_to_model(P.sample_points(masks, rng), (im.height, im.width), s)
-            bxs = T.boxes_to_model(im.boxes_xyxy(sel), (im.height, im.width), s).numpy()
+            pts = self.geometry.coords_to_model(P.sample_points(masks, rng), (im.height, im.width))
+            bxs = self.geometry.boxes_to_model(im.boxes_xyxy(sel), (im.height, im.width)).numpy()
             bxs = P.jitter_boxes(bxs, rng, cfg.box_noise, cfg.box_max_shift)
             index += [j] * n
             sizes += [input_size] * n
@@ -392,9 +388,12 @@ class Trainer:
             boxes.append(bxs)
         if not img_list:
             return None
-        emb = None
+        emb, high_res = None, ()
         if self.embeddings is not None:
-            emb = torch.cat([self.embeddings.get(im).embedding for im in img_list]).to(self.device)
+            items = [self.embeddings.get(im) for im in img_list]
+            emb = torch.cat([it.embedding for it in items]).to(self.device)
+            maps = zip(*(it.high_res for it in items))
+            high_res = tuple(torch.cat(t).to(self.device) for t in maps)
         return Batch(
             embeddings=emb,
             images=img_list,
@@ -405,19 +404,15 @@ class Trainer:
             first_is_box=np.concatenate(is_box),
             first_points=np.concatenate(points),
             boxes=np.concatenate(boxes),
+            high_res=high_res,
         )
 
-    def _embed_full(self, images: list[TrainImage]) -> torch.Tensor:
+    def _embed_full(
+        self, images: list[TrainImage]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Full mode: the images of the batch through the encoder, with gradients."""
-        m = self.model
-        xs = []
-        for im in images:
-            x, _ = T.to_model_input(
-                im.load(), img_size=m.img_size, pixel_mean=m.pixel_mean,
-                pixel_std=m.pixel_std,
-            )  # fmt: skip
-            xs.append(x)
-        return m.embed_image(torch.cat(xs).to(self.device))
+        xs = [FAM.model_input(self.model, im.load())[0] for im in images]
+        return self.model.embed_features(torch.cat(xs).to(self.device))
 
     # -- the simulation ----------------------------------------------------------------------
     def simulate(
@@ -432,9 +427,9 @@ class Trainer:
         schedule = P.round_schedule(rng, cfg.point_rounds, cfg.empty_rounds)
         rounds = 1 + len(schedule)
         if batch.embeddings is None:
-            emb_all = self._embed_full(batch.images)
+            emb_all, hr_all = self._embed_full(batch.images)
         else:
-            emb_all = batch.embeddings
+            emb_all, hr_all = batch.embeddings, batch.high_res
         idx = torch.from_numpy(batch.image_index).to(self.device)
         groups = [np.flatnonzero(~batch.first_is_box), np.flatnonzero(batch.first_is_box)]
         groups = [g for g in groups if len(g)]
@@ -474,17 +469,11 @@ class Trainer:
                     kwargs["mask_input"] = logits_prev[gt]
                 multimask = r == 0 and (not is_box_group or cfg.box_multimask)
                 with torch.set_grad_enabled(train):
-                    emb = emb_all[idx[gt]]
-                    logits, iou = self.model.decode(emb, multimask_output=multimask, **kwargs)
-                    out = sam_loss(
-                        logits,
-                        iou,
-                        batch.targets[gt],
-                        batch.valid[gt],
-                        focal_weight=cfg.focal_weight,
-                        dice_weight=cfg.dice_weight,
-                        iou_weight=cfg.iou_weight,
-                    )
+                    rows_g = idx[gt]
+                    logits, iou, out = FAM.decode_loss(
+                        self.model, emb_all[rows_g], tuple(t[rows_g] for t in hr_all),
+                        batch.targets[gt], batch.valid[gt], cfg, multimask=multimask, **kwargs,
+                    )  # fmt: skip
                 done += 1
                 share = len(g) / b / rounds
                 if train:
@@ -496,6 +485,7 @@ class Trainer:
                 stats.focal += float(out.focal) * share
                 stats.dice += float(out.dice) * share
                 stats.iou_mse += float(out.iou_mse) * share
+                stats.object += float(out.object) * share
                 pick = iou.detach().argmax(dim=1)  # the paper feeds the best-scored mask back
                 rows = torch.arange(len(g), device=self.device)
                 new_logits[gt, 0] = logits.detach()[rows, pick]
@@ -522,19 +512,21 @@ class Trainer:
         import copy
 
         pe = copy.deepcopy(self.model.prompt_encoder).eval()
-        md = copy.deepcopy(self.model.mask_decoder).eval()
+        md = copy.deepcopy(self.model.mask_decoder)  # in the student's mode
         for p in [*pe.parameters(), *md.parameters()]:
             p.requires_grad_(False)
         return pe, md
 
-    def _teacher_decode(self, emb: torch.Tensor, multimask: bool, **prompts: Any) -> Any:
+    def _teacher_decode(
+        self, emb: torch.Tensor, hr: tuple[torch.Tensor, ...], multimask: bool, **prompts: Any
+    ) -> Any:
         assert self.teacher is not None
         pe, md = self.teacher
         points = None
         if prompts.get("point_coords") is not None:
             points = (prompts["point_coords"], prompts["point_labels"])
         sparse, dense = pe(points, prompts.get("boxes"), None)
-        return md(emb, pe.get_dense_pe(), sparse, dense, multimask)
+        return md(emb, pe.get_dense_pe(), sparse, dense, multimask, high_res_features=hr or None)
 
     def replay_loss(self, rng: np.random.Generator, *, train: bool, scale: float = 1.0) -> float:
         """Self-distillation on one replay image (no labels): the frozen starting decoder
@@ -552,6 +544,7 @@ class Trainer:
         im = self.replay_images[int(rng.integers(len(self.replay_images)))]
         item = self.embeddings.get(im)
         emb = item.embedding.to(self.device)
+        hr = tuple(t.to(self.device) for t in item.high_res)
         h, w = item.input_size
         n = cfg.replay_points
         valid = torch.zeros(self.grid, self.grid, dtype=torch.bool, device=self.device)
@@ -561,7 +554,7 @@ class Trainer:
             cand = np.stack([rng.integers(w, size=2 * n), rng.integers(h, size=2 * n)], axis=1)
             c_coords = torch.from_numpy(cand[:, None].astype(np.float32)).to(self.device)
             c_logits, c_iou = self._teacher_decode(
-                emb, True, point_coords=c_coords, point_labels=labels.repeat(2, 1)
+                emb, hr, True, point_coords=c_coords, point_labels=labels.repeat(2, 1)
             )
             score, pick = c_iou.max(dim=1)
             c_best = (c_logits[torch.arange(2 * n), pick] > 0) & valid
@@ -569,11 +562,11 @@ class Trainer:
             pts = np.concatenate([pts, cand[: n - len(pts)]])
             coords = torch.from_numpy(pts[:, None].astype(np.float32)).to(self.device)
             t_logits, t_iou = self._teacher_decode(
-                emb, True, point_coords=coords, point_labels=labels
+                emb, hr, True, point_coords=coords, point_labels=labels
             )
             best = t_logits[torch.arange(n), t_iou.argmax(dim=1)] > 0
             boxes = _lowres_boxes(best & valid, self.stride, (h, w))
-            t_box_logits, t_box_iou = self._teacher_decode(emb, False, boxes=boxes)
+            t_box_logits, t_box_iou = self._teacher_decode(emb, hr, False, boxes=boxes)
         total = 0.0
         runs = [
             ({"point_coords": coords, "point_labels": labels}, True, t_logits, t_iou),
@@ -581,7 +574,9 @@ class Trainer:
         ]
         for prompts, multimask, t_l, t_i in runs:
             with torch.set_grad_enabled(train):
-                s_l, s_i = self.model.decode(emb, multimask_output=multimask, **prompts)
+                s_l, s_i = self.model.decode(
+                    emb, multimask_output=multimask, high_res_features=hr, **prompts
+                )
                 p_t = torch.sigmoid(t_l)
                 kl = F.binary_cross_entropy_with_logits(s_l, p_t, reduction="none")
                 kl = kl - F.binary_cross_entropy_with_logits(t_l, p_t, reduction="none")
@@ -623,7 +618,7 @@ class Trainer:
     # -- state -------------------------------------------------------------------------------
     def save(self, rng_state: dict[str, Any] | None = None) -> None:
         """Write the weights, the training state and the metadata (atomically)."""
-        _atomic_save(self.model.state_dict(), self.paths["weights"])
+        _atomic_save(FAM.checkpoint(self.model), self.paths["weights"])
         _atomic_save(
             {
                 "format": STATE_FORMAT,
@@ -856,8 +851,8 @@ def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Ad
 
 
 def _add(acc: StepStats, st: StepStats, w: float) -> None:
-    for name in ("loss", "focal", "dice", "iou_mse", "iou_first", "iou_last", "replay",
-                 "rehearse"):  # fmt: skip
+    for name in ("loss", "focal", "dice", "iou_mse", "object", "iou_first", "iou_last",
+                 "replay", "rehearse"):  # fmt: skip
         setattr(acc, name, getattr(acc, name) + getattr(st, name) * w)
     acc.masks += st.masks
 
@@ -871,6 +866,7 @@ def _row(step: int, lr: float, acc: StepStats, n: int, seconds: float) -> dict[s
         "focal": round(acc.focal / n, 6),
         "dice": round(acc.dice / n, 6),
         "iou_mse": round(acc.iou_mse / n, 6),
+        "object": round(acc.object / n, 6),
         "iou_first": round(acc.iou_first / n, 5),
         "iou_last": round(acc.iou_last / n, 5),
         "replay": round(acc.replay / n, 6),
