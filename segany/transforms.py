@@ -361,6 +361,10 @@ class LongestSideGeometry:
     def image_tokens(self, input_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
         return image_tokens(input_size, self.img_size, grid)
 
+    def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """The resized image's ``(h, w)`` inside the padded model input."""
+        return preprocess_shape(original_size[0], original_size[1], self.img_size)
+
 
 @dataclass(frozen=True)
 class SquareGeometry:
@@ -413,6 +417,10 @@ class SquareGeometry:
     def image_tokens(self, input_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
         """Every token lies under the image."""
         return (int(grid[0]), int(grid[1]))
+
+    def input_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        """Every image fills the square: ``(S, S)``."""
+        return (self.img_size, self.img_size)
 
 
 Geometry = LongestSideGeometry | SquareGeometry

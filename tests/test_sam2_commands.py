@@ -241,3 +241,28 @@ def test_weights_list_shows_sam2(capsys):
     for name in ("sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus",
                  "sam2.1_hiera_large", "sam2_hiera_tiny", "sam2_hiera_large"):  # fmt: skip
         assert name in text
+
+
+def test_segment_tiled_keeps_high_res_maps(tmp_path, capsys, tiny_sam2_file, tiny_sam2):
+    """``segment --tile-size`` (large images): tiles are embedded in SAM 2's square frame
+    and the tile store keeps the high-resolution maps, so a second run answers from the
+    store alone with the same masks."""
+    from segany.tiles import TiledPredictor
+
+    cache = tmp_path / "tiles"
+    argv = ["segment", str(SAMPLE), "--point", "440,330", "--model", str(tiny_sam2_file)]
+    argv += ["--tile-size", "256", "--overlap", "64", "--embedding-cache", str(cache)]
+    assert main([*argv, "--out", str(tmp_path / "t.png")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    mask = np.asarray(Image.open(tmp_path / "t.png")) > 0
+    assert mask.shape == (426, 640) and mask.sum() == summary["area"] > 0
+    tp = TiledPredictor(Predictor(tiny_sam2), tile=256, overlap=64, cache_dir=cache)
+    tp.predictor.embed = None  # every tile comes from the store written by the command
+    tp.set_image(load_image(SAMPLE))
+    assert tp._input_size == (256, 256)
+    pred = tp.predict(np.array([[440.0, 330.0]]), np.array([1]))
+    assert tp.embedded == 0 and tp.tile_embedding(1, 2).high_res[0].shape == (1, 4, 64, 64)
+    best = int(np.argmax(pred.scores))
+    assert best == summary["best"] and list(pred.tile) == summary["tile"]
+    assert float(pred.scores[best]) == pytest.approx(summary["score"], abs=1e-4)
+    np.testing.assert_array_equal(pred.masks[best], mask)
