@@ -79,6 +79,23 @@ def test_everything_sam2_preset(tmp_path, capsys, tiny_sam2_file, tiny_sam2):
     assert (out / "overlays" / "kitchen.png").is_file()
 
 
+def test_everything_tiled(tmp_path, capsys, tiny_sam2_file):
+    """``everything --tile-size``: the tiled generator with a SAM 2 model writes a label
+    raster of the image's size with the objects it reports."""
+    import rasterio
+
+    out = tmp_path / "tiled"
+    argv = ["everything", str(SAMPLE), "--out", str(out), "--model", str(tiny_sam2_file)]
+    argv += ["--tile-size", "256", "--overlap", "64", "--preset", "sam2"]
+    argv += ["--points-per-side", "2", "--pred-iou-thresh", "0", "--stability-thresh", "0"]
+    assert main(argv) == 0
+    (image,) = json.loads(capsys.readouterr().out)["images"]
+    with rasterio.open(out / "kitchen.tif") as src:
+        labels = src.read(1)
+    assert labels.shape == (426, 640) and image["objects"] > 0
+    assert len(np.unique(labels[labels > 0])) == image["objects"]
+
+
 def test_sam2_preset_is_the_references_defaults():
     """sam2==1.1.0 SAM2AutomaticMaskGenerator defaults (only pred_iou_thresh differs from
     SAM 1's generator); the default preset is unchanged."""
@@ -155,7 +172,19 @@ def test_annotate_service_embeds_and_predicts(tmp_path, tiny_sam2_file, tiny_sam
             refined = r.json()
             r = client.post(f"/api/images/{im['id']}/predict", json={"box": [100, 60, 260, 200]})
             assert r.status_code == 200, r.text
-            return first, refined, r.json()
+            boxed = r.json()
+            # stage 2 pre-fill: the generator on the cached embedding (thresholds off)
+            r = client.post(
+                f"/api/images/{im['id']}/prefill",
+                json={"pred_iou_thresh": 0, "stability_score_thresh": 0, "points_per_side": 2,
+                      "min_area": 0},
+            )  # fmt: skip
+            assert r.status_code == 200, r.text
+            filled = r.json()
+            assert filled["created"] == len(filled["annotations"]) > 0
+            for a in filled["annotations"]:
+                assert rle_to_mask(a["segmentation"]).shape == (213, 320)
+            return first, refined, boxed
 
     svc = build_service(images, cache_dir=cache, **kw)
     try:
@@ -185,24 +214,18 @@ def test_annotate_service_embeds_and_predicts(tmp_path, tiny_sam2_file, tiny_sam
         assert [m["segmentation"] for m in a["masks"]] == [m["segmentation"] for m in b["masks"]]
 
 
-def test_label(tmp_path, tiny_sam2_file, tiny_sam2):
-    from segany.engine import label as L
-
+def test_label(tmp_path, capsys, tiny_sam2_file):
+    """``segany label`` with one worker process, which loads the SAM 2 file by path."""
     src = tmp_path / "src"
     src.mkdir()
     rgb = load_image(SAMPLE)
     sizes = [(96, 128), (80, 120)]
     for i, (h, w) in enumerate(sizes):
         Image.fromarray(rgb[i * 50 : i * 50 + h, i * 40 : i * 40 + w]).save(src / f"i{i}.png")
-    report = L.label(
-        src,
-        tmp_path / "out",
-        model=str(tiny_sam2_file),
-        preset="sam2",
-        overrides=LOOSE,
-        workers=0,
-        progress=False,
-    )
+    argv = ["label", str(src), "--out", str(tmp_path / "out"), "--model", str(tiny_sam2_file)]
+    argv += ["--preset", "sam2", "--workers", "1", "--no-progress"]
+    assert main([*argv, *(f"--set={k}={v}" for k, v in LOOSE.items())]) == 0
+    report = json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]
     assert report["images"] == 2 and report["errors"] == 0 and report["masks"] > 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     found = {}
@@ -233,6 +256,16 @@ def test_eval_points_and_boxes(dataset, tmp_path, tiny_sam2_file):  # noqa: F811
     res = json.loads((tmp_path / "b" / "results.json").read_text())
     assert res["masks"] == 3 and 0 <= res["miou"] <= 100
     assert sum(v["masks"] for v in res["miou_by_size"].values()) == 3
+    argv = ["eval", "proposals", *base, "--out", str(tmp_path / "pr"), "--preset", "sam2"]
+    assert main([*argv, "--points-per-side", "3"]) == 0
+    res = json.loads((tmp_path / "pr" / "results.json").read_text())
+    assert res["preset"] == "sam2" and res["settings"]["pred_iou_thresh"] == 0.8
+    assert res["settings"]["points_per_side"] == 3 and 0 <= res["ar_100"] <= 100
+    argv = ["eval", "instances", *base, "--out", str(tmp_path / "i"), "--boxes", "gt"]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "i" / "results.json").read_text())
+    assert res["detections"] == 3 and res["box_ap"] == pytest.approx(100.0)
+    assert res["mask_ap"] is not None and 0 <= res["mask_ap"] <= 100
 
 
 def test_weights_list_shows_sam2(capsys):
