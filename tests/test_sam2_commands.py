@@ -36,6 +36,28 @@ def test_checkpoint_file_names_its_size(tiny_sam2_file, tiny_sam2):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"name": "nope", "overrides": {}}, "not one of"),
+        ({"name": "sam2_custom", "overrides": {"depth": 3}}, "unexpected keyword"),
+        ({"name": "vit_t"}, "Missing key"),
+        ("sam2_custom", "must be a dict"),
+    ],
+)
+def test_bad_model_config_in_file_is_refused(tmp_path, tiny_sam2_file, config, message):
+    import torch
+
+    from segany.loader import load_model
+    from segany.weights import WeightsError
+
+    state = torch.load(tiny_sam2_file, weights_only=True)["model"]
+    path = tmp_path / "bad.pt"
+    torch.save({"model": state, "segany_model": config}, path)
+    with pytest.raises(WeightsError, match=message):
+        load_model(path, progress=False)
+
+
 def test_segment(tmp_path, capsys, tiny_sam2_file, tiny_sam2):
     out = tmp_path / "m.png"
     argv = ["segment", str(SAMPLE), "--point", "440,330", "--model", str(tiny_sam2_file)]
@@ -270,10 +292,12 @@ def test_eval_points_and_boxes(dataset, tmp_path, tiny_sam2_file):  # noqa: F811
 
 def test_weights_list_shows_sam2(capsys):
     assert main(["weights", "list"]) == 0
-    text = capsys.readouterr().out
-    for name in ("sam2.1_hiera_tiny", "sam2.1_hiera_small", "sam2.1_hiera_base_plus",
-                 "sam2.1_hiera_large", "sam2_hiera_tiny", "sam2_hiera_large"):  # fmt: skip
-        assert name in text
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line}
+    for v, day in (("sam2.1", "092824"), ("sam2", "072824")):
+        for size, short in (("tiny", "t"), ("small", "s"), ("base_plus", "b+"), ("large", "l")):
+            line = rows[f"{v}_hiera_{size}"]
+            assert f"{v}_hiera_{short} " in line
+            assert f"segment_anything_2/{day}/{v}_hiera_{size}.pt" in line
 
 
 def test_segment_tiled_keeps_high_res_maps(tmp_path, capsys, tiny_sam2_file, tiny_sam2):
@@ -292,9 +316,10 @@ def test_segment_tiled_keeps_high_res_maps(tmp_path, capsys, tiny_sam2_file, tin
     tp = TiledPredictor(Predictor(tiny_sam2), tile=256, overlap=64, cache_dir=cache)
     tp.predictor.embed = None  # every tile comes from the store written by the command
     tp.set_image(load_image(SAMPLE))
-    assert tp._input_size == (256, 256)
     pred = tp.predict(np.array([[440.0, 330.0]]), np.array([1]))
-    assert tp.embedded == 0 and tp.tile_embedding(1, 2).high_res[0].shape == (1, 4, 64, 64)
+    stored = tp.tile_embedding(1, 2)
+    assert tp.embedded == 0 and stored.input_size == (256, 256)
+    assert [t.shape for t in stored.high_res] == [(1, 4, 64, 64), (1, 8, 32, 32)]
     best = int(np.argmax(pred.scores))
     assert best == summary["best"] and list(pred.tile) == summary["tile"]
     assert float(pred.scores[best]) == pytest.approx(summary["score"], abs=1e-4)
