@@ -153,6 +153,18 @@ def test_m2m_and_single_mask_options(tiny_sam2):
         MaskGenerator(tiny_sam2, preset="fast", use_m2m=True)
 
 
+def test_m2m_with_a_sam1_model(tiny_model, rgb_image):
+    """The refinement feeds back whole low-res maps (padding included) on SAM 1 too."""
+    gen = MaskGenerator(tiny_model, preset="reference", use_m2m=True, box_nms_thresh=1.0, **LOOSE)
+    records = gen.generate(rgb_image)
+    assert len(records) == 27  # 9 points x 3 masks, each refined to one
+    assert all(r["segmentation"].shape == rgb_image.shape[:2] for r in records)
+    plain = MaskGenerator(tiny_model, preset="reference", box_nms_thresh=1.0, **LOOSE)
+    assert sorted(r["predicted_iou"] for r in records) != sorted(
+        r["predicted_iou"] for r in plain.generate(rgb_image)
+    )
+
+
 def _counting(fn, calls):
     def spy(coords, labels, *args, **kwargs):
         calls.append((len(coords), kwargs.get("multimask_output", True)))
