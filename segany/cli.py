@@ -298,6 +298,12 @@ def _add_everything(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--points-per-side", type=int, help="override the preset's grid size")
     p.add_argument("--crop-layers", type=int, help="override the preset's crop layers")
+    p.add_argument(
+        "--pred-iou-thresh", type=float, help="override the preset's predicted-IoU threshold"
+    )
+    p.add_argument(
+        "--stability-thresh", type=float, help="override the preset's stability threshold"
+    )
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay PNGs")
     _add_model_args(p)
     add_large_image_args(p, prompts=False)  # segany/geo_cli.py: tiled, georeferenced outputs
@@ -341,6 +347,8 @@ def _run_everything(args: argparse.Namespace) -> int:
             preset=args.preset,
             points_per_side=args.points_per_side,
             crop_n_layers=args.crop_layers,
+            pred_iou_thresh=args.pred_iou_thresh,
+            stability_score_thresh=args.stability_thresh,
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None

@@ -12,6 +12,9 @@ Two algorithms share the helpers of :mod:`segany.masks`:
   masks only. See ``docs/everything.md`` for its measured speed and recall.
 
 Presets are plain data (:data:`PRESETS`); any field can be overridden per generator.
+
+(Past 500 lines: the two algorithms share the generator's per-crop state and helpers;
+split apart they would need each other's private methods.)
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ class GeneratorSettings:
         points: scenes of many small separate objects on a background (cells, nuclei),
         where a covering mask often holds several objects. 0.0: never.
     max_masks: keep at most this many masks, by predicted IoU (``None``: all).
+    multimask_output: ``reference`` only: three masks per point (``False``: one, which
+        for SAM 2 is the best of the three when the single-mask output is unstable).
+    use_m2m: ``reference`` only: SAM 2's mask-to-mask step: every mask of the grid is
+        decoded once more with its own point and its low-res logits as mask input (one
+        output), and the filters then judge the refined mask and its IoU.
     max_mask_region_fraction: drop masks covering at least this fraction of the image
         (SA-1B drops masks covering 95% or more); 1.0 keeps everything.
     """
@@ -72,6 +80,8 @@ class GeneratorSettings:
     refine_cover_max_fraction: float = 1.0
     dense_below_cover: float = 0.0
     max_masks: int | None = None
+    multimask_output: bool = True
+    use_m2m: bool = False
 
     def replace(self, **changes: Any) -> GeneratorSettings:
         return dataclasses.replace(self, **changes)
@@ -79,7 +89,9 @@ class GeneratorSettings:
 
 #: Named settings. ``reference``: Meta's generator defaults. ``sa1b``: the paper's SA-1B
 #: fully-automatic stage (32x32 grid, 2 crop layers with 2x-downscaled grids, 100-px hole
-#: and island cleanup, masks covering >= 95% of the image dropped). ``fast``: the default.
+#: and island cleanup, masks covering >= 95% of the image dropped). ``sam2``: the defaults of
+#: the SAM 2 package's ``SAM2AutomaticMaskGenerator`` (``sam2==1.1.0``: predicted-IoU
+#: threshold 0.8, everything else as ``reference``, mask-to-mask off). ``fast``: the default.
 PRESETS: dict[str, GeneratorSettings] = {
     "reference": GeneratorSettings(),
     "sa1b": GeneratorSettings(
@@ -88,6 +100,7 @@ PRESETS: dict[str, GeneratorSettings] = {
         min_mask_region_area=100,
         max_mask_region_fraction=0.95,
     ),
+    "sam2": GeneratorSettings(pred_iou_thresh=0.8),
     "fast": GeneratorSettings(
         algorithm="fast",
         points_per_side=8,
@@ -167,6 +180,8 @@ class MaskGenerator:
         refine_cover_max_fraction: float | None = None,
         dense_below_cover: float | None = None,
         max_masks: int | None = None,
+        multimask_output: bool | None = None,
+        use_m2m: bool | None = None,
     ) -> None:
         if isinstance(preset, str):
             if preset not in PRESETS:
@@ -194,6 +209,8 @@ class MaskGenerator:
                 refine_cover_max_fraction=refine_cover_max_fraction,
                 dense_below_cover=dense_below_cover,
                 max_masks=max_masks,
+                multimask_output=multimask_output,
+                use_m2m=use_m2m,
             ).items()
             if v is not None
         }
@@ -263,14 +280,39 @@ class MaskGenerator:
             found = self._crop_reference(grid, box, size)
         return found
 
-    def _decode(self, points: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Crop-frame points ``(B, 2)`` -> low-res logits ``(B*3, S/4, S/4)`` and IoUs."""
+    def _decode(
+        self,
+        points: np.ndarray,
+        *,
+        multimask_output: bool = True,
+        mask_input: torch.Tensor | None = None,
+        image_only: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop-frame points ``(B, 2)`` -> low-res logits ``(B*K, S/4, S/4)`` and IoUs
+        (``K`` = 3, or 1 without ``multimask_output``); ``mask_input`` ``(B, S/4, S/4)``:
+        one low-res mask per point. ``image_only``: see ``Predictor.decode_low_res``."""
         st = self.predictor.state
-        self.last_prompts += len(points)
+        if mask_input is None:
+            self.last_prompts += len(points)
         coords = self.predictor.geometry.coords_to_model(points, st.original_size)
         labels = torch.ones(coords.shape[0], 1, dtype=torch.int64)
-        low, iou = self.predictor.decode_low_res(coords[:, None, :], labels, image_only=True)
+        low, iou = self.predictor.decode_low_res(
+            coords[:, None, :],
+            labels,
+            mask_input=None if mask_input is None else mask_input[:, None],
+            multimask_output=multimask_output,
+            image_only=image_only,
+        )
         return low.flatten(0, 1).cpu(), iou.flatten(0, 1).cpu()
+
+    def _mask_to_mask(
+        self, points: np.ndarray, low: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM 2's refinement: each mask's point again, its low-res logits (as the
+        predictor hands them back, clamped for SAM 2) as mask input, one output."""
+        limit = self.model.low_res_limit
+        prior = low if limit is None else low.clamp(-limit, limit)
+        return self._decode(points, multimask_output=False, mask_input=prior)
 
     def _to_image(self, low: torch.Tensor) -> torch.Tensor:
         """Low-res logits ``(N, S/4, S/4)`` -> crop-size logits ``(N, h, w)``."""
@@ -288,8 +330,13 @@ class MaskGenerator:
         parts: list[_Found] = []
         for start in range(0, len(grid), s.points_per_batch):
             pts = grid[start : start + s.points_per_batch]
-            low, iou = self._decode(pts)
-            points = torch.as_tensor(pts, dtype=torch.float64).repeat_interleave(3, 0)
+            low, iou = self._decode(
+                pts, multimask_output=s.multimask_output, image_only=not s.use_m2m
+            )
+            k = len(iou) // len(pts)
+            points = torch.as_tensor(pts, dtype=torch.float64).repeat_interleave(k, 0)
+            if s.use_m2m:
+                low, iou = self._mask_to_mask(np.repeat(pts, k, axis=0), low)
             keep = (
                 iou > s.pred_iou_thresh
                 if s.pred_iou_thresh > 0
@@ -553,6 +600,8 @@ def _check_settings(s: GeneratorSettings) -> None:
         raise ValueError("points_per_side and points_per_batch must be >= 1")
     if s.crop_n_layers < 0:
         raise ValueError("crop_n_layers must be >= 0")
+    if s.algorithm == "fast" and (s.use_m2m or not s.multimask_output):
+        raise ValueError("use_m2m and multimask_output=False need algorithm 'reference'")
     if not 0.0 <= s.dense_below_cover <= 1.0:
         raise ValueError(f"dense_below_cover must lie in [0, 1], got {s.dense_below_cover}")
     if s.crop_n_points_downscale_factor < 1:

@@ -167,6 +167,8 @@ def run_everything(args: argparse.Namespace, images: list[Path]) -> int:
             preset=args.preset,
             points_per_side=args.points_per_side,
             crop_n_layers=args.crop_layers,
+            pred_iou_thresh=args.pred_iou_thresh,
+            stability_score_thresh=args.stability_thresh,
         )
         tiled = TiledMaskGenerator(gen, tile=args.tile_size or DEFAULT_TILE, overlap=args.overlap)
     except ValueError as exc:

@@ -12,7 +12,7 @@ from .models import Sam, model_from_state_dict
 from .models.fuse import fuse_for_inference
 from .predictor import EmbeddingCache, Predictor
 from .runtime import set_threads
-from .weights import DEFAULT_WEIGHTS, WeightsError, load_checkpoint, resolve
+from .weights import DEFAULT_WEIGHTS, WeightsError, read_checkpoint, resolve
 
 
 def load_model(
@@ -25,7 +25,8 @@ def load_model(
 
     ``model`` is a catalogue name (``mobile_sam``, ``sam_vit_b``..., or ``vit_t``/``vit_b``...)
     fetched and cached on first use, or a path to any checkpoint with the official key names
-    (the variant, including custom ViT sizes, is read from the checkpoint). Catalogue files
+    (the variant, including custom ViT sizes, is read from the checkpoint; a file of a
+    custom SAM 2 size names it under ``registry.MODEL_CONFIG_KEY``). Catalogue files
     are hash-checked; every file is loaded with ``weights_only=True``.
     """
     return _load(model, device=device, progress=progress)[0]
@@ -36,10 +37,10 @@ def _load(
 ) -> tuple[Sam, str | None]:
     path, spec = resolve(model, progress=progress)
     sha = spec.sha256 if spec is not None and spec.sha256 else None
-    state = load_checkpoint(path, sha256=sha)
+    state, config = read_checkpoint(path, sha256=sha)
     try:
-        sam = model_from_state_dict(state)
-    except (ValueError, RuntimeError) as exc:
+        sam = model_from_state_dict(state, config)
+    except (ValueError, RuntimeError, TypeError) as exc:
         raise WeightsError(f"{path} is not a SAM checkpoint this package can build: {exc}") from exc
     return sam.to(device).eval(), sha
 

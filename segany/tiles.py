@@ -107,30 +107,53 @@ class TileEmbeddingStore:
     """Embeddings of one image's tiles in a zarr group on disk (one chunk per tile), so that
     a tile is embedded once, across runs, and memory holds only the tiles in use.
 
-    ``embedding`` is ``(rows, cols, C, h, w)`` float32; ``done`` ``(rows, cols)`` is set only
-    after a tile's embedding is written, so an interrupted run recomputes that tile."""
+    ``embedding`` is ``(rows, cols, C, h, w)`` float32; ``high_res_<i>`` ``(rows, cols,
+    *high_res_shapes[i])`` the model's high-resolution maps (SAM 2), if any; ``done``
+    ``(rows, cols)`` is set only after a tile's maps are written, so an interrupted run
+    recomputes that tile."""
 
-    def __init__(self, path: Path, *, grid_shape: tuple[int, int], emb_shape: tuple[int, ...]):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        grid_shape: tuple[int, int],
+        emb_shape: tuple[int, ...],
+        high_res_shapes: tuple[tuple[int, ...], ...] = (),
+    ):
         import zarr
 
         self.path = path
+        arrays = {"embedding": emb_shape}
+        arrays.update({f"high_res_{i}": s for i, s in enumerate(high_res_shapes)})
         root = zarr.open_group(str(path), mode="a")
-        shape = (*grid_shape, *emb_shape)
-        if "embedding" in root and tuple(root["embedding"].shape) != shape:
+        if "done" in root and any(
+            name not in root or tuple(root[name].shape) != (*grid_shape, *s)
+            for name, s in arrays.items()
+        ):
             shutil.rmtree(path)
             root = zarr.open_group(str(path), mode="a")
-        if "embedding" not in root:
-            root.create_array("embedding", shape=shape, chunks=(1, 1, *emb_shape), dtype="float32")
+        if "done" not in root:
+            for name, s in arrays.items():
+                root.create_array(name, shape=(*grid_shape, *s), chunks=(1, 1, *s), dtype="float32")
             root.create_array("done", shape=grid_shape, chunks=grid_shape, dtype="bool")
         self._emb, self._done = root["embedding"], root["done"]
+        self._high_res = [root[f"high_res_{i}"] for i in range(len(high_res_shapes))]
 
-    def get(self, r: int, c: int) -> torch.Tensor | None:
+    def get(self, r: int, c: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
+        """Tile ``(r, c)``'s ``(1, C, h, w)`` embedding and high-res maps, if written."""
         if not bool(self._done[r, c]):
             return None
-        return torch.from_numpy(np.asarray(self._emb[r, c]))[None]
+        maps = tuple(torch.from_numpy(np.asarray(a[r, c]))[None] for a in self._high_res)
+        return torch.from_numpy(np.asarray(self._emb[r, c]))[None], maps
 
-    def put(self, r: int, c: int, embedding: torch.Tensor) -> None:
+    def put(
+        self, r: int, c: int, embedding: torch.Tensor, high_res: tuple[torch.Tensor, ...] = ()
+    ) -> None:
+        if len(high_res) != len(self._high_res):
+            raise ValueError(f"expected {len(self._high_res)} high-res maps, got {len(high_res)}")
         self._emb[r, c] = embedding[0].float().cpu().numpy()
+        for a, t in zip(self._high_res, high_res, strict=True):
+            a[r, c] = t[0].float().cpu().numpy()
         self._done[r, c] = True
 
 
@@ -235,9 +258,12 @@ class TiledPredictor:
         gh, gw = m.prompt_encoder.image_embedding_size
         key = self._key(src)
         self._store = TileEmbeddingStore(
-            self.cache_dir / f"{key}.zarr", grid_shape=self.grid.shape, emb_shape=(c, gh, gw)
+            self.cache_dir / f"{key}.zarr",
+            grid_shape=self.grid.shape,
+            emb_shape=(c, gh, gw),
+            high_res_shapes=m.mask_decoder.high_res_shapes((gh, gw)),
         )
-        self._input_size = T.preprocess_shape(th, tw, m.img_size)
+        self._input_size = self.predictor.geometry.input_size(th, tw)
         return src
 
     def _key(self, src: RasterSource) -> str:
@@ -269,15 +295,18 @@ class TiledPredictor:
             self._memory.move_to_end((r, c))
             return self._memory[(r, c)]
         assert self.grid is not None and self._store is not None and self.source is not None
-        emb = self._store.get(r, c)
+        stored = self._store.get(r, c)
         th, tw = self.grid.tile_size
-        if emb is None:
+        if stored is None:
             item = self.predictor.embed(self.source.read(*self.grid.window(r, c)))
-            self._store.put(r, c, item.embedding)
+            self._store.put(r, c, item.embedding, item.high_res)
             self.embedded += 1
         else:
             item = ImageEmbedding(
-                embedding=emb, original_size=(th, tw), input_size=self._input_size
+                embedding=stored[0],
+                original_size=(th, tw),
+                input_size=self._input_size,
+                high_res=stored[1],
             )
         self._memory[(r, c)] = item
         while len(self._memory) > self.memory_tiles:

@@ -78,6 +78,7 @@ __all__ = [
     "get_spec",
     "known_names",
     "load_checkpoint",
+    "read_checkpoint",
     "resolve",
     "sha256_file",
     "weights_dir",
@@ -723,7 +724,16 @@ def _load_failure(exc: BaseException) -> str:
 def load_checkpoint(
     path: str | os.PathLike[str], *, sha256: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """Load a state dict with ``torch.load(..., weights_only=True)`` on the CPU.
+    """The state dict of :func:`read_checkpoint` (the model config, if any, dropped)."""
+    return read_checkpoint(path, sha256=sha256)[0]
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], *, sha256: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Load a state dict with ``torch.load(..., weights_only=True)`` on the CPU, and the
+    model config stored beside it (``registry.MODEL_CONFIG_KEY``; ``None`` in official
+    files, whose variant the keys tell).
 
     If ``sha256`` is given the file's hash is checked first (a valid marker written by
     :func:`fetch` is trusted instead of rehashing). A checkpoint that wraps its weights in
@@ -749,11 +759,15 @@ def load_checkpoint(
             f"checkpoint, or holds objects other than tensors, which segany never unpickles):"
             f" {_load_failure(exc)}"
         ) from exc
+    config = None
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), dict):
+                config = obj.get("segany_model")
                 obj = obj[key]
                 break
+    if config is not None and not isinstance(config, dict):
+        raise WeightsError(f"{path}: 'segany_model' must be a dict, got {type(config).__name__}")
     if not isinstance(obj, dict) or not obj:
         raise WeightsError(f"{path} does not contain a state dict (got {type(obj).__name__})")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
@@ -766,7 +780,7 @@ def load_checkpoint(
         raise WeightsError(
             f"{path} holds NaN or infinite weights (in {shown}): a broken checkpoint"
         )
-    return dict(obj)
+    return dict(obj), config
 
 
 def describe() -> list[dict[str, Any]]:

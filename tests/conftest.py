@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from segany.models import Sam
-from segany.models.registry import vit_custom
+from segany.models.registry import MODEL_CONFIG_KEY, custom_config, sam2_custom, vit_custom
+from segany.models.sam2 import Sam2
 
 torch.set_num_threads(2)
 # backend="auto" times torch against onnxruntime on a machine's first load (a minute with the
@@ -20,6 +21,7 @@ os.environ.setdefault("SEGANY_BACKEND", "torch")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_REFERENCE = REPO.parent / "shared" / "reference"
 TEST_DATA = Path(__file__).resolve().parent / "data"
+SAM2_GOLDEN = TEST_DATA / "sam2_tiny_test_golden.npz"
 
 
 def tiny_sam(seed: int = 0) -> Sam:
@@ -53,3 +55,34 @@ def rgb_image() -> np.ndarray:
     img = rng.integers(0, 255, size=(96, 144, 3), dtype=np.uint8)
     img[20:60, 30:90] = (200, 40, 40)
     return img
+
+
+def tiny_sam2_parts() -> tuple[dict[str, torch.Tensor], dict]:
+    """The reduced SAM 2.1 of ``tests/data/sam2_tiny_test_golden.npz`` (Hiera width 16,
+    256 px input; made by ``benchmarks/make_sam2_goldens.py`` on the reference code):
+    its state dict and ``sam2_custom`` overrides."""
+    import json
+
+    z = np.load(SAM2_GOLDEN)
+    meta = json.loads(str(z["meta"]))
+    state = {k[2:]: torch.from_numpy(z[k].astype(np.float32)) for k in z.files if k[:2] == "w:"}
+    return state, meta["segany_config"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sam2() -> Sam2:
+    state, config = tiny_sam2_parts()
+    model = sam2_custom(**config).eval()
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_sam2_file(tmp_path_factory) -> Path:
+    """That model as a checkpoint file in the official layout (``{"model": state_dict}``)
+    with its size under ``MODEL_CONFIG_KEY`` (a Hiera of no released size), so that every
+    command loads it with ``--model PATH``."""
+    state, config = tiny_sam2_parts()
+    path = tmp_path_factory.mktemp("sam2_file") / "tiny_sam2.pt"
+    torch.save({"model": state, MODEL_CONFIG_KEY: custom_config("sam2_custom", **config)}, path)
+    return path

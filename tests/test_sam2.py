@@ -27,7 +27,7 @@ from segany import compat
 from segany.loader import load_model
 from segany.models import build_model, config_from_state_dict
 from segany.models.fuse import is_fused
-from segany.models.registry import SAM2_VARIANTS, sam2_custom
+from segany.models.registry import SAM2_VARIANTS
 from segany.models.sam2 import Sam2
 from segany.predictor import EmbeddingCache, Predictor
 
@@ -47,15 +47,6 @@ REFERENCE_PY = Path.home() / ".cache/segany-reference/venv/bin/python"
 def golden():
     z = np.load(GOLDEN)
     return z, json.loads(str(z["meta"]))
-
-
-@pytest.fixture(scope="module")
-def tiny_sam2(golden) -> Sam2:
-    z, meta = golden
-    model = sam2_custom(**meta["segany_config"]).eval()
-    state = {k[2:]: torch.from_numpy(z[k].astype(np.float32)) for k in z.files if k[:2] == "w:"}
-    model.load_state_dict(state, strict=True)
-    return model
 
 
 def case_args(key: str, case: dict, z) -> dict:

@@ -4,7 +4,7 @@ classes.
 Existing code runs by changing one import::
 
     from segany.compat import sam_model_registry, SamPredictor
-    from segany.compat import build_sam2, SAM2ImagePredictor
+    from segany.compat import build_sam2, SAM2ImagePredictor, SAM2AutomaticMaskGenerator
     from segany.compat import build_sam2_video_predictor   # SAM2VideoPredictor
 
 ``sam_model_registry["vit_t"]`` is MobileSAM. Checkpoints load with ``weights_only=True``.
@@ -508,3 +508,8 @@ from .sam2_video import (  # noqa: E402
 )
 
 __all__ += ["InferenceState", "SAM2VideoPredictor", "build_sam2_video_predictor"]
+
+# SAM 2's automatic mask generator (its own module: over segany.everything)
+from .sam2_amg import SAM2AutomaticMaskGenerator  # noqa: E402
+
+__all__ += ["SAM2AutomaticMaskGenerator"]

@@ -1,6 +1,6 @@
 """``segany label`` (data engine stage 3) and ``segany stats`` (dataset statistics).
 
-segany label SOURCE --out DIR [--preset fast|sa1b|reference] [--workers N] [--ray [ADDRESS]]
+segany label SOURCE --out DIR [--preset fast|sa1b|reference|sam2] [--workers N] [--ray [ADDRESS]]
              [--shard-size N] [--resume]
 segany label SOURCE --out DIR --classes "dog . cat" [--detector NAME|FOLDER]
              [--box-threshold F] [--text-threshold F] ...   # + OUT/instances.json (COCO)

@@ -180,6 +180,17 @@ class MaskDecoder(nn.Module):
             thresh=self.dynamic_multimask_stability_thresh,
         )
 
+    def high_res_shapes(self, grid: tuple[int, int]) -> tuple[tuple[int, int, int], ...]:
+        """``(C, h, w)`` of each projected high-resolution map for an image-embedding grid
+        ``(h, w)`` (those :meth:`project_high_res` returns; none without them)."""
+        if not self.use_high_res_features:
+            return ()
+        gh, gw = int(grid[0]), int(grid[1])
+        return (
+            (int(self.conv_s0.out_channels), 4 * gh, 4 * gw),
+            (int(self.conv_s1.out_channels), 2 * gh, 2 * gw),
+        )
+
     def project_high_res(
         self, feat_s0: torch.Tensor, feat_s1: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -333,9 +333,44 @@ def _sam2_config(state_dict: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def model_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Sam:
-    """Build the model a state dict describes and load it with strict key checking."""
-    name, overrides = config_from_state_dict(state_dict)
+#: The key beside ``"model"`` in a checkpoint file that names the registry variant and its
+#: overrides, for models whose dimensions the keys do not determine (a SAM 2 Hiera of a
+#: non-released size): ``{"model": state_dict, MODEL_CONFIG_KEY: {"name": "sam2_custom",
+#: "overrides": {...}}}``. Official files do not need it (the variant is read from keys).
+MODEL_CONFIG_KEY = "segany_model"
+
+
+def model_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None
+) -> Sam:
+    """Build the model a state dict describes and load it with strict key checking.
+
+    ``config`` (``{"name": registry name, "overrides": {...}}``, see
+    :data:`MODEL_CONFIG_KEY`) names the variant when the keys cannot; otherwise it is read
+    from the keys (:func:`config_from_state_dict`). Raises ``ValueError`` for a config
+    that names no registry variant or has bad overrides.
+    """
+    if config is not None:
+        name, overrides = _checked_config(config)
+    else:
+        name, overrides = config_from_state_dict(state_dict)
     model = build_model(name, **overrides)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
+
+
+def _checked_config(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    name, overrides = config.get("name"), config.get("overrides", {})
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"model config names {name!r}, not one of {sorted(MODEL_REGISTRY)}")
+    if not isinstance(overrides, Mapping) or not all(isinstance(k, str) for k in overrides):
+        raise ValueError(f"model config overrides must be a dict of names, got {overrides!r}")
+    return str(name), dict(overrides)
+
+
+def custom_config(name: str, **overrides: Any) -> dict[str, Any]:
+    """The ``MODEL_CONFIG_KEY`` entry for a model built as ``build_model(name, **overrides)``
+    (tuples as lists, so that ``torch.load(weights_only=True)`` reads it back)."""
+    _checked_config({"name": name, "overrides": overrides})
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
+    return {"name": name, "overrides": plain}
