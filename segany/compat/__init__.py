@@ -6,6 +6,7 @@ Existing code runs by changing one import::
     from segany.compat import sam_model_registry, SamPredictor
     from segany.compat import build_sam2, SAM2ImagePredictor
     from segany.compat import build_sam2_video_predictor   # SAM2VideoPredictor
+    from segany.compat.hq import sam_model_registry, SamPredictor  # segment_anything_hq
 
 ``sam_model_registry["vit_t"]`` is MobileSAM. Checkpoints load with ``weights_only=True``.
 """
@@ -109,12 +110,14 @@ class SamPredictor:
         )
         size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
         with torch.inference_mode():
-            emb = m.embed_image(x, valid=size)  # the rest is the zero padding added above
+            # the rest is the zero padding added above; extra: HQ-SAM's per-image features
+            emb, extra = m.embed_features(x, valid=size)
         self._predictor.set_embedding(
             ImageEmbedding(
                 embedding=emb,
                 original_size=(int(original_image_size[0]), int(original_image_size[1])),
                 input_size=size,
+                high_res=tuple(extra),
             )
         )
 
