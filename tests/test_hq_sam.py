@@ -82,10 +82,12 @@ def check_masks(logits: np.ndarray, packed: np.ndarray) -> None:
 
 @pytest.mark.parametrize("name", HQ_VARIANTS)
 def test_variant_builds_and_runs(name):
-    """Each official variant, reduced to a 64 px input, encodes, fuses its HQ features and
-    decodes one mask per prompt, with and without ``hq_token_only``."""
+    """Each official variant, on a 64 px input (the ViTs cut to two blocks to keep the test
+    fast; their full builds are checked on the meta device below), encodes, fuses its HQ
+    features and decodes one mask per prompt, with and without ``hq_token_only``."""
     torch.manual_seed(0)
-    model = build_model(name, img_size=64).eval()
+    cut = {} if name == "sam_hq_vit_tiny" else {"depth": 2, "global_attn_indexes": (1,)}
+    model = build_model(name, img_size=64, **cut).eval()
     assert isinstance(model, SamHQ) and isinstance(model.mask_decoder, MaskDecoderHQ)
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
@@ -211,7 +213,9 @@ def test_compat_names_match_reference(tiny_hq, golden):
     p.set_image(z["image"])
     for key, case in meta["cases"].items():
         if key.startswith("batch"):
-            boxes = p.transform.apply_boxes_torch(torch.as_tensor(z["batch_boxes"]), p.original_size)
+            boxes = p.transform.apply_boxes_torch(
+                torch.as_tensor(z["batch_boxes"]), p.original_size
+            )
             masks, iou, low = p.predict_torch(
                 None, None, boxes=boxes, multimask_output=True, hq_token_only=case["hq"]
             )
@@ -261,6 +265,54 @@ def test_cached_embedding_keeps_hq_features(tiny_hq, golden, tmp_path):
 def test_hq_refuses_other_backends(tiny_hq):
     with pytest.raises(ValueError, match="HQ-SAM"):
         Predictor(tiny_hq, backend="onnx")
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("only", [False, True])
+def test_segment_command_with_model_path(golden, tmp_path, capsys, only):
+    """``segany segment --model PATH`` runs an HQ checkpoint: one mask, the Predictor's
+    (with ``--hq-token-only`` the HQ output's alone)."""
+    from PIL import Image
+
+    from segany.cli import main
+
+    z, _ = golden
+    ckpt, image, out = tmp_path / "hq.pth", tmp_path / "img.png", tmp_path / "m.png"
+    torch.save(golden_state(z), ckpt)
+    Image.fromarray(z["image"]).save(image)
+    args = ["segment", str(image), "--box", "50,30,140,128", "--model", str(ckpt)]
+    code = main([*args, "--out", str(out), *(["--hq-token-only"] if only else [])])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert len(summary["masks"]) == 1
+    p = Predictor(model_from_state_dict(golden_state(z)), hq_token_only=only)
+    p.set_image(z["image"])
+    want = p.predict(box=np.array([50.0, 30, 140, 128]), multimask_output=False).masks[0]
+    mask = np.asarray(Image.open(out)) > 0
+    assert mask.shape == want.shape and (mask != want).sum() <= 2  # fused vs unfused rounding
+
+
+def test_segment_hq_flag_refuses_other_models(golden, tmp_path, capsys):
+    from PIL import Image
+
+    from segany.cli import main
+
+    z, _ = golden
+    sam1 = {
+        k: v
+        for k, v in golden_state(z).items()
+        if not k.startswith(
+            ("mask_decoder.hf_", "mask_decoder.compress", "mask_decoder.embedding_")
+        )
+    }
+    ckpt, image = tmp_path / "sam1.pth", tmp_path / "img.png"
+    torch.save(sam1, ckpt)
+    Image.fromarray(z["image"]).save(image)
+    args = ["segment", str(image), "--point", "20,20", "--model", str(ckpt), "--hq-token-only"]
+    assert main([*args, "--out", str(tmp_path / "m.png")]) == 2
+    assert "HQ-SAM" in capsys.readouterr().err
 
 
 # -- light HQ-SAM against the reference (slow, needs the reference venv) -----------------
