@@ -62,9 +62,11 @@ CONFIGS: dict[str, dict] = {
     "tinyvit-test": dict(
         factory="sam_hq_vit_tiny",
         overrides=dict(
-            embed_dims=[16, 16, 32, 32],
+            # the reference merges the last stage with stride 1 only when its width is 320
+            # (or 448, 576), as MobileSAM's TinyViT does; segany's merge_strides default
+            embed_dims=[16, 16, 32, 320],
             depths=[1, 1, 1, 1],
-            num_heads=[1, 1, 2, 2],
+            num_heads=[1, 1, 2, 10],
             window_sizes=[7, 7, 14, 7],
         ),
         photo_size=(400, 300),
