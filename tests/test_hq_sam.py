@@ -113,15 +113,20 @@ def test_sam1_encoders_unchanged_by_early_features():
     """``early=True`` adds a map and changes nothing else; without it the encoders return
     one tensor as before (SAM 1 and MobileSAM outputs are unchanged)."""
     torch.manual_seed(0)
-    vit = build_model("vit_b", img_size=64, depth=4, global_attn_indexes=(1, 3)).eval()
-    tiny = vit_t(img_size=64).eval()
-    x = torch.randn(1, 3, 64, 64)
+    vit = build_model("vit_b", img_size=256, depth=2, global_attn_indexes=(1,)).eval()
+    tiny = vit_t(img_size=256).eval()
+    x = torch.randn(1, 3, 256, 256)
+    x[..., 96:, :] = 0  # the padding under a 96x256 image
     with torch.inference_mode():
         for enc, width in ((vit.image_encoder, 768), (tiny.image_encoder, 160)):
-            plain = enc(x, valid=(48, 64))
-            emb, early = enc(x, valid=(48, 64), early=True)
+            plain = enc(x, valid=(96, 256))
+            emb, early = enc(x, valid=(96, 256), early=True)
             assert isinstance(plain, torch.Tensor) and torch.allclose(plain, emb, atol=1e-5)
-            assert early.shape == (1, width, 4, 4)
+            assert early.shape == (1, width, 16, 16)
+            # TinyViT computes its first stages on crops when given ``valid``: the early
+            # map (stage 1's output) is the same as without cropping
+            _, full = enc(x, early=True)
+            torch.testing.assert_close(early, full, atol=1e-4, rtol=1e-4)
 
 
 def _official_keys() -> dict[str, dict[str, list[int]]]:
