@@ -181,6 +181,33 @@ def test_checkpoint_file_loads_with_model_path(golden, tmp_path):
     assert isinstance(model, SamHQ)
 
 
+def test_catalogue_entries(monkeypatch, tmp_path):
+    """The four HQ-SAM files, on lkeab/hq-sam, each for its registry variant; the hashes
+    found in public sources are pinned, the others are refused without an explicit one
+    (and nothing is downloaded)."""
+    from segany import weights as W
+
+    for size in ("vit_tiny", "vit_b", "vit_l", "vit_h"):
+        spec = W.get_spec(f"sam_hq_{size}")
+        assert spec.variant == f"sam_hq_{size}" and spec.variant in HQ_VARIANTS
+        assert spec.filename == f"sam_hq_{size}.pth" and spec.licence == "Apache-2.0"
+        assert spec.sources == (
+            W.UrlSource(f"https://huggingface.co/lkeab/hq-sam/resolve/main/sam_hq_{size}.pth"),
+        )
+    h = W.get_spec("sam_hq_vit_h")
+    assert h.sha256 == "a7ac14a085326d9fa6199c8c698c4f0e7280afdbb974d2c4660ec60877b45e35"
+    assert h.size == 2_570_940_653
+    assert W.get_spec("sam_hq_vit_tiny").sha256 == (
+        "0f32c075ccdd870ae54db2f7630e7a0878ede5a2b06d05d6fe02c65a82fb7196"
+    )
+    monkeypatch.setenv("SEGANY_CACHE", str(tmp_path))
+    for name in ("sam_hq_vit_b", "sam_hq_vit_l"):
+        assert W.get_spec(name).sha256 is None
+        with pytest.raises(W.WeightsError, match="refusing an unverified download"):
+            load_model(name, progress=False)
+    assert not (tmp_path / "weights").exists()
+
+
 # -- parity on the committed golden ------------------------------------------------------
 
 

@@ -25,17 +25,9 @@ from functools import partial
 import numpy as np
 import torch
 
-from ..models import SamHQ, build_model
-from ..weights import load_checkpoint
+from ..models import SamHQ
 from . import SamPredictor as _Sam1Predictor
-
-
-def _build(name: str, checkpoint: str | None = None) -> SamHQ:
-    sam = build_model(name)
-    if checkpoint is not None:
-        sam.load_state_dict(load_checkpoint(checkpoint), strict=True)
-    return sam.eval()
-
+from . import _build  # the registry variant, with a checkpoint loaded strictly
 
 sam_model_registry: dict[str, Callable[..., SamHQ]] = {
     "default": partial(_build, "sam_hq_vit_h"),
