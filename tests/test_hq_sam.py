@@ -294,9 +294,16 @@ def test_cached_embedding_keeps_hq_features(tiny_hq, golden, tmp_path):
     np.testing.assert_allclose(out.low_res_logits, z["point_box_hq_lowres"], atol=LOWRES_ATOL)
 
 
-def test_hq_refuses_other_backends(tiny_hq):
+def test_parts_not_adapted_refuse_hq(tiny_hq):
+    """Where HQ-SAM is not supported yet, a clear error rather than wrong results."""
+    from segany.everything import MaskGenerator
+
     with pytest.raises(ValueError, match="HQ-SAM"):
         Predictor(tiny_hq, backend="onnx")
+    with pytest.raises(ValueError, match="HQ-SAM"):
+        MaskGenerator(tiny_hq)
+    with pytest.raises(ValueError, match="training does not support HQ-SAM"):
+        tiny_hq.require_sam1("training")  # what the trainer and ONNX export call
 
 
 # -- the command line ---------------------------------------------------------------------

@@ -86,7 +86,8 @@ class SamPredictor:
     """``segment_anything.SamPredictor`` with the same methods and return values."""
 
     def __init__(self, sam_model: Sam) -> None:
-        sam_model.require_sam1("SamPredictor (use SAM2ImagePredictor)")
+        if sam_model.input_geometry != "longest_side":  # HQ-SAM (SamHQ) is welcome here
+            raise ValueError("SamPredictor does not support SAM 2 models (use SAM2ImagePredictor)")
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.img_size)
         self._predictor = Predictor(sam_model)

@@ -48,6 +48,11 @@ class SamHQ(Sam):
             pixel_std=pixel_std,
         )
 
+    def require_sam1(self, what: str) -> None:
+        """Raise ``ValueError``: the parts of segany that call this (training, ONNX export)
+        are not adapted to HQ-SAM's decoder yet."""
+        raise ValueError(f"{what} does not support HQ-SAM models yet")
+
     def embed_features(
         self, images: torch.Tensor, *, valid: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
