@@ -116,6 +116,12 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
         help="one mask (default for a box or several points)",
     )
     p.add_argument("--embedding-cache", help="folder keeping image embeddings across runs")
+    p.add_argument(
+        "--hq-token-only",
+        action="store_true",
+        help="HQ-SAM models (one mask per prompt): the HQ output's mask alone instead of "
+        "its sum with SAM's (see docs/hq-sam.md)",
+    )
     _add_text_args(p)
     from .geo_cli import add_large_image_args
 
@@ -163,6 +169,12 @@ def _run_segment(args: argparse.Namespace) -> int:
     predictor = load_predictor(
         args.model, cache_dir=args.embedding_cache, backend=args.backend, precision=args.precision
     )
+    if args.hq_token_only:
+        from .models import SamHQ
+
+        if not isinstance(predictor.model, SamHQ):
+            raise CliError("--hq-token-only is for HQ-SAM models (sam_hq_vit_*)")
+        predictor.hq_token_only = True
     predictor.set_image(image)
     pts = np.asarray(args.point, dtype=np.float64).reshape(-1, 3)
     coords = pts[:, :2] if len(pts) else None

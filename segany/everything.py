@@ -29,7 +29,7 @@ import torch
 
 from . import masks as M
 from . import transforms as T
-from .models import Sam
+from .models import Sam, SamHQ
 from .predictor import Predictor
 
 Algorithm = Literal["reference", "fast"]
@@ -224,6 +224,8 @@ class MaskGenerator:
         #: whether the last crop of the last call went dense (see ``dense_below_cover``)
         self.last_dense = False
         self.predictor = model if isinstance(model, Predictor) else Predictor(model)
+        if isinstance(self.predictor.model, SamHQ):  # one mask per prompt, not three
+            raise ValueError("automatic mask generation does not support HQ-SAM models yet")
         s = self.settings
         self.point_grids = M.layer_point_grids(
             s.points_per_side, s.crop_n_layers, s.crop_n_points_downscale_factor

@@ -20,7 +20,7 @@ import torch
 from . import transforms as T
 from .files import atomic_file
 from .fingerprint import model_fingerprint
-from .models import Sam
+from .models import Sam, SamHQ
 from .models.fuse import fuse_for_inference
 from .models.transformer import DecoderContext
 from .runtime import check_precision, keep_freed_memory
@@ -188,6 +188,10 @@ class Predictor:
             and less accurate (measured in ``docs/performance.md``); refused on CPUs
             without bfloat16 instructions (:func:`~segany.runtime.check_precision`), where
             it is several times slower. Never a default.
+        hq_token_only: HQ-SAM models (:class:`~segany.models.SamHQ`) only: return the HQ
+            output's mask alone instead of its sum with SAM's (the reference predictor's
+            ``predict(..., hq_token_only=...)``; public, may be changed between calls).
+            Ignored for other models.
     """
 
     def __init__(
@@ -200,8 +204,10 @@ class Predictor:
         fuse: bool = False,
         decode_chunk: int | None = None,
         precision: str = "fp32",
+        hq_token_only: bool = False,
     ) -> None:
         self.model = model.eval()
+        self.hq_token_only = hq_token_only
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; use one of {PRECISIONS}")
         if precision != "fp32" and backend != "torch":
@@ -216,6 +222,8 @@ class Predictor:
         sam2_backend = backend in ("torch", "onnx") or hasattr(backend, "embed_features")
         if sam2 and (not sam2_backend or precision != "fp32"):
             raise ValueError("SAM 2 models run on the torch or onnx backend in fp32 only (for now)")
+        if isinstance(self.model, SamHQ) and (backend != "torch" or precision != "fp32"):
+            raise ValueError("HQ-SAM models run on the torch backend in fp32 only (for now)")
         if fuse:
             fuse_for_inference(self.model)
         self.geometry = T.geometry_of(self.model)
@@ -547,6 +555,7 @@ class Predictor:
         embedding = self.state.embedding.to(dev)
         high_res = tuple(t.to(dev) for t in self.state.high_res)
         context = self._decoder_context() if mask_input is None else None
+        hq = isinstance(self.model, SamHQ)
         outs = []
         for start in range(0, n, chunk):
             part = [
@@ -565,6 +574,7 @@ class Predictor:
                     crop_tokens=crop_tokens,
                     keep=keep,
                     high_res_features=high_res,
+                    hq_token_only=self.hq_token_only if hq else None,
                 )
             )
         if len(outs) == 1:

@@ -222,6 +222,38 @@ _SAM2_SPECS = tuple(
     for (version, size), (sha, nbytes) in _SAM2_FILES.items()
 )
 
+_HQ_URL = "https://huggingface.co/lkeab/hq-sam/resolve/main/"
+
+# HQ-SAM checkpoints (SysCV, Apache-2.0) on the authors' Hugging Face repo lkeab/hq-sam.
+# The authors publish no hashes; the values below are those other projects pin:
+# - sam_hq_vit_h.pth: finegrain-ai/refiners, src/refiners/conversion/models/hq_sam.py
+#   (``expected_sha256`` of the lkeab/hq-sam file); the same value, with the size
+#   2,570,940,653 bytes, in several other projects' checkpoint notes and in an Intel
+#   project's ``MODEL_MAP`` (``SAMModelName.SAM_HQ``).
+# - sam_hq_vit_tiny.pth: that Intel ``MODEL_MAP`` (``SAMModelName.SAM_HQ_TINY``) and, the
+#   same value, a football-analysis project's pinned ``LIGHT_HQ_SAM_SHA256``.
+# - sam_hq_vit_b.pth, sam_hq_vit_l.pth: no public SHA-256 found (only MD5s, which are not
+#   accepted here), so ``sha256=None``: fetched only with an explicit hash; a local path
+#   always works. Sizes are given only where a source states them in bytes.
+_HQ_FILES: dict[str, tuple[str | None, int | None]] = {
+    "vit_tiny": ("0f32c075ccdd870ae54db2f7630e7a0878ede5a2b06d05d6fe02c65a82fb7196", None),
+    "vit_b": (None, None),
+    "vit_l": (None, None),
+    "vit_h": ("a7ac14a085326d9fa6199c8c698c4f0e7280afdbb974d2c4660ec60877b45e35", 2_570_940_653),
+}
+_HQ_SPECS = tuple(
+    WeightSpec(
+        name=f"sam_hq_{size}",
+        variant=f"sam_hq_{size}",
+        sha256=sha,
+        size=nbytes,
+        filename=f"sam_hq_{size}.pth",
+        licence="Apache-2.0",
+        sources=(UrlSource(f"{_HQ_URL}sam_hq_{size}.pth"),),
+    )
+    for size, (sha, nbytes) in _HQ_FILES.items()
+)
+
 CATALOGUE: dict[str, WeightSpec] = {
     spec.name: spec
     for spec in (
@@ -269,6 +301,7 @@ CATALOGUE: dict[str, WeightSpec] = {
             sources=(UrlSource(_META_URL + "sam_vit_h_4b8939.pth"),),
         ),
         *_SAM2_SPECS,
+        *_HQ_SPECS,
     )
 }
 

@@ -6,6 +6,7 @@ Existing code runs by changing one import::
     from segany.compat import sam_model_registry, SamPredictor
     from segany.compat import build_sam2, SAM2ImagePredictor, SAM2AutomaticMaskGenerator
     from segany.compat import build_sam2_video_predictor   # SAM2VideoPredictor
+    from segany.compat.hq import sam_model_registry, SamPredictor  # segment_anything_hq
 
 ``sam_model_registry["vit_t"]`` is MobileSAM. Checkpoints load with ``weights_only=True``.
 """
@@ -107,7 +108,8 @@ class SamPredictor:
     """``segment_anything.SamPredictor`` with the same methods and return values."""
 
     def __init__(self, sam_model: Sam) -> None:
-        sam_model.require_sam1("SamPredictor (use SAM2ImagePredictor)")
+        if sam_model.input_geometry != "longest_side":  # HQ-SAM (SamHQ) is welcome here
+            raise ValueError("SamPredictor does not support SAM 2 models (use SAM2ImagePredictor)")
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.img_size)
         self._fast = _FastPredictor(sam_model)
@@ -133,13 +135,15 @@ class SamPredictor:
         )
         size = (int(transformed_image.shape[-2]), int(transformed_image.shape[-1]))
         self._predictor = self._fast.get()
-        with torch.inference_mode():  # the rest is the zero padding added above
-            emb = self._predictor.model.embed_image(x, valid=size)
+        with torch.inference_mode():
+            # the rest is the zero padding added above; extra: HQ-SAM's per-image features
+            emb, extra = self._predictor.model.embed_features(x, valid=size)
         self._predictor.set_embedding(
             ImageEmbedding(
                 embedding=emb,
                 original_size=(int(original_image_size[0]), int(original_image_size[1])),
                 input_size=size,
+                high_res=tuple(extra),
             )
         )
 

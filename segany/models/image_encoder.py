@@ -213,13 +213,26 @@ class ImageEncoderViT(nn.Module):
             LayerNorm2d(out_chans),
         )
 
-    def forward(self, x: torch.Tensor, *, valid: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, valid: tuple[int, int] | None = None, early: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``(B, 3, S, S)`` -> ``(B, out_chans, S/16, S/16)``. ``valid`` (the image's size
         inside the padding) is accepted for the common interface and not used: global
-        attention makes every output depend on every pixel."""
+        attention makes every output depend on every pixel.
+
+        ``early`` (for HQ-SAM): also return the output of the first global-attention
+        block, ``(B, embed_dim, S/16, S/16)``."""
         x = self.patch_embed(x)
         if self.pos_embed is not None:
             x = x + self.pos_embed
+        first_global = None
         for block in self.blocks:
             x = block(x)
-        return self.neck(x.permute(0, 3, 1, 2))
+            if early and first_global is None and block.window_size == 0:
+                first_global = x.permute(0, 3, 1, 2)
+        out = self.neck(x.permute(0, 3, 1, 2))
+        if not early:
+            return out
+        if first_global is None:
+            raise ValueError("early features need a global-attention block")
+        return out, first_global

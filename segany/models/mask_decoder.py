@@ -208,7 +208,6 @@ class MaskDecoder(nn.Module):
         grid) and hypernetwork outputs ``(B, K, C/8)`` -> mask logits ``(B, K, 4h, 4w)``.
         Works per token: a part of the grid gives the same part of the masks (given the
         same part of ``high_res_features``)."""
-        b = tokens.shape[0]
         if high_res_features is None:
             upscaled = self.output_upscaling(tokens)
         else:
@@ -216,7 +215,13 @@ class MaskDecoder(nn.Module):
             feat_s0, feat_s1 = high_res_features
             upscaled = act1(ln1(dc1(tokens) + feat_s1))
             upscaled = act2(dc2(upscaled) + feat_s0)
-        _, c2, h2, w2 = upscaled.shape
+        return self.project_masks(hyper_in, upscaled)
+
+    @staticmethod
+    def project_masks(hyper_in: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
+        """Hypernetwork outputs ``(B, K, C')`` times the upscaled embedding ``(B, C', H,
+        W)`` -> mask logits ``(B, K, H, W)``."""
+        b, c2, h2, w2 = upscaled.shape
         if upscaled.is_contiguous(memory_format=torch.channels_last):
             flat = upscaled.permute(0, 2, 3, 1).reshape(b, h2 * w2, c2)
             return (hyper_in @ flat.transpose(1, 2)).reshape(b, -1, h2, w2)
@@ -246,6 +251,39 @@ class MaskDecoder(nn.Module):
         """Prompt-independent work for one image ``(1, C, h, w)`` and one dense prompt
         embedding (the no-mask one, shared by all prompts without a mask input)."""
         return self.transformer.prepare(image_embeddings + dense_prompt_embeddings, image_pe)
+
+    def attend(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor | None,
+        tokens: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor | None,
+        *,
+        context: DecoderContext | None = None,
+        few_tokens: bool | None = None,
+        final_tokens: Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-way transformer between ``tokens`` ``(B, T, C)`` (output tokens then
+        prompt tokens) and the image embedding plus the dense prompt embedding (or the
+        prepared ``context``). Returns the tokens after it, ``(B, len(final_tokens) or T,
+        C)``, and the image tokens as a ``(B, C, h, w)`` map (a channels-last view)."""
+        b = tokens.shape[0]
+        if context is None:
+            src = image_embeddings + dense_prompt_embeddings
+            if src.shape[0] != b:
+                src = src.expand(b, -1, -1, -1)
+            pos_src = image_pe.expand(b, -1, -1, -1)
+            _, c, h, w = src.shape
+            hs, src = self.transformer(
+                src, pos_src, tokens, few_tokens=few_tokens, final_tokens=final_tokens
+            )
+        else:
+            c, (h, w) = context.keys.shape[-1], context.size
+            hs, src = self.transformer(
+                None, None, tokens, context=context, final_tokens=final_tokens
+            )
+        # (B, h*w, C) tokens seen as a channels-last (B, C, h, w) map: no copy.
+        return hs, src.expand(b, -1, -1).reshape(b, h, w, c).permute(0, 3, 1, 2)
 
     def predict_masks(
         self,
@@ -282,25 +320,20 @@ class MaskDecoder(nn.Module):
         scored = self.pred_obj_scores and keep is not None
         if scored:
             final.insert(0, 0)
-        if context is None:
-            src = image_embeddings + dense_prompt_embeddings
-            if src.shape[0] != b:
-                src = src.expand(b, -1, -1, -1)
-            pos_src = image_pe.expand(b, -1, -1, -1)
-            _, c, h, w = src.shape
-            hs, src = self.transformer(
-                src, pos_src, tokens, few_tokens=few_tokens, final_tokens=final
-            )
-        else:
-            c, (h, w) = context.keys.shape[-1], context.size
-            hs, src = self.transformer(None, None, tokens, context=context, final_tokens=final)
+        hs, src = self.attend(
+            image_embeddings,
+            image_pe,
+            tokens,
+            dense_prompt_embeddings,
+            context=context,
+            few_tokens=few_tokens,
+            final_tokens=final,
+        )
         if scored:
             keep["object_score_logits"] = self.pred_obj_score_head(hs[:, 0, :])
             hs = hs[:, 1:]
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1:, :]
-        # (B, h*w, C) tokens seen as a channels-last (B, C, h, w) map: no copy.
-        src = src.expand(b, -1, -1).reshape(b, h, w, c).permute(0, 3, 1, 2)
         mlps = self.output_hypernetworks_mlps
         hyper_in = torch.stack(
             [mlps[i](mask_tokens_out[:, j, :]) for j, i in enumerate(outputs)], dim=1

@@ -4,7 +4,8 @@
 recovers the variant and dimensions of a checkpoint so that any SAM checkpoint, including
 ViTs of custom size, builds the right model. SAM 2 / 2.1 variants carry the official
 config names (``sam2.1_hiera_t``, ``sam2_hiera_b+``, ...); their numbers are those of the
-official ``configs/sam2*/*.yaml`` files.
+official ``configs/sam2*/*.yaml`` files. HQ-SAM variants (``sam_hq_vit_b`` ...) are SAM 1's
+with ``hq=True``.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import torch
 from .hiera import Hiera
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
+from .mask_decoder_hq import MaskDecoderHQ
 from .memory import MemoryAttention, MemoryEncoder
 from .neck import FpnNeck, HieraImageEncoder
 from .prompt_encoder import PromptEncoder
 from .sam import Sam
 from .sam2 import Sam2
 from .sam2_video import Sam2Video
+from .sam_hq import SamHQ
 from .tiny_vit import TinyViT
 from .transformer import TwoWayTransformer
 
@@ -30,26 +33,41 @@ PROMPT_EMBED_DIM = 256
 ENCODER_STRIDE = 16
 
 
-def build_sam(image_encoder: torch.nn.Module, *, img_size: int = 1024) -> Sam:
-    """Compose SAM around ``image_encoder`` with the standard prompt encoder and decoder."""
+def build_sam(
+    image_encoder: torch.nn.Module,
+    *,
+    img_size: int = 1024,
+    hq_vit_dim: int | None = None,
+    prompt_dim: int = PROMPT_EMBED_DIM,
+) -> Sam:
+    """Compose SAM around ``image_encoder`` with the standard prompt encoder and decoder;
+    with ``hq_vit_dim`` (the width of the encoder's early map), HQ-SAM with its decoder.
+    ``prompt_dim``: width of the embedding, prompts and decoder (256; the encoder's
+    output must match)."""
     grid = img_size // ENCODER_STRIDE
+    decoder: dict[str, Any] = dict(
+        transformer_dim=prompt_dim,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=2048, num_heads=8),
+        num_multimask_outputs=3,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=prompt_dim,
+        image_embedding_size=(grid, grid),
+        input_image_size=(img_size, img_size),
+        mask_in_chans=16,
+    )
+    if hq_vit_dim is not None:
+        return SamHQ(
+            image_encoder=image_encoder,
+            prompt_encoder=prompt_encoder,
+            mask_decoder=MaskDecoderHQ(**decoder, vit_dim=hq_vit_dim),
+        )
     return Sam(
         image_encoder=image_encoder,
-        prompt_encoder=PromptEncoder(
-            embed_dim=PROMPT_EMBED_DIM,
-            image_embedding_size=(grid, grid),
-            input_image_size=(img_size, img_size),
-            mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoder(
-            transformer_dim=PROMPT_EMBED_DIM,
-            transformer=TwoWayTransformer(
-                depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8
-            ),
-            num_multimask_outputs=3,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        ),
+        prompt_encoder=prompt_encoder,
+        mask_decoder=MaskDecoder(**decoder),
     )
 
 
@@ -62,8 +80,11 @@ def vit_custom(
     window_size: int = 14,
     img_size: int = 1024,
     use_rel_pos: bool = True,
+    hq: bool = False,
+    prompt_dim: int = PROMPT_EMBED_DIM,
 ) -> Sam:
-    """SAM with a ViT encoder of any size (the official ones below are instances)."""
+    """SAM with a ViT encoder of any size (the official ones below are instances);
+    ``hq``: HQ-SAM on that encoder; ``prompt_dim``: see :func:`build_sam`."""
     encoder = ImageEncoderViT(
         img_size=img_size,
         patch_size=ENCODER_STRIDE,
@@ -71,13 +92,14 @@ def vit_custom(
         depth=depth,
         num_heads=num_heads,
         mlp_ratio=4.0,
-        out_chans=PROMPT_EMBED_DIM,
+        out_chans=prompt_dim,
         qkv_bias=True,
         use_rel_pos=use_rel_pos,
         window_size=window_size,
         global_attn_indexes=tuple(global_attn_indexes),
     )
-    return build_sam(encoder, img_size=img_size)
+    hq_dim = embed_dim if hq else None
+    return build_sam(encoder, img_size=img_size, hq_vit_dim=hq_dim, prompt_dim=prompt_dim)
 
 
 # The dimensions that differ between the released ViT encoders.
@@ -103,16 +125,44 @@ def vit_h(**overrides: Any) -> Sam:
     return vit_custom(**{**VIT_DIMS["vit_h"], **overrides})
 
 
-def vit_t(*, img_size: int = 1024, **overrides: Any) -> Sam:
-    """MobileSAM: TinyViT-5M encoder distilled from ViT-H, ``mobile_sam.pt``."""
+def vit_t(
+    *, img_size: int = 1024, hq: bool = False, prompt_dim: int = PROMPT_EMBED_DIM, **overrides: Any
+) -> Sam:
+    """MobileSAM: TinyViT-5M encoder distilled from ViT-H, ``mobile_sam.pt``; ``hq``:
+    light HQ-SAM on it; ``prompt_dim``: see :func:`build_sam`."""
     dims: dict[str, Any] = dict(
         embed_dims=(64, 128, 160, 320),
         depths=(2, 2, 6, 2),
         num_heads=(2, 4, 5, 10),
         window_sizes=(7, 7, 14, 7),
     )
-    encoder = TinyViT(img_size=img_size, **{**dims, **overrides})
-    return build_sam(encoder, img_size=img_size)
+    dims = {**dims, **overrides}
+    encoder = TinyViT(img_size=img_size, out_chans=prompt_dim, **dims)
+    hq_dim = dims["embed_dims"][2] if hq else None  # HQ-SAM reads stage 1's output
+    return build_sam(encoder, img_size=img_size, hq_vit_dim=hq_dim, prompt_dim=prompt_dim)
+
+
+# -- HQ-SAM ------------------------------------------------------------------------------
+
+
+def sam_hq_vit_b(**overrides: Any) -> Sam:
+    """HQ-SAM on ViT-B, ``sam_hq_vit_b.pth``."""
+    return vit_custom(**{**VIT_DIMS["vit_b"], "hq": True, **overrides})
+
+
+def sam_hq_vit_l(**overrides: Any) -> Sam:
+    """HQ-SAM on ViT-L, ``sam_hq_vit_l.pth``."""
+    return vit_custom(**{**VIT_DIMS["vit_l"], "hq": True, **overrides})
+
+
+def sam_hq_vit_h(**overrides: Any) -> Sam:
+    """HQ-SAM on ViT-H, ``sam_hq_vit_h.pth``."""
+    return vit_custom(**{**VIT_DIMS["vit_h"], "hq": True, **overrides})
+
+
+def sam_hq_vit_tiny(**overrides: Any) -> Sam:
+    """Light HQ-SAM on MobileSAM's TinyViT, ``sam_hq_vit_tiny.pth``."""
+    return vit_t(**{"hq": True, **overrides})
 
 
 # -- SAM 2 / SAM 2.1 -------------------------------------------------------------------
@@ -253,6 +303,10 @@ MODEL_REGISTRY: dict[str, Callable[..., Sam]] = {
     "vit_custom": vit_custom,
     **SAM2_VARIANTS,
     "sam2_custom": sam2_custom,
+    "sam_hq_vit_tiny": sam_hq_vit_tiny,
+    "sam_hq_vit_b": sam_hq_vit_b,
+    "sam_hq_vit_l": sam_hq_vit_l,
+    "sam_hq_vit_h": sam_hq_vit_h,
 }
 
 
@@ -273,8 +327,9 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[str,
     enc = "image_encoder."
     if f"{enc}trunk.patch_embed.proj.weight" in state_dict:
         return _sam2_config(state_dict), {}
+    hq = "mask_decoder.hf_token.weight" in state_dict  # HQ-SAM's output token
     if f"{enc}patch_embed.seq.0.c.weight" in state_dict:
-        return "vit_t", {}
+        return ("sam_hq_vit_tiny" if hq else "vit_t"), {}
     pos = state_dict.get(f"{enc}pos_embed")
     proj = state_dict.get(f"{enc}patch_embed.proj.weight")
     if pos is None or proj is None:
@@ -300,11 +355,15 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[str,
         window_size=window,
         img_size=grid * patch,
     )
-    if window == 14 and grid * patch == 1024:
+    token = state_dict.get("mask_decoder.iou_token.weight")
+    prompt_dim = PROMPT_EMBED_DIM if token is None else int(token.shape[1])
+    if prompt_dim != PROMPT_EMBED_DIM:
+        overrides["prompt_dim"] = prompt_dim
+    if window == 14 and grid * patch == 1024 and prompt_dim == PROMPT_EMBED_DIM:
         for name, dims in VIT_DIMS.items():
             if all(overrides[k] == v for k, v in dims.items()):
-                return name, {}
-    return "vit_custom", overrides
+                return (f"sam_hq_{name}" if hq else name), {}
+    return "vit_custom", {**overrides, "hq": True} if hq else overrides
 
 
 def _sam2_config(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -102,6 +102,7 @@ class Sam(nn.Module):
         crop_tokens: tuple[int, int] | None = None,
         keep: dict | None = None,
         high_res_features: tuple[torch.Tensor, ...] | None = None,
+        hq_token_only: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode ``B`` prompts against one image embedding.
 
@@ -117,7 +118,10 @@ class Sam(nn.Module):
                 (:meth:`MaskDecoder.forward`); logits ``(B, K, 4 rows, 4 cols)``.
             keep: receives what :meth:`MaskDecoder.fill_outside_crop` needs (and SAM 2's
                 ``"object_score_logits"``).
-            high_res_features: the second item of :meth:`embed_features` (SAM 2).
+            high_res_features: the second item of :meth:`embed_features` (SAM 2, HQ-SAM).
+            hq_token_only: HQ-SAM only (``None`` for other models): return the HQ output's
+                mask alone instead of its sum with SAM's (see
+                :class:`~segany.models.mask_decoder_hq.MaskDecoderHQ`).
 
         Returns:
             low-res mask logits ``(B, K, 4h, 4w)`` and predicted IoUs ``(B, K)``,
@@ -129,6 +133,7 @@ class Sam(nn.Module):
                 raise ValueError("point_labels are required with point_coords")
             points = (point_coords, point_labels)
         sparse, dense = self.prompt_encoder(points, boxes, mask_input)
+        hq = {} if hq_token_only is None else {"hq_token_only": hq_token_only}
         if context is not None and mask_input is None:
             return self.mask_decoder(
                 image_embeddings,
@@ -140,6 +145,7 @@ class Sam(nn.Module):
                 crop_tokens=crop_tokens,
                 keep=keep,
                 high_res_features=high_res_features or None,
+                **hq,
             )
         return self.mask_decoder(
             image_embeddings,
@@ -150,6 +156,7 @@ class Sam(nn.Module):
             crop_tokens=crop_tokens,
             keep=keep,
             high_res_features=high_res_features or None,
+            **hq,
         )
 
     def forward(

@@ -285,7 +285,9 @@ class TinyViT(nn.Module):
             LayerNorm2d(out_chans),
         )
 
-    def forward(self, x: torch.Tensor, *, valid: tuple[int, int] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, valid: tuple[int, int] | None = None, early: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``(B, 3, S, S)`` -> ``(B, out_chans, S/16, S/16)``.
 
         ``valid``: ``(h, w)`` of the images inside ``x``, the rest being zeros at the
@@ -295,14 +297,22 @@ class TinyViT(nn.Module):
         for an all-zero input (computed once per size and weights): every output cell
         there reads only zeros in both. The same values up to float rounding, less work
         for images that are not square (see :meth:`_run_cropped`). Ignored in training mode
-        (batch norms then normalise with the statistics of what they see)."""
+        (batch norms then normalise with the statistics of what they see).
+
+        ``early`` (for HQ-SAM): also return the output of stage 1 (after its patch
+        merging), ``(B, embed_dims[2], S/16, S/16)``."""
         stages = self._stages()
         start = 0
         if valid is not None and not self.training:
-            x, start = self._run_cropped(x, valid)
-        for stage in stages[start:]:
+            # HQ-SAM reads stage 1's output: crop no further than that
+            x, start = self._run_cropped(x, valid, last=2 if early else len(stages))
+        second = x if start == 2 else None
+        for i, stage in enumerate(stages[start:], start):
             x = stage(x)
-        return self.neck(x)
+            if i == 1:
+                second = x
+        out = self.neck(x)
+        return (out, second) if early else out
 
     def _stages(self) -> list[nn.Module]:
         """The four stages as callables: patch embedding + stage 0, then stages 1-3 (each
@@ -334,7 +344,9 @@ class TinyViT(nn.Module):
                 stride *= int(m.stride[0])
         return stride, reach, math.lcm(align, 2 * stride) if i == 0 else align
 
-    def _run_cropped(self, x: torch.Tensor, valid: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def _run_cropped(
+        self, x: torch.Tensor, valid: tuple[int, int], last: int | None = None
+    ) -> tuple[torch.Tensor, int]:
         """Run the first stages on crops of their input; returns the output of the last
         cropped stage (the same values as without crops, up to float rounding) and the
         index of the next stage to run in full.
@@ -345,8 +357,8 @@ class TinyViT(nn.Module):
         all-zero image; the others are computed from the top-left crop of the input that
         holds their reach, rounded up to the stage's alignment. Cropping stops at the
         first stage whose crop would be the whole input (stage 2's six 14-token windows
-        spread the image over the whole map)."""
-        stages = self._stages()
+        spread the image over the whole map) or at stage ``last``."""
+        stages = self._stages()[:last]
         image, runs = x, self._zero_runs(x)
         zero_from = valid
         for i, stage in enumerate(stages):
