@@ -1,5 +1,5 @@
-"""The annotator's exports (COCO through the one COCO writer, SA-1B and YOLO zips) and its
-COCO import. A part of :class:`~.service.AnnotationService`.
+"""The annotator's exports (COCO through the one COCO writer, SA-1B, YOLO and GeoPackage
+zips) and its COCO import. A part of :class:`~.service.AnnotationService`.
 """
 
 from __future__ import annotations

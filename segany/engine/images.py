@@ -1,6 +1,7 @@
 """The annotator's images and their embeddings: the folder's registration (rescan), the
-image queue, and one embedding per image (memory, then disk, computed once; prefetched in
-the background). A part of :class:`~.service.AnnotationService`.
+pixels (TIFF / GeoTIFF through :mod:`.georaster`), the image queue, and one embedding per
+image (memory, then disk, computed once; prefetched in the background). A part of
+:class:`~.service.AnnotationService`.
 """
 
 from __future__ import annotations
