@@ -190,6 +190,9 @@ class AnnotationsMixin:
                 raise Unprocessable("the mask is empty")
             fields.update(segmentation=rle, area=area, bbox=bbox)
         if req.status is not None and req.status != a.status:
+            fixed_by = self.store.fix_of(ann_id) if a.status == "rejected" else None
+            if fixed_by is not None:  # accepting it again would duplicate the object
+                raise Conflict(f"annotation {ann_id} was replaced by its fix {fixed_by}")
             fields["status"] = req.status
             if a.status == "pending" and req.status in ("accepted", "rejected"):
                 kind = "accept" if req.status == "accepted" else "reject"

@@ -450,6 +450,13 @@ class Store:
             q = select(Annotation.category).where(Annotation.status.in_(list(statuses)))
             return sorted(set(s.scalars(q.distinct())))
 
+    def fix_of(self, ann_id: int) -> int | None:
+        """The id of the annotation that replaced ``ann_id`` (a fix of a pending object)."""
+        if not self._id_ok(ann_id):
+            return None
+        with self.session() as s:
+            return s.scalar(select(Annotation.id).where(Annotation.replaces_id == ann_id))
+
     def annotation(self, ann_id: int) -> Annotation | None:
         if not self._id_ok(ann_id):
             return None

@@ -150,6 +150,21 @@ def test_patch_racing_a_fix(service, base):
     assert len(service.store.annotations(iid, statuses=["accepted"])) == ROUNDS
 
 
+def test_a_fixed_object_cannot_be_accepted_again(service, base):
+    """A PATCH that reads the object after its fix committed (now rejected) must not
+    accept it again beside the fix (one object would become two)."""
+    iid = _a_png(service)
+    im = service.store.image(iid)
+    (pid,) = _pending(service, iid)
+    with httpx.Client(base_url=base) as c:
+        seg = _rle(im.height, im.width, 5, 5)
+        r = c.post(f"/api/images/{iid}/annotations", json={"segmentation": seg, "replaces": pid})
+        assert r.status_code == 201, r.text
+        r2 = c.patch(f"/api/annotations/{pid}", json={"status": "accepted"})
+    assert r2.status_code == 409 and f"replaced by its fix {r.json()['id']}" in r2.text
+    assert len(service.store.annotations(iid, statuses=["accepted"])) == 1
+
+
 def test_store_refuses_a_second_fix_and_a_stale_status(service):
     iid = _a_png(service)
     (pid,) = _pending(service, iid)
