@@ -19,11 +19,7 @@ import segany
 ROOT = Path(segany.__file__).resolve().parent
 
 #: Cycles through deferred imports known today, each with its reason.
-DEFERRED_CYCLES = {
-    # compat/__init__.py re-exports sam2_video's names; sam2_video's builder calls the
-    # package's build_sam2 when it is called (never at import).
-    frozenset({"segany.compat", "segany.compat.sam2_video"}),
-}
+DEFERRED_CYCLES: set[frozenset[str]] = set()
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:

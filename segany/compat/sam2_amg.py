@@ -9,6 +9,7 @@ import torch
 
 from ..everything import MaskGenerator
 from ..models.sam2 import Sam2
+from .sam2_image import SAM2ImagePredictor
 
 
 class SAM2AutomaticMaskGenerator:
@@ -47,8 +48,6 @@ class SAM2AutomaticMaskGenerator:
         use_m2m: bool = False,
         multimask_output: bool = True,
     ) -> None:
-        from . import SAM2ImagePredictor
-
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("exactly one of points_per_side or point_grids must be given")
         if mask_threshold != model.mask_threshold:

@@ -21,6 +21,7 @@ import torch
 from ..models.sam2_video import Sam2Video
 from ..video.frames import VideoSource, open_video
 from ..video.sam2_tracker import Sam2Session, Sam2Tracker
+from .sam2_image import build_sam2
 
 #: ``++model.<name>=<value>`` hydra overrides understood by build_sam2_video_predictor
 _OPTIONS = {
@@ -182,8 +183,6 @@ def build_sam2_video_predictor(
     overrides only ``++model.<name>=<value>`` for ``fill_hole_area``, ``non_overlap_masks``,
     ``add_all_frames_to_correct_as_cond`` and ``binarize_mask_from_pts_for_mem_enc`` are
     understood (others raise); ``kwargs`` are passed to :class:`SAM2VideoPredictor`."""
-    from . import build_sam2
-
     model = build_sam2(config_file, ckpt_path, device=device, mode=mode)
     if not isinstance(model, Sam2Video):
         raise TypeError(f"{config_file} has no video memory")
