@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check segany tests benchmarks
 
 test: weights lint system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache
