@@ -73,11 +73,14 @@ def _ort_version() -> str:
 
 
 def candidates(model: torch.nn.Module) -> list[str]:
-    """The exact backends that can run ``model`` here (onnx: SAM 1 family with
-    onnxruntime installed)."""
+    """The exact backends timed for ``model`` here (onnx: SAM 1 and MobileSAM with
+    onnxruntime installed; SAM 2's graphs have no per-image decoder context and HQ-SAM has
+    no ONNX path, so those run on torch)."""
+    from .models import SamHQ
+
     out = ["torch"]
     sam1 = getattr(model, "input_geometry", "longest_side") == "longest_side"
-    if sam1 and importlib.util.find_spec("onnxruntime") is not None:
+    if sam1 and not isinstance(model, SamHQ) and importlib.util.find_spec("onnxruntime"):
         out.append("onnx")
     return out
 
