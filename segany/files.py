@@ -31,14 +31,22 @@ TMP_PREFIX = ".tmp-"
 
 def is_image_name(name: str | os.PathLike[str]) -> bool:
     """Whether a file name is a visible image file by its suffix."""
+    return _visible_with(name, IMAGE_SUFFIXES)
+
+
+def _visible_with(name: str | os.PathLike[str], suffixes: tuple[str, ...]) -> bool:
     p = Path(name)
-    return p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    return p.suffix.lower() in suffixes and not p.name.startswith(".")
 
 
 def find_images(
-    source: str | os.PathLike[str], *, exclude: str | os.PathLike[str] | None = None
+    source: str | os.PathLike[str],
+    *,
+    exclude: str | os.PathLike[str] | None = None,
+    suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
 ) -> list[Path]:
-    """The image files of ``source`` as absolute paths: every image under a folder (see the
+    """The image files (``suffixes``: other file kinds, e.g. videos) of ``source`` as
+    absolute paths: every image under a folder (see the
     module doc: recursive, sorted, hidden names skipped, symlinked folders not followed), or
     the file itself when it is an image. Paths under ``exclude`` (e.g. an output folder
     inside the input) are left out. Raises ``FileNotFoundError`` when ``source`` does not
@@ -49,9 +57,9 @@ def find_images(
         for root, dirs, files in os.walk(src):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             found += [Path(os.path.abspath(os.path.join(root, n))) for n in sorted(files)
-                      if is_image_name(n)]  # fmt: skip
+                      if _visible_with(n, suffixes)]  # fmt: skip
     elif src.is_file():
-        found = [Path(os.path.abspath(src))] if is_image_name(src.name) else []
+        found = [Path(os.path.abspath(src))] if _visible_with(src.name, suffixes) else []
     else:
         raise FileNotFoundError(f"no such file or folder: {source}")
     if exclude is not None:

@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 
 from .. import transforms as T
-
-TIFF_SUFFIXES = (".tif", ".tiff")
+from ..rasters import TIFF_SUFFIXES
 
 
 def geo_extra() -> bool:

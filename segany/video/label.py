@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import validate as V
-from ..files import atomic_write
+from ..files import atomic_write, find_images
 from .frames import VideoError, open_video
 from .outputs import to_video_json
 from .tracker import ObjectPrompt, TrackResult
@@ -41,25 +41,12 @@ DEFAULT_MAX_OBJECTS = 64
 def find_videos(
     source: str | os.PathLike[str], *, exclude: str | os.PathLike[str] | None = None
 ) -> list[Path]:
-    """The video files of ``source`` (a folder, searched as
-    :func:`segany.files.find_images` searches for images, or one video file)."""
-    src = Path(source).expanduser()
-    if src.is_file():
-        return [src.resolve()] if src.suffix.lower() in VIDEO_SUFFIXES else []
-    if not src.is_dir():
+    """The video files of ``source`` (a folder, searched as for images by
+    :func:`segany.files.find_images`, or one video file); none when it does not exist."""
+    try:
+        return find_images(source, exclude=exclude, suffixes=VIDEO_SUFFIXES)
+    except FileNotFoundError:
         return []
-    found = []
-    for root, dirs, files in os.walk(src):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [
-            Path(os.path.abspath(os.path.join(root, n)))
-            for n in sorted(files)
-            if Path(n).suffix.lower() in VIDEO_SUFFIXES and not n.startswith(".")
-        ]
-    if exclude is not None:
-        ex = os.path.abspath(exclude) + os.sep
-        found = [f for f in found if not str(f).startswith(ex)]
-    return found
 
 
 def video_json_path(out: Path, video: Path, source: Path) -> Path:
