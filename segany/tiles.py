@@ -10,6 +10,9 @@ Tiles all have the same size (``tile`` pixels square, or the image's size when i
 smaller): the last row and column are moved back inside the image rather than cut short,
 so every tile is seen by the model at the same scale. Neighbouring tiles overlap by at
 least ``overlap`` pixels.
+
+(Past 500 lines: the grid, the on-disk tile store and the stitching predictor share one
+frame convention and one cache; split, each would re-state it.)
 """
 
 from __future__ import annotations
