@@ -51,6 +51,7 @@ def test_label_train_eval_label_again(tmp_path: Path, capsys) -> None:
               "--empty-rounds", "0", "--decay-at", ""]  # fmt: skip
     train = ["train", "--data", str(ds), "--model", str(base), "--train", "decoder"]
     train += ["--steps", "2", "--val-fraction", "0.25", "--out", str(model), "--quiet", *recipe]
+    train += ["--rehearse", "none"]
     assert main(train) == 0
     meta = json.loads((tmp_path / "run" / "ft.json").read_text())
     assert meta["data"]["kind"] == "sa1b" and meta["data"]["images"] == 4
