@@ -243,6 +243,15 @@ def test_track_command(tmp_path, mobile_sam, capsys):
     doc = json.loads((out / "track.json").read_text())
     assert [a["track_id"] for a in doc["annotations"]] == [1, 2]
     assert doc["videos"][0]["file_names"][0] == "0.jpg"
+    # the one dataset reader reads the track: frames with their objects' masks
+    from segany.datasets import open_dataset
+    from segany.transforms import load_image
+
+    ds = open_dataset(out)
+    assert ds.kind == "video" and len(ds.images) == 5 and ds.images[4].key == "f/4.jpg"
+    assert [m.id for m in ds.images[2].annotations] == [1, 2]
+    assert np.array_equal(ds.images[2].masks()[1], read_davis_png(out / "masks" / "2.png") == 2)
+    assert np.array_equal(ds.images[3].load(), load_image(tmp_path / "f" / "3.jpg"))
     import av
 
     with av.open(str(out / "overlay.mp4")) as c:
@@ -334,6 +343,14 @@ def test_label_tracks_the_objects_of_a_videos_first_frame(tmp_path, mobile_sam, 
     assert [e["video"].endswith("broken.mp4") for e in report["errors"]] == [True]
     data = json.loads((out / "videos" / "clip.mp4.json").read_text())
     assert data["videos"][0]["length"] == 5 and data["videos"][0]["width"] == W
+    from segany.datasets import open_dataset
+
+    ds = open_dataset(out)  # the labeled videos, read back as frames
+    assert ds.kind == "video"
+    assert [im.key for im in ds.images] == [f"clip/{i:05d}" for i in range(5)]
+    present = [s for a in data["annotations"] for s in a["segmentations"] if s is not None]
+    assert ds.num_masks == len(present)
+    assert ds.images[0].load().shape == (H, W, 3)
     tracks = data["annotations"]
     assert 1 <= len(tracks) <= 4 and report["objects"] == len(tracks)
 

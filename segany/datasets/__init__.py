@@ -8,6 +8,7 @@ the writers.
 - :mod:`.coco`: COCO instances JSON, read (polygons, RLE, compressed RLE) and written;
 - :mod:`.sa1b`: SA-1B per-image JSON, loose or in tar shards (``segany label``'s output);
 - :mod:`.store`: the annotator's store (read-only);
+- :mod:`.video`: tracked videos (``segany track`` / ``segany label`` on videos) as frames;
 - :mod:`.open`: the sniffing rule;
 - :mod:`.png`, :mod:`.yolo`: write-only outputs of ``segany everything``.
 """
@@ -29,6 +30,7 @@ from .records import (
     to_rle,
 )
 from .sa1b import read_sa1b, read_sa1b_dataset, to_sa1b, write_sa1b
+from .video import VideoFrame, read_video_dataset
 
 #: Output formats of ``segany everything``.
 FORMATS = ("sa1b", "coco", "png", "yolo")
@@ -44,10 +46,12 @@ __all__ = [
     "ImageRecord",
     "MaskRecord",
     "TarMember",
+    "VideoFrame",
     "open_dataset",
     "read_coco",
     "read_sa1b",
     "read_sa1b_dataset",
+    "read_video_dataset",
     "rle_bbox",
     "sniff",
     "to_coco",

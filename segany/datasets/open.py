@@ -17,8 +17,9 @@ from .sa1b import (
     tar_images,
 )
 from .store import read_store
+from .video import is_video_json, read_video_dataset, video_jsons
 
-KINDS = ("auto", "coco", "sa1b", "store")
+KINDS = ("auto", "coco", "sa1b", "store", "video")
 #: Where the annotator keeps its store inside the annotated folder.
 STORE_IN_FOLDER = Path(".segany") / "annotations.db"
 STORE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
@@ -32,10 +33,12 @@ def sniff(source: str | os.PathLike[str]) -> tuple[str, Path]:
     3. a folder with ``manifest.json`` (``segany label``'s output): SA-1B shards;
     4. a ``.tar`` file: one SA-1B shard; a ``.zip``: SA-1B JSONs (the annotator's export);
     5. a ``.json`` file: COCO if it has an ``images`` list, SA-1B if ``image`` and
-       ``annotations``;
+       ``annotations``, a tracked video if ``videos`` and per-frame ``segmentations``;
     6. a folder with ``annotations.json``: COCO;
-    7. a folder whose only JSON file is COCO: that file;
-    8. another folder: SA-1B (tars, else per-image JSON files, searched recursively).
+    7. a folder with ``track.json`` (``segany track``'s output) or with ``videos/*.json``
+       (``segany label`` run on videos only): tracked videos;
+    8. a folder whose only JSON file is COCO: that file;
+    9. another folder: SA-1B (tars, else per-image JSON files, searched recursively).
 
     ``path`` is what the reader opens (the file of rule 7)."""
     text = os.fspath(source)
@@ -49,6 +52,8 @@ def sniff(source: str | os.PathLike[str]) -> tuple[str, Path]:
             return "sa1b", p
         if (p / "annotations.json").is_file():
             return "coco", p
+        if video_jsons(p):
+            return "video", p
         if not any(p.rglob("*.tar")):
             jsons = [f for f in p.rglob("*.json") if f.name not in NOT_IMAGE_JSON][:2]
             if len(jsons) == 1 and is_coco(load_json(jsons[0])):
@@ -62,7 +67,11 @@ def sniff(source: str | os.PathLike[str]) -> tuple[str, Path]:
             return "coco", p
         if is_sa1b(data):
             return "sa1b", p
-        raise DatasetError(f"{p}: neither a COCO instances JSON nor an SA-1B image JSON")
+        if is_video_json(data):
+            return "video", p
+        raise DatasetError(
+            f"{p}: neither a COCO instances JSON, an SA-1B image JSON nor a tracked video"
+        )
     raise DatasetError(f"data source not found: {source}")
 
 
@@ -88,12 +97,12 @@ def open_dataset(
     kind: str = "auto",
     statuses: Sequence[str] = ("accepted",),
 ) -> Dataset:
-    """Open ``source`` as ``kind`` (``coco``, ``sa1b``, ``store`` or ``auto``: the rule of
-    :func:`sniff`). ``images`` is the image folder when the images are not where the
-    annotations say (COCO, loose SA-1B JSON; for COCO also a ``segany label`` output or a
-    tar holding them, e.g. for a training run's ``.val.json``) and the annotated folder for
-    a store given as a database (required then); ``statuses`` the store's objects to
-    read."""
+    """Open ``source`` as ``kind`` (``coco``, ``sa1b``, ``store``, ``video`` or ``auto``:
+    the rule of :func:`sniff`). ``images`` is the image folder when the images are not where
+    the annotations say (COCO, loose SA-1B JSON; for COCO also a ``segany label`` output or
+    a tar holding them, e.g. for a training run's ``.val.json``), the annotated folder for
+    a store given as a database (required then) and the video of a tracked-video JSON that
+    does not name it; ``statuses`` the store's objects to read."""
     if kind not in KINDS:
         raise DatasetError(f"unknown data kind {kind!r}; use {', '.join(KINDS)}")
     if kind == "auto":
@@ -104,6 +113,8 @@ def open_dataset(
         return read_coco(path, images, locate=_in_tars(images))
     if kind == "sa1b":
         return read_sa1b_dataset(path, images)
+    if kind == "video":
+        return read_video_dataset(path, images)
     if path.is_dir():
         db: str | Path = path / STORE_IN_FOLDER
         images = images if images is not None else path

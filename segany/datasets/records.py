@@ -241,7 +241,7 @@ class ImageRecord:
     height: int
     width: int
     file_name: str
-    source: ImageFile | TarMember
+    source: ImageFile | TarMember | Any  # or a video frame (segany.datasets.video)
     annotations: tuple[MaskRecord, ...] = field(default=(), repr=False)
 
     @property
@@ -249,7 +249,9 @@ class ImageRecord:
         """The image file (for a tar member: ``<tar>/<member>``, which names it in messages
         but is not a file)."""
         s = self.source
-        return s.path if isinstance(s, ImageFile) else s.tar / s.name
+        if isinstance(s, ImageFile):
+            return s.path
+        return s.tar / s.name if isinstance(s, TarMember) else Path(str(s))
 
     @property
     def num_masks(self) -> int:
@@ -329,7 +331,7 @@ DEFAULT_CATEGORIES = ({"id": 1, "name": "object", "supercategory": "object"},)
 class Dataset:
     """Images with masks, read from one source.
 
-    ``kind`` is ``"coco"``, ``"sa1b"`` or ``"store"``; ``source`` the file, folder or
+    ``kind`` is ``"coco"``, ``"sa1b"``, ``"store"`` or ``"video"``; ``source`` the file, folder or
     database read; ``categories`` COCO categories (one ``object`` class when the source
     names none). Images are read on first use of :attr:`images` (all at once) or streamed
     by :meth:`iter_images` (one at a time, for large SA-1B sets).

@@ -92,6 +92,7 @@ def _config(args: argparse.Namespace, **fixed: Any) -> Any:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` and ``retrain`` to the ``segany`` parser."""
+    from ..datasets import KINDS
     from ..weights import DEFAULT_WEIGHTS
     from .rehearsal import GENERAL_SET, NO_REHEARSAL
     from .trainer import MODES, TrainConfig
@@ -109,7 +110,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", help="image folder (COCO: default DATA/images; store: the "
                    "annotated folder)")  # fmt: skip
     p.add_argument(
-        "--data-kind", default="auto", choices=("auto", "coco", "sa1b", "store"),
+        "--data-kind", default="auto", choices=KINDS,
         help="how to read --data (default: auto)",
     )  # fmt: skip
     p.add_argument(

@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     write_davis(result, out / "masks")
     names = getattr(video, "files", None)
     file_names = [f.name for f in names] if names else [f"{n}.png" for n in video.names]
-    write_video_json(result, out / "track.json", name=Path(args.video).stem, file_names=file_names)
+    write_video_json(result, out / "track.json", name=Path(args.video).stem, file_names=file_names,
+                     source=str(Path(args.video).resolve()))  # fmt: skip
     if not args.no_video:
         write_overlay_video(video, result, out / "overlay.mp4", fps=video.fps or 24.0)
     summary = {

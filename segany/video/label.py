@@ -84,7 +84,9 @@ def label_video(
             result = tracker.track(video, prompts, progress=bar.update)
     for i, (_, iou) in enumerate(objects):
         result.scores.setdefault(0, {})[i + 1] = iou  # the generator's, not the given mask's
-    data = to_video_json(result, name=path.stem, file_names=list(video.names))
+    data = to_video_json(
+        result, name=path.stem, file_names=list(video.names), source=str(path.resolve())
+    )
     return data, len(video)
 
 

@@ -66,9 +66,13 @@ def write_davis(result: TrackResult, out: str | os.PathLike[str]) -> list[Path]:
     return paths
 
 
-def to_video_json(result: TrackResult, *, name: str, file_names: list[str]) -> dict[str, Any]:
+def to_video_json(
+    result: TrackResult, *, name: str, file_names: list[str], source: str | None = None
+) -> dict[str, Any]:
     """The track as a YouTube-VIS style dict: one video, one annotation per object with a
-    segmentation (compressed RLE, ``None`` where absent), area, bbox and score per frame."""
+    segmentation (compressed RLE, ``None`` where absent), area, bbox and score per frame.
+    ``source``: the video file or frame folder (absolute), recorded so that
+    :func:`segany.datasets.open_dataset` finds the frames."""
     h, w = result.size
     from pycocotools import mask as mask_utils
 
@@ -110,6 +114,7 @@ def to_video_json(result: TrackResult, *, name: str, file_names: list[str]) -> d
                 "height": h,
                 "length": len(result.names),
                 "file_names": file_names,
+                **({"source": source} if source is not None else {}),
             }
         ],
         "annotations": anns,
