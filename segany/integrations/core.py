@@ -155,6 +155,9 @@ class ModelSession:
             self._detector = detector
             self.detector_name = str(getattr(detector, "name", type(detector).__name__))
         self.started = time.time()
+        #: what the model was loaded from (catalogue name or path; set by build_session):
+        #: the base a fine-tune starts from
+        self.model_source: str | None = None
 
     # -- images ------------------------------------------------------------------------------
     def read_image(self, data: bytes) -> np.ndarray:
@@ -207,7 +210,7 @@ class ModelSession:
         """This thread's predictor over the shared model and cache (a predictor holds the
         current image, so request threads never share one)."""
         p = getattr(self._tls, "predictor", None)
-        if p is None:
+        if p is None or p.model is not self.model:  # none yet, or switch_model() since
             import torch
 
             torch.set_num_threads(self.decode_threads)  # per thread (OpenMP)
@@ -325,6 +328,23 @@ class ModelSession:
         with self._decode:
             return seg.segment(rgb, queries)
 
+    def switch_model(self, predictor: Predictor, *, name: str) -> dict[str, Any]:
+        """Serve ``predictor``'s model from now on (e.g. after a fine-tune): requests already
+        decoding finish with the old one; each thread's predictor is remade on its next
+        request. The embeddings stay cached under the old model id (a decoder fine-tune
+        keeps the image encoder, but ids are per weights)."""
+        previous = {"model": self.name, "model_id": self.model_id}
+        backend = getattr(predictor, "backend", None)
+        tag = "" if backend is None else f"-{getattr(predictor, 'backend_name', 'onnx')}"
+        self.model_id = predictor.model_id
+        self._backend = backend
+        self.backend_name = tag[1:] or "torch"
+        self._key_prefix = f"{self.model_id}{tag}"
+        self.name = name
+        self.model = predictor.model  # last: predictor() compares it
+        log.info("switched model: %s -> %s", previous["model"], name)
+        return {"model": name, "model_id": self.model_id, "previous": previous}
+
     # -- description -------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         return {
@@ -355,7 +375,7 @@ def build_session(
 
     predictor = load_predictor(model, backend=backend)
     text = os.fspath(model)
-    return ModelSession(
+    session = ModelSession(
         predictor,
         name=Path(text).name if Path(text).suffix else text,
         cache_dir=cache_dir if cache_dir is not None else segany_cache() / "embeddings",
@@ -363,3 +383,5 @@ def build_session(
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
         detector=detector,
     )
+    session.model_source = text
+    return session

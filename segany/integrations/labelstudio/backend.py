@@ -55,6 +55,9 @@ class LabelStudioBackend:
             ``<segany cache>/labelstudio-models``).
         credentials: Label Studio's URL and key (default: the environment, see
             :mod:`.client`).
+        train_overrides: :class:`segany.train.trainer.TrainConfig` fields over the retrain
+            recipe; everything: :class:`segany.everything.MaskGenerator` keywords for
+            pre-annotation.
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class LabelStudioBackend:
         models_dir: str | Path | None = None,
         credentials: Credentials | None = None,
         train_overrides: dict[str, Any] | None = None,
+        everything: dict[str, Any] | None = None,
     ) -> None:
         self.session = session
         mode = preannotate or os.environ.get("SEGANY_LS_PREANNOTATE") or "auto"
@@ -78,6 +82,7 @@ class LabelStudioBackend:
         self._models_dir = Path(models_dir) if models_dir else None
         self.env = credentials or env_credentials()
         self.train_overrides = dict(train_overrides or {})
+        self.everything = dict(everything or {})
         self.lock = threading.Lock()
         self.projects: dict[str, dict[str, Any]] = {}  # id -> {"creds", "extra", "events"}
         self._configs: dict[str, LabelConfig] = {}
@@ -219,8 +224,9 @@ class LabelStudioBackend:
                 return {"results": [P.prediction([], version)]}
             t0 = time.perf_counter()
             regions, info = P.interactive(self.session, rgb, prompt, out)
+            ms = (time.perf_counter() - t0) * 1e3
             log.info("Label Studio click on task %s: %d region(s) in %.0f ms %s",
-                     tasks[0].get("id"), len(regions), (time.perf_counter() - t0) * 1e3, info)  # fmt: skip
+                     tasks[0].get("id"), len(regions), ms, info)  # fmt: skip
             return {"results": [P.prediction(regions, version)]}
         out = self._output(config, None)
         mode = self._mode(pid)
@@ -231,7 +237,7 @@ class LabelStudioBackend:
                 continue
             rgb = self._task_image(pid, task, config, out.to_name)
             t0 = time.perf_counter()
-            regions, what = P.preannotate(self.session, rgb, config, out, mode)
+            regions, what = P.preannotate(self.session, rgb, config, out, mode, self.everything)
             log.info("Label Studio pre-annotation of task %s (%s): %d region(s) in %.1f s",
                      task.get("id"), what, len(regions), time.perf_counter() - t0)  # fmt: skip
             results.append(P.prediction(regions, version))

@@ -204,9 +204,16 @@ def interactive(
 
 
 def preannotate(
-    session: Any, rgb: np.ndarray, config: LabelConfig, out: Control, mode: str
+    session: Any,
+    rgb: np.ndarray,
+    config: LabelConfig,
+    out: Control,
+    mode: str,
+    everything: dict[str, Any] | None = None,
 ) -> tuple[list[dict], str]:
-    """Regions for a whole task; ``(regions, what was run)``."""
+    """Regions for a whole task; ``(regions, what was run)``. ``everything``: settings of
+    the mask generator (:class:`segany.everything.MaskGenerator` keywords; default the
+    ``fast`` preset)."""
     if mode == "off":
         return [], "off"
     use_text = mode == "text" or (mode == "auto" and getattr(session, "detector_name", None))
@@ -225,7 +232,8 @@ def preannotate(
     from ...everything import MaskGenerator
 
     session.embedding(rgb)  # computed once, under the session's thread settings
-    gen = MaskGenerator(session.predictor(), preset="fast", max_masks=MAX_PREANNOTATIONS)
+    kw = {"preset": "fast", "max_masks": MAX_PREANNOTATIONS, **(everything or {})}
+    gen = MaskGenerator(session.predictor(), **kw)
     records = gen.generate(rgb)
     records.sort(key=lambda r: -r["predicted_iou"])
     label = out.label_for(None)
