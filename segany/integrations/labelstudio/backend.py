@@ -47,8 +47,9 @@ class LabelStudioBackend:
         preannotate: what a task without prompts gets: ``auto`` (text prompts with the
             labels' names when the session has a detector, else segment-everything),
             ``everything``, ``text`` or ``off``; default ``SEGANY_LS_PREANNOTATE`` or
-            ``auto``. A project's ``extra_params`` ``{"preannotate": ...}`` (Label Studio's
-            model settings) overrides it.
+            ``auto``. A project's ``extra_params`` (Label Studio's model settings, a JSON
+            object) may set ``"preannotate"`` and ``"train"`` (TrainConfig fields, e.g.
+            ``{"steps": 40}``).
         train_every: start a fine-tune after this many annotation events of a project
             (0: only on ``START_TRAINING``; default ``SEGANY_LS_TRAIN_EVERY`` or 0).
         models_dir: where fine-tuned checkpoints go (default
@@ -319,7 +320,7 @@ class LabelStudioBackend:
                 read_image=lambda ref, tid: self.read_image(pid, ref, tid),
                 base_model=base,
                 out_dir=self.models_dir(),
-                overrides=self.train_overrides,
+                overrides={**self.train_overrides, **self._project_train(pid)},
             )
             self.switch(result["checkpoint"])
             job.checkpoints.append(result["checkpoint"])
@@ -330,6 +331,13 @@ class LabelStudioBackend:
         if not started:
             log.info("Label Studio training for project %s: a job is already running", pid)
         return started
+
+    def _project_train(self, project: str) -> dict[str, Any]:
+        """A project's ``extra_params`` ``{"train": {...}}``: TrainConfig fields (steps, lr...)."""
+        with self.lock:
+            extra = (self.projects.get(project) or {}).get("extra") or {}
+        train = extra.get("train")
+        return dict(train) if isinstance(train, dict) else {}
 
     def _base_model(self) -> str:
         return str(getattr(self.session, "model_source", None) or self.session.name)
