@@ -52,7 +52,7 @@ class LabelStudioBackend:
             ``{"steps": 40}``).
         train_every: start a fine-tune after this many annotation events of a project
             (0: only on ``START_TRAINING``; default ``SEGANY_LS_TRAIN_EVERY`` or 0).
-        models_dir: where fine-tuned checkpoints go (default
+        models_dir: where fine-tuned checkpoints go (default ``SEGANY_LS_MODELS_DIR`` or
             ``<segany cache>/labelstudio-models``).
         credentials: Label Studio's URL and key (default: the environment, see
             :mod:`.client`).
@@ -80,6 +80,7 @@ class LabelStudioBackend:
         self.train_every = int(
             train_every if train_every is not None else os.environ.get("SEGANY_LS_TRAIN_EVERY", 0)
         )
+        models_dir = models_dir or os.environ.get("SEGANY_LS_MODELS_DIR")
         self._models_dir = Path(models_dir) if models_dir else None
         self.env = credentials or env_credentials()
         self.train_overrides = dict(train_overrides or {})

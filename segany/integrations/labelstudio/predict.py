@@ -174,8 +174,11 @@ def polygon_regions(mask: np.ndarray, score: float, out: Control, label: str | N
 
 
 def regions_for(mask: np.ndarray, score: float, out: Control, label: str | None) -> list:
+    """The regions of one mask (none when empty); the score (SAM's predicted IoU, which
+    can pass 1) is clipped to 0..1 for Label Studio's display."""
     if not mask.any():
         return []
+    score = min(1.0, max(0.0, float(score)))
     if out.tag == "PolygonLabels":
         return polygon_regions(mask, score, out, label)
     return [brush_region(mask, score, out, label)]
