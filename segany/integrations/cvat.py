@@ -21,6 +21,8 @@ The same function serves the Nuclio handler (``deploy/cvat/main.py``) and ``POST
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from typing import Any
 
@@ -28,7 +30,9 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from .core import BadRequest, ModelSession, Unprocessable, mask_polygons
+from .core import BadRequest, ModelSession, ServiceError, Unprocessable, mask_polygons
+
+log = logging.getLogger("segany.serve")
 
 #: What CVAT's function.yaml annotations declare for this interactor (and what
 #: ``GET /cvat`` reports): any number of positive / negative points, a box optional.
@@ -117,6 +121,22 @@ def interact(session: ModelSession, body: Any) -> dict[str, Any]:
     labels = [1] * len(pos) + [0] * len(neg)
     mask, score = session.best_mask(rgb, points=points, labels=labels, box=box)
     return {**crop_answer(mask), "score": round(score, 5)}
+
+
+def handle(session: ModelSession, body: Any) -> tuple[int, dict[str, Any]]:
+    """``(status, answer)`` for a raw request body (bytes, text or parsed JSON, as a Nuclio
+    event gives it): the answer of :func:`interact`, or ``{"detail": reason}`` with the
+    error's status. What the Nuclio handler (``deploy/cvat/main.py``) calls."""
+    if isinstance(body, (bytes, bytearray, str)):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            return 400, {"detail": "malformed JSON"}
+    try:
+        return 200, interact(session, body)
+    except ServiceError as exc:
+        log.info("cvat interaction refused (%d): %s", exc.status, exc.message)
+        return exc.status, {"detail": exc.message}
 
 
 def router(session: ModelSession) -> APIRouter:

@@ -209,13 +209,10 @@ def predict(session: ModelSession, body: Any) -> dict[str, Any]:
     conf = params.get("conf_threshold")
     threshold = _number(params, "conf_threshold", 0.0, 0.0, 1.0) if conf else None
     seg = session.segment_text(rgb, text, box_threshold=threshold)
-    names = seg.label_names() if hasattr(seg, "label_names") else list(seg.queries)
-    for k in range(len(seg)):
-        label = names[k] if k < len(names) else str(seg.labels[k])
-        shapes += polygon_shapes(
-            seg.masks[k], float(seg.scores[k]), label=label, epsilon_factor=eps
-        )
-    return {**empty, "shapes": shapes, "replace": True}
+    for name, mask, score in zip(seg.label_names, seg.masks, seg.scores):
+        shapes += polygon_shapes(mask, float(score), label=name, epsilon_factor=eps)
+    # no "replace": the client's "preserve existing annotations" toggle decides
+    return {"shapes": shapes, "description": ""}
 
 
 def router(session: ModelSession) -> APIRouter:
