@@ -156,9 +156,11 @@ def test_mobile_sam_click_selects_the_rectangle(mobile_sam):
     """A real click: MobileSAM's mask is the red rectangle (corner pixels aside)."""
     s = ModelSession(Predictor(mobile_sam), name="mobile_sam")
     img = frame()
-    answer = client(s).post(
-        "/cvat", json={"image": b64(img), "pos_points": [[60, 40]], "neg_points": []}
-    ).json()
+    answer = (
+        client(s)
+        .post("/cvat", json={"image": b64(img), "pos_points": [[60, 40]], "neg_points": []})
+        .json()
+    )
     assert answer["bounds"] == list(RECT)
     mask = cvat_decode(answer, H, W)
     assert 2390 <= mask.sum() <= 2400  # 60 x 40 = 2400

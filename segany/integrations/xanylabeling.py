@@ -76,8 +76,11 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return SafeJSONResponse(error_body(status, code, message), status_code=status)
 
 
-def _from_service(exc: ServiceError, default_code: str) -> JSONResponse:
-    return _error(exc.status, _CODES.get(exc.status, default_code), exc.message)
+def error_code(exc: ServiceError) -> str:
+    """The contract's error code of a refusal (the reference's codes where it has one)."""
+    if exc.message.startswith("image"):
+        return "INVALID_IMAGE"
+    return _CODES.get(exc.status, "INVALID_PARAMS")
 
 
 def model_id(session: ModelSession) -> str:
@@ -242,8 +245,7 @@ def router(session: ModelSession) -> APIRouter:
         try:
             data = await run_in_threadpool(predict, session, body)
         except ServiceError as exc:
-            code = "INVALID_IMAGE" if exc.message.startswith("image") else "INVALID_PARAMS"
-            return _from_service(exc, code)
+            return _error(exc.status, error_code(exc), exc.message)
         return {"success": True, "data": data}
 
     return r
