@@ -132,17 +132,21 @@ def test_point_outside_the_frame_and_malformed_json(http):
     assert r.status_code == 400 and r.json() == {"detail": "malformed JSON"}
 
 
-def test_empty_mask_answers_an_empty_crop():
-    assert cvat.crop_answer(np.zeros((4, 5), bool)) == {
-        "mask": [[0]],
-        "bounds": [0, 0, 0, 0],
-        "points": [],
-    }
+def test_empty_mask_and_small_crops_as_json():
+    def answer(m):
+        return json.loads(cvat.dumps(cvat.crop_answer(m)))
+
+    assert answer(np.zeros((4, 5), bool)) == {"mask": [[0]], "bounds": [0, 0, 0, 0], "points": []}
     m = np.zeros((4, 5), bool)
     m[1:3, 2:5] = True
-    a = cvat.crop_answer(m)
+    a = answer(m)
     assert a["bounds"] == [2, 1, 4, 2] and a["mask"] == [[1, 1, 1], [1, 1, 1]]
     assert sorted(map(tuple, a["points"])) == [(2, 1), (2, 2), (4, 1), (4, 2)]
+    m = np.zeros((3, 3), bool)
+    m[0, 0] = m[2, 2] = True  # two pixels: the crop has holes, one contour too small
+    a = answer(m)
+    assert a["mask"] == [[1, 0, 0], [0, 0, 0], [0, 0, 1]] and a["bounds"] == [0, 0, 2, 2]
+    assert a["points"] == []
 
 
 def test_spec_route(http):

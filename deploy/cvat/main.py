@@ -8,7 +8,6 @@ The handler only moves bytes: ``segany.integrations.cvat.handle`` parses CVAT's 
 on disk; default: segany's cache folder, ``$SEGANY_CACHE/embeddings``) choose it.
 """
 
-import json
 import os
 
 from segany.integrations.core import build_session
@@ -22,15 +21,15 @@ def init_context(context):
         backend=os.environ.get("SEGANY_BACKEND", "torch"),
         cache_dir=os.environ.get("SEGANY_CACHE_DIR") or None,
     )
-    context.logger.info("segany: model %s ready" % context.user_data.session.name)
+    context.logger.info(f"segany: model {context.user_data.session.name} ready")
 
 
 def handler(context, event):
-    status, answer = handle(context.user_data.session, event.body)
+    status, body = handle(context.user_data.session, event.body)
     if status != 200:
-        context.logger.warn("segany: %d %s" % (status, answer.get("detail")))
+        context.logger.warn(f"segany: {status} {body.decode()}")
     return context.Response(
-        body=json.dumps(answer),
+        body=body,
         headers={},
         content_type="application/json",
         status_code=status,
