@@ -53,7 +53,7 @@ def main() -> None:
 
     from segany.integrations.app import create_app
     from segany.integrations.core import build_session
-    from segany.runtime import cpu_info, get_threads
+    from segany.runtime import cpu_info
     from segany.transforms import load_image
 
     if args.image.is_file():
@@ -135,7 +135,8 @@ def main() -> None:
     cpu = cpu_info()
     print(
         f"CPU: {cpu['model'] or 'unknown'}; {len(os.sched_getaffinity(0))} CPUs available, "
-        f"{get_threads()} torch threads; load average {load0[0]:.2f} -> {load1[0]:.2f} "
+        f"decode threads {session.decode_threads} (serve's default), encoder threads "
+        f"{session.embed_threads}; load average {load0[0]:.2f} -> {load1[0]:.2f} "
         "(the machine may be shared: compare the ratios, not the absolute times)"
     )
     print(
