@@ -76,8 +76,11 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return SafeJSONResponse(error_body(status, code, message), status_code=status)
 
 
-def _from_service(exc: ServiceError, default_code: str) -> JSONResponse:
-    return _error(exc.status, _CODES.get(exc.status, default_code), exc.message)
+def error_code(exc: ServiceError) -> str:
+    """The contract's error code of a refusal (the reference's codes where it has one)."""
+    if exc.message.startswith("image"):
+        return "INVALID_IMAGE"
+    return _CODES.get(exc.status, "INVALID_PARAMS")
 
 
 def model_id(session: ModelSession) -> str:
@@ -209,13 +212,10 @@ def predict(session: ModelSession, body: Any) -> dict[str, Any]:
     conf = params.get("conf_threshold")
     threshold = _number(params, "conf_threshold", 0.0, 0.0, 1.0) if conf else None
     seg = session.segment_text(rgb, text, box_threshold=threshold)
-    names = seg.label_names() if hasattr(seg, "label_names") else list(seg.queries)
-    for k in range(len(seg)):
-        label = names[k] if k < len(names) else str(seg.labels[k])
-        shapes += polygon_shapes(
-            seg.masks[k], float(seg.scores[k]), label=label, epsilon_factor=eps
-        )
-    return {**empty, "shapes": shapes, "replace": True}
+    for name, mask, score in zip(seg.label_names, seg.masks, seg.scores):
+        shapes += polygon_shapes(mask, float(score), label=name, epsilon_factor=eps)
+    # no "replace": the client's "preserve existing annotations" toggle decides
+    return {"shapes": shapes, "description": ""}
 
 
 def router(session: ModelSession) -> APIRouter:
@@ -245,8 +245,7 @@ def router(session: ModelSession) -> APIRouter:
         try:
             data = await run_in_threadpool(predict, session, body)
         except ServiceError as exc:
-            code = "INVALID_IMAGE" if exc.message.startswith("image") else "INVALID_PARAMS"
-            return _from_service(exc, code)
+            return _error(exc.status, error_code(exc), exc.message)
         return {"success": True, "data": data}
 
     return r
