@@ -6,6 +6,7 @@ segany everything IMAGE_OR_DIR... --out DIR [--format sa1b|coco|png|yolo] [--pre
 segany weights list | fetch NAME | path NAME
 segany eval points|boxes|proposals|instances DATASET [--model M]... --out DIR
 segany annotate IMAGES_DIR [--db URL] [--model NAME|PATH] [--host H] [--port P]
+segany serve [--model NAME|PATH] [--host H] [--port P] [--token TOKEN]...
 segany label SOURCE --out DIR [--preset P] [--workers N] [--ray [ADDRESS]] [--resume]
 segany stats DIR|COCO.json [--compare OTHER] --out DIR
 segany train --data SRC --model mobile_sam --train decoder --steps N --out CKPT
@@ -479,6 +480,13 @@ def _add_annotate(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)  # segany/engine/cli.py: the web annotator (docs/annotate.md)
 
 
+# -- serve ---------------------------------------------------------------------------------
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from .integrations.cli import add_parser
+
+    add_parser(sub)  # segany/integrations/cli.py: Label Studio, CVAT, X-AnyLabeling backends
+
+
 # -- label, stats ----------------------------------------------------------------------------
 def _add_label(sub: argparse._SubParsersAction) -> None:
     from .engine.label_cli import add_label_parser, add_stats_parser
@@ -523,6 +531,7 @@ _GROUPS = {
     "weights": _add_weights,
     "eval": _add_eval,
     "annotate": _add_annotate,
+    "serve": _add_serve,
     "label": _add_label,
     "stats": _add_label,
     "train": _add_train,

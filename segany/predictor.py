@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -148,6 +149,27 @@ class EmbeddingCache:
         self._memory.move_to_end(key)
         while len(self._memory) > self.max_items:
             self._memory.popitem(last=False)
+
+
+class LockedEmbeddingCache(EmbeddingCache):
+    """:class:`EmbeddingCache` safe to share between request threads (the annotator's and
+    ``segany serve``'s one cache per process)."""
+
+    def __init__(self, directory: str | Path | None = None, *, max_items: int = 8) -> None:
+        super().__init__(directory, max_items=max_items)
+        self._lock = threading.RLock()
+
+    def get(self, key: str) -> ImageEmbedding | None:
+        with self._lock:
+            return super().get(key)
+
+    def put(self, key: str, item: ImageEmbedding) -> None:
+        with self._lock:
+            super().put(key, item)
+
+    def in_memory(self, key: str) -> bool:
+        with self._lock:
+            return key in self._memory
 
 
 def _weights_version(model: torch.nn.Module) -> tuple[int, ...]:

@@ -21,6 +21,8 @@ import functools
 import os
 import platform
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -108,6 +110,21 @@ def keep_freed_memory(limit_mb: int = 1024) -> bool:
         mallopt(_M_MMAP_THRESHOLD, limit) == 1 and mallopt(_M_TRIM_THRESHOLD, 2 * limit) == 1
     )
     return _allocator_tuned
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch threads in this thread (torch's OpenMP thread count
+    is per thread), then restore the previous count."""
+    old = torch.get_num_threads()
+    if n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def get_threads() -> int:

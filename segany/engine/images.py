@@ -10,8 +10,6 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -19,7 +17,8 @@ import numpy as np
 import torch
 
 from ..files import find_images
-from ..predictor import EmbeddingCache, ImageEmbedding, Predictor, image_key
+from ..predictor import ImageEmbedding, Predictor, image_key
+from ..runtime import torch_threads
 from ..transforms import ImageError, load_image
 from . import georaster
 from .predictions import _Timer
@@ -51,41 +50,6 @@ def safe_relpath(root: Path, rel: str) -> Path:
     if not full.is_relative_to(root):
         raise BadRequest(f"file name {rel!r} points outside the images folder")
     return full
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` torch threads in this thread (torch's OpenMP thread count
-    is per thread), then restore the previous count."""
-    old = torch.get_num_threads()
-    if n == old:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-class _LockedCache(EmbeddingCache):
-    """:class:`EmbeddingCache` safe to share between request threads."""
-
-    def __init__(self, directory: str | Path | None, *, max_items: int) -> None:
-        super().__init__(directory, max_items=max_items)
-        self._lock = threading.RLock()
-
-    def get(self, key: str) -> ImageEmbedding | None:
-        with self._lock:
-            return super().get(key)
-
-    def put(self, key: str, item: ImageEmbedding) -> None:
-        with self._lock:
-            super().put(key, item)
-
-    def in_memory(self, key: str) -> bool:
-        with self._lock:
-            return key in self._memory
 
 
 class ImagesMixin:

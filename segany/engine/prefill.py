@@ -12,8 +12,9 @@ from typing import Any
 from pycocotools import mask as mask_utils
 
 from .. import masks as M
+from ..runtime import torch_threads
 from ..transforms import ImageError
-from .images import safe_relpath, torch_threads
+from .images import safe_relpath
 from .schemas import Conflict, PrefillOut, PrefillRequest, Unprocessable, UserRef
 
 log = logging.getLogger("segany.engine")

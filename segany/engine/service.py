@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from ..fingerprint import model_fingerprint
-from ..predictor import Predictor
+from ..predictor import LockedEmbeddingCache, Predictor
+from ..runtime import torch_threads
 from . import stats as S
 from .annotations import AnnotationsMixin, canonical_rle
 from .exports import ExportsMixin
-from .images import ImagesMixin, _LockedCache, safe_relpath, torch_threads
+from .images import ImagesMixin, safe_relpath
 from .predictions import _LRU, PredictionsMixin, _Timer
 from .prefill import PrefillMixin
 from .schemas import (
@@ -181,7 +182,7 @@ class AnnotationService(
         self._key_prefix = self._embedding_prefix(self.model_id)
         self.model_name = model_name
         self._switch_lock = threading.Lock()
-        self.cache = _LockedCache(cache_dir, max_items=memory_items)
+        self.cache = LockedEmbeddingCache(cache_dir, max_items=memory_items)
         self.auth = auth
         self.max_pixels = max_pixels
         self.prefetch_enabled = prefetch
