@@ -35,6 +35,7 @@ from segany.integrations.labelstudio import brush
 
 from ..conftest import REPO
 from ..engine.helpers import CHROMIUM_ARGS, chromium_path, free_port
+from .conftest import background_build
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("SEGANY_SKIP_LABELSTUDIO") == "1", reason="SEGANY_SKIP_LABELSTUDIO=1"
@@ -73,17 +74,22 @@ def log(msg: str) -> None:
 @pytest.fixture(scope="module")
 def ls_python() -> Path:
     t0 = time.time()
-    log("tools/labelstudio-venv.sh: checking / building Label Studio's venv")
-    proc = subprocess.run(
-        ["bash", str(REPO / "tools" / "labelstudio-venv.sh")],
-        stdout=subprocess.PIPE,
-        stderr=None,  # its progress lines go to the terminal
-        text=True,
-        timeout=1800,
-    )
-    if proc.returncode != 0:
-        pytest.skip("Label Studio could not be installed (no PyPI here?): see the output above")
-    py = Path(proc.stdout.strip().splitlines()[-1])
+    built = background_build()  # started at collection (tests/integrations/conftest.py)
+    if built is not None and built[0] == 0:
+        stdout = built[1]
+    else:  # not started, or failed: build here, with its progress on the terminal
+        log("tools/labelstudio-venv.sh: checking / building Label Studio's venv")
+        proc = subprocess.run(
+            ["bash", str(REPO / "tools" / "labelstudio-venv.sh")],
+            stdout=subprocess.PIPE,
+            stderr=None,  # its progress lines go to the terminal
+            text=True,
+            timeout=1800,
+        )
+        if proc.returncode != 0:
+            pytest.skip("Label Studio could not be installed (no PyPI here?): see the output above")
+        stdout = proc.stdout
+    py = Path(stdout.strip().splitlines()[-1])
     log(f"Label Studio venv ready in {time.time() - t0:.0f}s: {py}")
     return py
 
