@@ -232,7 +232,7 @@ class AnnotationsMixin:
                 "user_id": user.id,
                 "image_id": a.image_id,
                 "stage": a.stage,
-                "data": {"category": a.category, "status": a.status},
+                "data": {"category": a.category, "status": a.status, "source": a.source},
             },
         )
 

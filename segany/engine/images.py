@@ -20,7 +20,7 @@ from ..files import find_images
 from ..predictor import ImageEmbedding, Predictor, image_key
 from ..runtime import torch_threads
 from ..transforms import ImageError, load_image
-from . import georaster
+from . import georaster, predictions
 from .predictions import _Timer
 from .schemas import (
     BadRequest,
@@ -199,7 +199,7 @@ class ImagesMixin:
             if later:
                 self.prefetch(later[0])
         with self._timers_lock:
-            self._timers[(user.id, image_id)] = _Timer(start=time.time())
+            self._timers[(user.id, image_id)] = _Timer(start=predictions.clock())
         self._events.put(
             {
                 "ts": time.time(),

@@ -20,10 +20,35 @@ from ..predictor import PromptError
 from .schemas import RLE, MaskOut, NotFound, PredictOut, PredictRequest, Unprocessable, UserRef
 
 
+def clock() -> float:
+    """The annotation timers' clock (wall time; tests replace it)."""
+    return time.time()
+
+
+#: A pause between two actions of an annotator on an image longer than this counts as this
+#: much (idle time, e.g. a coffee break with the image open, is not annotation time).
+IDLE_CAP = 60.0
+
+
 @dataclass
 class _Timer:
+    """An object's annotation time on one image: ``active`` seconds so far, each pause
+    between actions capped at :data:`IDLE_CAP`; ``clicks`` prompts sent."""
+
     start: float
     clicks: int = 0
+    last: float = -1.0
+    active: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.last < 0:
+            self.last = self.start
+
+    def tick(self, now: float) -> float:
+        """Add the time since the last action (capped) and return the active seconds."""
+        self.active += min(max(0.0, now - self.last), IDLE_CAP)
+        self.last = now
+        return self.active
 
 
 @dataclass
@@ -145,7 +170,9 @@ class PredictionsMixin:
                 )
             )
         with self._timers_lock:
-            t = self._timers.setdefault((user.id, image_id), _Timer(start=time.time()))
+            now = clock()
+            t = self._timers.setdefault((user.id, image_id), _Timer(start=now))
+            t.tick(now)
             t.clicks += 1
         ms = (time.perf_counter() - t0) * 1e3
         self._events.put(
@@ -173,10 +200,10 @@ class PredictionsMixin:
         )
 
     def _take_timer(self, user: UserRef, image_id: int) -> tuple[int, float | None]:
-        now = time.time()
+        now = clock()
         with self._timers_lock:
             t = self._timers.pop((user.id, image_id), None)
             self._timers[(user.id, image_id)] = _Timer(start=now)
         if t is None:
             return 0, None
-        return t.clicks, round(now - t.start, 3)
+        return t.clicks, round(t.tick(now), 3)

@@ -3,9 +3,12 @@ seconds per accepted mask, clicks (prompts) per mask, masks per image; and for s
 many pre-filled masks were accepted, fixed or rejected.
 
 Definitions (see :mod:`.service`): an object's *seconds* run from the moment its annotator
-opened the image, or accepted / rejected the previous object on it, to its accept; its
-*clicks* are the prompts sent in that time (a box drag is one). Pre-filled masks accepted
-as they are have 0 clicks. Imported objects are counted but have no timing.
+opened the image, or accepted / rejected the previous object on it, to its accept, with
+every pause between two actions counted as at most
+:data:`~.predictions.IDLE_CAP` seconds (idle time is not annotation time); its *clicks* are
+the prompts sent in that time (a box drag is one). Pre-filled masks accepted as they are
+have 0 clicks. Imported objects are counted but have no timing. Pre-filled masks deleted
+later stay in the stage-2 figures: in ``proposed`` and in ``deleted``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class PrefillStats(BaseModel):
     rejected: int
     fixed: int
     pending: int
+    deleted: int
     acceptance_rate: float | None
 
 
@@ -72,6 +76,11 @@ def _row(annotator: str, stage: int, items: list[Any]) -> StatRow:
     )
 
 
+def _deleted_prefill(data: dict[str, Any] | None) -> bool:
+    """A delete event of a pre-filled mask (pending, rejected or accepted before)."""
+    return (data or {}).get("source") == "prefill"
+
+
 def compute(store: Store) -> StatsOut:
     names = {u.id: u.name for u in store.users()}
     anns = store.annotations(light=True)
@@ -86,17 +95,19 @@ def compute(store: Store) -> StatsOut:
     stages = [_row("all", stage, items) for stage, items in sorted(per_stage.items())]
 
     pre = [a for a in anns if a.source == "prefill"]
-    events = store.events(kinds=["accept", "predict", "undo"])
+    events = store.events(kinds=["accept", "predict", "undo", "delete"])
     fixed = sum(1 for e in events if e.kind == "accept" and (e.data or {}).get("replaces"))
+    deleted = sum(1 for e in events if e.kind == "delete" and _deleted_prefill(e.data))
     n_acc = sum(1 for a in pre if a.status == "accepted")
     n_rej = sum(1 for a in pre if a.status == "rejected")
-    decided = n_acc + n_rej
+    decided = n_acc + n_rej + deleted
     prefill = PrefillStats(
-        proposed=len(pre),
+        proposed=len(pre) + deleted,
         accepted=n_acc,
         rejected=n_rej - fixed,
         fixed=fixed,
         pending=sum(1 for a in pre if a.status == "pending"),
+        deleted=deleted,
         acceptance_rate=round(n_acc / decided, 3) if decided else None,
     )
     images = store.images()

@@ -632,3 +632,29 @@ def test_prefill_with_classes_tiny_grounding_dino(db_url, images_dir, tmp_path):
     finally:
         svc.close()
         svc.store.close()
+
+
+def test_stats_keep_deleted_prefills_and_cap_idle_time(client, service, monkeypatch):
+    """A pre-filled mask deleted (not rejected) still counts as proposed; a long pause
+    with the image open counts as IDLE_CAP seconds, not as annotation time."""
+    from segany.engine import predictions as P
+
+    service._generator_factory = FakeGenerator
+    iid = image_id(client, "a.png")
+    clock = [1000.0]
+    monkeypatch.setattr(P, "clock", lambda: clock[0])
+    client.post(f"/api/images/{iid}/open")  # t = 1000
+    r = client.post(f"/api/images/{iid}/prefill", json={"pred_iou_thresh": 0.5})
+    pending = r.json()["annotations"]
+    assert len(pending) == 4
+    assert client.delete(f"/api/annotations/{pending[0]['id']}").status_code == 204
+    clock[0] += 10.0  # a click 10 s after opening
+    r = client.post(f"/api/images/{iid}/predict", json={"points": [[20, 20]], "labels": [1]})
+    clock[0] += 3600.0  # an hour away, then the accept
+    mid = r.json()["masks"][0]["mask_input_id"]
+    ann = client.post(f"/api/images/{iid}/annotations", json={"mask_id": mid}).json()
+    assert ann["seconds"] == 10.0 + P.IDLE_CAP and ann["clicks"] == 1
+    s = client.get("/api/stats").json()
+    assert s["prefill"]["proposed"] == 4 and s["prefill"]["deleted"] == 1
+    assert s["prefill"]["pending"] == 3 and s["prefill"]["acceptance_rate"] == 0.0
+    assert s["stages"][0]["seconds_per_mask"] == 10.0 + P.IDLE_CAP

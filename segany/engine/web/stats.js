@@ -46,8 +46,10 @@ const line = (r) => [r.annotator, r.stage, r.masks, r.images, r.masks_per_image,
     table("stages", HEAD, s.stages.map(line));
     table("rows", HEAD, s.rows.map(line));
     const p = s.prefill;
-    table("prefill", ["proposed", "accepted", "fixed", "rejected", "pending", "acceptance rate"],
-      p.proposed ? [[p.proposed, p.accepted, p.fixed, p.rejected, p.pending, p.acceptance_rate]] : []);
+    table("prefill", ["proposed", "accepted", "fixed", "rejected", "pending", "deleted",
+      "acceptance rate"],
+      p.proposed ? [[p.proposed, p.accepted, p.fixed, p.rejected, p.pending, p.deleted,
+        p.acceptance_rate]] : []);
     table("cats", ["category", "accepted masks"], Object.entries(s.categories));
   } catch (e) {
     document.getElementById("error").textContent = "cannot load the stats: " + e.message;
