@@ -150,6 +150,10 @@ class EmbeddingCache:
         while len(self._memory) > self.max_items:
             self._memory.popitem(last=False)
 
+    def items_in_memory(self) -> int:
+        """Embeddings held in memory."""
+        return len(self._memory)
+
 
 class LockedEmbeddingCache(EmbeddingCache):
     """:class:`EmbeddingCache` safe to share between request threads (the annotator's and
@@ -170,6 +174,10 @@ class LockedEmbeddingCache(EmbeddingCache):
     def in_memory(self, key: str) -> bool:
         with self._lock:
             return key in self._memory
+
+    def items_in_memory(self) -> int:
+        with self._lock:
+            return super().items_in_memory()
 
 
 def _weights_version(model: torch.nn.Module) -> tuple[int, ...]:

@@ -352,7 +352,7 @@ class ModelSession:
             "model_id": self.model_id,
             "backend": self.backend_name,
             "detector": self.detector_name,
-            "embeddings_in_memory": len(self.cache._memory),
+            "embeddings_in_memory": self.cache.items_in_memory(),
             "max_pixels": self.max_pixels,
             "uptime_s": round(time.time() - self.started, 1),
         }
