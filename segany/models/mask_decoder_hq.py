@@ -78,6 +78,17 @@ class MaskDecoderHQ(MaskDecoder):
             nn.Conv2d(d // 4, d // 8, kernel_size=3, padding=1),
         )
 
+    def hq_modules(self) -> list[nn.Module]:
+        """What HQ-SAM adds to SAM's decoder, the only parts its training learns (SAM's own
+        weights stay frozen there)."""
+        return [
+            self.hf_token,
+            self.hf_mlp,
+            self.compress_vit_feat,
+            self.embedding_encoder,
+            self.embedding_maskfeature,
+        ]
+
     def hq_features(self, image_embeddings: torch.Tensor, early: torch.Tensor) -> torch.Tensor:
         """The per-image HQ features: image embedding ``(B, C, h, w)`` and the early encoder
         map ``(B, vit_dim, h, w)`` -> ``(B, C/8, 4h, 4w)``."""

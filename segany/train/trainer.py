@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from .. import transforms as T
 from .. import validate as V
 from ..files import atomic_file, atomic_write
-from ..fingerprint import state_fingerprint
 from ..models import Sam
 from ..predictor import EmbeddingCache, ImageEmbedding, image_key
 from . import family as FAM
@@ -196,7 +195,7 @@ class EmbeddingSource:
         self.cache = EmbeddingCache(cache_dir, max_items=max_items)
         # the weights behind the cached features (encoder; SAM 2's conv_s0/s1, no_mem_embed),
         # shared by every decoder fine-tune of one base model
-        self.prefix = f"enc{state_fingerprint(FAM.feature_state(model))[:24]}"
+        self.prefix = FAM.cache_prefix(model)
         self._keys: dict[str, str] = {}
 
     def _key(self, image: TrainImage, rgb: np.ndarray) -> str:
@@ -412,7 +411,7 @@ class Trainer:
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Full mode: the images of the batch through the encoder, with gradients."""
         xs = [FAM.model_input(self.model, im.load())[0] for im in images]
-        return self.model.embed_features(torch.cat(xs).to(self.device))
+        return FAM.features(self.model, torch.cat(xs).to(self.device))
 
     # -- the simulation ----------------------------------------------------------------------
     def simulate(
@@ -426,10 +425,14 @@ class Trainer:
         b = len(batch)
         schedule = P.round_schedule(rng, cfg.point_rounds, cfg.empty_rounds)
         rounds = 1 + len(schedule)
-        if batch.embeddings is None:
-            emb_all, hr_all = self._embed_full(batch.images)
-        else:
-            emb_all, hr_all = batch.embeddings, batch.high_res
+        with torch.set_grad_enabled(train):
+            if batch.embeddings is None:
+                emb_all, hr_all = self._embed_full(batch.images)
+            else:
+                emb_all, hr_all = batch.embeddings, batch.high_res
+            hr_all = FAM.decoder_features(self.model.mask_decoder, emb_all, hr_all)
+        # rounds share this graph when the features learn (full mode; HQ-SAM's fusion)
+        shared = any(t.requires_grad for t in (emb_all, *hr_all))
         idx = torch.from_numpy(batch.image_index).to(self.device)
         groups = [np.flatnonzero(~batch.first_is_box), np.flatnonzero(batch.first_is_box)]
         groups = [g for g in groups if len(g)]
@@ -478,9 +481,7 @@ class Trainer:
                 share = len(g) / b / rounds
                 if train:
                     last = done == n_backward
-                    (out.loss * share * scale).backward(
-                        retain_graph=batch.embeddings is None and not last
-                    )
+                    (out.loss * share * scale).backward(retain_graph=shared and not last)
                 stats.loss += float(out.loss.detach()) * share
                 stats.focal += float(out.focal) * share
                 stats.dice += float(out.dice) * share
@@ -526,6 +527,7 @@ class Trainer:
         if prompts.get("point_coords") is not None:
             points = (prompts["point_coords"], prompts["point_labels"])
         sparse, dense = pe(points, prompts.get("boxes"), None)
+        hr = FAM.decoder_features(md, emb, hr)
         return md(emb, pe.get_dense_pe(), sparse, dense, multimask, high_res_features=hr or None)
 
     def replay_loss(self, rng: np.random.Generator, *, train: bool, scale: float = 1.0) -> float:
@@ -575,8 +577,9 @@ class Trainer:
         for prompts, multimask, t_l, t_i in runs:
             with torch.set_grad_enabled(train):
                 s_l, s_i = self.model.decode(
-                    emb, multimask_output=multimask, high_res_features=hr, **prompts
-                )
+                    emb, multimask_output=multimask, **prompts,
+                    high_res_features=FAM.decoder_features(self.model.mask_decoder, emb, hr),
+                )  # fmt: skip
                 p_t = torch.sigmoid(t_l)
                 kl = F.binary_cross_entropy_with_logits(s_l, p_t, reduction="none")
                 kl = kl - F.binary_cross_entropy_with_logits(t_l, p_t, reduction="none")
