@@ -225,3 +225,30 @@ def test_weights_list_shows_hq(capsys):
     assert "a7ac14a08532" in rows["sam_hq_vit_h"] and "0f32c075ccdd" in rows["sam_hq_vit_tiny"]
     for size in ("vit_b", "vit_l"):
         assert " not public " in rows[f"sam_hq_{size}"]  # the authors publish no SHA-256
+
+
+def test_model_switch_keeps_embeddings_only_with_the_same_hq_features(
+    tmp_path, tiny_hq, tiny_hq_file
+):
+    """The annotator keeps cached embeddings across a model switch only when the weights
+    behind them are unchanged: for HQ-SAM, the encoder and the modules fusing the HQ
+    features (an HQ-SAM fine-tune changes those, SAM's IoU head does not)."""
+    import torch
+
+    from segany.engine.server import build_service
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(load_image(SAMPLE)[::4, ::4].copy()).save(images / "k.png")
+    svc = build_service(images, db=f"sqlite:///{tmp_path / 'a.db'}", model=str(tiny_hq_file),
+                        prefetch=False)  # fmt: skip
+    try:
+        for part, kept in (("iou_prediction_head", True), ("compress_vit_feat", False)):
+            model = copy.deepcopy(tiny_hq)
+            with torch.no_grad():
+                next(getattr(model.mask_decoder, part).parameters()).add_(0.5)
+            switched = svc.switch_model(Predictor(model, fuse=True), name=part)  # as loaded
+            assert switched["embeddings_kept"] is kept
+    finally:
+        svc.close()
+        svc.store.close()

@@ -67,16 +67,13 @@ def for_training(model: Sam) -> Sam:
 
 def feature_state(model: Sam) -> dict[str, torch.Tensor]:
     """The weights that make the cached per-image features (their hash names the cache):
-    the image encoder's (under its own key names, as before SAM 2, so that SAM 1 caches
-    keep their names) and SAM 2's ``no_mem_embed``, ``conv_s0.*``, ``conv_s1.*``."""
-    state = dict(model.image_encoder.state_dict())  # HQ-SAM: the encoder's two outputs
-    if is_sam2(model):
-        md = model.mask_decoder
-        state["no_mem_embed"] = model.no_mem_embed
-        for name in ("conv_s0", "conv_s1"):
-            for k, v in getattr(md, name).state_dict().items():
-                state[f"{name}.{k}"] = v
-    return state
+    :meth:`~segany.models.Sam.feature_state` (the image encoder's, under its own key
+    names, as before SAM 2, so that SAM 1 caches keep their names; SAM 2's
+    ``no_mem_embed``, ``conv_s0.*``, ``conv_s1.*``), for HQ-SAM the image encoder's alone
+    (the trainer keeps its two outputs, :func:`features`)."""
+    if is_hq(model):
+        return dict(model.image_encoder.state_dict())
+    return model.feature_state()
 
 
 def cache_prefix(model: Sam) -> str:
