@@ -236,8 +236,8 @@ class AnnotationService(
         valid when the weights behind them are unchanged (a decoder fine-tune of SAM 1 or
         SAM 2: same :func:`~segany.fingerprint.state_fingerprint` of the model's
         ``feature_state()``; not after an HQ-SAM fine-tune, whose HQ features come from
-        trained modules), so nothing is re-embedded then. Returns ``model``, ``model_id``, ``backend``, ``previous_model``,
-        ``previous_model_id`` and ``embeddings_kept``."""
+        trained modules), so nothing is re-embedded then. Returns ``model``, ``model_id``,
+        ``backend``, ``previous_model``, ``previous_model_id`` and ``embeddings_kept``."""
         same_encoder = state_fingerprint(self.model.feature_state()) == state_fingerprint(
             predictor.model.feature_state()
         )

@@ -48,11 +48,6 @@ class SamHQ(Sam):
             pixel_std=pixel_std,
         )
 
-    def require_sam1(self, what: str) -> None:
-        """Raise ``ValueError``: the parts of segany that call this (training, ONNX export)
-        are not adapted to HQ-SAM's decoder yet."""
-        raise ValueError(f"{what} does not support HQ-SAM models yet")
-
     def feature_state(self) -> dict[str, torch.Tensor]:
         """:meth:`Sam.feature_state` plus the decoder modules that fuse the HQ features
         (``compress_vit_feat.*``, ``embedding_encoder.*``)."""
