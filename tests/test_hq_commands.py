@@ -252,3 +252,41 @@ def test_model_switch_keeps_embeddings_only_with_the_same_hq_features(
     finally:
         svc.close()
         svc.store.close()
+
+
+# -- the reference generator ---------------------------------------------------------------
+
+#: tests/data/hq_amg_tiny_golden.json.gz, made by benchmarks/make_hq_amg_golden.py
+#: (reference python): ``segment_anything_hq.SamAutomaticMaskGenerator`` on the tiny HQ-SAM
+#: and the photo of hq_sam_tiny_test_golden.npz, four small runs (every mask; both filters;
+#: box NMS; one crop layer). Tolerances as tests/test_sam2_amg.py's: same records in the
+#: same order, mask IoU >= 0.999, predicted IoU 1e-5, stability 1e-4, boxes equal.
+HQ_AMG_GOLDEN = REPO / "tests" / "data" / "hq_amg_tiny_golden.json.gz"
+
+
+def _amg_golden() -> dict:
+    import gzip
+
+    with gzip.open(HQ_AMG_GOLDEN, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("run", sorted(_amg_golden()["runs"]))
+def test_generator_matches_reference(run, tiny_hq):
+    from segany.compat.hq import SamAutomaticMaskGenerator
+
+    from .conftest import HQ_GOLDEN
+
+    spec = _amg_golden()["runs"][run]
+    image = np.load(HQ_GOLDEN)["image"]
+    gen = SamAutomaticMaskGenerator(tiny_hq, output_mode="coco_rle", **spec["options"])
+    ours, ref = gen.generate(image), spec["records"]
+    assert len(ref) > 0 and len(ours) == len(ref)
+    for a, b in zip(ours, ref, strict=True):
+        assert set(a) == set(b)
+        ma, mb = rle_to_mask(a["segmentation"]), rle_to_mask(b["segmentation"])
+        assert (ma & mb).sum() / max((ma | mb).sum(), 1) >= 0.999
+        assert a["predicted_iou"] == pytest.approx(b["predicted_iou"], abs=1e-5)
+        assert a["stability_score"] == pytest.approx(b["stability_score"], abs=1e-4)
+        np.testing.assert_allclose(a["point_coords"], b["point_coords"], atol=1e-4)
+        assert a["bbox"] == b["bbox"] and a["crop_box"] == b["crop_box"]
