@@ -16,6 +16,9 @@ Modes (``TrainConfig.train``):
 - ``heads``: the decoder's two-way transformer and upscaling stay frozen; the output
   hypernetwork MLPs, the IoU head and the IoU and mask tokens learn.
 
+HQ-SAM: ``decoder`` trains only what HQ-SAM adds to SAM's decoder, as its official recipe
+(:mod:`.family`); ``iou-head`` and ``heads`` (SAM's own heads) are refused.
+
 Every mode writes a full checkpoint (all weights, frozen ones unchanged).
 
 Files written for ``out = DIR/NAME.pt``:
