@@ -187,6 +187,14 @@ def xyxy_to_xywh(boxes: torch.Tensor | np.ndarray) -> Any:
     return out
 
 
+def xywh_to_xyxy(boxes: Any) -> np.ndarray:
+    """COCO ``[x, y, w, h]`` boxes (``(..., 4)``, array-like) as float64 ``[x0, y0, x1, y1]``."""
+    out = np.array(boxes, dtype=np.float64, copy=True)
+    out[..., 2] += out[..., 0]
+    out[..., 3] += out[..., 1]
+    return out
+
+
 # -- RLE -------------------------------------------------------------------------------------
 
 

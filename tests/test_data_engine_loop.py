@@ -1,7 +1,9 @@
 """The data engine's loop through the command line, with a tiny model: label a folder
 (stage 3) -> fine-tune on the labels (``segany train --data DS``) -> evaluate the new model
 on the labels (``segany eval points DS``) and on the held-out split (its images in the
-tars) -> label again with the new model."""
+tars) -> serve it in the annotator and annotate -> retrain from the annotator's store
+(``segany retrain``) and switch the annotator to it -> label again with the newest model.
+Each model version is recorded with the data it was trained on."""
 
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ from PIL import Image
 
 from segany.cli import main
 from segany.datasets import open_dataset
+from segany.engine.service import AcceptRequest, AnnotationService, PredictRequest
+from segany.engine.store import Store
+from segany.loader import load_predictor
+from segany.train.loop import model_history, switch_service_model
 
 from .conftest import tiny_sam
 
@@ -51,6 +57,7 @@ def test_label_train_eval_label_again(tmp_path: Path, capsys) -> None:
               "--empty-rounds", "0", "--decay-at", ""]  # fmt: skip
     train = ["train", "--data", str(ds), "--model", str(base), "--train", "decoder"]
     train += ["--steps", "2", "--val-fraction", "0.25", "--out", str(model), "--quiet", *recipe]
+    train += ["--rehearse", "none"]
     assert main(train) == 0
     meta = json.loads((tmp_path / "run" / "ft.json").read_text())
     assert meta["data"]["kind"] == "sa1b" and meta["data"]["images"] == 4
@@ -78,9 +85,53 @@ def test_label_train_eval_label_again(tmp_path: Path, capsys) -> None:
     res = json.loads((tmp_path / "eval_val" / "results.json").read_text())
     assert res["masks"] == held_out.num_masks > 0
 
+    # serve the fine-tuned model in the annotator; annotate every image with one click
+    svc = AnnotationService(
+        Store(images / ".segany" / "annotations.db"),
+        images,
+        load_predictor(model, progress=False),
+        model_name=model.name,
+        prefetch=False,
+    )
+    try:
+        svc.rescan()
+        stored = svc.store.images()
+        assert len(stored) == 4
+        for im in stored:
+            out = svc.predict(im.id, PredictRequest(points=[(40.0, 25.0)], labels=[1]),
+                              svc.local_user)  # fmt: skip
+            mask_id = out.masks[out.best].mask_input_id
+            ann = svc.accept(im.id, AcceptRequest(mask_id=mask_id), svc.local_user)
+            assert ann.model_id == svc.model_id  # the object carries the model that made it
+        served_id = svc.model_id
+
+        # retrain from the store, starting from the served model, and switch the annotator
+        retrain = ["retrain", str(images), "--model", str(model), "--steps", "1", "--quiet"]
+        retrain += ["--masks-per-image", "1", "--images-per-step", "1", "--point-rounds", "0"]
+        capsys.readouterr()  # the earlier commands' output
+        assert main(retrain) == 0
+        trained = json.loads(capsys.readouterr().out)
+        assert trained["base_model"] == str(model) and trained["masks"] == 4
+        newest = Path(trained["checkpoint"])
+        switched = switch_service_model(svc, newest)
+        assert switched["model_id"] != served_id
+        hist = model_history(svc.store)
+        assert [h["kind"] for h in hist] == ["model_trained", "model_switch"]
+        assert hist[0]["checkpoint"] == str(newest) and hist[0]["masks"] == 4
+        assert hist[1]["checkpoint"] == str(newest)
+        retrain_meta = json.loads(newest.with_suffix(".json").read_text())
+        assert retrain_meta["base_model"] == str(model)
+        assert retrain_meta["data"]["kind"] == "store" and retrain_meta["data"]["masks"] == 4
+    finally:
+        svc.close()
+        svc.store.close()
+
+    # label again with the newest model: its manifest names it
     again = tmp_path / "ds2"
-    assert main([*label, "--out", str(again), "--model", str(model), "--no-progress"]) == 0
+    assert main([*label, "--out", str(again), "--model", str(newest), "--no-progress"]) == 0
     relabeled = open_dataset(again)
     assert len(relabeled.images) == 4
-    assert json.loads((again / "manifest.json").read_text())["model"]["name"] == str(model)
+    assert json.loads((again / "manifest.json").read_text())["model"]["name"] == str(newest)
+    # the lineage: base -> ft (on the labeled set ds) -> retrain (on the annotator's store)
+    assert meta["base_model"] == str(base) and meta["data"]["source"] == str(ds)
     capsys.readouterr()

@@ -24,7 +24,7 @@ from segany.datasets import (
     write_sa1b,
 )
 from segany.datasets.png import write_png
-from segany.engine import label as L
+from segany.engine import label_shards as L
 from segany.text.pipeline import TextSegmentation
 
 H, W = 40, 60

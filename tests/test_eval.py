@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from segany import masks as M
 from segany.cli import main
 from segany.eval import clicks as C
 from segany.eval import metrics as MT
@@ -164,7 +165,7 @@ def test_box_jitter():
     assert (moved[:, 3] <= 80).all() and (moved[:, 0] <= moved[:, 2]).all()
     edge = P.jitter_boxes(np.array([[99.5, 10, 100, 11.0]] * 20), rng, 5.0, size=(60, 100))
     assert (edge[:, 2] - edge[:, 0] >= 1 - 1e-9).all() and (edge[:, 2] <= 100).all()
-    np.testing.assert_array_equal(P.xywh_to_xyxy([1, 2, 3, 4]), [1, 2, 4, 6])
+    np.testing.assert_array_equal(M.xywh_to_xyxy([1, 2, 3, 4]), [1, 2, 4, 6])
     np.testing.assert_array_equal(P.box_from_mask(_rect(9, 9, 2, 5, 1, 4)), [1, 2, 4, 5])
 
 

@@ -134,9 +134,11 @@ def _check_parity(model, name: str) -> None:
     iou = M.mask_iou_matrix(
         [r["segmentation"] for r in ref["records"]], [r["segmentation"] for r in ours]
     )
+    # docs/everything.md claims 100% / 100%: every reference mask reproduced and no other
+    # (measured on coffee: 8 and 8 masks, each matched at IoU 1.0)
     assert iou.shape == (len(ref["records"]), len(ours))
-    assert (iou.max(1) >= 0.9).mean() >= 0.95, "reference masks not reproduced"
-    assert (iou.max(0) >= 0.9).mean() >= 0.95, "masks the reference does not produce"
+    assert iou.max(1).min() >= 0.99, "reference masks not reproduced"
+    assert iou.max(0).min() >= 0.99, "masks the reference does not produce"
 
 
 @pytest.mark.weights

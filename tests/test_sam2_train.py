@@ -166,7 +166,7 @@ def test_cli_train_sam2_checkpoint_loads_back(tmp_path: Path) -> None:
             "--model", str(base), "--out", str(out), "--steps", "1", "--val-fraction", "0",
             "--masks-per-image", "1", "--images-per-step", "1", "--point-rounds", "0",
             "--empty-rounds", "0", "--lr", "1e-3", "--embedding-cache", str(tmp_path / "emb"),
-            "--quiet"]  # fmt: skip
+            "--quiet", "--rehearse", "none"]  # fmt: skip
     assert main(args) == 0
     raw = torch.load(out, weights_only=True)
     assert set(raw) == {"model"}

@@ -67,7 +67,7 @@ class PrefillMixin:
 
     def _class_labeler(self, req: PrefillRequest, detector: Any) -> Any:
         from ..text import TextSegmenter, parse_queries
-        from .label import ClassLabeler
+        from .label_workers import ClassLabeler
 
         assert req.classes is not None
         segmenter = TextSegmenter(

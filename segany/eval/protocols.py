@@ -19,118 +19,46 @@ dict of figures (the content of ``results.json``) whose per-mask details sit und
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import masks as M
-from ..datasets import DatasetError, ImageRecord, open_dataset, to_coco
+from ..datasets import DatasetError
 from ..predictor import Predictor
 from . import metrics as MT
 from .clicks import Click, ClickSampler
+from .coco_protocols import coco_evaluate, load_detections, run_instances, run_proposals
+from .common import (
+    DEFAULT_BATCH,
+    CocoDataset,
+    Progress,
+    add_timing,
+    chunks,
+    gt_area,
+    result_header,
+    rounded,
+    rounded_sizes,
+)
+
+__all__ = [
+    "REPORTED_CLICKS",
+    "CocoDataset",
+    "DatasetError",
+    "box_from_mask",
+    "click_image",
+    "coco_evaluate",
+    "jitter_boxes",
+    "load_detections",
+    "run_boxes",
+    "run_instances",
+    "run_points",
+    "run_proposals",
+]
 
 #: Click counts reported under ``results["miou"]`` (those within ``max_clicks``).
 REPORTED_CLICKS = (1, 2, 3, 5, 9)
-#: Prompts decoded per call; the masks are upsampled to image size, which bounds memory.
-DEFAULT_BATCH = 16
-
-Progress = Callable[[int], None]
-
-
-# -- dataset ---------------------------------------------------------------------------------
-class CocoDataset:
-    """A dataset to evaluate on, read by :func:`segany.datasets.open_dataset` (COCO, SA-1B
-    loose or in shards, a ``segany label`` output, the annotator's store) and indexed by
-    pycocotools for COCOeval.
-
-    ``source`` is the folder or file (for COCO, images are looked up in ``images/``
-    beside the annotations file, or beside it); ``images`` overrides the image folder.
-    COCO ground truth keeps the file's areas and boxes (COCO's areas are polygon areas).
-    Crowd annotations (``iscrowd`` = 1) are not prompted but stay in the ground truth that
-    COCOeval sees.
-    """
-
-    def __init__(
-        self, source: str | Path, images: str | Path | None = None, *, kind: str = "auto"
-    ) -> None:
-        from pycocotools.coco import COCO
-
-        ds = open_dataset(source, images=images, kind=kind)
-        data = to_coco(ds.images, categories=ds.categories, file_values=True)
-        known = {c["id"] for c in data["categories"]}
-        used = sorted({a["category_id"] for a in data["annotations"]} - known)
-        data["categories"] += [{"id": c, "name": "object"} for c in used]
-        self.name = ds.name
-        self.path = Path(source)
-        self.kind = ds.kind
-        self.images: list[ImageRecord] = ds.images
-        self.coco = COCO()
-        self.coco.dataset = data
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco.createIndex()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def annotations(self, image_id: int, *, crowd: bool = False) -> list[dict[str, Any]]:
-        """The annotations of one image, in file order; crowd ones only if ``crowd``."""
-        anns = self.coco.imgToAnns.get(image_id, [])
-        return [a for a in anns if crowd or not a.get("iscrowd", 0)]
-
-    def select(self, limit: int | None) -> list[ImageRecord]:
-        """The first ``limit`` images (all with ``None``)."""
-        return self.images if limit is None else self.images[: max(0, limit)]
-
-    def count_masks(self, images: list[ImageRecord]) -> int:
-        return sum(len(self.annotations(im.image_id)) for im in images)
-
-    def load(self, image: ImageRecord) -> np.ndarray:
-        """The image as RGB; :class:`DatasetError` when it is not the annotated size."""
-        return image.load()
-
-    def iter_images(
-        self, images: list[ImageRecord]
-    ) -> Iterator[tuple[ImageRecord, np.ndarray, list[dict[str, Any]], np.ndarray]]:
-        """``(image, rgb, annotations, masks (M, H, W))`` for each image, skipping none (an
-        image without annotations gives ``M`` = 0); crowd regions are left out."""
-        for im in images:
-            anns = self.annotations(im.image_id)
-            rgb = self.load(im)
-            keep = [i for i, a in enumerate(im.annotations) if not a.iscrowd]
-            yield im, rgb, anns, im.masks(keep)
-
-
-def _area(ann: dict[str, Any], gt: np.ndarray) -> float:
-    return float(ann["area"]) if "area" in ann else float(gt.sum())
-
-
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
-
-
-def _base(
-    protocol: str, dataset: CocoDataset, model: str, images: list[ImageRecord]
-) -> dict[str, Any]:
-    return {
-        "protocol": protocol,
-        "dataset": dataset.name,
-        "dataset_path": str(dataset.path),
-        "model": model,
-        "images": len(images),
-    }
-
-
-def _timing(result: dict[str, Any], start: float, n_images: int) -> None:
-    seconds = time.perf_counter() - start
-    result["seconds"] = round(seconds, 2)
-    result["seconds_per_image"] = round(seconds / max(1, n_images), 3)
 
 
 # -- points ----------------------------------------------------------------------------------
@@ -177,7 +105,7 @@ def click_image(
     logits = np.zeros((m, 1, *side), dtype=np.float32)
     seqs: list[list[Click]] = [[sampler.first(g)] for g in gts]
     # click 1: three candidates; "auto" keeps the one with the highest predicted IoU
-    for sl in _chunks(m, batch_size):
+    for sl in chunks(m, batch_size):
         coords, labels = _click_arrays(seqs[sl])
         out = predictor.predict_batch(
             point_coords=coords, point_labels=labels, multimask_output=True
@@ -203,7 +131,7 @@ def click_image(
         active = np.asarray(nxt, dtype=np.int64)
         if len(active) == 0:
             break
-        for sl in _chunks(len(active), batch_size):
+        for sl in chunks(len(active), batch_size):
             idx = active[sl]
             coords, labels = _click_arrays([seqs[i] for i in idx])
             out = predictor.predict_batch(
@@ -264,7 +192,7 @@ def run_points(
                 batch_size=batch_size,
             )
             for j, ann in enumerate(anns):
-                area = _area(ann, gts[j])
+                area = gt_area(ann, gts[j])
                 areas.append(area)
                 all_iou.append(r["iou"][j])
                 oracle.append(float(r["oracle_iou_1"][j]))
@@ -282,7 +210,7 @@ def run_points(
         if progress is not None:
             progress(len(anns))
     ious = np.asarray(all_iou).reshape(-1, max_clicks)
-    result = _base("points", dataset, model, images)
+    result = result_header("points", dataset, model, images)
     per_click = [MT.miou(ious[:, k]) for k in range(max_clicks)]
     shown = sorted({k for k in REPORTED_CLICKS if k <= max_clicks} | {max_clicks})
     result.update(
@@ -292,27 +220,22 @@ def run_points(
             "seed": seed if clicks == "random" else None,
             "feedback": feedback,
             "max_clicks": max_clicks,
-            "miou": {str(k): _r(per_click[k - 1]) for k in shown},
-            "oracle_miou_1": _r(MT.miou(oracle)),
-            "miou_per_click": [_r(v) for v in per_click],
-            "miou_by_size_1": _r_sizes(MT.miou_by_size(ious[:, 0].tolist(), areas)),
-            "oracle_miou_by_size_1": _r_sizes(MT.miou_by_size(oracle, areas)),
+            "miou": {str(k): rounded(per_click[k - 1]) for k in shown},
+            "oracle_miou_1": rounded(MT.miou(oracle)),
+            "miou_per_click": [rounded(v) for v in per_click],
+            "miou_by_size_1": rounded_sizes(MT.miou_by_size(ious[:, 0].tolist(), areas)),
+            "oracle_miou_by_size_1": rounded_sizes(MT.miou_by_size(oracle, areas)),
             # clicks to reach 85 / 90 % IoU (capped at max_clicks; meaningless for 1 click)
-            "noc85": _r(MT.noc(ious, 0.85)) if max_clicks > 1 else None,
-            "noc90": _r(MT.noc(ious, 0.90)) if max_clicks > 1 else None,
+            "noc85": rounded(MT.noc(ious, 0.85)) if max_clicks > 1 else None,
+            "noc90": rounded(MT.noc(ious, 0.90)) if max_clicks > 1 else None,
         }
     )
-    _timing(result, start, len(images))
+    add_timing(result, start, len(images))
     result["per_mask"] = per_mask
     return result
 
 
 # -- boxes -----------------------------------------------------------------------------------
-def xywh_to_xyxy(bbox: Any) -> np.ndarray:
-    x, y, w, h = (float(v) for v in bbox)
-    return np.array([x, y, x + w, y + h])
-
-
 def jitter_boxes(
     boxes: np.ndarray,
     rng: np.random.Generator,
@@ -376,17 +299,17 @@ def run_boxes(
             predictor.set_image(rgb)
             boxes = np.stack(
                 [
-                    xywh_to_xyxy(a["bbox"]) if "bbox" in a else box_from_mask(g)
+                    M.xywh_to_xyxy(a["bbox"]) if "bbox" in a else box_from_mask(g)
                     for a, g in zip(anns, gts)
                 ]
             )
             boxes = jitter_boxes(boxes, rng, jitter, max_shift, size=rgb.shape[:2])
             got = np.zeros(len(anns))
-            for sl in _chunks(len(anns), batch_size):
+            for sl in chunks(len(anns), batch_size):
                 out = predictor.predict_batch(boxes=boxes[sl], multimask_output=False)
                 got[sl] = MT.batch_iou(out.masks[:, 0], gts[sl])
             for j, ann in enumerate(anns):
-                area = _area(ann, gts[j])
+                area = gt_area(ann, gts[j])
                 areas.append(area)
                 ious.append(float(got[j]))
                 per_mask.append(
@@ -400,279 +323,20 @@ def run_boxes(
                 )
         if progress is not None:
             progress(len(anns))
-    result = _base("boxes", dataset, model, images)
+    result = result_header("boxes", dataset, model, images)
     result.update(
         {
             "masks": len(per_mask),
             "jitter": jitter,
             "max_shift": max_shift if jitter > 0 else None,
             "seed": seed if jitter > 0 else None,
-            "miou": _r(MT.miou(ious)),
-            "miou_by_size": _r_sizes(MT.miou_by_size(ious, areas)),
-            "iou_above_50": _r(MT.fraction_above(ious, 0.5)),
-            "iou_above_75": _r(MT.fraction_above(ious, 0.75)),
-            "iou_above_90": _r(MT.fraction_above(ious, 0.9)),
+            "miou": rounded(MT.miou(ious)),
+            "miou_by_size": rounded_sizes(MT.miou_by_size(ious, areas)),
+            "iou_above_50": rounded(MT.fraction_above(ious, 0.5)),
+            "iou_above_75": rounded(MT.fraction_above(ious, 0.75)),
+            "iou_above_90": rounded(MT.fraction_above(ious, 0.9)),
         }
     )
-    _timing(result, start, len(images))
+    add_timing(result, start, len(images))
     result["per_mask"] = per_mask
     return result
-
-
-# -- COCOeval --------------------------------------------------------------------------------
-AR_NAMES = ("ar_10", "ar_100", "ar_1000", "ar_small", "ar_medium", "ar_large")
-AP_NAMES = ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
-
-
-def coco_evaluate(
-    dataset: CocoDataset,
-    results: list[dict[str, Any]],
-    image_ids: list[int],
-    *,
-    iou_type: str = "segm",
-    use_cats: bool = True,
-    max_dets: tuple[int, int, int] = (1, 10, 100),
-) -> tuple[np.ndarray, Any]:
-    """COCOeval ``stats`` (12 numbers, fractions; -1 where undefined) and the evaluator."""
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        dt = dataset.coco.loadRes(results) if results else _empty_results(dataset)
-        ev = COCOeval(dataset.coco, dt, iou_type)
-        ev.params.imgIds = list(image_ids)
-        ev.params.useCats = int(use_cats)
-        ev.params.maxDets = list(max_dets)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return np.asarray(ev.stats), ev
-
-
-def _empty_results(dataset: CocoDataset) -> Any:
-    from pycocotools.coco import COCO
-
-    dt = COCO()
-    dt.dataset = {
-        "images": list(dataset.coco.dataset["images"]),
-        "categories": list(dataset.coco.dataset["categories"]),
-        "annotations": [],
-    }
-    dt.createIndex()
-    return dt
-
-
-def _pct(v: float) -> float | None:
-    return None if v < 0 else _r(v * 100.0)
-
-
-# -- proposals -------------------------------------------------------------------------------
-def run_proposals(
-    predictor: Predictor,
-    dataset: CocoDataset,
-    *,
-    model: str = "model",
-    preset: str = "reference",
-    overrides: dict[str, Any] | None = None,
-    limit: int | None = None,
-    progress: Progress | None = None,
-    generator: Any = None,
-) -> dict[str, Any]:
-    """Segment everything in each image; class-agnostic mask recall with COCOeval (segm,
-    ``useCats`` = 0, maxDets 10/100/1000, score = predicted IoU), plus the mean over ground
-    truth masks of the best proposal's IoU ("best-proposal mIoU").
-
-    The proposals come from a :class:`~segany.everything.MaskGenerator` over ``predictor``
-    with ``preset`` and ``overrides``, or from ``generator``: any object whose
-    ``generate(rgb)`` returns records with ``segmentation`` (COCO RLE) and
-    ``predicted_iou`` (the preset is then reported as ``"custom"``)."""
-    if generator is None:
-        from ..everything import MaskGenerator
-
-        gen = MaskGenerator(predictor, preset=preset, output_mode="coco_rle", **(overrides or {}))
-    else:
-        gen, preset = generator, "custom"
-    images = dataset.select(limit)
-    start = time.perf_counter()
-    dets: list[dict[str, Any]] = []
-    best: list[float] = []
-    areas: list[float] = []
-    per_image = []
-    for im, rgb, anns, gts in dataset.iter_images(images):
-        records = gen.generate(rgb)
-        for rec in records:
-            dets.append(
-                {
-                    "image_id": im.image_id,
-                    "category_id": 1,
-                    "segmentation": rec["segmentation"],
-                    "score": float(rec["predicted_iou"]),
-                }
-            )
-        if len(anns):
-            gt_rles = M.masks_to_coco_rle(gts)
-            mat = M.mask_iou_matrix(gt_rles, [r["segmentation"] for r in records])
-            top = mat.max(axis=1) if mat.shape[1] else np.zeros(len(anns))
-            best.extend(float(v) for v in top)
-            areas.extend(_area(a, g) for a, g in zip(anns, gts))
-        per_image.append({"image_id": im.image_id, "proposals": len(records), "masks": len(anns)})
-        if progress is not None:
-            progress(1)
-    seconds_gen = time.perf_counter() - start
-    stats, ev = coco_evaluate(
-        dataset, dets, [im.image_id for im in images], use_cats=False, max_dets=(10, 100, 1000)
-    )
-    result = _base("proposals", dataset, model, images)
-    result.update(
-        {
-            "masks": dataset.count_masks(images),
-            "proposals": len(dets),
-            "preset": preset,
-            "settings": _settings_dict(getattr(gen, "settings", None)),
-            **{name: _pct(float(v)) for name, v in zip(AR_NAMES, stats[6:12])},
-            "best_proposal_miou": _r(MT.miou(best)),
-            "best_proposal_miou_by_size": _r_sizes(MT.miou_by_size(best, areas)),
-            "recall_vs_iou": _recall_curve(ev),
-            "generate_seconds": round(seconds_gen, 2),
-        }
-    )
-    _timing(result, start, len(images))
-    result["per_image"] = per_image
-    return result
-
-
-def _settings_dict(settings: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else {}
-
-
-def _recall_curve(ev: Any) -> dict[str, list[float]]:
-    """Recall (percent) at each IoU threshold 0.50:0.95, all areas, the largest maxDets."""
-    rec = ev.eval["recall"][:, :, 0, -1]  # (T, K, A, M) -> (T, K)
-    vals = [float(np.mean(r[r > -1])) * 100 if (r > -1).any() else float("nan") for r in rec]
-    return {
-        "iou": [round(float(t), 2) for t in ev.params.iouThrs],
-        "recall": [_r(v) for v in vals],
-    }
-
-
-# -- instances from detector boxes -----------------------------------------------------------
-def load_detections(
-    source: str | Path, dataset: CocoDataset, *, score_thresh: float = 0.0
-) -> list[dict[str, Any]]:
-    """COCO results JSON (``image_id``, ``category_id``, ``bbox`` XYWH, ``score``) -> the
-    detections on images of ``dataset`` with ``score`` >= ``score_thresh``. ``"gt"`` makes
-    detections from the ground-truth boxes (score 1; an upper bound for the box source)."""
-    if str(source) == "gt":
-        return [
-            {
-                "image_id": a["image_id"],
-                "category_id": a["category_id"],
-                "bbox": list(a["bbox"]),
-                "score": 1.0,
-            }
-            for im in dataset.images
-            for a in dataset.annotations(im.image_id)
-        ]
-    path = Path(source)
-    try:
-        dets = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"cannot read detections {path}: {exc}") from exc
-    if isinstance(dets, dict) and "annotations" in dets:
-        dets = dets["annotations"]
-    if not isinstance(dets, list):
-        raise DatasetError(f"{path}: expected a COCO results list of detections")
-    known = {im.image_id for im in dataset.images}
-    out = []
-    for d in dets:
-        try:
-            if d["image_id"] in known and float(d.get("score", 1.0)) >= score_thresh:
-                out.append(
-                    {
-                        "image_id": d["image_id"],
-                        "category_id": d["category_id"],
-                        "bbox": [float(v) for v in d["bbox"]],
-                        "score": float(d.get("score", 1.0)),
-                    }
-                )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DatasetError(f"{path}: malformed detection {d!r}: {exc}") from exc
-    return out
-
-
-def run_instances(
-    predictor: Predictor,
-    dataset: CocoDataset,
-    detections: list[dict[str, Any]],
-    *,
-    model: str = "model",
-    boxes_source: str = "",
-    limit: int | None = None,
-    max_per_image: int = 100,
-    batch_size: int = DEFAULT_BATCH,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
-    """Instance segmentation from detector boxes: each box (the ``max_per_image`` highest
-    scores of an image) prompts one mask (single output) that keeps the box's category and
-    score; mask AP with COCOeval (segm), and the boxes' own AP (bbox) beside it."""
-    images = dataset.select(limit)
-    by_image: dict[int, list[dict[str, Any]]] = {}
-    for d in detections:
-        by_image.setdefault(d["image_id"], []).append(d)
-    start = time.perf_counter()
-    results: list[dict[str, Any]] = []
-    used: list[dict[str, Any]] = []
-    for im in images:
-        dets = sorted(by_image.get(im.image_id, []), key=lambda d: -d["score"])[:max_per_image]
-        if dets:
-            rgb = dataset.load(im)
-            predictor.set_image(rgb)
-            h, w = rgb.shape[:2]
-            boxes = np.stack([xywh_to_xyxy(d["bbox"]) for d in dets])
-            boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
-            boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
-            ok = (boxes[:, 2] > boxes[:, 0]) | (boxes[:, 3] > boxes[:, 1])
-            dets = [d for d, k in zip(dets, ok) if k]
-            boxes = boxes[ok]
-            for sl in _chunks(len(dets), batch_size):
-                out = predictor.predict_batch(boxes=boxes[sl], multimask_output=False)
-                rles = M.masks_to_coco_rle(out.masks[:, 0])
-                for d, rle in zip(dets[sl], rles):
-                    results.append(
-                        {
-                            "image_id": im.image_id,
-                            "category_id": d["category_id"],
-                            "segmentation": rle,
-                            "score": d["score"],
-                        }
-                    )
-            used.extend(dets)
-        if progress is not None:
-            progress(1)
-    ids = [im.image_id for im in images]
-    seg_stats, _ = coco_evaluate(dataset, results, ids, iou_type="segm")
-    box_stats, _ = coco_evaluate(dataset, [dict(d) for d in used], ids, iou_type="bbox")
-    result = _base("instances", dataset, model, images)
-    result.update(
-        {
-            "masks": dataset.count_masks(images),
-            "detections": len(results),
-            "boxes": boxes_source,
-            **{f"mask_{n}": _pct(float(v)) for n, v in zip(AP_NAMES, seg_stats[:6])},
-            **{f"box_{n}": _pct(float(v)) for n, v in zip(AP_NAMES, box_stats[:6])},
-        }
-    )
-    _timing(result, start, len(images))
-    return result
-
-
-# -- rounding --------------------------------------------------------------------------------
-def _r(v: float | None, nd: int = 2) -> float | None:
-    if v is None or not np.isfinite(v):
-        return None
-    return round(float(v), nd)
-
-
-def _r_sizes(d: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
-    return {k: {"miou": _r(v["miou"]), "masks": int(v["masks"])} for k, v in d.items()}

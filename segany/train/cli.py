@@ -46,10 +46,18 @@ RECIPE_OPTIONS: dict[str, tuple[str, type, str]] = {
 
 
 def _add_recipe(p: argparse.ArgumentParser) -> None:
-    from .trainer import TrainConfig
+    from .trainer import DEFAULT_RECIPE, RECIPES, TrainConfig
 
     defaults = TrainConfig()
     g = p.add_argument_group("recipe", "defaults: the library's TrainConfig")
+    g.add_argument(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        choices=sorted(RECIPES),
+        help="named recipe the options below override: measured (the defaults shown, "
+        "measured in docs/training.md) or paper (SAM's 8+2 interactive rounds, 1000 steps) "
+        f"(default: {DEFAULT_RECIPE})",
+    )
     for flag, (name, typ, text) in RECIPE_OPTIONS.items():
         g.add_argument(flag, type=typ, help=f"{text} (default: {getattr(defaults, name)})")
     g.add_argument(
@@ -77,14 +85,15 @@ def _overrides(args: argparse.Namespace, **fixed: Any) -> dict[str, Any]:
 
 
 def _config(args: argparse.Namespace, **fixed: Any) -> Any:
-    from .trainer import TrainConfig
+    from .trainer import RECIPES, TrainConfig
 
-    return TrainConfig(**_overrides(args, **fixed))
+    return TrainConfig(**{**RECIPES[args.recipe], **_overrides(args, **fixed)})
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` and ``retrain`` to the ``segany`` parser."""
     from ..weights import DEFAULT_WEIGHTS
+    from .rehearsal import GENERAL_SET, NO_REHEARSAL
     from .trainer import MODES, TrainConfig
 
     defaults = TrainConfig()
@@ -117,8 +126,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "three outputs), heads (hypernetwork MLPs, IoU head and output tokens; transformer "
         f"frozen) (default: {defaults.train})",
     )
-    p.add_argument("--steps", type=int, default=defaults.steps,
-                   help=f"optimizer steps (default: {defaults.steps})")  # fmt: skip
+    p.add_argument("--steps", type=int,
+                   help=f"optimizer steps (default: the recipe's, {defaults.steps})")  # fmt: skip
     p.add_argument("--out", required=True, help="output checkpoint, e.g. runs/nuclei.pt")
     p.add_argument("--resume", action="store_true", help="continue the run of --out")
     p.add_argument(
@@ -138,7 +147,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--rehearse",
         help="labelled masks of other domains (a source like --data, every image used): one "
-        "batch of them per step, trained with the same recipe, against forgetting",
+        "batch of them per step, trained with the same recipe, against forgetting; "
+        f"'{GENERAL_SET}' (default; its images are downloaded once) is 10 everyday COCO "
+        f"photos, '{NO_REHEARSAL}' turns rehearsal off (on --resume: the run's own)",
     )
     p.add_argument("--rehearse-images", help="image folder of --rehearse (as --images)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -175,10 +186,14 @@ def run_train(args: argparse.Namespace) -> int:
     from ..cli_common import CliError
     from ..files import atomic_write
     from .data import DataError, open_source, split_by_image, to_coco
+    from .rehearsal import GENERAL_SET, RehearsalError
     from .trainer import output_paths, train
 
+    fixed: dict[str, Any] = {"train": args.train}
+    if args.steps is not None:
+        fixed["steps"] = args.steps
     try:
-        cfg = _config(args, steps=args.steps, train=args.train)
+        cfg = _config(args, **fixed)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if args.train == "full" and args.device == "cpu":
@@ -197,6 +212,9 @@ def run_train(args: argparse.Namespace) -> int:
                               "val_images": len(va), "val_masks": sum(i.num_masks for i in va)},
                              indent=2))  # fmt: skip
             return 0
+        rehearse = args.rehearse
+        if rehearse is None and not args.resume:
+            rehearse = GENERAL_SET
         meta = train(
             args.data,
             args.out,
@@ -210,10 +228,10 @@ def run_train(args: argparse.Namespace) -> int:
             device=args.device,
             meta={"command": " ".join(sys.argv)},
             replay=args.replay,
-            rehearse=args.rehearse,
+            rehearse=rehearse,
             rehearse_images_dir=args.rehearse_images,
         )
-    except (DataError, FileNotFoundError) as exc:
+    except (DataError, FileNotFoundError, RehearsalError) as exc:
         raise CliError(str(exc)) from None
     except KeyboardInterrupt:
         print(f"segany train: interrupted; continue with: segany train ... --out {args.out} "
@@ -230,12 +248,13 @@ def run_retrain(args: argparse.Namespace) -> int:
     from ..cli_common import CliError
     from .data import DataError
     from .loop import LoopError, retrain_from_store, switch_server
+    from .trainer import RECIPES
 
     try:
         fixed: dict[str, Any] = {"train": args.train}
         if args.steps is not None:
             fixed["steps"] = args.steps
-        overrides = _overrides(args, **fixed)
+        overrides = {**RECIPES[args.recipe], **_overrides(args, **fixed)}
         result = retrain_from_store(
             args.images_dir,
             db=args.db,

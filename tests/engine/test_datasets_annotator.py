@@ -88,6 +88,7 @@ def test_store_and_exports_read_back(client, images_dir, tmp_path) -> None:
     recipe = ["--masks-per-image", "1", "--images-per-step", "1", "--point-rounds", "0",
               "--empty-rounds", "0", "--decay-at", "", "--val-fraction", "0"]  # fmt: skip
     argv = ["train", "--data", str(sa1b), "--images", str(images_dir), "--out", str(out)]
+    argv += ["--rehearse", "none"]
     assert main([*argv, "--model", str(base), "--steps", "1", "--quiet", *recipe]) == 0
     meta = json.loads((tmp_path / "run" / "ft.json").read_text())
     assert meta["data"]["kind"] == "sa1b" and meta["data"]["masks"] == 2

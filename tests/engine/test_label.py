@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 
 from segany.engine import label as L
+from segany.engine import label_shards as LS
+from segany.engine import label_workers as LW
 from segany.engine.dataset_stats import compute, mask_shape
 from segany.engine.dataset_stats import run as run_stats
 from segany.text import DetectorWeightsError
@@ -259,22 +261,22 @@ def test_resume_states_and_guards(images, tiny_ckpt, tmp_path):
     # a kill after all of shard 1's images were marked but before its tar was renamed,
     # with a half-written temp tar and a half-written image mark of shard 2 lying around
     plan = json.loads((out / "plan.json").read_text())
-    items = [L.Item(i, p, s) for i, p, s in plan["items"]]
+    items = [LS.Item(i, p, s) for i, p, s in plan["items"]]
     shard1 = [it for it in items if it.shard == 1]
-    staged = L.staging_dir(out, 1)
+    staged = LS.staging_dir(out, 1)
     staged.mkdir(parents=True)
-    for ann, img in _read_shard(L.shard_tar(out, 1)):
+    for ann, img in _read_shard(LS.shard_tar(out, 1)):
         (staged / ann["image"]["file_name"]).write_bytes(img)
         (staged / f"sa_{ann['image']['image_id']}.json").write_text(json.dumps(ann))
-    for e in json.loads(L.shard_index(out, 1).read_text())["errors"]:
+    for e in json.loads(LS.shard_index(out, 1).read_text())["errors"]:
         (staged / f"sa_{e['image_id']}.error.json").write_text(json.dumps(e))
-    L.shard_tar(out, 1).unlink()
+    LS.shard_tar(out, 1).unlink()
     (out / "shards" / ".tmp-sa_000001.tar.123").write_bytes(b"partial")
-    L.shard_tar(out, 2).unlink()
-    L.shard_index(out, 2).unlink()
+    LS.shard_tar(out, 2).unlink()
+    LS.shard_index(out, 2).unlink()
     (out / "manifest.json").unlink()
-    L.staging_dir(out, 2).mkdir(parents=True)
-    (L.staging_dir(out, 2) / ".tmp-sa_5.json.99").write_text('{"image": ')
+    LS.staging_dir(out, 2).mkdir(parents=True)
+    (LS.staging_dir(out, 2) / ".tmp-sa_5.json.99").write_text('{"image": ')
     _make_images(src, 3, start=100)  # new images arrive before the resume
 
     again = L.label(src, out, resume=True, **kw)
@@ -366,7 +368,7 @@ class _Death(Exception):
 def test_worker_deaths_blame_only_the_culprit(fails_all):
     """A worker dying on image 3 every time: image 3 ends as an error after MAX_ATTEMPTS,
     every other image is labeled, even those in flight when the pool broke."""
-    items = [L.Item(i, f"/x/{i}.jpg", 0) for i in range(1, 9)]
+    items = [LS.Item(i, f"/x/{i}.jpg", 0) for i in range(1, 9)]
     deaths = []
 
     def outcome(item):
@@ -375,7 +377,7 @@ def test_worker_deaths_blame_only_the_culprit(fails_all):
         return {"image_id": item.image_id, "ok": True}
 
     results = list(
-        L._retrying(
+        LW.retrying(
             items,
             3,
             submit=lambda item: item,  # the "future" is the item itself
@@ -390,7 +392,7 @@ def test_worker_deaths_blame_only_the_culprit(fails_all):
     assert sorted(r["image_id"] for r in results) == list(range(1, 9))
     bad = [r for r in results if not r["ok"]]
     assert [r["image_id"] for r in bad] == [3] and "died" in bad[0]["why"]
-    assert len(deaths) == L.MAX_ATTEMPTS + (1 if fails_all else 0)
+    assert len(deaths) == LW.MAX_ATTEMPTS + (1 if fails_all else 0)
 
 
 # -- labeling with class names (segany label --classes) --------------------------------------
@@ -486,8 +488,8 @@ def test_label_with_classes_resume_and_guards(tiny_ckpt, gdino_dir, tmp_path):
 
     # a partial run: the last shard's tar and the manifest gone (killed before packing),
     # the old instances.json still there, and two new images in the source
-    L.shard_tar(out, 2).unlink()
-    L.shard_index(out, 2).unlink()
+    LS.shard_tar(out, 2).unlink()
+    LS.shard_index(out, 2).unlink()
     (out / "manifest.json").unlink()
     _make_images(src, 2, start=100)
     again = L.label(src, out, resume=True, classes=["dog", "cat", "person"], **kw)
@@ -500,12 +502,12 @@ def test_label_with_classes_resume_and_guards(tiny_ckpt, gdino_dir, tmp_path):
     assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
 
     # the detector's folder has gone: a resume with work to do stops at its start
-    L.shard_tar(out, 3).unlink()
-    L.shard_index(out, 3).unlink()
+    LS.shard_tar(out, 3).unlink()
+    LS.shard_index(out, 3).unlink()
     shutil.rmtree(det)
     with pytest.raises(DetectorWeightsError, match="no such folder"):
         L.label(src, out, resume=True, **kw)
-    assert not (L.staging_dir(out, 3)).exists() or not any(L.staging_dir(out, 3).iterdir())
+    assert not (LS.staging_dir(out, 3)).exists() or not any(LS.staging_dir(out, 3).iterdir())
 
 
 def test_label_with_classes_on_a_worker_process(tiny_ckpt, gdino_dir, tmp_path):
