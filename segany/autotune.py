@@ -74,8 +74,8 @@ def _ort_version() -> str:
 
 def candidates(model: torch.nn.Module) -> list[str]:
     """The exact backends timed for ``model`` here (onnx: SAM 1 and MobileSAM with
-    onnxruntime installed; SAM 2's graphs have no per-image decoder context and HQ-SAM has
-    no ONNX path, so those run on torch)."""
+    onnxruntime installed; SAM 2's and HQ-SAM's graphs have no per-image decoder context,
+    so their clicks would redo that work: those run on torch unless asked otherwise)."""
     from .models import SamHQ
 
     out = ["torch"]

@@ -447,11 +447,13 @@ def _run_weights_list(args: argparse.Namespace) -> int:
         return 0
     nw = max(12, *(len(r["name"]) for r in rows))
     vw = max(7, *(len(r["variant"]) for r in rows))
-    print(f"{'name':<{nw}} {'variant':<{vw}} {'size':>9}  {'cached':<6}  source")
+    print(f"{'name':<{nw}} {'variant':<{vw}} {'size':>9}  {'sha256':<12}  {'cached':<6}  source")
     for r in rows:
         size = f"{r['size'] / 1e6:.0f} MB" if r.get("size") else "?"
+        sha = r["sha256"] or "not public"  # fetched only with an explicit hash
         cached = "yes" if r["cached"] else "no"
-        print(f"{r['name']:<{nw}} {r['variant']:<{vw}} {size:>9}  {cached:<6}  {r['source']}")
+        print(f"{r['name']:<{nw}} {r['variant']:<{vw}} {size:>9}  {sha:<12}  {cached:<6}  "
+              f"{r['source']}")  # fmt: skip
     print(f"\ncache: {W.weights_dir()}  (set SEGANY_CACHE to move it)")
     return 0
 

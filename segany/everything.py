@@ -29,7 +29,7 @@ import torch
 
 from . import masks as M
 from . import transforms as T
-from .models import Sam, SamHQ
+from .models import Sam
 from .predictor import Predictor
 
 Algorithm = Literal["reference", "fast"]
@@ -56,6 +56,8 @@ class GeneratorSettings:
     max_masks: keep at most this many masks, by predicted IoU (``None``: all).
     multimask_output: ``reference`` only: three masks per point (``False``: one, which
         for SAM 2 is the best of the three when the single-mask output is unstable).
+        HQ-SAM gives one mask per point either way (SAM's best multimask output or its
+        single-mask output, plus the HQ mask), as its reference generator does.
     use_m2m: ``reference`` only: SAM 2's mask-to-mask step: every mask of the grid is
         decoded once more with its own point and its low-res logits as mask input (one
         output), and the filters then judge the refined mask and its IoU.
@@ -224,8 +226,6 @@ class MaskGenerator:
         #: whether the last crop of the last call went dense (see ``dense_below_cover``)
         self.last_dense = False
         self.predictor = model if isinstance(model, Predictor) else Predictor(model)
-        if isinstance(self.predictor.model, SamHQ):  # one mask per prompt, not three
-            raise ValueError("automatic mask generation does not support HQ-SAM models yet")
         s = self.settings
         self.point_grids = M.layer_point_grids(
             s.points_per_side, s.crop_n_layers, s.crop_n_points_downscale_factor
@@ -291,8 +291,9 @@ class MaskGenerator:
         image_only: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop-frame points ``(B, 2)`` -> low-res logits ``(B*K, S/4, S/4)`` and IoUs
-        (``K`` = 3, or 1 without ``multimask_output``); ``mask_input`` ``(B, S/4, S/4)``:
-        one low-res mask per point. ``image_only``: see ``Predictor.decode_low_res``."""
+        (``K`` = 3; 1 without ``multimask_output``, or for HQ-SAM); ``mask_input``
+        ``(B, S/4, S/4)``: one low-res mask per point. ``image_only``: see
+        ``Predictor.decode_low_res``."""
         st = self.predictor.state
         if mask_input is None:
             self.last_prompts += len(points)
@@ -421,7 +422,8 @@ class MaskGenerator:
                 pts = points[start : start + s.points_per_batch]
                 low, iou = self._decode(pts)
                 low = low[:, :lh, :lw]
-                pts_t = torch.as_tensor(pts, dtype=torch.float64).repeat_interleave(3, 0)
+                k = len(iou) // len(pts)  # 3 masks per point (HQ-SAM: 1)
+                pts_t = torch.as_tensor(pts, dtype=torch.float64).repeat_interleave(k, 0)
                 keep = iou > s.pred_iou_thresh
                 low, iou, pts_t = low[keep], iou[keep], pts_t[keep]
                 stab = M.stability_score(low, self.model.mask_threshold, s.stability_score_offset)

@@ -3,9 +3,10 @@
 :func:`model_fingerprint` hashes a module's ``state_dict``: every entry's name and the raw
 bytes of its values, in order. Equal weights give equal ids whatever built or loaded them;
 any changed value gives another id. Its users: :attr:`segany.predictor.Predictor.model_id`
-(when the catalogue gives no file hash), the embedding cache keys of training
-(``model.image_encoder``) and of the annotator's model switch (embeddings kept when the
-image encoder's id is unchanged), and the folder of a model's exported ONNX graphs.
+(when the catalogue gives no file hash), the embedding cache keys of training and the
+annotator's model switch (:func:`state_fingerprint` of the weights behind the cached
+features, ``Sam.feature_state()``: embeddings kept when they are unchanged), and the folder
+of a model's exported ONNX graphs.
 
 A checkpoint *file* is identified by its SHA-256 instead (:func:`segany.weights.sha256_file`,
 the catalogue's hashes); that is the model id of catalogue models.

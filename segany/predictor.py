@@ -248,12 +248,15 @@ class Predictor:
             raise ValueError("decode_chunk must be at least 1")
         self.decode_chunk = decode_chunk
         sam2 = getattr(self.model, "input_geometry", "") == "square"
-        # SAM 2 backends must give the high-res maps (OnnxBackend.embed_features)
-        sam2_backend = backend in ("torch", "onnx") or hasattr(backend, "embed_features")
-        if sam2 and (not sam2_backend or precision != "fp32"):
+        # SAM 2 and HQ-SAM backends must give the extra per-image features
+        # (OnnxBackend.embed_features: the high-res maps, the HQ features)
+        extra_backend = backend in ("torch", "onnx") or hasattr(backend, "embed_features")
+        if sam2 and (not extra_backend or precision != "fp32"):
             raise ValueError("SAM 2 models run on the torch or onnx backend in fp32 only (for now)")
-        if isinstance(self.model, SamHQ) and (backend != "torch" or precision != "fp32"):
-            raise ValueError("HQ-SAM models run on the torch backend in fp32 only (for now)")
+        if isinstance(self.model, SamHQ) and (not extra_backend or precision != "fp32"):
+            raise ValueError(
+                "HQ-SAM models run on the torch or onnx backend in fp32 only (for now)"
+            )
         if fuse:
             fuse_for_inference(self.model)
         self.geometry = T.geometry_of(self.model)
@@ -551,7 +554,11 @@ class Predictor:
         masks at image size, less work; not for feeding back as ``mask_input``."""
         with torch.inference_mode():
             if self.backend is not None:
-                extra = {"high_res_features": self.state.high_res} if self.state.high_res else {}
+                extra: dict = (
+                    {"high_res_features": self.state.high_res} if self.state.high_res else {}
+                )
+                if isinstance(self.model, SamHQ):
+                    extra["hq_token_only"] = self.hq_token_only
                 return self.backend.decode(
                     self.state.embedding,
                     point_coords=point_coords,

@@ -86,3 +86,30 @@ def tiny_sam2_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("sam2_file") / "tiny_sam2.pt"
     torch.save({"model": state, MODEL_CONFIG_KEY: custom_config("sam2_custom", **config)}, path)
     return path
+
+
+HQ_GOLDEN = TEST_DATA / "hq_sam_tiny_test_golden.npz"
+
+
+def tiny_hq_state() -> dict[str, torch.Tensor]:
+    """The reduced HQ-SAM of ``tests/data/hq_sam_tiny_test_golden.npz`` (ViT width 32,
+    3 blocks, 256 px input; made by ``benchmarks/make_hq_goldens.py`` on the reference
+    code): its state dict under the official key names."""
+    z = np.load(HQ_GOLDEN)
+    return {k[2:]: torch.from_numpy(z[k].astype(np.float32)) for k in z.files if k[:2] == "w:"}
+
+
+@pytest.fixture(scope="session")
+def tiny_hq():
+    from segany.models import model_from_state_dict
+
+    return model_from_state_dict(tiny_hq_state()).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_hq_file(tmp_path_factory) -> Path:
+    """That model as a checkpoint file in the official layout (a bare state dict, its size
+    read from the keys), so that every command loads it with ``--model PATH``."""
+    path = tmp_path_factory.mktemp("hq_file") / "tiny_hq.pth"
+    torch.save(tiny_hq_state(), path)
+    return path

@@ -80,7 +80,7 @@ def test_single_candidate_is_not_timed(tmp_path, monkeypatch, tiny_model):
     assert A.candidates(Sam2Like()) == ["torch"]  # SAM 2's graphs: no decoder context
     from segany.models.registry import build_model
 
-    hq = build_model("sam_hq_vit_tiny")  # HQ-SAM: no ONNX path
+    hq = build_model("sam_hq_vit_tiny")  # HQ-SAM: no per-image decoder context in ONNX
     assert A.candidates(hq) == ["torch"]
     measure, calls = fake({})
     assert A.resolve_backend("auto", Sam2Like(), "w", measure=measure) == "torch" and not calls

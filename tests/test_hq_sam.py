@@ -294,16 +294,16 @@ def test_cached_embedding_keeps_hq_features(tiny_hq, golden, tmp_path):
     np.testing.assert_allclose(out.low_res_logits, z["point_box_hq_lowres"], atol=LOWRES_ATOL)
 
 
-def test_parts_not_adapted_refuse_hq(tiny_hq):
-    """Where HQ-SAM is not supported yet, a clear error rather than wrong results."""
-    from segany.everything import MaskGenerator
+def test_backends_and_modes_that_refuse_hq(tiny_hq):
+    """Where HQ-SAM has no path, a clear error rather than wrong results: the int8 ONNX
+    graphs (the torch and float ONNX backends run it: test_hq_onnx.py) and the SAM 1-only
+    ONNX context/prompt graphs (training SAM's own heads: test_hq_train.py)."""
+    from segany.export.onnx import export_context
 
     with pytest.raises(ValueError, match="HQ-SAM"):
-        Predictor(tiny_hq, backend="onnx")
+        Predictor(tiny_hq, backend="onnx-int8")
     with pytest.raises(ValueError, match="HQ-SAM"):
-        MaskGenerator(tiny_hq)
-    with pytest.raises(ValueError, match="training does not support HQ-SAM"):
-        tiny_hq.require_sam1("training")  # what the trainer and ONNX export call
+        export_context(tiny_hq, "context.onnx")
 
 
 # -- the command line ---------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Code written for HQ-SAM runs by changing one import::
 
-    from segany.compat.hq import sam_model_registry, SamPredictor
+    from segany.compat.hq import sam_model_registry, SamPredictor, SamAutomaticMaskGenerator
 
     sam = sam_model_registry["vit_l"](checkpoint="sam_hq_vit_l.pth")
     predictor = SamPredictor(sam)
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..models import SamHQ
+from . import SamAutomaticMaskGenerator as _Sam1Generator
 from . import SamPredictor as _Sam1Predictor
 from . import _build  # the registry variant, with a checkpoint loaded strictly
 
@@ -80,4 +81,22 @@ class SamPredictor(_Sam1Predictor):
         )
 
 
-__all__ = ["SamPredictor", "sam_model_registry"]
+class SamAutomaticMaskGenerator(_Sam1Generator):
+    """``segment_anything_hq.SamAutomaticMaskGenerator``: SAM 1's generator (same arguments
+    and defaults) over an HQ-SAM model, one mask per grid point (``hq_token_only=False``,
+    as the reference); ``generate`` takes the reference's ``multimask_output`` (SAM's part
+    of each mask: its best multimask output, or its single-mask output)."""
+
+    def __init__(self, model: SamHQ, *args, **kwargs) -> None:
+        if not isinstance(model, SamHQ):
+            raise TypeError("segany.compat.hq.SamAutomaticMaskGenerator needs an HQ-SAM model")
+        super().__init__(model, *args, **kwargs)
+        self.predictor = SamPredictor(model)
+
+    @torch.no_grad()
+    def generate(self, image: np.ndarray, multimask_output: bool = True) -> list[dict]:
+        self._gen.settings = self._gen.settings.replace(multimask_output=multimask_output)
+        return self._gen.generate(image)
+
+
+__all__ = ["SamAutomaticMaskGenerator", "SamPredictor", "sam_model_registry"]

@@ -16,6 +16,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from .. import masks as M
+from ..models import SamHQ
 from ..predictor import PromptError
 from .schemas import RLE, MaskOut, NotFound, PredictOut, PredictRequest, Unprocessable, UserRef
 
@@ -94,7 +95,8 @@ class PredictionsMixin:
     # -- the click path ----------------------------------------------------------------------
     def predict(self, image_id: int, req: PredictRequest, user: UserRef) -> PredictOut:
         """Masks for the current clicks (and box, and the previous mask as ``mask_input``):
-        three candidates with ``multimask``, else one; COCO RLE at image size."""
+        three candidates with ``multimask``, else one (HQ-SAM: always one); COCO RLE at
+        image size."""
         t0 = time.perf_counter()
         im = self._image(image_id, usable=True)
         if len(req.points) != len(req.labels):
@@ -105,6 +107,8 @@ class PredictionsMixin:
             raise Unprocessable("labels must be 1 (object) or 0 (background)")
         if not req.points and req.box is None:
             raise Unprocessable("give at least one point or a box")
+        if req.hq_token_only and not isinstance(self.model, SamHQ):
+            raise Unprocessable("hq_token_only is for HQ-SAM models (sam_hq_vit_*)")
         mask_input = None
         if req.mask_input_id is not None:
             cand = self._candidates.get(req.mask_input_id)
@@ -119,6 +123,7 @@ class PredictionsMixin:
         p = self._predictor()
         if not (p.is_image_set and p.state is emb):
             p.set_embedding(emb)  # per thread, once per image (decoder context)
+        p.hq_token_only = req.hq_token_only  # the predictor is this thread's
         coords = np.asarray(req.points, dtype=np.float64).reshape(-1, 2) if req.points else None
         labels = np.asarray(req.labels, dtype=np.int64) if req.points else None
         box = np.asarray(req.box, dtype=np.float64) if req.box is not None else None

@@ -116,6 +116,9 @@ class PredictRequest(_Request):
     box: tuple[float, float, float, float] | None = None
     mask_input_id: str | None = Field(default=None, max_length=64)
     multimask: bool = True
+    #: HQ-SAM models only: the HQ output's mask alone (the reference predictor's
+    #: ``hq_token_only``; default as there: the HQ mask added to SAM's)
+    hq_token_only: bool = False
 
 
 class MaskOut(_Model):

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..fingerprint import model_fingerprint
+from ..fingerprint import state_fingerprint
 from ..predictor import LockedEmbeddingCache, Predictor
 from ..runtime import torch_threads
 from . import stats as S
@@ -234,12 +234,13 @@ class AnnotationService(
 
         Requests already running finish with the old model; every later prediction,
         pre-fill and accepted object uses (and records) the new model id. Embeddings stay
-        valid when the image encoder is unchanged (a decoder fine-tune: same
-        :func:`~segany.fingerprint.model_fingerprint` of ``image_encoder``), so nothing is
-        re-embedded then. Returns ``model``, ``model_id``, ``backend``, ``previous_model``,
-        ``previous_model_id`` and ``embeddings_kept``."""
-        same_encoder = model_fingerprint(self.model.image_encoder) == model_fingerprint(
-            predictor.model.image_encoder
+        valid when the weights behind them are unchanged (a decoder fine-tune of SAM 1 or
+        SAM 2: same :func:`~segany.fingerprint.state_fingerprint` of the model's
+        ``feature_state()``; not after an HQ-SAM fine-tune, whose HQ features come from
+        trained modules), so nothing is re-embedded then. Returns ``model``, ``model_id``,
+        ``backend``, ``previous_model``, ``previous_model_id`` and ``embeddings_kept``."""
+        same_encoder = state_fingerprint(self.model.feature_state()) == state_fingerprint(
+            predictor.model.feature_state()
         )
         with self._switch_lock:
             old_name, old_id = self.model_name, self.model_id

@@ -41,6 +41,17 @@ SAM 2 (:class:`~segany.models.sam2.Sam2`; :func:`graphs_of` gives ``encoder`` an
   then always a padding point; the choice among the four outputs (SAM 2's stability
   fallback when one mask is asked for) is made by the caller
   (:class:`segany.export.runtime.OnnxBackend`).
+
+HQ-SAM (:class:`~segany.models.SamHQ`; ``encoder`` and ``decoder`` only):
+
+- ``encoder.onnx``: ``image`` -> ``image_embeddings`` and the fused ``hq_features``
+  ``(1, C/8, S/4, S/4)`` (:meth:`~segany.models.SamHQ.embed_features`);
+- ``decoder.onnx``: the SAM 1 decoder's inputs plus ``hq_features`` after
+  ``image_embeddings`` (SAM 1's prompt order); outputs SAM's ``low_res_masks``
+  ``(B, 4, 4h, 4w)`` and ``iou_predictions`` ``(B, 4)`` and the HQ mask ``hq_masks``
+  ``(B, 1, 4h, 4w)``; which of SAM's outputs is added to the HQ mask (or none, with
+  ``hq_token_only``) is chosen by the caller
+  (:func:`~segany.models.mask_decoder_hq.hq_output`).
 """
 
 from __future__ import annotations
@@ -54,7 +65,7 @@ import torch
 from torch import nn
 
 from ..files import atomic_path
-from ..models import Sam
+from ..models import Sam, SamHQ
 from ..models.fuse import fuse_for_inference
 from ..models.sam2 import Sam2
 from ..models.transformer import DecoderContext
@@ -97,6 +108,18 @@ class Sam2EncoderGraph(nn.Module):
         return embedding, feat_s0, feat_s1
 
 
+class HqEncoderGraph(nn.Module):
+    """HQ-SAM: the image -> the image embedding and the fused HQ features."""
+
+    def __init__(self, sam: SamHQ) -> None:
+        super().__init__()
+        self.sam = sam
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding, (hq,) = self.sam.embed_features(image)
+        return embedding, hq
+
+
 class DecoderGraph(nn.Module):
     """Prompt encoder + mask decoder with all prompts as tensors (no optional inputs, no
     control flow): points of any label -1..3 and a mask gated by ``has_mask_input``."""
@@ -116,6 +139,13 @@ class DecoderGraph(nn.Module):
             emb = emb + point_embed.weight * (labels == i)
         return emb
 
+    def dense(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
+        """The dense prompt: the mask input's embedding, or ``no_mask_embed`` (gated)."""
+        pe = self.prompt_encoder
+        gate = has_mask_input.reshape(1, 1, 1, 1)
+        no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return gate * pe.mask_downscaling(mask_input) + (1 - gate) * no_mask
+
     def forward(
         self,
         image_embeddings: torch.Tensor,
@@ -124,11 +154,8 @@ class DecoderGraph(nn.Module):
         mask_input: torch.Tensor,
         has_mask_input: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        pe = self.prompt_encoder
         sparse = self.embed_points(point_coords, point_labels)
-        gate = has_mask_input.reshape(1, 1, 1, 1)
-        no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        dense = gate * pe.mask_downscaling(mask_input) + (1 - gate) * no_mask
+        dense = self.dense(mask_input, has_mask_input)
         return self.mask_decoder.predict_masks(
             image_embeddings, self.dense_pe, sparse, dense, few_tokens=True
         )
@@ -147,17 +174,34 @@ class Sam2DecoderGraph(DecoderGraph):
         mask_input: torch.Tensor,
         has_mask_input: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pe = self.prompt_encoder
         sparse = self.embed_points(point_coords, point_labels)
-        gate = has_mask_input.reshape(1, 1, 1, 1)
-        no_mask = pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        dense = gate * pe.mask_downscaling(mask_input) + (1 - gate) * no_mask
+        dense = self.dense(mask_input, has_mask_input)
         keep: dict = {}
         masks, iou = self.mask_decoder.predict_masks(
             image_embeddings, self.dense_pe, sparse, dense, few_tokens=True, keep=keep,
             high_res_features=(high_res_feats_0, high_res_feats_1),
         )  # fmt: skip
         return masks, iou, keep["object_score_logits"]
+
+
+class HqDecoderGraph(DecoderGraph):
+    """HQ-SAM: :class:`DecoderGraph` with the HQ features, giving SAM's four outputs and
+    the HQ mask (:meth:`~segany.models.mask_decoder_hq.MaskDecoderHQ.predict_all`)."""
+
+    def forward(  # type: ignore[override]
+        self,
+        image_embeddings: torch.Tensor,
+        hq_features: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sparse = self.embed_points(point_coords, point_labels)
+        dense = self.dense(mask_input, has_mask_input)
+        return self.mask_decoder.predict_all(
+            image_embeddings, self.dense_pe, sparse, dense, hq_features, few_tokens=True
+        )
 
 
 class ContextGraph(nn.Module):
@@ -231,14 +275,18 @@ def export_encoder(sam: Sam, path: str | os.PathLike[str]) -> Path:
     """Write the image encoder of ``sam`` to ``path`` (see the module docstring)."""
     model = _prepared(sam)
     s = model.img_size
-    sam2 = isinstance(model, Sam2)
+    graph, extra = EncoderGraph(model), ()
+    if isinstance(model, Sam2):
+        graph, extra = Sam2EncoderGraph(model), HIGH_RES
+    elif isinstance(model, SamHQ):
+        graph, extra = HqEncoderGraph(model), (HQ_FEATURES,)
     with torch.no_grad():
         return _export(
-            Sam2EncoderGraph(model) if sam2 else EncoderGraph(model),
+            graph,
             (torch.zeros(1, 3, s, s),),
             Path(path),
             input_names=["image"],
-            output_names=["image_embeddings", *(HIGH_RES if sam2 else ())],
+            output_names=["image_embeddings", *extra],
             dynamic_axes={},
         )
 
@@ -250,29 +298,33 @@ def export_decoder(sam: Sam, path: str | os.PathLike[str]) -> Path:
     h, w = pe.image_embedding_size
     mh, mw = pe.mask_input_size
     c = pe.embed_dim
-    sam2 = isinstance(model, Sam2)
-    high_res = (torch.randn(1, c // 8, 4 * h, 4 * w), torch.randn(1, c // 4, 2 * h, 2 * w))
+    graph: DecoderGraph = DecoderGraph(model)
+    names: tuple[str, ...] = ()
+    maps: tuple[torch.Tensor, ...] = ()
+    outputs = ["low_res_masks", "iou_predictions"]
+    if isinstance(model, Sam2):
+        graph, names, outputs = Sam2DecoderGraph(model), HIGH_RES, [*outputs, "object_score_logits"]
+        maps = (torch.randn(1, c // 8, 4 * h, 4 * w), torch.randn(1, c // 4, 2 * h, 2 * w))
+    elif isinstance(model, SamHQ):
+        graph, names, outputs = HqDecoderGraph(model), (HQ_FEATURES,), [*outputs, "hq_masks"]
+        maps = (torch.randn(1, c // 8, 4 * h, 4 * w),)
     args = (
         torch.randn(1, c, h, w),
-        *(high_res if sam2 else ()),
+        *maps,
         torch.randint(0, pe.input_image_size[0], (2, 3, 2)).float(),
         torch.tensor([[1.0, 0.0, -1.0], [2.0, 3.0, 1.0]]),
         torch.zeros(2, 1, mh, mw),
         torch.zeros(1),
     )
-    outputs = ["low_res_masks", "iou_predictions"]
-    axes = {**_PROMPT_AXES, "mask_input": {0: "batch"}}
-    if sam2:
-        outputs.append("object_score_logits")
-        axes["object_score_logits"] = {0: "batch"}
+    axes = {**_PROMPT_AXES, "mask_input": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}
     with torch.no_grad():
         return _export(
-            Sam2DecoderGraph(model) if sam2 else DecoderGraph(model),
+            graph,
             args,
             Path(path),
             input_names=[
                 "image_embeddings",
-                *(HIGH_RES if sam2 else ()),
+                *names,
                 "point_coords",
                 "point_labels",
                 "mask_input",
@@ -327,26 +379,29 @@ def export_prompt(sam: Sam, path: str | os.PathLike[str]) -> Path:
 
 
 GRAPHS = ("encoder", "decoder", "context", "prompt")
-#: SAM 2's graphs (its decoder is not split at the per-image context)
+#: SAM 2's and HQ-SAM's graphs (their decoders are not split at the per-image context)
 SAM2_GRAPHS = ("encoder", "decoder")
 #: the extra outputs of SAM 2's encoder graph, extra inputs of its decoder graph
 HIGH_RES = ("high_res_feats_0", "high_res_feats_1")
+#: HQ-SAM's: the fused HQ features
+HQ_FEATURES = "hq_features"
 
 
 def graphs_of(sam: Sam) -> tuple[str, ...]:
     """The graphs :func:`export_onnx` writes for ``sam``."""
-    return SAM2_GRAPHS if isinstance(sam, Sam2) else GRAPHS
+    return SAM2_GRAPHS if isinstance(sam, (Sam2, SamHQ)) else GRAPHS
 
 
 def _sam1_only(sam: Sam, what: str) -> None:
-    if isinstance(sam, Sam2):
-        raise ValueError(f"{what} is not made for SAM 2 models (their graphs: {SAM2_GRAPHS})")
+    if isinstance(sam, (Sam2, SamHQ)):
+        raise ValueError(f"{what} is not made for SAM 2 or HQ-SAM models (their graphs: "
+                         f"{SAM2_GRAPHS})")  # fmt: skip
 
 
 def export_onnx(sam: Sam, directory: str | os.PathLike[str]) -> dict[str, Path]:
     """Write the graphs of ``sam`` (:func:`graphs_of`: ``encoder.onnx``, ``decoder.onnx``,
-    and for SAM 1 ``context.onnx`` and ``prompt.onnx``) into ``directory``; returns their
-    paths by name."""
+    and for SAM 1 and MobileSAM ``context.onnx`` and ``prompt.onnx``) into ``directory``;
+    returns their paths by name."""
     d = Path(directory)
     writers = {
         "encoder": export_encoder,

@@ -19,7 +19,9 @@ import torch
 from ..fingerprint import model_fingerprint
 from ..models import Sam
 from ..models.mask_decoder import select_stable
+from ..models.mask_decoder_hq import hq_output
 from ..runtime import ort_session_options
+from .onnx import HQ_FEATURES
 
 BACKENDS = ("torch", "onnx")
 
@@ -48,7 +50,10 @@ class OnnxBackend:
 
     SAM 2 graphs (recognised by the decoder's ``high_res_feats_*`` inputs) take the
     encoder's high-res maps, get their prompts in SAM 2's order (box corners, clicks, a
-    padding point always) and have no context / prompt split.
+    padding point always) and have no context / prompt split. HQ-SAM graphs (the
+    decoder's ``hq_features`` input) take the encoder's HQ features, SAM 1's prompt order,
+    and give the HQ mask beside SAM's four outputs, combined here as the model combines
+    them (:func:`~segany.models.mask_decoder_hq.hq_output`).
     """
 
     name = "onnx"
@@ -80,6 +85,9 @@ class OnnxBackend:
         self.dynamic_multimask = dynamic_multimask
         inputs = [i.name for i in self.decoder.get_inputs()]
         self.high_res_inputs = [n for n in inputs if n.startswith("high_res_feats_")]
+        self.hq = HQ_FEATURES in inputs
+        if self.hq:
+            self.high_res_inputs = [HQ_FEATURES]
         self._no_mask = np.zeros((1, 1, *mask_input_size), np.float32)
         # the per-image context of the last embedding decoded: (embedding, feeds)
         self._ctx: tuple[weakref.ref, dict[str, np.ndarray]] | None = None
@@ -126,7 +134,8 @@ class OnnxBackend:
 
     def embed_features(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """The embedding and the encoder graph's other outputs (SAM 2: the high-res maps
-        the decoder takes as ``high_res_features``; none for SAM 1)."""
+        the decoder takes as ``high_res_features``; HQ-SAM: its HQ features; none for
+        SAM 1)."""
         x = np.ascontiguousarray(image.detach().cpu().numpy(), dtype=np.float32)
         emb, *high_res = self.encoder.run(None, {"image": x})
         return torch.from_numpy(emb), tuple(torch.from_numpy(t) for t in high_res)
@@ -141,11 +150,12 @@ class OnnxBackend:
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
         high_res_features: tuple[torch.Tensor, ...] | None = None,
+        hq_token_only: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Same contract as :meth:`segany.models.Sam.decode` (model frame)."""
         coords, labels = [], []
         b = next((int(t.shape[0]) for t in (point_coords, boxes, mask_input) if t is not None), 1)
-        box_first = bool(self.high_res_inputs)  # SAM 2's order
+        box_first = bool(self.high_res_inputs) and not self.hq  # SAM 2's order
         if boxes is not None:
             corners = (boxes.float().cpu().numpy().reshape(b, 2, 2), np.array([2.0, 3.0]))
         if boxes is not None and box_first:
@@ -172,6 +182,14 @@ class OnnxBackend:
         if mask_input is None and self.prompt is not None:
             feeds = {**self._context_feeds(image_embeddings), **points}
             low_res, iou = self.prompt.run(None, feeds)
+        elif self.hq:
+            outs = self._decode_full(image_embeddings, points, mask_input, b)
+            low_res, iou, hq = (torch.from_numpy(t) for t in outs)
+
+            def sam_masks(best: torch.Tensor) -> torch.Tensor:
+                return low_res[torch.arange(b), best].unsqueeze(1)
+
+            return hq_output(hq, iou, sam_masks, multimask_output, bool(hq_token_only))
         else:
             low_res, iou = self._decode_full(image_embeddings, points, mask_input, b)[:2]
         if not multimask_output and self.dynamic_multimask is not None:

@@ -19,7 +19,7 @@ with the highest predicted IoU); the IoU prediction is that SAM mask's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -78,6 +78,17 @@ class MaskDecoderHQ(MaskDecoder):
             nn.Conv2d(d // 4, d // 8, kernel_size=3, padding=1),
         )
 
+    def hq_modules(self) -> list[nn.Module]:
+        """What HQ-SAM adds to SAM's decoder, the only parts its training learns (SAM's own
+        weights stay frozen there)."""
+        return [
+            self.hf_token,
+            self.hf_mlp,
+            self.compress_vit_feat,
+            self.embedding_encoder,
+            self.embedding_maskfeature,
+        ]
+
     def hq_features(self, image_embeddings: torch.Tensor, early: torch.Tensor) -> torch.Tensor:
         """The per-image HQ features: image embedding ``(B, C, h, w)`` and the early encoder
         map ``(B, vit_dim, h, w)`` -> ``(B, C/8, 4h, 4w)``."""
@@ -116,8 +127,55 @@ class MaskDecoderHQ(MaskDecoder):
         if not high_res_features:
             raise ValueError("HQ-SAM decoding needs the image's HQ features")
         (hq,) = high_res_features
+        outputs = [] if hq_token_only else ([1, 2, 3] if multimask_output else [0])
+        hyper_in, upscaled, iou_all, masks = self._decode_hq(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+            hq, outputs, context=context,
+        )  # fmt: skip
+
+        def sam_masks(best: torch.Tensor) -> torch.Tensor:
+            rows = torch.arange(best.shape[0], device=best.device)
+            chosen = hyper_in[rows, best - outputs[0]].unsqueeze(1)  # position in `outputs`
+            return self.project_masks(chosen, upscaled)
+
+        return hq_output(masks, iou_all, sam_masks, multimask_output, hq_token_only)
+
+    def predict_all(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        hq: torch.Tensor,
+        few_tokens: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every output at once, for the ONNX graph (no control flow; the choice is
+        :func:`hq_output` on the caller's side): SAM's four mask logits
+        ``(B, 4, 4h, 4w)``, their IoUs ``(B, 4)`` and the HQ mask ``(B, 1, 4h, 4w)``."""
+        outputs = list(range(self.num_mask_tokens))
+        hyper_in, upscaled, iou_all, masks = self._decode_hq(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+            hq, outputs, few_tokens=few_tokens,
+        )  # fmt: skip
+        return self.project_masks(hyper_in, upscaled), iou_all, masks
+
+    def _decode_hq(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        hq: torch.Tensor,
+        outputs: Sequence[int],
+        context: DecoderContext | None = None,
+        few_tokens: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The transformer over SAM's output tokens, the HQ token and the prompts (the
+        final attention only for the IoU token, SAM's mask tokens ``outputs`` and the HQ
+        token). Returns the hypernetwork outputs of ``outputs`` ``(B, K, C/8)``, SAM's
+        upscaled image tokens ``(B, C/8, 4h, 4w)``, SAM's four IoUs ``(B, 4)`` and the HQ
+        mask logits ``(B, 1, 4h, 4w)``."""
         b = sparse_prompt_embeddings.shape[0]
-        outputs = list(range(1, self.num_mask_tokens)) if multimask_output else [0]
         hf = self.num_mask_tokens + 1  # index of the HQ token among the output tokens
         output_tokens = torch.cat(
             [self.iou_token.weight, self.mask_tokens.weight, self.hf_token.weight], dim=0
@@ -125,26 +183,48 @@ class MaskDecoderHQ(MaskDecoder):
         tokens = torch.cat(
             [output_tokens.unsqueeze(0).expand(b, -1, -1), sparse_prompt_embeddings], dim=1
         )
-        final = [0, hf] if hq_token_only else [0, *(1 + i for i in outputs), hf]
         hs, src = self.attend(
             image_embeddings,
             image_pe,
             tokens,
             dense_prompt_embeddings,
             context=context,
-            final_tokens=final,
+            few_tokens=few_tokens,
+            final_tokens=[0, *(1 + i for i in outputs), hf],
         )
-        iou = self.iou_prediction_head(hs[:, 0, :])[:, outputs]
-        rows = torch.arange(b, device=iou.device)
-        best = iou.argmax(dim=1)
-        iou = iou[rows, best].unsqueeze(1)
+        iou_all = self.iou_prediction_head(hs[:, 0, :])
         upscaled = self.output_upscaling(src)
         upscaled_hq = self.embedding_maskfeature(upscaled) + hq
         masks = self.project_masks(self.hf_mlp(hs[:, -1, :]).unsqueeze(1), upscaled_hq)
-        if hq_token_only:
-            return masks, iou
         mlps = self.output_hypernetworks_mlps
-        hyper_in = torch.stack([mlps[i](hs[:, 1 + j, :]) for j, i in enumerate(outputs)], dim=1)[
-            rows, best
-        ].unsqueeze(1)
-        return masks + self.project_masks(hyper_in, upscaled), iou
+        hyper_in = (
+            torch.stack([mlps[i](hs[:, 1 + j, :]) for j, i in enumerate(outputs)], dim=1)
+            if outputs
+            else hs.new_zeros(b, 0, upscaled.shape[1])
+        )
+        return hyper_in, upscaled, iou_all, masks
+
+
+def hq_output(
+    hq_masks: torch.Tensor,
+    iou: torch.Tensor,
+    sam_masks: Callable[[torch.Tensor], torch.Tensor],
+    multimask_output: bool,
+    hq_token_only: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HQ-SAM's answer from its HQ mask logits ``(B, 1, H, W)`` and SAM's four predicted
+    IoUs ``(B, 4)``: the HQ mask plus the SAM output chosen by the IoUs (with
+    ``multimask_output`` the multimask output with the highest, else the single-mask
+    output 0; ``sam_masks(indices (B,))`` gives its logits ``(B, 1, H, W)``), or with
+    ``hq_token_only`` the HQ mask alone; the IoU is the chosen output's ``(B, 1)``. The
+    one rule for :class:`MaskDecoderHQ` and the ONNX backend (whose graph gives SAM's four
+    outputs and the HQ mask)."""
+    if multimask_output:
+        best = iou[:, 1:].argmax(dim=1) + 1
+    else:
+        best = torch.zeros(iou.shape[0], dtype=torch.long, device=iou.device)
+    rows = torch.arange(iou.shape[0], device=iou.device)
+    chosen_iou = iou[rows, best].unsqueeze(1)
+    if hq_token_only:
+        return hq_masks, chosen_iou
+    return hq_masks + sam_masks(best), chosen_iou

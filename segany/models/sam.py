@@ -80,6 +80,11 @@ class Sam(nn.Module):
         ``high_res_features`` (none for SAM 1)."""
         return self.embed_image(images, valid=valid), ()
 
+    def feature_state(self) -> dict[str, torch.Tensor]:
+        """The weights that make :meth:`embed_features`' output (what a cached embedding
+        depends on): the image encoder's, under its own key names."""
+        return dict(self.image_encoder.state_dict())
+
     def prepare_decoder(self, image_embeddings: torch.Tensor) -> DecoderContext:
         """The prompt-independent part of decoding for one image ``(1, C, h, w)``: compute
         once per image and pass as ``context`` to :meth:`decode` (prompts without a mask

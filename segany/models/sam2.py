@@ -88,6 +88,16 @@ class Sam2(Sam):
         input has no padding)."""
         return self.embed_features(images)[0]
 
+    def feature_state(self) -> dict[str, torch.Tensor]:
+        """:meth:`Sam.feature_state` plus ``no_mem_embed`` and the decoder's ``conv_s0.*``,
+        ``conv_s1.*`` (the projected high-res maps)."""
+        state = super().feature_state()
+        state["no_mem_embed"] = self.no_mem_embed
+        for name in ("conv_s0", "conv_s1"):
+            for k, v in getattr(self.mask_decoder, name).state_dict().items():
+                state[f"{name}.{k}"] = v
+        return state
+
     def embed_features(
         self, images: torch.Tensor, *, valid: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:

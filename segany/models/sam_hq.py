@@ -48,10 +48,14 @@ class SamHQ(Sam):
             pixel_std=pixel_std,
         )
 
-    def require_sam1(self, what: str) -> None:
-        """Raise ``ValueError``: the parts of segany that call this (training, ONNX export)
-        are not adapted to HQ-SAM's decoder yet."""
-        raise ValueError(f"{what} does not support HQ-SAM models yet")
+    def feature_state(self) -> dict[str, torch.Tensor]:
+        """:meth:`Sam.feature_state` plus the decoder modules that fuse the HQ features
+        (``compress_vit_feat.*``, ``embedding_encoder.*``)."""
+        state = super().feature_state()
+        for name in ("compress_vit_feat", "embedding_encoder"):
+            for k, v in getattr(self.mask_decoder, name).state_dict().items():
+                state[f"{name}.{k}"] = v
+        return state
 
     def embed_features(
         self, images: torch.Tensor, *, valid: tuple[int, int] | None = None

@@ -16,6 +16,9 @@ Modes (``TrainConfig.train``):
 - ``heads``: the decoder's two-way transformer and upscaling stay frozen; the output
   hypernetwork MLPs, the IoU head and the IoU and mask tokens learn.
 
+HQ-SAM: ``decoder`` trains only what HQ-SAM adds to SAM's decoder, as its official recipe
+(:mod:`.family`); ``iou-head`` and ``heads`` (SAM's own heads) are refused.
+
 Every mode writes a full checkpoint (all weights, frozen ones unchanged).
 
 Files written for ``out = DIR/NAME.pt``:
@@ -49,7 +52,6 @@ import torch.nn.functional as F
 from .. import transforms as T
 from .. import validate as V
 from ..files import atomic_file, atomic_write
-from ..fingerprint import state_fingerprint
 from ..models import Sam
 from ..predictor import EmbeddingCache, ImageEmbedding, image_key
 from . import family as FAM
@@ -219,7 +221,7 @@ class EmbeddingSource:
         self.cache = EmbeddingCache(cache_dir, max_items=max_items)
         # the weights behind the cached features (encoder; SAM 2's conv_s0/s1, no_mem_embed),
         # shared by every decoder fine-tune of one base model
-        self.prefix = f"enc{state_fingerprint(FAM.feature_state(model))[:24]}"
+        self.prefix = FAM.cache_prefix(model)
         self._keys: dict[str, str] = {}
 
     def _key(self, image: TrainImage, rgb: np.ndarray) -> str:
@@ -435,7 +437,7 @@ class Trainer:
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Full mode: the images of the batch through the encoder, with gradients."""
         xs = [FAM.model_input(self.model, im.load())[0] for im in images]
-        return self.model.embed_features(torch.cat(xs).to(self.device))
+        return FAM.features(self.model, torch.cat(xs).to(self.device))
 
     # -- the simulation ----------------------------------------------------------------------
     def simulate(
@@ -449,10 +451,14 @@ class Trainer:
         b = len(batch)
         schedule = P.round_schedule(rng, cfg.point_rounds, cfg.empty_rounds)
         rounds = 1 + len(schedule)
-        if batch.embeddings is None:
-            emb_all, hr_all = self._embed_full(batch.images)
-        else:
-            emb_all, hr_all = batch.embeddings, batch.high_res
+        with torch.set_grad_enabled(train):
+            if batch.embeddings is None:
+                emb_all, hr_all = self._embed_full(batch.images)
+            else:
+                emb_all, hr_all = batch.embeddings, batch.high_res
+            hr_all = FAM.decoder_features(self.model.mask_decoder, emb_all, hr_all)
+        # rounds share this graph when the features learn (full mode; HQ-SAM's fusion)
+        shared = any(t.requires_grad for t in (emb_all, *hr_all))
         idx = torch.from_numpy(batch.image_index).to(self.device)
         groups = [np.flatnonzero(~batch.first_is_box), np.flatnonzero(batch.first_is_box)]
         groups = [g for g in groups if len(g)]
@@ -501,9 +507,7 @@ class Trainer:
                 share = len(g) / b / rounds
                 if train:
                     last = done == n_backward
-                    (out.loss * share * scale).backward(
-                        retain_graph=batch.embeddings is None and not last
-                    )
+                    (out.loss * share * scale).backward(retain_graph=shared and not last)
                 stats.loss += float(out.loss.detach()) * share
                 stats.focal += float(out.focal) * share
                 stats.dice += float(out.dice) * share
@@ -549,6 +553,7 @@ class Trainer:
         if prompts.get("point_coords") is not None:
             points = (prompts["point_coords"], prompts["point_labels"])
         sparse, dense = pe(points, prompts.get("boxes"), None)
+        hr = FAM.decoder_features(md, emb, hr)
         return md(emb, pe.get_dense_pe(), sparse, dense, multimask, high_res_features=hr or None)
 
     def replay_loss(self, rng: np.random.Generator, *, train: bool, scale: float = 1.0) -> float:
@@ -598,8 +603,9 @@ class Trainer:
         for prompts, multimask, t_l, t_i in runs:
             with torch.set_grad_enabled(train):
                 s_l, s_i = self.model.decode(
-                    emb, multimask_output=multimask, high_res_features=hr, **prompts
-                )
+                    emb, multimask_output=multimask, **prompts,
+                    high_res_features=FAM.decoder_features(self.model.mask_decoder, emb, hr),
+                )  # fmt: skip
                 p_t = torch.sigmoid(t_l)
                 kl = F.binary_cross_entropy_with_logits(s_l, p_t, reduction="none")
                 kl = kl - F.binary_cross_entropy_with_logits(t_l, p_t, reduction="none")
