@@ -251,9 +251,11 @@ def test_lowres_targets_match_the_pixels_under_cell_centres() -> None:
 
 # -- training --------------------------------------------------------------------------------
 def _cfg(**kw) -> TrainConfig:
-    # small: one image of two masks, a first prompt and one error-region point per step
+    # small: one image of two masks, a first prompt (box or point with equal odds) and one
+    # error-region point per step
     base = dict(steps=4, lr=2e-3, warmup_steps=1, images_per_step=1, masks_per_image=2,
-                point_rounds=1, empty_rounds=0, val_fraction=0.25, log_every=1)  # fmt: skip
+                point_rounds=1, empty_rounds=0, box_prob=0.5, val_fraction=0.25,
+                log_every=1)  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
 

@@ -34,259 +34,59 @@ Files written for ``out = DIR/NAME.pt``:
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import json
 import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import transforms as T
 from .. import validate as V
-from ..files import atomic_file, atomic_write
+from ..files import atomic_write
 from ..models import Sam
-from ..predictor import EmbeddingCache, ImageEmbedding, image_key
 from . import family as FAM
-from . import prompts as P
-from .data import TrainData, TrainImage, lowres_targets, to_coco
-
-MODES = ("decoder", "decoder+prompt", "full", "iou-head", "heads")
-LOG_FIELDS = (
-    "step",
-    "lr",
-    "loss",
-    "focal",
-    "dice",
-    "iou_mse",
-    "object",
-    "iou_first",
-    "iou_last",
-    "replay",
-    "rehearse",
-    "masks",
-    "val_loss",
-    "val_iou_first",
-    "seconds",
+from .config import DEFAULT_RECIPE, MODES, RECIPES, TrainConfig, lr_factor
+from .data import TrainData, TrainImage, to_coco
+from .embeddings import EmbeddingSource, default_embedding_cache
+from .runfiles import (
+    META_FORMAT,
+    STATE_FORMAT,
+    StepStats,
+    add_stats,
+    append_log,
+    atomic_save,
+    log_row,
+    output_paths,
+    plot_log,
+    read_log,
+    truncate_logs,
 )
-STATE_FORMAT = "segany-train-state/1"
-META_FORMAT = "segany-train/1"
+from .simulation import Batch, SimulationMixin, rank_loss
+
+__all__ = [
+    "DEFAULT_RECIPE",
+    "MODES",
+    "RECIPES",
+    "Batch",
+    "EmbeddingSource",
+    "TrainConfig",
+    "Trainer",
+    "default_embedding_cache",
+    "lr_factor",
+    "output_paths",
+    "plot_log",
+    "rank_loss",
+    "read_log",
+    "train",
+]
 
 
-@dataclass
-class TrainConfig:
-    """Everything that decides a run (saved in the metadata and the training state).
-
-    The defaults are the recipe measured on this project's fine-tuning target (docs/
-    training.md: +11 points 1-click mIoU on held-out nuclei with DAVIS 1-click improving
-    too, in about ten minutes of a 2-core CPU with MobileSAM): decoder only, 120 steps,
-    learning rate 2e-4 after 10 warmup steps, a first prompt (a box with odds 0.2, else a
-    point) and one error-region point, and, given rehearsal images (``segany train``
-    rehearses the shipped general set by default, see :mod:`.rehearsal`), their loss at
-    weight 0.5. :data:`RECIPES` ``["paper"]`` holds the SAM paper's interactive rounds
-    instead (8 points + 2 without, boxes with odds 0.5). The rest is the paper's (focal:dice
-    20:1; IoU MSE x1; AdamW, weight decay 0.1, x0.1 at 2/3 and 26/27 of the steps); for SAM
-    2 (``iou_loss="auto"``) the IoU error is absolute and the object score is trained
-    (``object_weight``), as in SAM 2's training (see :mod:`.losses`). ``replay_*`` apply only
-    when the trainer is given replay images (see :meth:`Trainer.replay_loss`),
-    ``rehearse_weight`` only when it is given labelled rehearsal images.
-    """
-
-    steps: int = 120
-    train: str = "decoder"
-    lr: float = 2e-4
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 10
-    decay_at: tuple[float, ...] = (2 / 3, 26 / 27)
-    decay_factor: float = 0.1
-    images_per_step: int = 2
-    masks_per_image: int = 8
-    accumulate: int = 1
-    point_rounds: int = 1
-    empty_rounds: int = 0
-    box_prob: float = 0.2
-    box_noise: float = P.BOX_NOISE
-    box_max_shift: float = P.BOX_MAX_SHIFT
-    box_multimask: bool = False
-    focal_weight: float = 20.0
-    dice_weight: float = 1.0
-    iou_weight: float = 1.0
-    iou_loss: str = "auto"
-    object_weight: float = 1.0
-    grad_clip: float = 0.0
-    seed: int = 0
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    checkpoint_every: int = 0
-    log_every: int = 10
-    val_every: int = 0
-    val_masks: int = 64
-    replay_weight: float = 1.0
-    replay_iou_weight: float = 50.0
-    replay_rank_weight: float = 1.0
-    replay_points: int = 4
-    rehearse_weight: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.train not in MODES:
-            raise ValueError(f"train must be one of {MODES}, got {self.train!r}")
-        for name in ("steps", "images_per_step", "masks_per_image", "accumulate", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if not 0 <= self.box_prob <= 1:
-            raise ValueError("box_prob must be in [0, 1]")
-        if self.iou_loss not in ("auto", "mse", "l1"):
-            raise ValueError(f"iou_loss must be 'auto', 'mse' or 'l1', got {self.iou_loss!r}")
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
-        self.decay_at = tuple(self.decay_at)
-
-    @property
-    def rounds(self) -> int:
-        return P.num_rounds(self.point_rounds, self.empty_rounds)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        d["decay_at"] = list(self.decay_at)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()
-                      if k in names})  # fmt: skip
-
-
-#: Named recipes: fields that differ from :class:`TrainConfig`'s defaults (``measured``).
-RECIPES: dict[str, dict[str, Any]] = {
-    "measured": {},
-    "paper": {
-        "steps": 1000,
-        "lr": 1e-4,
-        "warmup_steps": 50,
-        "point_rounds": P.POINT_ROUNDS,
-        "empty_rounds": P.EMPTY_ROUNDS,
-        "box_prob": 0.5,
-        "rehearse_weight": 1.0,
-    },
-}
-DEFAULT_RECIPE = "measured"
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Learning-rate multiplier after ``step`` optimizer steps: linear warmup over
-    ``warmup_steps``, then ``decay_factor`` per passed milestone (fractions of ``steps``)."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    passed = sum(step >= int(round(f * cfg.steps)) for f in cfg.decay_at)
-    return cfg.decay_factor**passed
-
-
-def output_paths(out: str | Path) -> dict[str, Path]:
-    """The files of a run whose weights go to ``out`` (see the module doc)."""
-    out = Path(out)
-    stem = out.with_suffix("") if out.suffix else out
-    return {
-        "weights": out,
-        "meta": stem.with_name(stem.name + ".json"),
-        "state": stem.with_name(stem.name + ".train-state.pt"),
-        "csv": stem.with_name(stem.name + ".log.csv"),
-        "jsonl": stem.with_name(stem.name + ".log.jsonl"),
-        "plot": stem.with_name(stem.name + ".loss.png"),
-        "val": stem.with_name(stem.name + ".val.json"),
-    }
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` through :func:`segany.files.atomic_file` (durable)."""
-    with atomic_file(path) as f:
-        torch.save(obj, f)
-
-
-class EmbeddingSource:
-    """Image features of a frozen encoder (:func:`.family.embed`), computed once and kept in an
-    :class:`~segany.predictor.EmbeddingCache` (on disk when ``cache_dir`` is given) under
-    ``enc<encoder hash>-<image content hash>``."""
-
-    def __init__(self, model: Sam, cache_dir: str | Path | None, *, max_items: int = 256) -> None:
-        self.model = model
-        self.cache = EmbeddingCache(cache_dir, max_items=max_items)
-        # the weights behind the cached features (encoder; SAM 2's conv_s0/s1, no_mem_embed),
-        # shared by every decoder fine-tune of one base model
-        self.prefix = FAM.cache_prefix(model)
-        self._keys: dict[str, str] = {}
-
-    def _key(self, image: TrainImage, rgb: np.ndarray) -> str:
-        return f"{self.prefix}-{image_key(rgb)}"
-
-    def get(self, image: TrainImage) -> ImageEmbedding:
-        key = self._keys.get(image.key)
-        if key is not None:
-            hit = self.cache.get(key)
-            if hit is not None:
-                return hit
-        rgb = image.load()
-        key = self._key(image, rgb)
-        self._keys[image.key] = key
-        hit = self.cache.get(key)
-        if hit is not None:
-            return hit
-        item = FAM.embed(self.model, rgb)
-        self.cache.put(key, item)
-        return item
-
-    def prepare(self, images: Sequence[TrainImage], progress: bool = True) -> float:
-        """Embed every image not cached yet; returns the seconds spent."""
-        from tqdm import tqdm
-
-        t0 = time.perf_counter()
-        for im in tqdm(images, desc="embeddings", unit="img", disable=not progress):
-            self.get(im)
-        return time.perf_counter() - t0
-
-
-@dataclass
-class Batch:
-    """``B`` masks from a few images, ready for the simulation (model frame, low-res)."""
-
-    embeddings: torch.Tensor | None  # (n_images, C, h, w); None in full mode
-    images: list[TrainImage]
-    image_index: np.ndarray  # (B,) into images / embeddings
-    input_size: np.ndarray  # (B, 2) (h, w)
-    targets: torch.Tensor  # (B, G, G) bool
-    valid: torch.Tensor  # (B, G, G) bool
-    first_is_box: np.ndarray  # (B,) bool
-    first_points: np.ndarray  # (B, 2) model frame
-    boxes: np.ndarray  # (B, 4) model frame, jittered
-    high_res: tuple[torch.Tensor, ...] = ()  # SAM 2: (n_images, ...) each; full mode: ()
-
-    def __len__(self) -> int:
-        return len(self.image_index)
-
-
-@dataclass
-class StepStats:
-    loss: float = 0.0
-    focal: float = 0.0
-    dice: float = 0.0
-    iou_mse: float = 0.0
-    object: float = 0.0
-    iou_first: float = 0.0
-    iou_last: float = 0.0
-    masks: int = 0
-    replay: float = 0.0
-    rehearse: float = 0.0
-
-
-class Trainer:
+class Trainer(SimulationMixin):
     """Trains ``model`` on ``train_images`` (see the module doc).
 
     Args:
@@ -374,254 +174,6 @@ class Trainer:
         }[self.cfg.train]
         return FAM.trainable(self.model, parts, self.cfg.train)
 
-    # -- batches -----------------------------------------------------------------------------
-    def sample_batch(
-        self, rng: np.random.Generator, images: Sequence[TrainImage] | None = None
-    ) -> Batch | None:
-        """Pick ``images_per_step`` images and up to ``masks_per_image`` masks of each, and
-        draw their first prompts. ``None`` if every picked mask vanished at low res."""
-        cfg = self.cfg
-        pool = self.train_images if images is None else images
-        n_img = min(cfg.images_per_step, len(pool))
-        picked = [pool[i] for i in rng.choice(len(pool), size=n_img, replace=False)]
-        img_list: list[TrainImage] = []
-        index, sizes, targets, valids, is_box, points, boxes = [], [], [], [], [], [], []
-        s = self.model.img_size
-        for im in picked:
-            k = min(cfg.masks_per_image, im.num_masks)
-            sel = np.sort(rng.choice(im.num_masks, size=k, replace=False))
-            masks = im.masks(sel)
-            input_size = self.geometry.input_size(im.height, im.width)
-            tgt, valid = lowres_targets(masks, input_size, s, self.grid)
-            keep = tgt.reshape(len(tgt), -1).any(axis=1)
-            if not keep.any():
-                continue
-            sel, masks, tgt = sel[keep], masks[keep], tgt[keep]
-            j = len(img_list)
-            img_list.append(im)
-            n = len(sel)
-            first_box = P.choose_first_prompts(n, rng, cfg.box_prob)
-            pts = self.geometry.coords_to_model(P.sample_points(masks, rng), (im.height, im.width))
-            bxs = self.geometry.boxes_to_model(im.boxes_xyxy(sel), (im.height, im.width)).numpy()
-            bxs = P.jitter_boxes(bxs, rng, cfg.box_noise, cfg.box_max_shift)
-            index += [j] * n
-            sizes += [input_size] * n
-            targets.append(tgt)
-            valids.append(np.broadcast_to(valid, tgt.shape))
-            is_box.append(first_box)
-            points.append(pts.numpy())
-            boxes.append(bxs)
-        if not img_list:
-            return None
-        emb, high_res = None, ()
-        if self.embeddings is not None:
-            items = [self.embeddings.get(im) for im in img_list]
-            emb = torch.cat([it.embedding for it in items]).to(self.device)
-            maps = zip(*(it.high_res for it in items))
-            high_res = tuple(torch.cat(t).to(self.device) for t in maps)
-        return Batch(
-            embeddings=emb,
-            images=img_list,
-            image_index=np.asarray(index, dtype=np.int64),
-            input_size=np.asarray(sizes, dtype=np.int64),
-            targets=torch.from_numpy(np.concatenate(targets)).to(self.device),
-            valid=torch.from_numpy(np.concatenate(valids)).to(self.device),
-            first_is_box=np.concatenate(is_box),
-            first_points=np.concatenate(points),
-            boxes=np.concatenate(boxes),
-            high_res=high_res,
-        )
-
-    def _embed_full(
-        self, images: list[TrainImage]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Full mode: the images of the batch through the encoder, with gradients."""
-        xs = [FAM.model_input(self.model, im.load())[0] for im in images]
-        return FAM.features(self.model, torch.cat(xs).to(self.device))
-
-    # -- the simulation ----------------------------------------------------------------------
-    def simulate(
-        self, batch: Batch, rng: np.random.Generator, *, train: bool, scale: float = 1.0
-    ) -> StepStats:
-        """Run the rounds of interaction on ``batch``; with ``train``, back-propagate each
-        round's loss (times ``scale``) as soon as it is computed (previous logits are
-        detached, so rounds are independent graphs, except the shared encoder in full mode).
-        """
-        cfg = self.cfg
-        b = len(batch)
-        schedule = P.round_schedule(rng, cfg.point_rounds, cfg.empty_rounds)
-        rounds = 1 + len(schedule)
-        with torch.set_grad_enabled(train):
-            if batch.embeddings is None:
-                emb_all, hr_all = self._embed_full(batch.images)
-            else:
-                emb_all, hr_all = batch.embeddings, batch.high_res
-            hr_all = FAM.decoder_features(self.model.mask_decoder, emb_all, hr_all)
-        # rounds share this graph when the features learn (full mode; HQ-SAM's fusion)
-        shared = any(t.requires_grad for t in (emb_all, *hr_all))
-        idx = torch.from_numpy(batch.image_index).to(self.device)
-        groups = [np.flatnonzero(~batch.first_is_box), np.flatnonzero(batch.first_is_box)]
-        groups = [g for g in groups if len(g)]
-        # every mask's points so far (box-first masks ignore column 0, their unused point)
-        coords = batch.first_points[:, None].astype(np.float64)
-        labels = np.ones((b, 1), dtype=np.int64)
-        logits_prev: torch.Tensor | None = None
-        valid_np = batch.valid.cpu().numpy()
-        target_np = batch.targets.cpu().numpy()
-        stats = StepStats(masks=b)
-        n_backward = rounds * len(groups)
-        done = 0
-        for r in range(rounds):
-            if r > 0 and schedule[r - 1]:
-                assert logits_prev is not None
-                pred = (logits_prev[:, 0] > 0).cpu().numpy()
-                cells, lab = P.sample_error_points(target_np, pred, rng, valid_np)
-                pts = P.lowres_to_model_points(cells, rng, self.stride, batch.input_size)
-                coords = np.concatenate([coords, pts[:, None]], axis=1)
-                labels = np.concatenate([labels, lab[:, None]], axis=1)
-            new_logits = torch.zeros(b, 1, self.grid, self.grid, device=self.device)
-            round_iou = torch.zeros(b, device=self.device)
-            for g in groups:
-                is_box_group = bool(batch.first_is_box[g[0]])
-                gt = torch.from_numpy(g).to(self.device)
-                kwargs: dict[str, Any] = {}
-                n_pts = coords.shape[1] - (1 if is_box_group else 0)
-                if n_pts > 0:
-                    sl = slice(1, None) if is_box_group else slice(None)
-                    kwargs["point_coords"] = (
-                        torch.from_numpy(coords[g][:, sl]).float().to(self.device)
-                    )
-                    kwargs["point_labels"] = torch.from_numpy(labels[g][:, sl]).to(self.device)
-                if is_box_group:
-                    kwargs["boxes"] = torch.from_numpy(batch.boxes[g]).float().to(self.device)
-                if logits_prev is not None:
-                    kwargs["mask_input"] = logits_prev[gt]
-                multimask = r == 0 and (not is_box_group or cfg.box_multimask)
-                with torch.set_grad_enabled(train):
-                    rows_g = idx[gt]
-                    logits, iou, out = FAM.decode_loss(
-                        self.model, emb_all[rows_g], tuple(t[rows_g] for t in hr_all),
-                        batch.targets[gt], batch.valid[gt], cfg, multimask=multimask, **kwargs,
-                    )  # fmt: skip
-                done += 1
-                share = len(g) / b / rounds
-                if train:
-                    last = done == n_backward
-                    (out.loss * share * scale).backward(retain_graph=shared and not last)
-                stats.loss += float(out.loss.detach()) * share
-                stats.focal += float(out.focal) * share
-                stats.dice += float(out.dice) * share
-                stats.iou_mse += float(out.iou_mse) * share
-                stats.object += float(out.object) * share
-                pick = iou.detach().argmax(dim=1)  # the paper feeds the best-scored mask back
-                rows = torch.arange(len(g), device=self.device)
-                new_logits[gt, 0] = logits.detach()[rows, pick]
-                round_iou[gt] = out.true_iou[rows, pick]
-            logits_prev = new_logits
-            if r == 0:
-                stats.iou_first = float(round_iou.mean())
-            stats.iou_last = float(round_iou.mean())
-        return stats
-
-    # -- rehearsal ---------------------------------------------------------------------------
-    def rehearse_step(self, rng: np.random.Generator, *, scale: float = 1.0) -> float:
-        """One batch of the labelled rehearsal images through :meth:`simulate`, its loss
-        back-propagated times ``rehearse_weight * scale``; returns that batch's loss."""
-        batch = None
-        while batch is None:
-            batch = self.sample_batch(rng, self.rehearse_images)
-        st = self.simulate(batch, rng, train=True, scale=self.cfg.rehearse_weight * scale)
-        return st.loss
-
-    # -- replay ------------------------------------------------------------------------------
-    def _freeze_teacher(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        """Frozen copies of the starting prompt encoder and mask decoder."""
-        import copy
-
-        pe = copy.deepcopy(self.model.prompt_encoder).eval()
-        md = copy.deepcopy(self.model.mask_decoder)  # in the student's mode
-        for p in [*pe.parameters(), *md.parameters()]:
-            p.requires_grad_(False)
-        return pe, md
-
-    def _teacher_decode(
-        self, emb: torch.Tensor, hr: tuple[torch.Tensor, ...], multimask: bool, **prompts: Any
-    ) -> Any:
-        assert self.teacher is not None
-        pe, md = self.teacher
-        points = None
-        if prompts.get("point_coords") is not None:
-            points = (prompts["point_coords"], prompts["point_labels"])
-        sparse, dense = pe(points, prompts.get("boxes"), None)
-        hr = FAM.decoder_features(md, emb, hr)
-        return md(emb, pe.get_dense_pe(), sparse, dense, multimask, high_res_features=hr or None)
-
-    def replay_loss(self, rng: np.random.Generator, *, train: bool, scale: float = 1.0) -> float:
-        """Self-distillation on one replay image (no labels): the frozen starting decoder
-        answers twice as many random points as ``replay_points``; the confident answers
-        (best predicted IoU >= 0.8) give *object centres* (the point of the best mask
-        farthest from its boundary, like the evaluation's first click), topped up with
-        random points. On those points (three outputs) and on the boxes of their best masks
-        (single output), the trained decoder's logits and IoUs are pulled towards the
-        starting decoder's: ``focal_weight`` x per-pixel Bernoulli KL + ``replay_iou_weight``
-        x IoU MSE + ``replay_rank_weight`` x :func:`rank_loss` (three outputs), times
-        ``replay_weight``. Back-propagated with ``train``; returns the
-        loss."""
-        cfg = self.cfg
-        assert self.embeddings is not None
-        im = self.replay_images[int(rng.integers(len(self.replay_images)))]
-        item = self.embeddings.get(im)
-        emb = item.embedding.to(self.device)
-        hr = tuple(t.to(self.device) for t in item.high_res)
-        h, w = item.input_size
-        n = cfg.replay_points
-        valid = torch.zeros(self.grid, self.grid, dtype=torch.bool, device=self.device)
-        valid[: -(-h // self.stride), : -(-w // self.stride)] = True
-        labels = torch.ones(n, 1, dtype=torch.long, device=self.device)
-        with torch.no_grad():
-            cand = np.stack([rng.integers(w, size=2 * n), rng.integers(h, size=2 * n)], axis=1)
-            c_coords = torch.from_numpy(cand[:, None].astype(np.float32)).to(self.device)
-            c_logits, c_iou = self._teacher_decode(
-                emb, hr, True, point_coords=c_coords, point_labels=labels.repeat(2, 1)
-            )
-            score, pick = c_iou.max(dim=1)
-            c_best = (c_logits[torch.arange(2 * n), pick] > 0) & valid
-            pts = _object_centres(c_best.cpu().numpy(), score.cpu().numpy(), self.stride, n)
-            pts = np.concatenate([pts, cand[: n - len(pts)]])
-            coords = torch.from_numpy(pts[:, None].astype(np.float32)).to(self.device)
-            t_logits, t_iou = self._teacher_decode(
-                emb, hr, True, point_coords=coords, point_labels=labels
-            )
-            best = t_logits[torch.arange(n), t_iou.argmax(dim=1)] > 0
-            boxes = _lowres_boxes(best & valid, self.stride, (h, w))
-            t_box_logits, t_box_iou = self._teacher_decode(emb, hr, False, boxes=boxes)
-        total = 0.0
-        runs = [
-            ({"point_coords": coords, "point_labels": labels}, True, t_logits, t_iou),
-            ({"boxes": boxes}, False, t_box_logits, t_box_iou),
-        ]
-        for prompts, multimask, t_l, t_i in runs:
-            with torch.set_grad_enabled(train):
-                s_l, s_i = self.model.decode(
-                    emb, multimask_output=multimask, **prompts,
-                    high_res_features=FAM.decoder_features(self.model.mask_decoder, emb, hr),
-                )  # fmt: skip
-                p_t = torch.sigmoid(t_l)
-                kl = F.binary_cross_entropy_with_logits(s_l, p_t, reduction="none")
-                kl = kl - F.binary_cross_entropy_with_logits(t_l, p_t, reduction="none")
-                kl = (kl * valid).sum(dim=(-1, -2)) / valid.sum()
-                # the IoU term keeps the ranking of the three outputs (the one "auto"
-                # picks), which drifts before the masks do
-                loss = cfg.focal_weight * kl.mean()
-                loss = loss + cfg.replay_iou_weight * ((s_i - t_i) ** 2).mean()
-                if multimask and cfg.replay_rank_weight > 0:
-                    loss = loss + cfg.replay_rank_weight * rank_loss(s_i, t_i)
-                loss = cfg.replay_weight * loss / len(runs)
-            if train:
-                (loss * scale).backward()
-            total += float(loss.detach())
-        return total
-
     # -- validation --------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
         """Loss and first-round IoU on a fixed, seeded sample of validation masks (the same
@@ -647,8 +199,8 @@ class Trainer:
     # -- state -------------------------------------------------------------------------------
     def save(self, rng_state: dict[str, Any] | None = None) -> None:
         """Write the weights, the training state and the metadata (atomically)."""
-        _atomic_save(FAM.checkpoint(self.model), self.paths["weights"])
-        _atomic_save(
+        atomic_save(FAM.checkpoint(self.model), self.paths["weights"])
+        atomic_save(
             {
                 "format": STATE_FORMAT,
                 "step": self.step,
@@ -694,7 +246,7 @@ class Trainer:
             self.embeddings = EmbeddingSource(self.model, self.embedding_cache)
         else:
             self.embeddings = None
-        _truncate_logs(self.paths, self.step)
+        truncate_logs(self.paths, self.step)
 
     def write_meta(self, extra: dict[str, Any] | None = None) -> None:
         meta = {
@@ -768,7 +320,7 @@ class Trainer:
                         st.rehearse = self.rehearse_step(self.rng, scale=1 / cfg.accumulate)
                     if self.teacher is not None:
                         st.replay = self.replay_loss(self.rng, train=True, scale=1 / cfg.accumulate)
-                    _add(acc, st, 1 / cfg.accumulate)
+                    add_stats(acc, st, 1 / cfg.accumulate)
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -787,10 +339,10 @@ class Trainer:
                     )
                 row: dict[str, Any] | None = None
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    row = _row(self.step, lr, acc, acc_steps, self.elapsed)
+                    row = log_row(self.step, lr, acc, acc_steps, self.elapsed)
                     if cfg.val_every and (self.step % cfg.val_every == 0 or self.step == cfg.steps):
                         row.update({k: round(v, 6) for k, v in self.validate().items()})
-                    _append_log(self.paths, row)
+                    append_log(self.paths, row)
                     acc, acc_steps = StepStats(), 0
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
@@ -826,56 +378,6 @@ def _interrupt_on_sigterm() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, old)
 
 
-def rank_loss(
-    student: torch.Tensor, teacher: torch.Tensor, t_teacher: float = 0.01, t_student: float = 0.02
-) -> torch.Tensor:
-    """Keeps *which* output ranks first (the "auto" mask), even where the teacher's predicted
-    IoUs ``(B, K)`` are nearly tied: cross-entropy from the nearly one-hot softmax of the
-    teacher's IoUs (temperature ``t_teacher``) to the student's (``t_student``), minus its
-    value at the teacher's own IoUs (so it is 0 when the student equals the teacher)."""
-    target = torch.softmax(teacher / t_teacher, dim=1)
-    ce = -(target * torch.log_softmax(student / t_student, dim=1)).sum(dim=1)
-    ref = -(target * torch.log_softmax(teacher / t_student, dim=1)).sum(dim=1)
-    return (ce - ref).mean()
-
-
-def _object_centres(
-    masks: np.ndarray, scores: np.ndarray, stride: int, n: int, min_score: float = 0.8
-) -> np.ndarray:
-    """Model-frame points ``(k, 2)``, ``k <= n``: for the low-res masks ``(B, G, G)`` scored
-    at least ``min_score`` (best first, one per distinct centre), the cell farthest from the
-    mask's boundary, at its centre pixel."""
-    from ..eval.clicks import farthest_point
-
-    out: list[tuple[int, int]] = []
-    for i in np.argsort(-scores, kind="stable"):
-        if len(out) >= n or scores[i] < min_score:
-            break
-        found = farthest_point(masks[i])
-        if found is None:
-            continue
-        x, y = found[0] * stride + stride // 2, found[1] * stride + stride // 2
-        if (x, y) not in out:
-            out.append((x, y))
-    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
-
-
-def _lowres_boxes(masks: torch.Tensor, stride: int, input_size: tuple[int, int]) -> torch.Tensor:
-    """XYXY model-frame boxes ``(B, 4)`` around low-res masks ``(B, G, G)`` (cell edges);
-    an empty mask gets the whole image."""
-    h, w = input_size
-    out = torch.tensor([[0.0, 0.0, float(w), float(h)]]).repeat(len(masks), 1)
-    for i, m in enumerate(masks.cpu()):
-        ys, xs = torch.nonzero(m, as_tuple=True)
-        if len(xs):
-            x0, y0 = int(xs.min()) * stride, int(ys.min()) * stride
-            x1, y1 = (int(xs.max()) + 1) * stride, (int(ys.max()) + 1) * stride
-            out[i] = torch.tensor([x0, y0, x1, y1], dtype=torch.float32)
-    out[:, [0, 2]] = out[:, [0, 2]].clamp(0, w)
-    out[:, [1, 3]] = out[:, [1, 3]].clamp(0, h)
-    return out.to(masks.device)
-
-
 def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; the fused kernel where torch has one for the parameters' device."""
     kw: dict[str, Any] = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -883,106 +385,6 @@ def _adamw(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Ad
         return torch.optim.AdamW(params, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(params, **kw)
-
-
-def _add(acc: StepStats, st: StepStats, w: float) -> None:
-    for name in ("loss", "focal", "dice", "iou_mse", "object", "iou_first", "iou_last",
-                 "replay", "rehearse"):  # fmt: skip
-        setattr(acc, name, getattr(acc, name) + getattr(st, name) * w)
-    acc.masks += st.masks
-
-
-def _row(step: int, lr: float, acc: StepStats, n: int, seconds: float) -> dict[str, Any]:
-    n = max(1, n)
-    return {
-        "step": step,
-        "lr": lr,
-        "loss": round(acc.loss / n, 6),
-        "focal": round(acc.focal / n, 6),
-        "dice": round(acc.dice / n, 6),
-        "iou_mse": round(acc.iou_mse / n, 6),
-        "object": round(acc.object / n, 6),
-        "iou_first": round(acc.iou_first / n, 5),
-        "iou_last": round(acc.iou_last / n, 5),
-        "replay": round(acc.replay / n, 6),
-        "rehearse": round(acc.rehearse / n, 6),
-        "masks": acc.masks,
-        "seconds": round(seconds, 1),
-    }
-
-
-def _append_log(paths: dict[str, Path], row: dict[str, Any]) -> None:
-    new = not paths["csv"].is_file()
-    with paths["csv"].open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in LOG_FIELDS})
-    with paths["jsonl"].open("a") as f:
-        f.write(V.dumps(row) + "\n")
-
-
-def read_log(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a CSV log, numbers as floats (empty cells dropped)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [
-            {k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)
-        ]
-
-
-def _truncate_logs(paths: dict[str, Path], step: int) -> None:
-    """Drop log rows after ``step`` (written after the last checkpoint of a stopped run)."""
-    rows = [r for r in read_log(paths["csv"]) if r["step"] <= step]
-    for key in ("csv", "jsonl"):
-        paths[key].unlink(missing_ok=True)
-    for r in rows:
-        r["step"] = int(r["step"])
-        r["masks"] = int(r.get("masks", 0))
-        _append_log(paths, r)
-
-
-def plot_log(csv_path: str | Path, png_path: str | Path) -> Path | None:
-    """Loss and first-round IoU against the step (train, and validation when logged)."""
-    rows = read_log(csv_path)
-    if not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ax1.plot(steps, [r["loss"] for r in rows], label="train")
-    ax2.plot(steps, [r["iou_first"] for r in rows], label="train, round 1")
-    ax2.plot(steps, [r["iou_last"] for r in rows], label="train, last round", alpha=0.7)
-    val = [r for r in rows if "val_loss" in r]
-    if val:
-        ax1.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-        ax2.plot([r["step"] for r in val], [r["val_iou_first"] for r in val], "o-",
-                 label="validation, round 1")  # fmt: skip
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("loss (focal x20 + dice + IoU MSE)")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("IoU of the fed-back mask")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    png_path = Path(png_path)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return png_path
-
-
-def default_embedding_cache() -> Path:
-    """Where training keeps image embeddings by default (``<segany cache>/embeddings``)."""
-    from ..weights import cache_dir
-
-    return cache_dir() / "embeddings"
 
 
 def train(
