@@ -14,6 +14,7 @@ After each training the held-out half is evaluated (``segany eval points``: 1-cl
 auto and oracle). Accuracy does not depend on the machine's load; the times printed do.
 
     python benchmarks/bench_data_engine_loop.py --out runs/loop [--steps 120] [--annotate 8]
+        [--eval-images N]
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def _run(argv: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def _eval(model: str, val: Path, images: Path, out: Path) -> dict:
+def _eval(model: str, val: Path, images: Path, out: Path, limit: int | None) -> dict:
+    lim = ["--limit", str(limit)] if limit else []
     _run(["eval", "points", str(val), "--images", str(images), "--model", model,
-          "--max-clicks", "1", "--out", str(out), "--quiet"])  # fmt: skip
+          "--max-clicks", "1", "--out", str(out), "--quiet", *lim])  # fmt: skip
     r = json.loads((out / "results.json").read_text())
     r = r["runs"][0] if "runs" in r else r
     return {"miou_1": r["miou"]["1"], "oracle_1": r["oracle_miou_1"], "masks": r["masks"]}
@@ -63,6 +65,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="segany train steps (default: recipe)")
     ap.add_argument("--annotate", type=int, default=8, help="training images annotated")
     ap.add_argument("--preset", default="fast")
+    ap.add_argument("--eval-images", type=int, default=None, help="held-out images scored")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     from segany.datasets import open_dataset, to_coco
@@ -87,7 +90,8 @@ def main() -> None:
     print(f"CPU: {_cpu()}; {len(train)} training images (labels unused), {len(val)} held out "
           f"({sum(i.num_masks for i in val)} masks)", flush=True)  # fmt: skip
     rows = []
-    rows.append(("mobile_sam", "-", _eval("mobile_sam", val_json, images, out / "eval0"), 0.0))
+    base = _eval("mobile_sam", val_json, images, out / "eval0", args.eval_images)
+    rows.append(("mobile_sam", "-", base, 0.0))
 
     ds = out / "ds"
     t = _run(["label", str(folder), "--out", str(ds), "--preset", args.preset, "--no-progress"])
@@ -98,7 +102,7 @@ def main() -> None:
     t = _run(["train", "--data", str(ds), "--out", str(ft1), "--val-fraction", "0", *steps,
               "--quiet"])  # fmt: skip
     rows.append(("ft1", f"{auto['masks']} automatic masks", _eval(str(ft1), val_json, images,
-                 out / "eval1"), t))  # fmt: skip
+                 out / "eval1", args.eval_images), t))  # fmt: skip
 
     svc = AnnotationService(Store(folder / ".segany" / "annotations.db"), folder,
                             load_predictor(ft1, progress=False), model_name=ft1.name,
@@ -120,8 +124,8 @@ def main() -> None:
     finally:
         svc.close()
         svc.store.close()
-    rows.append(("ft2", f"+ {accepted} accepted masks ({args.annotate} images)",
-                 _eval(str(ft2), val_json, images, out / "eval2"), t))  # fmt: skip
+    scores = _eval(str(ft2), val_json, images, out / "eval2", args.eval_images)
+    rows.append(("ft2", f"+ {accepted} accepted masks ({args.annotate} images)", scores, t))
     t = _run(["label", str(folder), "--out", str(out / "ds2"), "--model", str(ft2),
               "--preset", args.preset, "--no-progress"])  # fmt: skip
     again = json.loads((out / "ds2" / "manifest.json").read_text())["counts"]
