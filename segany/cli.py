@@ -26,7 +26,7 @@ import numpy as np
 
 from . import validate as V
 from . import weights as W
-from .cli_common import CliError, add_detector_args
+from .cli_common import CliError, add_detector_args, add_model_args
 
 
 def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:
@@ -56,29 +56,6 @@ def _box(text: str) -> list[float]:
     return _floats(text, (4,), "--box X0,Y0,X1,Y1")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=W.DEFAULT_WEIGHTS,
-        help=f"catalogue name or checkpoint path (default: {W.DEFAULT_WEIGHTS})",
-    )
-    p.add_argument(
-        "--backend",
-        choices=("auto", "torch", "onnx", "onnx-int8"),
-        default="auto",
-        help="inference engine (auto: the faster exact one on this machine, timed once and "
-        "recorded, or $SEGANY_BACKEND; onnx: exported once and cached; onnx-int8: "
-        "quantised, see docs/performance.md for its accuracy cost)",
-    )
-    p.add_argument(
-        "--precision",
-        choices=("fp32", "bf16"),
-        default="fp32",
-        help="image encoder precision of the torch backend (bf16: faster on CPUs with "
-        "AMX / AVX-512 BF16, less accurate; see docs/performance.md)",
-    )
-
-
 # -- segment ---------------------------------------------------------------------------------
 def _add_segment(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("segment", help="segment one image from point, box or text prompts")
@@ -92,7 +69,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
         help="image pixel; label 1 = object (default), 0 = background; repeatable",
     )
     p.add_argument("--box", type=_box, metavar="X0,Y0,X1,Y1", help="box in image pixels")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--out", required=True, help="mask PNG (0/255) of the best mask")
     p.add_argument("--overlay", help="PNG of the image with the mask(s) and prompts drawn")
     p.add_argument(
@@ -292,136 +269,9 @@ def _run_segment_text(args: argparse.Namespace) -> int:
 
 # -- everything ------------------------------------------------------------------------------
 def _add_everything(sub: argparse._SubParsersAction) -> None:
-    from .datasets import FORMATS
-    from .everything import DEFAULT_PRESET, PRESETS
+    from .everything_cli import add_parser
 
-    p = sub.add_parser(
-        "everything", help="segment everything in images (automatic mask generation)"
-    )
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders")
-    p.add_argument("--out", required=True, help="output folder")
-    from .geo_cli import GEO_FORMATS, add_large_image_args
-
-    p.add_argument("--format", choices=FORMATS + GEO_FORMATS, default="sa1b", help="default: sa1b")
-    p.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default=DEFAULT_PRESET,
-        help=f"default: {DEFAULT_PRESET}",
-    )
-    p.add_argument("--points-per-side", type=int, help="override the preset's grid size")
-    p.add_argument("--crop-layers", type=int, help="override the preset's crop layers")
-    p.add_argument(
-        "--pred-iou-thresh", type=float, help="override the preset's predicted-IoU threshold"
-    )
-    p.add_argument(
-        "--stability-thresh", type=float, help="override the preset's stability threshold"
-    )
-    p.add_argument("--no-overlay", action="store_true", help="do not write overlay PNGs")
-    _add_model_args(p)
-    add_large_image_args(p, prompts=False)  # segany/geo_cli.py: tiled, georeferenced outputs
-    p.set_defaults(func=_run_everything)
-
-
-def _collect_images(inputs: list[str]) -> list[Path]:
-    """The images of folders (:func:`segany.files.find_images`) and files given as they are."""
-    from .files import find_images
-
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        found.extend(find_images(path) if path.is_dir() else [path])
-    return found
-
-
-def _run_everything(args: argparse.Namespace) -> int:
-    from PIL import Image
-    from tqdm import tqdm
-
-    from .datasets.coco import CocoWriter
-    from .datasets.png import write_png
-    from .datasets.sa1b import write_sa1b
-    from .datasets.yolo import write_yolo
-    from .everything import MaskGenerator
-    from .loader import load_predictor
-    from .transforms import MAX_PIXELS, ImageError, load_image
-    from .viz import overlay_records
-
-    images = _collect_images(args.inputs)
-    if not images:
-        raise CliError("no images found in " + " ".join(args.inputs))
-    from .geo_cli import handles_everything, run_everything
-
-    if handles_everything(args):
-        return run_everything(args, images)
-    try:
-        gen = MaskGenerator(
-            load_predictor(args.model, backend=args.backend, precision=args.precision),
-            preset=args.preset,
-            points_per_side=args.points_per_side,
-            crop_n_layers=args.crop_layers,
-            pred_iou_thresh=args.pred_iou_thresh,
-            stability_score_thresh=args.stability_thresh,
-        )
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} is a file; everything writes into a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    coco = CocoWriter() if args.format == "coco" else None
-    used: set[str] = set()
-    failed: list[tuple[str, str]] = []
-    total = 0
-    bar = tqdm(images, unit="img", desc="everything")
-    for path in bar:
-        try:
-            rgb = load_image(path, max_pixels=args.max_pixels or MAX_PIXELS)
-            records = gen.generate(rgb)
-        except (ImageError, ValueError, RuntimeError, MemoryError) as exc:
-            # one bad image never stops the batch; writing errors (OSError) do
-            failed.append((str(path), str(exc)))
-            tqdm.write(f"segany: skipped {path}: {exc}", file=sys.stderr)
-            continue
-        total += len(records)
-        bar.set_postfix(masks=total, last=len(records))
-        stem = path.stem
-        k = 1
-        while stem in used:
-            stem, k = f"{path.stem}_{k}", k + 1
-        used.add(stem)
-        h, w = rgb.shape[:2]
-        if args.format == "sa1b":
-            write_sa1b(
-                out / f"{stem}.json",
-                records,
-                image_id=len(used),
-                file_name=path.name,
-                width=w,
-                height=h,
-            )
-        elif args.format == "png":
-            write_png(out / stem, records)
-        elif args.format == "yolo":
-            write_yolo(out / f"{stem}.txt", records)
-        elif coco is not None:
-            coco.add(records, file_name=path.name, width=w, height=h)
-        if not args.no_overlay:
-            (out / "overlays").mkdir(exist_ok=True)
-            Image.fromarray(overlay_records(rgb, records)).save(out / "overlays" / f"{stem}.png")
-    bar.close()
-    if coco is not None:
-        coco.write(out / "annotations.json")
-    summary = {
-        "images": len(images) - len(failed),
-        "masks": total,
-        "skipped": [{"path": p, "error": e} for p, e in failed],
-        "out": str(out),
-        "format": args.format,
-        "preset": args.preset,
-    }
-    print(V.dumps(summary, indent=2))
-    return 0 if len(failed) < len(images) else 2
+    add_parser(sub)  # segany/everything_cli.py: automatic mask generation over images
 
 
 # -- weights ---------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """What every ``segany`` sub-command's CLI shares: the one-line user error and the
-detector options. Kept apart from :mod:`segany.cli` so the sub-command modules
+detector and model options. Kept apart from :mod:`segany.cli` so the sub-command modules
 (``eval/cli.py``, ``engine/label_cli.py``, ``train/cli.py``, ``video/cli.py``,
 ``geo_cli.py``...) never import the entry point that imports them (no import cycle)."""
 
@@ -34,4 +34,30 @@ def add_detector_args(g: argparse._ArgumentGroup, *, note: str = "") -> None:
         type=float,
         help=f"Grounding DINO: words scoring above this form a box's phrase "
         f"(default: {D.TEXT_THRESHOLD}{note})",
+    )
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--backend`` and ``--precision`` of the commands that run a model."""
+    from .weights import DEFAULT_WEIGHTS
+
+    p.add_argument(
+        "--model",
+        default=DEFAULT_WEIGHTS,
+        help=f"catalogue name or checkpoint path (default: {DEFAULT_WEIGHTS})",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnx", "onnx-int8"),
+        default="auto",
+        help="inference engine (auto: the faster exact one on this machine, timed once and "
+        "recorded, or $SEGANY_BACKEND; onnx: exported once and cached; onnx-int8: "
+        "quantised, see docs/performance.md for its accuracy cost)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="image encoder precision of the torch backend (bf16: faster on CPUs with "
+        "AMX / AVX-512 BF16, less accurate; see docs/performance.md)",
     )
