@@ -11,6 +11,7 @@ from typing import Any
 from pycocotools import mask as mask_utils
 
 from ..validate import InputError, segmentation_to_rle
+from .predictions import _Timer
 from .schemas import (
     RLE,
     AcceptRequest,
@@ -246,6 +247,10 @@ class AnnotationsMixin:
             raise Unprocessable("event data must not hold NaN or infinite numbers") from None
         if len(text) > 4096:
             raise Unprocessable("event data is limited to 4 KiB")
+        if req.kind == "predict":  # a click the page decoded itself counts as one
+            with self._timers_lock:
+                t = self._timers.setdefault((user.id, image_id), _Timer(start=time.time()))
+                t.clicks += 1
         self._events.put(
             {
                 "ts": time.time(),

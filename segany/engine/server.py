@@ -49,6 +49,7 @@ from .service import (
 )
 from .stats import StatsOut
 from .store import default_db
+from .webdecoder_routes import ISOLATED, ISOLATED_PREFIXES, add_web_decoder_routes
 
 __all__ = ["build_service", "create_app", "default_db", "is_local", "serve"]
 
@@ -87,13 +88,16 @@ def create_app(
     small_body: int = guards.SMALL_BODY,
     hosts: Sequence[str] | None = guards.LOCAL_NAMES,
     origins: Sequence[str] = (),
+    isolation: bool = True,
 ) -> FastAPI:
     """The FastAPI app for one service (one images folder, one model, one database).
 
     ``max_body`` limits the COCO import's body, ``small_body`` every other route's (at most
     ``max_body``). ``hosts``: the ``Host`` names answered (:func:`.guards.served_hosts`;
     ``None``: any); cross-origin state-changing requests are refused unless their
-    ``Origin`` is a name in ``origins`` (``--allow-host``).
+    ``Origin`` is a name in ``origins`` (``--allow-host``). ``isolation``: the pages and
+    their scripts are sent with COOP / COEP headers, so the page is cross-origin isolated
+    and the browser decoder may use WebAssembly threads (:mod:`.webdecoder`).
     """
     app = FastAPI(
         title="segany annotate",
@@ -119,6 +123,7 @@ def create_app(
         return FileResponse(WEB / "favicon.svg", media_type="image/svg+xml")
 
     app.mount("/static", StaticFiles(directory=WEB), name="static")
+    add_web_decoder_routes(app, service, Who)
 
     # -- API ---------------------------------------------------------------------------------
     @app.get("/api/health")
@@ -284,6 +289,8 @@ def create_app(
         default=min(small_body, max_body),
         limits={"/api/import/coco": max_body},
     )
+    if isolation:
+        app.add_middleware(guards.Isolation, paths=ISOLATED, prefixes=ISOLATED_PREFIXES)
     # outermost: runs first
     app.add_middleware(guards.HostOriginGuard, hosts=hosts, origins=origins)
     return app

@@ -44,8 +44,12 @@ function rleDecode(rle) {
 
 // A mask painted into a canvas of the image's size, in one colour.
 function maskCanvas(rle, rgba) {
-  const h = rle.size[0], w = rle.size[1];
-  const m = rleDecode(rle);
+  return bitsCanvas(rleDecode(rle), rle.size[0], rle.size[1], rgba);
+}
+
+// Uint8Array of h*w (row-major, non-zero inside) -> a canvas: the mask in one colour, its
+// outline (mask pixels with a background 4-neighbour) opaque.
+function bitsCanvas(m, h, w, rgba) {
   const c = document.createElement("canvas");
   c.width = w; c.height = h;
   const ctx = c.getContext("2d");
@@ -57,7 +61,6 @@ function maskCanvas(rle, rgba) {
       d[o] = rgba[0]; d[o + 1] = rgba[1]; d[o + 2] = rgba[2]; d[o + 3] = rgba[3];
     }
   }
-  // outline: mask pixels with a background 4-neighbour, drawn opaque
   for (let y = 0; y < h; y++) {
     for (let x = 0; x < w; x++) {
       const i = y * w + x;
@@ -71,4 +74,20 @@ function maskCanvas(rle, rgba) {
   return c;
 }
 
-if (typeof module !== "undefined") module.exports = { rleCounts, rleDecode };
+// Uint8Array of h*w (row-major) -> uncompressed COCO RLE {size: [h, w], counts: [...]}
+// (column-major runs, starting with a background run), as the server accepts it.
+function rleEncode(m, h, w) {
+  const counts = [];
+  let val = 0, run = 0;
+  for (let x = 0; x < w; x++) {
+    for (let y = 0, i = x; y < h; y++, i += w) {
+      const v = m[i] ? 1 : 0;
+      if (v !== val) { counts.push(run); run = 0; val = v; }
+      run++;
+    }
+  }
+  counts.push(run);
+  return { size: [h, w], counts };
+}
+
+if (typeof module !== "undefined") module.exports = { rleCounts, rleDecode, rleEncode };
