@@ -4,7 +4,7 @@
 // not wait for the server. The graphs are the server's ONNX export (prompt.onnx: clicks
 // without a mask input, on the per-image context; decoder.onnx: refinements). The
 // upsampling to the image is transforms.masks_to_image's (bilinear, align_corners=False).
-// Query flags: ?decoder=server (every click on the server), ?threads=N.
+// Query flags: ?decoder=server (every click on the server), ?threads=N, ?dtype=float32.
 "use strict";
 
 const WD = {
@@ -101,7 +101,9 @@ function wdImage(imageId) {
   let p = WD.images.get(imageId);
   if (!p) {
     const t0 = performance.now();
-    p = fetchBuffer(`/api/images/${imageId}/embedding`).then((buf) => {
+    const dtype = wdParams().get("dtype"); // ?dtype=float32: the exact payload (twice the bytes)
+    p = fetchBuffer(`/api/images/${imageId}/embedding` + (dtype ? `?dtype=${encodeURIComponent(dtype)}` : ""))
+      .then((buf) => {
       const im = wdParse(buf);
       im.loadMs = performance.now() - t0;
       return im;
