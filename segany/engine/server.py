@@ -326,6 +326,8 @@ def build_service(
     max_pixels: int | None = None,
     memory_items: int = 16,
     detector: str | None = None,
+    web_decoder: bool = True,
+    web_dtype: str = "float16",
 ) -> AnnotationService:
     """Open the database, load the model and register the images. ``detector`` (name, hub
     id or folder) enables stage-2 pre-fills by class names; it is loaded on first use."""
@@ -350,6 +352,8 @@ def build_service(
         prefetch=prefetch,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
         detector=detector,
+        web_decoder=web_decoder,
+        web_dtype=web_dtype,
     )
     svc.rescan()
     return svc
@@ -362,6 +366,7 @@ def serve(
     port: int = 8000,
     log_level: str = "info",
     allow_hosts: Sequence[str] = (),
+    isolation: bool = True,
 ) -> None:
     """Run the server until interrupted (uvicorn, one process: the model is shared by all
     request threads). The server answers to the localhost names, ``host`` and
@@ -375,7 +380,7 @@ def serve(
             "without --allow-host, or --allow-host '*')",
             file=sys.stderr,
         )
-    app = create_app(service, hosts=hosts, origins=allow_hosts)
+    app = create_app(service, hosts=hosts, origins=allow_hosts, isolation=isolation)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
     finally:

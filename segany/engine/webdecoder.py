@@ -155,8 +155,6 @@ class WebDecoderMixin:
         reason = None
         if not self.web_decoder:
             reason = "turned off on the server (--no-web-decoder)"
-        elif self._backend is not None:
-            reason = f"the server runs the {self.backend_name} backend (masks would differ)"
         elif (why := unsupported_reason(self.model)) is not None:
             reason = why
         elif not ortweb.available():

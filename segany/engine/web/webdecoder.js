@@ -102,8 +102,8 @@ function wdImage(imageId) {
   if (!p) {
     const t0 = performance.now();
     const dtype = wdParams().get("dtype"); // ?dtype=float32: the exact payload (twice the bytes)
-    p = fetchBuffer(`/api/images/${imageId}/embedding` + (dtype ? `?dtype=${encodeURIComponent(dtype)}` : ""))
-      .then((buf) => {
+    const query = dtype ? `?dtype=${encodeURIComponent(dtype)}` : "";
+    p = fetchBuffer(`/api/images/${imageId}/embedding${query}`).then((buf) => {
       const im = wdParse(buf);
       im.loadMs = performance.now() - t0;
       return im;
