@@ -11,7 +11,6 @@ from typing import Any
 from pycocotools import mask as mask_utils
 
 from ..validate import InputError, segmentation_to_rle
-from .predictions import _Timer
 from .schemas import (
     RLE,
     AcceptRequest,
@@ -248,9 +247,7 @@ class AnnotationsMixin:
         if len(text) > 4096:
             raise Unprocessable("event data is limited to 4 KiB")
         if req.kind == "predict":  # a click the page decoded itself counts as one
-            with self._timers_lock:
-                t = self._timers.setdefault((user.id, image_id), _Timer(start=time.time()))
-                t.clicks += 1
+            self._count_click(user, image_id)
         self._events.put(
             {
                 "ts": time.time(),
