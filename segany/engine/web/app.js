@@ -173,7 +173,10 @@ async function openImage(id) {
   }
   setStatus(info.embedding === "ready" ? "ready: click on an object"
     : "computing the image embedding\u2026 (the first click waits for it)");
-  if (wdReady()) wdImage(id).catch(() => {}); // the embedding for the page's decoder
+  if (wdReady()) { // the embeddings for the page's decoder: this image's, then the next one's
+    const next = S.images.find((x) => x.id === info.next_id && x.status === "ok");
+    wdImage(id).then(() => { if (next) wdImage(next.id); }).catch(() => {});
+  }
   const blob = await api("GET", `/api/images/${id}/file`);
   const url = URL.createObjectURL(blob);
   const img = new Image();

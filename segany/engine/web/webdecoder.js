@@ -14,7 +14,7 @@ const WD = {
   prompt: null,
   decoder: null,
   threads: 1,
-  images: new Map(), // image id -> Promise of {header, tensors}; the last two images kept
+  images: new Map(), // image id -> Promise of {header, tensors}; the last three kept
   taps: new Map(),
 };
 
@@ -110,7 +110,7 @@ function wdImage(imageId) {
     });
     p.catch(() => WD.images.delete(imageId));
     WD.images.set(imageId, p);
-    while (WD.images.size > 2) WD.images.delete(WD.images.keys().next().value);
+    while (WD.images.size > 3) WD.images.delete(WD.images.keys().next().value);
   }
   return p;
 }
