@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT := demo-out
 
-.PHONY: demo test lint weights install clean system-deps
+.PHONY: demo test lint weights install clean system-deps web-runtime
 
 # Debian packages the tests use (the annotator's e2e tests run the system Chromium, its API
 # tests start a PostgreSQL server); installed only when missing. CI runs as root, no stdin.
@@ -29,6 +29,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# onnxruntime-web for the annotator's browser decoder: the pinned version from the npm
+# registry, its SHA-512 checked, into the segany cache (no npm needed). Without it the
+# annotator decodes every click on the server.
+web-runtime: $(STAMP)
+	$(PY) -m segany.engine.ortweb || echo "annotator: the browser decoder stays off (server decoding)"
+
 weights: $(STAMP)
 	$(PY) -m segany weights fetch mobile_sam
 
@@ -41,7 +47,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check segany tests benchmarks
 	$(PY) -m ruff format --check segany tests benchmarks
 
-test: weights lint system-deps
+test: weights web-runtime lint system-deps
 	$(PY) -m pytest -q --durations=15
 
 clean:

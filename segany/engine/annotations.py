@@ -246,6 +246,8 @@ class AnnotationsMixin:
             raise Unprocessable("event data must not hold NaN or infinite numbers") from None
         if len(text) > 4096:
             raise Unprocessable("event data is limited to 4 KiB")
+        if req.kind == "predict":  # a click the page decoded itself counts as one
+            self._count_click(user, image_id)
         self._events.put(
             {
                 "ts": time.time(),

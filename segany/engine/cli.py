@@ -83,6 +83,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-pixels", type=int, help="refuse larger images (default: 50e6)")
     p.add_argument(
+        "--no-web-decoder",
+        action="store_true",
+        help="decode every click on the server (default: the page decodes clicks itself "
+        "with onnxruntime-web when it can)",
+    )
+    p.add_argument(
+        "--web-dtype",
+        choices=("float16", "float32"),
+        default="float16",
+        help="the embedding sent to the page (default: float16, half the bytes)",
+    )
+    p.add_argument(
+        "--no-isolation",
+        action="store_true",
+        help="no COOP/COEP headers: the page is not cross-origin isolated and its decoder "
+        "runs on one thread",
+    )
+    p.add_argument(
         "--add-user",
         metavar="NAME",
         help="create the annotator NAME (or give it a new token), print the token and exit",
@@ -127,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
             memory_items=args.memory_items,
             detector=args.detector,
+            web_decoder=not args.no_web_decoder,
+            web_dtype=args.web_dtype,
         )
     except (StoreError, ValueError) as exc:
         hint = "" if args.db else " (use --db to keep the database elsewhere)"
@@ -142,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         f"model {svc.model_name}, "
         + (f"detector {svc.detector_name}, " if svc.detector_name else "")
         + f"db {redact(svc.store.url)}, "
+        + f"decoder {'in the page' if svc.web_decoder_info()['available'] else 'on the server'}, "
         f"auth {'on' if svc.auth else 'off'})",
         file=sys.stderr,
         flush=True,
@@ -152,6 +173,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     serve(
-        svc, host=args.host, port=args.port, log_level=args.log_level, allow_hosts=args.allow_host
+        svc,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        allow_hosts=args.allow_host,
+        isolation=not args.no_isolation,
     )
     return 0

@@ -208,3 +208,37 @@ class BodyLimit:
 
 def _size(n: int) -> str:
     return f"{n / MiB:g} MiB" if n >= MiB else f"{n} bytes"
+
+
+#: Headers that make a page cross-origin isolated (SharedArrayBuffer, WebAssembly threads):
+#: only same-origin resources (or ones that opt in) can be loaded by it, and windows of
+#: other origins cannot reach it.
+ISOLATION_HEADERS = [
+    (b"cross-origin-opener-policy", b"same-origin"),
+    (b"cross-origin-embedder-policy", b"require-corp"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+]
+
+
+class Isolation:
+    """ASGI middleware: :data:`ISOLATION_HEADERS` on the answers to the paths in ``paths``
+    and those under the ``prefixes`` (the annotator's pages, scripts and worker scripts;
+    not ``/docs``, whose assets come from elsewhere)."""
+
+    def __init__(self, app: Any, paths: Sequence[str], prefixes: Sequence[str] = ()) -> None:
+        self.app = app
+        self.paths = frozenset(paths)
+        self.prefixes = tuple(prefixes)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else None
+        if path is None or not (path in self.paths or path.startswith(self.prefixes)):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_isolated(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *ISOLATION_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_isolated)

@@ -174,11 +174,7 @@ class PredictionsMixin:
                     mask_input_id=mid,
                 )
             )
-        with self._timers_lock:
-            now = clock()
-            t = self._timers.setdefault((user.id, image_id), _Timer(start=now))
-            t.tick(now)
-            t.clicks += 1
+        self._count_click(user, image_id)
         ms = (time.perf_counter() - t0) * 1e3
         self._events.put(
             {
@@ -203,6 +199,14 @@ class PredictionsMixin:
             best=int(np.argmax(pred.scores)),
             ms=round(ms, 2),
         )
+
+    def _count_click(self, user: UserRef, image_id: int) -> None:
+        """One prompt of the object in progress (decoded here, or in the page)."""
+        with self._timers_lock:
+            now = clock()
+            t = self._timers.setdefault((user.id, image_id), _Timer(start=now))
+            t.tick(now)
+            t.clicks += 1
 
     def _take_timer(self, user: UserRef, image_id: int) -> tuple[int, float | None]:
         now = clock()

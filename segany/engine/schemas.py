@@ -257,7 +257,7 @@ class PrefillOut(_Model):
 
 
 class EventRequest(_Request):
-    kind: Literal["undo", "redo", "select", "clear", "next", "prev", "note"]
+    kind: Literal["undo", "redo", "select", "clear", "next", "prev", "note", "predict"]
     data: dict[str, Any] | None = None
 
 
@@ -299,6 +299,9 @@ class ConfigOut(_Model):
     user: str | None = None
     #: The text detector for pre-filling by class names (``None``: not configured).
     detector: str | None = None
+    #: The browser decoder: ``available`` (or the ``reason`` why not), the onnxruntime-web
+    #: ``runtime`` folder and ``version``, the ``graphs``' URLs, the payload ``dtype``.
+    web_decoder: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

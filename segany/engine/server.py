@@ -49,6 +49,7 @@ from .service import (
 )
 from .stats import StatsOut
 from .store import default_db
+from .webdecoder_routes import ISOLATED, ISOLATED_PREFIXES, add_web_decoder_routes
 
 __all__ = ["build_service", "create_app", "default_db", "is_local", "serve"]
 
@@ -87,13 +88,16 @@ def create_app(
     small_body: int = guards.SMALL_BODY,
     hosts: Sequence[str] | None = guards.LOCAL_NAMES,
     origins: Sequence[str] = (),
+    isolation: bool = True,
 ) -> FastAPI:
     """The FastAPI app for one service (one images folder, one model, one database).
 
     ``max_body`` limits the COCO import's body, ``small_body`` every other route's (at most
     ``max_body``). ``hosts``: the ``Host`` names answered (:func:`.guards.served_hosts`;
     ``None``: any); cross-origin state-changing requests are refused unless their
-    ``Origin`` is a name in ``origins`` (``--allow-host``).
+    ``Origin`` is a name in ``origins`` (``--allow-host``). ``isolation``: the pages and
+    their scripts are sent with COOP / COEP headers, so the page is cross-origin isolated
+    and the browser decoder may use WebAssembly threads (:mod:`.webdecoder`).
     """
     app = FastAPI(
         title="segany annotate",
@@ -119,6 +123,7 @@ def create_app(
         return FileResponse(WEB / "favicon.svg", media_type="image/svg+xml")
 
     app.mount("/static", StaticFiles(directory=WEB), name="static")
+    add_web_decoder_routes(app, service, Who)
 
     # -- API ---------------------------------------------------------------------------------
     @app.get("/api/health")
@@ -284,6 +289,8 @@ def create_app(
         default=min(small_body, max_body),
         limits={"/api/import/coco": max_body},
     )
+    if isolation:
+        app.add_middleware(guards.Isolation, paths=ISOLATED, prefixes=ISOLATED_PREFIXES)
     # outermost: runs first
     app.add_middleware(guards.HostOriginGuard, hosts=hosts, origins=origins)
     return app
@@ -319,6 +326,8 @@ def build_service(
     max_pixels: int | None = None,
     memory_items: int = 16,
     detector: str | None = None,
+    web_decoder: bool = True,
+    web_dtype: str = "float16",
 ) -> AnnotationService:
     """Open the database, load the model and register the images. ``detector`` (name, hub
     id or folder) enables stage-2 pre-fills by class names; it is loaded on first use."""
@@ -343,6 +352,8 @@ def build_service(
         prefetch=prefetch,
         max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
         detector=detector,
+        web_decoder=web_decoder,
+        web_dtype=web_dtype,
     )
     svc.rescan()
     return svc
@@ -355,6 +366,7 @@ def serve(
     port: int = 8000,
     log_level: str = "info",
     allow_hosts: Sequence[str] = (),
+    isolation: bool = True,
 ) -> None:
     """Run the server until interrupted (uvicorn, one process: the model is shared by all
     request threads). The server answers to the localhost names, ``host`` and
@@ -368,7 +380,7 @@ def serve(
             "without --allow-host, or --allow-host '*')",
             file=sys.stderr,
         )
-    app = create_app(service, hosts=hosts, origins=allow_hosts)
+    app = create_app(service, hosts=hosts, origins=allow_hosts, isolation=isolation)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
     finally:

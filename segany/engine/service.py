@@ -72,6 +72,7 @@ from .schemas import (
     UserRef,
 )
 from .store import SOURCES, STATUSES, Store, User
+from .webdecoder import WebDecoderMixin
 
 log = logging.getLogger("segany.engine")
 
@@ -127,7 +128,7 @@ def _backend_name(predictor: Any) -> str:
 
 
 class AnnotationService(
-    ImagesMixin, PredictionsMixin, AnnotationsMixin, PrefillMixin, ExportsMixin
+    ImagesMixin, PredictionsMixin, AnnotationsMixin, PrefillMixin, ExportsMixin, WebDecoderMixin
 ):
     """The data engine behind the annotator.
 
@@ -149,6 +150,10 @@ class AnnotationService(
         detector: the text detector of stage-2 pre-fills by class names: a catalogue name,
             hub id or folder (loaded on first use, once), or a ready detector object (see
             :class:`segany.text.Detector`). ``None``: pre-fill by class names is refused.
+        web_decoder: let the page decode clicks itself (onnxruntime-web, docs/annotate.md);
+            off: every click is decoded on the server.
+        web_dtype: the embedding payload's default dtype (``float16``: half the bytes;
+            masks within the golden tolerances, measured in docs/annotate.md).
     """
 
     def __init__(
@@ -169,6 +174,8 @@ class AnnotationService(
         candidates_kept: int = 512,
         generator_factory: Callable[..., Any] | None = None,
         detector: str | os.PathLike[str] | Any | None = None,
+        web_decoder: bool = True,
+        web_dtype: str = "float16",
     ) -> None:
         self.store = store
         self.root = Path(images_dir).expanduser().resolve()
@@ -215,6 +222,10 @@ class AnnotationService(
         elif detector is not None:
             self._detector = detector
             self.detector_name = str(getattr(detector, "name", type(detector).__name__))
+        self.web_decoder = web_decoder
+        self.web_dtype = web_dtype
+        self._web_decoders: dict[str, Any] = {}
+        self._web_lock = threading.Lock()
         self._events = _EventWriter(store)
         self._closed = False
         self._prefetcher = None
@@ -336,6 +347,7 @@ class AnnotationService(
             categories=cats,
             user=user.name if user else None,
             detector=self.detector_name,
+            web_decoder=self.web_decoder_info(),
         )
 
     # -- measurements ------------------------------------------------------------------------

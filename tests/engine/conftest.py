@@ -16,7 +16,7 @@ from segany.engine.store import Store
 from segany.predictor import Predictor
 
 from ..conftest import tiny_sam
-from .helpers import Postgres, PostgresUnavailable
+from .helpers import CHROMIUM_ARGS, Postgres, PostgresUnavailable, chromium_path
 
 
 def make_images(root: Path) -> Path:
@@ -117,3 +117,24 @@ def image_id(client, path: str, headers: dict | None = None) -> int:
         if im["path"] == path:
             return im["id"]
     raise KeyError(path)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """The system Chromium, headless, driven by Playwright (one per test module)."""
+    try:
+        from playwright.sync_api import Error, sync_playwright
+    except ImportError as exc:
+        pytest.skip(f"playwright is not installed: {exc}")
+    exe = chromium_path()
+    if exe is None:
+        pytest.skip("no chromium on this machine: apt-get install chromium (make system-deps)")
+    pw = sync_playwright().start()
+    try:
+        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, headless=True)
+    except Error as exc:
+        pw.stop()
+        pytest.skip(f"chromium at {exe} cannot be started: {str(exc)[:500]}")
+    yield b
+    b.close()
+    pw.stop()

@@ -20,30 +20,10 @@ from segany.masks import rle_to_mask
 from segany.predictor import Predictor
 
 from ..conftest import REPO
-from .helpers import CHROMIUM_ARGS, chromium_path, server_thread
+from .helpers import server_thread
 
 ARTIFACTS = REPO / "build" / "test-artifacts"
 KITCHEN = REPO / "examples" / "kitchen.jpg"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import Error, sync_playwright
-    except ImportError as exc:
-        pytest.skip(f"playwright is not installed: {exc}")
-    exe = chromium_path()
-    if exe is None:
-        pytest.skip("no chromium on this machine: apt-get install chromium (make system-deps)")
-    pw = sync_playwright().start()
-    try:
-        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, headless=True)
-    except Error as exc:
-        pw.stop()
-        pytest.skip(f"chromium at {exe} cannot be started: {str(exc)[:500]}")
-    yield b
-    b.close()
-    pw.stop()
 
 
 @pytest.fixture()

@@ -44,31 +44,48 @@ function rleDecode(rle) {
 
 // A mask painted into a canvas of the image's size, in one colour.
 function maskCanvas(rle, rgba) {
-  const h = rle.size[0], w = rle.size[1];
-  const m = rleDecode(rle);
+  return bitsCanvas(rleDecode(rle), rle.size[0], rle.size[1], rgba);
+}
+
+// Uint8Array of h*w (row-major, non-zero inside) -> a canvas: the mask in one colour, its
+// outline (mask pixels with a background 4-neighbour) opaque. One pass, 32-bit pixels.
+function bitsCanvas(m, h, w, rgba) {
   const c = document.createElement("canvas");
   c.width = w; c.height = h;
   const ctx = c.getContext("2d");
   const img = ctx.createImageData(w, h);
-  const d = img.data;
-  for (let i = 0; i < m.length; i++) {
-    if (m[i]) {
-      const o = i * 4;
-      d[o] = rgba[0]; d[o + 1] = rgba[1]; d[o + 2] = rgba[2]; d[o + 3] = rgba[3];
-    }
-  }
-  // outline: mask pixels with a background 4-neighbour, drawn opaque
+  const px = new Uint32Array(img.data.buffer);
+  const little = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
+  const pack = (a) => (little ? ((a << 24) | (rgba[2] << 16) | (rgba[1] << 8) | rgba[0])
+    : ((rgba[0] << 24) | (rgba[1] << 16) | (rgba[2] << 8) | a)) >>> 0;
+  const fill = pack(rgba[3]), edge = pack(255);
   for (let y = 0; y < h; y++) {
+    const o = y * w, border = y === 0 || y === h - 1;
     for (let x = 0; x < w; x++) {
-      const i = y * w + x;
+      const i = o + x;
       if (!m[i]) continue;
-      if (x === 0 || y === 0 || x === w - 1 || y === h - 1 || !m[i - 1] || !m[i + 1] || !m[i - w] || !m[i + w]) {
-        d[i * 4 + 3] = 255;
-      }
+      px[i] = border || x === 0 || x === w - 1 || !m[i - 1] || !m[i + 1] || !m[i - w] || !m[i + w]
+        ? edge : fill;
     }
   }
   ctx.putImageData(img, 0, 0);
   return c;
 }
 
-if (typeof module !== "undefined") module.exports = { rleCounts, rleDecode };
+// Uint8Array of h*w (row-major) -> uncompressed COCO RLE {size: [h, w], counts: [...]}
+// (column-major runs, starting with a background run), as the server accepts it.
+function rleEncode(m, h, w) {
+  const counts = [];
+  let val = 0, run = 0;
+  for (let x = 0; x < w; x++) {
+    for (let y = 0, i = x; y < h; y++, i += w) {
+      const v = m[i] ? 1 : 0;
+      if (v !== val) { counts.push(run); run = 0; val = v; }
+      run++;
+    }
+  }
+  counts.push(run);
+  return { size: [h, w], counts };
+}
+
+if (typeof module !== "undefined") module.exports = { rleCounts, rleDecode, rleEncode };
