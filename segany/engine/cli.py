@@ -83,10 +83,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-pixels", type=int, help="refuse larger images (default: 50e6)")
     p.add_argument(
-        "--no-web-decoder",
+        "--web-decoder",
         action="store_true",
-        help="decode every click on the server (default: the page decodes clicks itself "
-        "with onnxruntime-web when it can)",
+        help="let the page decode clicks itself with onnxruntime-web (MobileSAM / SAM 1; "
+        "off by default: on a shared 2-core server it measured slower than server decoding, "
+        "see docs/annotate.md)",
     )
     p.add_argument(
         "--web-dtype",
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
             memory_items=args.memory_items,
             detector=args.detector,
-            web_decoder=not args.no_web_decoder,
+            web_decoder=args.web_decoder,
             web_dtype=args.web_dtype,
         )
     except (StoreError, ValueError) as exc:

@@ -326,7 +326,7 @@ def build_service(
     max_pixels: int | None = None,
     memory_items: int = 16,
     detector: str | None = None,
-    web_decoder: bool = True,
+    web_decoder: bool = False,
     web_dtype: str = "float16",
 ) -> AnnotationService:
     """Open the database, load the model and register the images. ``detector`` (name, hub

@@ -174,7 +174,7 @@ class AnnotationService(
         candidates_kept: int = 512,
         generator_factory: Callable[..., Any] | None = None,
         detector: str | os.PathLike[str] | Any | None = None,
-        web_decoder: bool = True,
+        web_decoder: bool = False,
         web_dtype: str = "float16",
     ) -> None:
         self.store = store

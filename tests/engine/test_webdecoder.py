@@ -55,6 +55,7 @@ def coffee(tmp_path_factory, mobile_sam):
         cache_dir=tmp / "cache",
         model_name="mobile_sam",
         prefetch=False,
+        web_decoder=True,
     )
     svc.rescan()
     with server_thread(create_app(svc)) as base:
@@ -249,7 +250,7 @@ def test_browser_masks_equal_server_and_goldens(browser, coffee) -> None:
 @pytest.mark.weights
 def test_server_fallback_flag(browser, coffee) -> None:
     """``?decoder=server``: every click is the server's (as without WebAssembly, or with a
-    server started with --no-web-decoder)."""
+    server started without --web-decoder)."""
     base, svc, _ = coffee
     page, errors = _page(browser, base + "/?decoder=server")
     assert page.evaluate("S.decoder") is False
