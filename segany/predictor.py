@@ -2,6 +2,10 @@
 
 Inputs and outputs at this edge are numpy arrays in the *image frame* (pixels of the
 original image, ``(x, y)``, boxes XYXY); the work inside is torch in the model frame.
+
+(Past 500 lines: one predictor serves every family (SAM 1, MobileSAM, HQ-SAM, SAM 2) and
+both backends, and its prompt checks, batching and the embedding cache it keys share one
+frame convention; the model-specific work stays in the models.)
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ Adapters over Hugging Face transformers' zero-shot object detection models:
 Every detector is loaded by :func:`load_detector` from a folder or a hub id with the same
 code; where the weights are missing, :class:`DetectorWeightsError` says what to download
 and where to put it.
+
+(Past 500 lines: the catalogue, the two adapters and the loader; the loader's messages and
+the adapters' thresholds both read the catalogue's specs. A split into a catalogue module
+and an adapters module is the next step when a third detector comes.)
 """
 
 from __future__ import annotations
