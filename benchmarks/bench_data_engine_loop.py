@@ -31,12 +31,9 @@ NUCLEI = REPO.parent / "shared" / "data" / "dsb2018_nuclei"
 
 
 def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    import platform
+    from segany.runtime import cpu_info
 
-    return platform.processor() or platform.machine()
+    return str(cpu_info()["model"])
 
 
 def _run(argv: list[str]) -> float:

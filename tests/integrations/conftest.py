@@ -10,12 +10,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import pytest
+
 REAL = "test_labelstudio_real.py"
 SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "labelstudio-venv.sh"
 #: The background build: (process, file with its stdout), or None when not started.
 BUILD: dict[str, object] = {}
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: build only for selected tests
 def pytest_collection_modifyitems(session, config, items) -> None:
     real = [it for it in items if it.path.name == REAL]
     if not real or os.environ.get("SEGANY_SKIP_LABELSTUDIO") == "1":
