@@ -10,8 +10,10 @@ load change on the machine hits all of them alike) and the table reports medians
 - ``cvat`` / ``xanylabeling`` / ``labelstudio``: the whole HTTP request through the app
   in-process (Starlette's TestClient: JSON, base64, image decoding, middlewares, the
   answer's encoding). CVAT and X-AnyLabeling send the frame with every click, so its
-  decoding is part of their contract's cost; ``labelstudio`` is measured only when that
-  contract is installed (it fetches the image by URL, not measured here).
+  decoding is part of their contract's cost; Label Studio sends a task whose image the
+  backend fetches once by URL (here from a local stand-in server, set with ``/setup``) and
+  keeps for the next clicks, so its rows are the smart-keypoint request alone (percent
+  coordinates in, brush RLE out).
 
     .venv/bin/python benchmarks/bench_serve.py                 # MobileSAM, a COCO image
     (from a worktree: PYTHONPATH=. so that its segany is imported)
@@ -38,6 +40,34 @@ def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
+
+
+LS_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="object"/></BrushLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="object"/></KeyPointLabels>
+</View>"""
+
+
+def _image_server(data: bytes):
+    """A stand-in for Label Studio's file storage: serves ``data`` at any path."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
 
 
 def main() -> None:
@@ -106,6 +136,29 @@ def main() -> None:
         r = http.post("/xanylabeling/v1/predict", json=xany_body)
         assert r.status_code == 200, r.text
 
+    ls_body = {
+        "tasks": [{"id": 1, "data": {"image": "/data/upload/1/image.jpg"}, "project": 1}],
+        "label_config": LS_CONFIG,
+        "project": "1.1700000000",
+        "params": {"context": {"result": [{
+            "original_width": w, "original_height": h, "image_rotation": 0,
+            "value": {"x": 100 * x / w, "y": 100 * y / h, "width": 0.3,
+                      "keypointlabels": ["object"]},
+            "is_positive": True, "id": "k", "from_name": "kp", "to_name": "image",
+            "type": "keypointlabels", "origin": "manual"}]}},
+    }  # fmt: skip
+    ls_server = None
+    if has_ls:
+        ls_server, ls_url = _image_server(data)
+        r = http.post("/labelstudio/setup", json={
+            "project": "1.1700000000", "schema": LS_CONFIG, "hostname": ls_url,
+            "access_token": "bench-token"})  # fmt: skip
+        assert r.status_code == 200, r.text
+
+    def via_ls() -> None:
+        r = http.post("/labelstudio/predict", json=ls_body)
+        assert r.status_code == 200 and r.json()["results"][0]["result"], r.text
+
     def decode_only() -> None:
         load_image(base64.b64decode(b64))
 
@@ -117,6 +170,7 @@ def main() -> None:
         "session": via_session,
         "cvat": via_cvat,
         "xanylabeling": via_xany,
+        **({"labelstudio": via_ls} if has_ls else {}),
         "frame decode (base64 + image)": decode_only,
         "HTTP round trip (GET /health)": round_trip,
     }
@@ -163,6 +217,8 @@ def main() -> None:
             "median_ms": {k: round(v, 2) for k, v in med.items()},
         }
         print(json.dumps(out, indent=1))
+    if ls_server is not None:
+        ls_server.shutdown()
 
 
 if __name__ == "__main__":
