@@ -10,7 +10,12 @@ positive point, multimask output, masks at image size. Printed: the CPU model, t
 and minimum per operation and the ratio reference / segany of the medians.
 
     python benchmarks/bench_sam2.py --reference-python ~/.cache/segany-reference/venv/bin/python \\
-        [--config sam2.1_hiera_t] [--threads 2] [--rounds 5] [--clicks 10]
+        [--config sam2.1_hiera_t] [--threads 2] [--rounds 5] [--clicks 10] \\
+        [--backends torch,onnx]
+
+Each segany backend named in ``--backends`` (``torch``: fused fp32, ``onnx``: the exported
+graphs in onnxruntime, exported once before timing) runs in its own worker beside the
+reference; ``backend="auto"`` picks the faster of the two on each machine.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ warnings.filterwarnings("ignore")
 import numpy as np, torch
 from PIL import Image
 side, config, ckpt, threads, image = sys.argv[1:6]
+backend = sys.argv[6] if len(sys.argv) > 6 else "torch"
 torch.set_num_threads(int(threads))
 rgb = np.asarray(Image.open(image).convert("RGB")).copy()
 if side == "reference":
@@ -50,7 +56,8 @@ else:
     from segany.compat import build_sam2
     from segany.predictor import EmbeddingCache, Predictor
     model = build_sam2(config, ckpt)
-    pred = Predictor(model, cache=EmbeddingCache(max_items=0), model_id="bench", fuse=True)
+    pred = Predictor(model, cache=EmbeddingCache(max_items=0), fuse=True,
+                     backend=backend)
     def set_image(img):
         pred.set_image(img)
     def click(pt):
@@ -120,6 +127,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--clicks", type=int, default=10)
+    ap.add_argument("--backends", default="torch", help="segany backends, comma-separated")
     a = ap.parse_args()
 
     import torch
@@ -140,8 +148,9 @@ def main() -> None:
         args = [config, str(ckpt), str(a.threads), str(a.image)]
         workers = {
             "reference": Worker(a.reference_python, "reference", args, env),
-            "segany": Worker(sys.executable, "segany", args, env),
         }
+        for b in a.backends.split(","):
+            workers[f"segany-{b}"] = Worker(sys.executable, "segany", [*args, b], env)
         times: dict[tuple[str, str], list[float]] = {}
         for _ in range(a.rounds):
             for side, w in workers.items():
@@ -154,15 +163,13 @@ def main() -> None:
         f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; threads {a.threads}; {name}; "
         f"image {a.image.name}; {a.rounds} rounds, {a.clicks} clicks per round"
     )
-    print(f"{'op':<6} {'side':<10} {'median ms':>10} {'min ms':>8}")
+    print(f"{'op':<6} {'side':<14} {'median ms':>10} {'min ms':>8} {'ref/this':>9}")
     for op in ("embed", "click"):
+        ref = statistics.median(times[("reference", op)])
         for side in workers:
             t = times[(side, op)]
-            print(f"{op:<6} {side:<10} {1e3 * statistics.median(t):>10.1f} {1e3 * min(t):>8.1f}")
-        ratio = statistics.median(times[("reference", op)]) / statistics.median(
-            times[("segany", op)]
-        )
-        print(f"{op:<6} ratio reference/segany (medians): {ratio:.2f}x")
+            med = statistics.median(t)
+            print(f"{op:<6} {side:<14} {1e3 * med:>10.1f} {1e3 * min(t):>8.1f} {ref / med:>8.2f}x")
 
 
 if __name__ == "__main__":
