@@ -20,6 +20,7 @@ and of Label Studio 1.23's ``ml/api_connector.py`` (``/setup`` also sends ``host
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,26 @@ def _rect(x: float, y: float, w: float, h: float) -> dict:
                       "rectanglelabels": ["Banana"]},
             "id": "r", "from_name": "tag3", "to_name": "image",
             "type": "rectanglelabels"}  # fmt: skip
+
+
+def test_rotated_rectangle_gives_the_box_around_its_corners() -> None:
+    """Label Studio turns a rectangle clockwise about its top-left corner (x, y); SAM gets
+    the axis-aligned box around the turned corners, clipped to the image."""
+    r = _rect(50, 50, 10, 20)  # in pixels of 144 x 96: x 72, y 48, 14.4 x 19.2
+    r["value"]["rotation"] = 90  # clockwise: the sides run down and to the left
+    assert parse_context({"result": [r]}, (H, W)).box == pytest.approx([52.8, 48.0, 72.0, 62.4])
+    r["value"]["rotation"] = 180
+    assert parse_context({"result": [r]}, (H, W)).box == pytest.approx([57.6, 28.8, 72.0, 48.0])
+    r["value"]["rotation"] = 45
+    s = math.sqrt(0.5)
+    box = parse_context({"result": [r]}, (H, W)).box
+    assert box == pytest.approx([72 - 19.2 * s, 48.0, 72 + 14.4 * s, 48 + (14.4 + 19.2) * s])
+    big = _rect(80, 80, 50, 50)
+    big["value"]["rotation"] = 30
+    assert parse_context({"result": [big]}, (H, W)).box[2:] == [W, H]  # clipped
+    r["value"]["rotation"] = "a lot"
+    with pytest.raises(Exception, match="rotation must be a finite number"):
+        parse_context({"result": [r]}, (H, W))
 
 
 def test_context_percent_to_pixels() -> None:

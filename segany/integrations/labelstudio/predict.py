@@ -81,11 +81,29 @@ def _first_label(value: dict[str, Any], kind: str) -> str | None:
     return None
 
 
+def _rotated_box(
+    x: float, y: float, bw: float, bh: float, degrees: float, size: tuple[int, int]
+) -> list[float]:
+    """The box prompt of a Label Studio rectangle in pixels: ``(x, y)`` its top-left corner,
+    ``bw`` x ``bh`` its sides, turned ``degrees`` clockwise (on screen, y down) about that
+    corner, as Label Studio draws it. SAM takes axis-aligned boxes: a turned rectangle gives
+    the box around its four corners, clipped to the ``(width, height)`` image."""
+    if degrees % 360 == 0:
+        return [x, y, x + bw, y + bh]
+    t = math.radians(degrees)
+    c, s = math.cos(t), math.sin(t)
+    xs = [x + dx * c - dy * s for dx, dy in ((0, 0), (bw, 0), (bw, bh), (0, bh))]
+    ys = [y + dx * s + dy * c for dx, dy in ((0, 0), (bw, 0), (bw, bh), (0, bh))]
+    w, h = size
+    return [max(0.0, min(xs)), max(0.0, min(ys)), min(float(w), max(xs)), min(float(h), max(ys))]
+
+
 def parse_context(context: Any, rgb_size: tuple[int, int] | None = None) -> Prompt:
     """Label Studio's interactive ``context`` -> a :class:`Prompt` in pixels. Keypoints
     (``type: keypointlabels``, ``is_positive`` true/false; x, y in percent) become points,
-    the last rectangle (``rectanglelabels``; x, y, width, height in percent) the box; other
-    region types are ignored."""
+    the last rectangle (``rectanglelabels``; x, y, width, height in percent) the box (a
+    rotated one by the box around its corners, see :func:`_rotated_box`); other region
+    types are ignored."""
     if not isinstance(context, dict):
         return Prompt()
     results = context.get("result")
@@ -111,7 +129,8 @@ def parse_context(context: Any, rgb_size: tuple[int, int] | None = None) -> Prom
         else:
             bw = _number(value.get("width"), f"region {i} width") * w / 100.0
             bh = _number(value.get("height"), f"region {i} height") * h / 100.0
-            prompt.box = [x, y, x + bw, y + bh]
+            angle = _number(value.get("rotation", 0) or 0, f"region {i} rotation")
+            prompt.box = _rotated_box(x, y, bw, bh, angle, (w, h))
     return prompt
 
 
