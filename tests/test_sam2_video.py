@@ -26,9 +26,9 @@ from segany import compat
 from segany.models.memory import RoPEAttention, rotary_angles, rotate
 from segany.models.registry import build_model, sam2_custom
 from segany.models.sam2_video import Sam2Video
-from segany.video.frames import open_video
 from segany.video.sam2_tracker import Sam2Tracker
 from segany.video.tracker import ObjectPrompt
+from segany.videos import open_video
 
 from .conftest import TEST_DATA
 

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from segany.video import metrics as VM
-from segany.video.frames import FrameFolder, VideoError, VideoFile, open_video
 from segany.video.outputs import (
     davis_palette,
     read_davis_png,
@@ -19,6 +18,7 @@ from segany.video.outputs import (
     write_overlay_video,
 )
 from segany.video.tracker import ObjectPrompt, PropagationTracker, TrackResult
+from segany.videos import FrameFolder, VideoError, VideoFile, open_video
 
 H, W, N = 96, 128, 8
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from ..models.sam2_video import Sam2Video
-from ..video.frames import VideoSource, open_video
 from ..video.sam2_tracker import Sam2Session, Sam2Tracker
+from ..videos import VideoSource, open_video
 from .sam2_image import build_sam2
 
 #: ``++model.<name>=<value>`` hydra overrides understood by build_sam2_video_predictor

@@ -58,7 +58,7 @@ def video_jsons(folder: Path) -> list[Path]:
 @functools.lru_cache(maxsize=4)
 def _open(path: str) -> Any:
     """An open video (kept: frames read in order decode once)."""
-    from ..video.frames import VideoError, open_video
+    from ..videos import VideoError, open_video
 
     try:
         return open_video(path)
@@ -78,7 +78,7 @@ class VideoFrame:
     def read(self) -> bytes:
         from PIL import Image
 
-        from ..video.frames import VideoError
+        from ..videos import VideoError
 
         try:
             rgb = _open(os.fspath(self.video)).frame(self.index)

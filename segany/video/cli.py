@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     from ..cli_common import CliError
     from ..loader import load_predictor
     from ..validate import dumps
-    from .frames import VideoError, open_video
+    from ..videos import VideoError, open_video
     from .outputs import write_davis, write_overlay_video, write_video_json
     from .sam2_tracker import tracker_for
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .. import validate as V
 from ..files import atomic_write, find_images
-from .frames import VideoError, open_video
+from ..videos import VideoError, open_video
 from .outputs import to_video_json
 from .tracker import ObjectPrompt, TrackResult
 

@@ -14,8 +14,8 @@ from PIL import Image
 
 from .. import validate as V
 from ..files import atomic_write
+from ..videos import VideoSource
 from ..viz import overlay_masks
-from .frames import VideoSource
 from .tracker import TrackResult
 
 

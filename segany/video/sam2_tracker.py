@@ -16,7 +16,7 @@ forward or backward from any frame; all objects are tracked on each frame (each 
 own memory), and the frame's image features are computed once for all of them.
 
 Memory use is bounded on long videos: frames are read from the
-:class:`~segany.video.frames.VideoSource` when needed (the reference loads the whole video
+:class:`~segany.videos.VideoSource` when needed (the reference loads the whole video
 at model resolution), image features are kept for the current frame only, and the encoded
 memory of a predicted frame is dropped once it is ``memory_window`` frames away from the
 frame being tracked (it is recomputed, with the same result, if a later propagation needs it
@@ -43,7 +43,7 @@ from .. import masks as M
 from ..models.sam2_video import NO_OBJ_SCORE, HeadsOutput, Sam2Video
 from ..predictor import Predictor
 from ..transforms import SquareGeometry, video_frame_to_model_input
-from .frames import VideoSource
+from ..videos import VideoSource
 from .tracker import ObjectPrompt, PropagationTracker, TrackResult
 
 

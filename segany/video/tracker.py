@@ -24,7 +24,7 @@ import numpy as np
 from .. import masks as M
 from ..eval.clicks import farthest_point
 from ..predictor import Predictor
-from .frames import VideoSource
+from ..videos import VideoSource
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class TrackResult:
 
 
 class PropagationTracker:
-    """Tracks objects through a :class:`~segany.video.frames.VideoSource` with a
+    """Tracks objects through a :class:`~segany.videos.VideoSource` with a
     :class:`~segany.predictor.Predictor` (SAM 1 family)."""
 
     def __init__(self, predictor: Predictor, *, propagation: Propagation | None = None) -> None:

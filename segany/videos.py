@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import IMAGE_SUFFIXES
-from ..transforms import ImageError, load_image
+from .files import IMAGE_SUFFIXES
+from .transforms import ImageError, load_image
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
 #: Image suffixes read as frames: :data:`segany.files.IMAGE_SUFFIXES` but GIF (an animated GIF
