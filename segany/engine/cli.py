@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     labels.add_argument(
         "--labels",
         metavar="NAMES",
-        help="the project's label set, comma-separated (e.g. \"person,dog,car\"): registered in "
+        help='the project\'s label set, comma-separated (e.g. "person,dog,car"): registered in '
         "this order (ids, colours and the hotkeys Shift+1..9 follow it; labels already in the "
         "database keep theirs); the page can add more",
     )

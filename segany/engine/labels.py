@@ -4,14 +4,15 @@ order of first use, one class per spelling up to case and white space: see
 first nine, a hotkey of the page (Shift+1 ... Shift+9).
 
 ``segany annotate DIR --labels "person,dog,car"`` (or ``--labels-file FILE``) registers the
-names in that order before the server starts; the page lists them with ``GET /api/labels`` and
-adds one with ``POST /api/labels``. A label is never renamed or renumbered, so its id (the COCO category id and,
-minus one, the YOLO class index), colour and hotkey stay put.
+names in that order before the server starts; the page lists them with ``GET /api/labels``
+and adds one with ``POST /api/labels``. A label is never renamed or renumbered, so its id
+(the COCO category id and, minus one, the YOLO class index), colour and hotkey stay put.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
 from pydantic import ValidationError, field_validator
 
 from .schemas import Category, _clean_category, _Model, _Request
@@ -51,9 +52,7 @@ def color(label_id: int) -> str:
 def label_set(store: Store) -> list[LabelOut]:
     """Every label, by id; the first :data:`HOTKEYS` with their hotkey."""
     return [
-        LabelOut(
-            id=i, name=n, color=color(i), hotkey=f"Shift+{k + 1}" if k < HOTKEYS else None
-        )
+        LabelOut(id=i, name=n, color=color(i), hotkey=f"Shift+{k + 1}" if k < HOTKEYS else None)
         for k, (i, n) in enumerate(store.category_table())
     ]
 

@@ -101,10 +101,9 @@ def compute(store: Store) -> StatsOut:
 
     pre = [a for a in anns if a.source == "prefill"]
     events = store.events(kinds=["accept", "predict", "undo", "delete", "restore", "status"])
-    fixed = (
-        sum(1 for e in events if e.kind in ("accept", "restore") and (e.data or {}).get("replaces"))
-        - sum(1 for e in events if e.kind == "status" and (e.data or {}).get("unfix"))
-    )
+    fixed = sum(
+        1 for e in events if e.kind in ("accept", "restore") and (e.data or {}).get("replaces")
+    ) - sum(1 for e in events if e.kind == "status" and (e.data or {}).get("unfix"))
     deleted = sum(1 for e in events if e.kind == "delete" and _deleted_prefill(e.data)) - sum(
         1 for e in events if e.kind == "restore" and _deleted_prefill(e.data)
     )

@@ -83,7 +83,8 @@ def test_mask_edit_is_exported_and_keeps_its_history(client):
         assert r.status_code == status, (bad_id, r.text)
         assert client.get(f"/api/annotations/{bad_id}/history").status_code == status
     # the same mask again changes nothing and records no edit
-    assert client.patch(f"/api/annotations/{a['id']}", json={"segmentation": seg}).status_code == 200
+    r = client.patch(f"/api/annotations/{a['id']}", json={"segmentation": seg})
+    assert r.status_code == 200
     assert len(client.get(f"/api/annotations/{a['id']}/history").json()) == 2
 
 
