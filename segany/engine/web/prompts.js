@@ -22,7 +22,7 @@ function pushPrompt(points, labels, box) {
   S.hist = S.hist.slice(0, S.pos);
   S.hist.push(entry);
   S.pos = S.hist.length;
-  record({ kind: "prompt" }); // one step of the history (tools.js)
+  record({ kind: "prompt", fixing: S.fixing }); // one step of the history (tools.js)
   redraw();
   renderCandidates();
   const prev = S.hist.length > 1 ? S.hist[S.hist.length - 2] : null;

@@ -307,7 +307,16 @@ function clearPrompt() {
 }
 
 const STEPS = {
-  prompt: { undo: async () => undo(), redo: async () => redo() },
+  prompt: {
+    undo: async (s) => {
+      undo();
+      if (S.pos === 0 && s.fixing != null) { S.fixing = null; rebuildLayers(); } // the fix's box
+    },
+    redo: async (s) => {
+      if (s.fixing != null && S.fixing !== s.fixing) { S.fixing = s.fixing; rebuildLayers(); }
+      redo();
+    },
+  },
   clear: {
     undo: async (s) => restorePrompt(s),
     redo: async () => resetPrompt(),
