@@ -327,20 +327,20 @@ def test_label_hotkeys_shown_before_accept(page, app):
     assert page.locator("#label-now").inner_text() == "label: dog (Shift+2)"
     assert page.locator(".label-chip.chosen").inner_text().startswith("dog")
     # a mask painted from nothing: the candidate is drawn in the label's colour
-    before = _pixel(page, 200, 150)
+    before = _pixel(page, 470, 320)
     page.keyboard.press("b")
     page.evaluate("setBrushSize(20)")
-    _drag(page, [(200, 150)])
+    _drag(page, [(470, 320)])
     alpha = 120 / 255
     dog = np.asarray(_rgb(L.PALETTE[1]), float)
-    assert np.abs(_pixel(page, 200, 150) - (before * (1 - alpha) + dog * alpha)).max() <= 3
+    assert np.abs(_pixel(page, 470, 320) - (before * (1 - alpha) + dog * alpha)).max() <= 3
     page.keyboard.press("Shift+Digit3")  # another label: the same mask in car yellow
     car = np.asarray(_rgb(L.PALETTE[2]), float)
     assert page.locator("#label-now").inner_text() == "label: car (Shift+3)"
-    assert np.abs(_pixel(page, 200, 150) - (before * (1 - alpha) + car * alpha)).max() <= 3
+    assert np.abs(_pixel(page, 470, 320) - (before * (1 - alpha) + car * alpha)).max() <= 3
     page.keyboard.press("Shift+Digit1")
-    _drag(page, [(230, 150), (260, 170)])  # a second stroke on the painted candidate
-    x, y = _screen(page, 300, 120)
+    _drag(page, [(480, 320), (520, 360), (560, 380)])  # a second stroke on it
+    x, y = _screen(page, 600, 300)
     page.mouse.move(x, y)
     page.wait_for_timeout(100)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
