@@ -46,7 +46,7 @@ def trash(store: Store, ann_id: int, ev: dict[str, Any] | None = None) -> Annota
         return None
     now = time.time()
     with store.session() as s:
-        a = s.get(Annotation, ann_id)
+        a = s.get(Annotation, ann_id, with_for_update=True)  # PostgreSQL: no edit meanwhile
         if a is None:
             return None
         row = {c: _plain(getattr(a, c)) for c in COLUMNS}
