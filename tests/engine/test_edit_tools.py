@@ -358,6 +358,8 @@ def test_label_hotkeys_shown_before_accept(page, app):
     assert np.array_equal(rle_to_mask(ann.segmentation), want)
     # the label stays chosen (and shown); a typed name is not carried to another image
     assert page.locator("#label-now").inner_text() == "label: person (Shift+1)"
+    page.locator("#category").fill(" CAR")  # a label in another spelling is that label
+    assert page.locator("#label-now").inner_text() == "label: car (Shift+3)"
     page.locator("#category").fill("zebra")
     assert page.locator("#label-now").inner_text() == "label: zebra (new)"
     page.locator("#canvas").focus()

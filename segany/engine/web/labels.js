@@ -73,6 +73,7 @@ function chooseLabel(name) {
   localStorage.setItem("segany-label", LB.chosen);
   $("#category").value = LB.chosen;
   renderLabels();
+  if (current()) renderCandidates(); // the thumbnails in the label's colour too
 }
 
 // Shift+1..9: the k-th label of the set.
