@@ -239,3 +239,38 @@ def test_labels_option_parsing(tmp_path, capsys):
     assert "label" in capsys.readouterr().err
     assert main([*argv, "--labels-file", str(tmp_path / "nope.txt")]) == 2
     assert "cannot read the labels file" in capsys.readouterr().err
+
+
+def test_annotate_labels_option_registers_the_set(tmp_path, monkeypatch, capsys):
+    """``segany annotate DIR --labels ...`` (the server not started): the set, in order."""
+    import torch
+
+    from segany.cli import main
+    from segany.engine import server
+    from segany.engine.store import Store
+
+    from ..conftest import tiny_sam
+
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(tiny_sam().state_dict(), ckpt)
+    images = tmp_path / "images"
+    images.mkdir()
+    served = []
+    monkeypatch.setattr(server, "serve", lambda svc, **kw: served.append(svc.close()))
+    db = f"sqlite:///{tmp_path / 'a.db'}"
+    argv = ["annotate", str(images), "--db", db, "--model", str(ckpt), "--backend", "torch",
+            "--no-prefetch", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main([*argv, "--labels", "person, Dog,car"]) == 0 and len(served) == 1
+    f = tmp_path / "more.txt"
+    f.write_text("dog\nbicycle\n", encoding="utf-8")
+    assert main([*argv, "--labels-file", str(f)]) == 0  # known labels keep their ids
+    store = Store(db)
+    try:
+        assert [(x.id, x.name, x.hotkey) for x in L.label_set(store)] == [
+            (1, "person", "Shift+1"),
+            (2, "Dog", "Shift+2"),
+            (3, "car", "Shift+3"),
+            (4, "bicycle", "Shift+4"),
+        ]
+    finally:
+        store.close()
