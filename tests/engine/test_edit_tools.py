@@ -221,6 +221,8 @@ def _accept_candidate(page, x: float, y: float) -> int:
 
 
 def test_undo_redo_of_every_action(page, app):
+    import httpx
+
     base, svc = app
     store = svc.store
     iid = store.image_by_path("kitchen.jpg").id
@@ -316,6 +318,25 @@ def test_undo_redo_of_every_action(page, app):
             break
         page.wait_for_timeout(100)
     assert kinds.count("undo") == 6 and kinds.count("redo") == 4
+
+    # a fix (E, then Enter) undone: the fix deleted, the pending object pending again
+    page.evaluate(f"selectObject({p3}, false)")
+    page.keyboard.press("e")
+    page.wait_for_function("current() && current().box && current().result !== null")
+    page.keyboard.press("Enter")
+    page.wait_for_function("S.objects.filter(o => o.status === 'pending').length === 0")
+    fix = store.fix_of(p3)
+    assert fix is not None and store.annotation(p3).status == "rejected"
+    fixed = lambda: httpx.get(base + "/api/stats").json()["prefill"]["fixed"]  # noqa: E731
+    assert fixed() == 1
+    page.keyboard.press("Control+z")
+    _settle(page)
+    assert store.annotation(fix) is None and store.annotation(p3).status == "pending"
+    assert fixed() == 0 and page.evaluate("S.fixing") == p3  # back to fixing it
+    page.keyboard.press("Control+y")
+    _settle(page)
+    assert store.fix_of(p3) == fix and store.annotation(p3).status == "rejected"
+    assert fixed() == 1
 
 
 def test_label_hotkeys_shown_before_accept(page, app):
