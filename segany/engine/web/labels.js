@@ -122,7 +122,7 @@ function showLabel() {
   sw.style.background = l ? l.color : `rgb(${CANDIDATE_RGBA.slice(0, 3).join(",")})`;
   el.appendChild(sw);
   el.appendChild(document.createTextNode(`label: ${l ? l.name : name}` +
-    (l ? (l.hotkey ? ` (${l.hotkey})` : "") : " (new)")));
+    (l ? (l.hotkey ? ` (${l.hotkey})` : "") : labelKey(name) === "object" ? " (default)" : " (new)")));
   redraw();
 }
 
