@@ -1,5 +1,6 @@
-"""The annotator's objects: accept a mask, list, fix, reject or delete objects, and the
-events of the measurements. A part of :class:`~.service.AnnotationService`.
+"""The annotator's objects: accept a mask, list, edit (category, mask), fix, reject, delete
+and restore objects, and the events of the measurements. A part of
+:class:`~.service.AnnotationService`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 from pycocotools import mask as mask_utils
 
 from ..validate import InputError, segmentation_to_rle
+from . import edits
 from .schemas import (
     RLE,
     AcceptRequest,
@@ -18,6 +20,7 @@ from .schemas import (
     AnnotationOut,
     BadRequest,
     Conflict,
+    EventOut,
     EventRequest,
     NotFound,
     Unprocessable,
@@ -187,8 +190,12 @@ class AnnotationsMixin:
             im = self._image(a.image_id)
             rle, area, bbox = canonical_rle(req.segmentation, (im.height, im.width))
             if area == 0:
-                raise Unprocessable("the mask is empty")
-            fields.update(segmentation=rle, area=area, bbox=bbox)
+                raise Unprocessable("the mask is empty: delete the object instead")
+            if rle["counts"] != a.segmentation.get("counts") or rle["size"] != list(
+                a.segmentation.get("size", [])
+            ):  # the edit history keeps the mask this one replaces
+                fields.update(segmentation=rle, area=area, bbox=bbox)
+                data.update(area=[a.area, area], previous=a.segmentation)
         if req.status is not None and req.status != a.status:
             fixed_by = self.store.fix_of(ann_id) if a.status == "rejected" else None
             if fixed_by is not None:  # accepting it again would duplicate the object
@@ -202,6 +209,8 @@ class AnnotationsMixin:
                     fields.update(seconds=seconds, user_id=user.id, clicks=a.clicks + clicks)
             else:
                 kind = "status"
+                if a.status == "rejected" and edits.fix_in_trash(self.store, ann_id):
+                    data["unfix"] = True  # its fix was deleted (undone): no longer fixed
             data["status"] = [a.status, req.status]
         if not fields:
             return self._ann_out(a)
@@ -222,19 +231,68 @@ class AnnotationsMixin:
         return self._ann_out(a)
 
     def delete_annotation(self, ann_id: int, user: UserRef) -> None:
+        """Delete an object into the trash: :meth:`restore_annotation` puts it back."""
         a = self.store.annotation(ann_id)
         if a is None:
             raise NotFound(f"no annotation with id {ann_id}")
-        self.store.delete_annotations(
-            [ann_id],
+        gone = edits.trash(
+            self.store,
+            ann_id,
             {
                 "kind": "delete",
                 "user_id": user.id,
                 "image_id": a.image_id,
                 "stage": a.stage,
-                "data": {"category": a.category, "status": a.status, "source": a.source},
+                "data": {
+                    "category": a.category,
+                    "status": a.status,
+                    "source": a.source,
+                    "replaces": a.replaces_id,
+                },
             },
         )
+        if gone is None:
+            raise NotFound(f"no annotation with id {ann_id}")
+
+    def restore_annotation(self, ann_id: int, user: UserRef) -> AnnotationOut:
+        """Undo a delete: the object comes back from the trash as it was, under its id (a
+        new id only where an older SQLite database gave the id to another object since:
+        the answer's ``id`` says which)."""
+        entry = edits.trashed(self.store, ann_id)
+        if entry is not None:
+            self._image(entry.image_id)  # the image must still be known
+        row = entry.row if entry is not None else {}
+        ev = {
+            "kind": "restore",
+            "user_id": user.id,
+            "image_id": entry.image_id if entry is not None else None,
+            "stage": row.get("stage", 1),
+            "data": {k: row.get(k) for k in ("category", "status", "source")},
+        }
+        try:
+            a = edits.restore(self.store, ann_id, ev)
+        except KeyError:
+            raise NotFound(f"annotation {ann_id} is not deleted (or was restored)") from None
+        except StoreConflict as exc:
+            raise Conflict(str(exc)) from None
+        return self._ann_out(a)
+
+    def annotation_history(self, ann_id: int) -> list[EventOut]:
+        """The events of an object, oldest first: accept, edits (each mask edit with the
+        mask it replaced), status changes, deletes and restores."""
+        found = self.store.annotation(ann_id) or edits.trashed(self.store, ann_id)
+        if found is None:
+            raise NotFound(f"no annotation with id {ann_id}")
+        names = {u.id: u.name for u in self.store.users()}
+        return [
+            EventOut(
+                ts=e.ts,
+                kind=e.kind,
+                user=names.get(e.user_id) if e.user_id is not None else None,
+                data=e.data,
+            )
+            for e in edits.history(self.store, ann_id)
+        ]
 
     def record_event(self, image_id: int, req: EventRequest, user: UserRef) -> None:
         """UI-side actions (undo, redo, candidate chosen...) kept for the measurements."""

@@ -1,7 +1,7 @@
 """``segany annotate``: the web annotator (data engine stages 1 and 2).
 
 segany annotate IMAGES_DIR [--db URL] [--model NAME|PATH] [--detector NAME|FOLDER]
-                [--host H] [--port P]
+                [--labels "person,dog,car" | --labels-file FILE] [--host H] [--port P]
 segany annotate IMAGES_DIR --add-user NAME [--admin]     # prints a new token, then exits
 """
 
@@ -46,6 +46,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="text detector for stage-2 pre-fills by class names (grounding-dino-tiny, "
         "grounding-dino-base, owlv2, a hub id or a folder; loaded on the first such "
         "pre-fill; needs: pip install 'segany[text]'). Default: none",
+    )
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument(
+        "--labels",
+        metavar="NAMES",
+        help='the project\'s label set, comma-separated (e.g. "person,dog,car"): registered in '
+        "this order (ids, colours and the hotkeys Shift+1..9 follow it; labels already in the "
+        "database keep theirs); the page can add more",
+    )
+    labels.add_argument(
+        "--labels-file", metavar="FILE", help="like --labels: one name per line (UTF-8)"
     )
     p.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default: 8000")
@@ -116,6 +127,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, auth=None)
 
 
+def _labels(args: argparse.Namespace) -> list[str]:
+    from .labels import parse_labels, read_labels_file
+
+    if args.labels_file:
+        return read_labels_file(args.labels_file)
+    return parse_labels(args.labels) if args.labels else []
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -127,6 +146,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"segany: error: images folder not found: {args.images_dir}", file=sys.stderr)
         return 2
     db = args.db or default_db(root)
+    try:
+        names = _labels(args)
+    except ValueError as exc:
+        print(f"segany: error: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.add_user is not None:
             store = Store(db)
@@ -148,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
             detector=args.detector,
             web_decoder=args.web_decoder,
             web_dtype=args.web_dtype,
+            labels=names,
         )
     except (StoreError, ValueError) as exc:
         hint = "" if args.db else " (use --db to keep the database elsewhere)"

@@ -196,8 +196,9 @@ def read_coco(
                 raise InputError(f"{where} (id {cid}): name must be a string, got {_show(name)}")
             try:
                 name = clean_category(name)
-            except ValueError:
-                raise InputError(f"{where} (id {cid}): the name is blank") from None
+            except ValueError as exc:
+                why = "is blank" if not name.strip() else f"is refused ({exc})"
+                raise InputError(f"{where} (id {cid}): the name {why}") from None
             if len(name) > max_category:
                 raise InputError(
                     f"{where} (id {cid}): the name is longer than {max_category} characters"

@@ -4,6 +4,7 @@ responses (pydantic), used by :mod:`.service` and :mod:`.server`.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -149,6 +150,8 @@ def _clean_category(v: str | None) -> str | None:
     v = " ".join(v.split())
     if not v:
         raise ValueError("category must not be empty")
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in v):
+        raise ValueError("category must not hold control characters")
     return v
 
 
@@ -258,6 +261,15 @@ class PrefillOut(_Model):
 
 class EventRequest(_Request):
     kind: Literal["undo", "redo", "select", "clear", "next", "prev", "note", "predict"]
+    data: dict[str, Any] | None = None
+
+
+class EventOut(_Model):
+    """One event of an object's history (``GET /api/annotations/{id}/history``)."""
+
+    ts: float
+    kind: str
+    user: str | None = None
     data: dict[str, Any] | None = None
 
 

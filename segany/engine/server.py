@@ -21,7 +21,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from ..train.routes import add_model_routes
-from . import errors, guards
+from . import errors, guards, labels
+from .labels import LabelOut, LabelRequest
 from .service import (
     AcceptRequest,
     AnnotationList,
@@ -30,6 +31,7 @@ from .service import (
     BadRequest,
     ConfigOut,
     DoneRequest,
+    EventOut,
     EventRequest,
     ImageList,
     ImageOut,
@@ -215,8 +217,29 @@ def create_app(
 
     @app.delete("/api/annotations/{ann_id}", status_code=204)
     def delete_annotation(ann_id: int, u: Who) -> Response:
+        """Delete an object (into the trash: ``POST .../restore`` undoes it)."""
         service.delete_annotation(ann_id, u)
         return Response(status_code=204)
+
+    @app.post("/api/annotations/{ann_id}/restore", response_model=AnnotationOut)
+    def restore_annotation(ann_id: int, u: Who) -> AnnotationOut:
+        """Undo a delete: the object as it was, under its id (see the answer's ``id``)."""
+        return service.restore_annotation(ann_id, u)
+
+    @app.get("/api/annotations/{ann_id}/history", response_model=list[EventOut])
+    def annotation_history(ann_id: int, u: Who) -> list[EventOut]:
+        """An object's events, oldest first; mask edits hold the mask they replaced."""
+        return service.annotation_history(ann_id)
+
+    @app.get("/api/labels", response_model=list[LabelOut])
+    def label_set(u: Who) -> list[LabelOut]:
+        """The project's label set: id, name, colour, hotkey (:mod:`.labels`)."""
+        return labels.label_set(service.store)
+
+    @app.post("/api/labels", response_model=LabelOut, status_code=201)
+    def add_label(req: LabelRequest, u: Who) -> LabelOut:
+        """Add a label (an existing one in another spelling answers as itself)."""
+        return labels.add_label(service.store, req.name)
 
     @app.get("/api/stats", response_model=StatsOut)
     def stats(u: Who) -> StatsOut:
@@ -328,9 +351,11 @@ def build_service(
     detector: str | None = None,
     web_decoder: bool = False,
     web_dtype: str = "float16",
+    labels: Sequence[str] = (),
 ) -> AnnotationService:
     """Open the database, load the model and register the images. ``detector`` (name, hub
-    id or folder) enables stage-2 pre-fills by class names; it is loaded on first use."""
+    id or folder) enables stage-2 pre-fills by class names; it is loaded on first use.
+    ``labels``: the label set's names, registered in this order (:mod:`.labels`)."""
     from ..loader import load_predictor
     from ..weights import cache_dir as segany_cache
     from .service import DEFAULT_MAX_PIXELS
@@ -340,6 +365,9 @@ def build_service(
     if not root.is_dir():
         raise ValueError(f"images folder not found: {images_dir}")
     store = Store(db or default_db(root))
+    from .labels import register
+
+    register(store, list(labels))
     predictor = load_predictor(model, backend=backend)
     svc = AnnotationService(
         store,

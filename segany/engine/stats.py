@@ -9,6 +9,11 @@ every pause between two actions counted as at most
 the prompts sent in that time (a box drag is one). Pre-filled masks accepted as they are
 have 0 clicks. Imported objects are counted but have no timing. Pre-filled masks deleted
 later stay in the stage-2 figures: in ``proposed`` and in ``deleted``.
+
+Undo (:mod:`.edits`): a restored object is no longer deleted (its ``restore`` event offsets
+the ``delete``); a fix whose accept was undone (the fix deleted, the pending object set back
+to pending: a ``status`` event marked ``unfix``) no longer counts as fixed, and counts again
+when the undo is redone (the fix's ``restore``).
 """
 
 from __future__ import annotations
@@ -95,9 +100,13 @@ def compute(store: Store) -> StatsOut:
     stages = [_row("all", stage, items) for stage, items in sorted(per_stage.items())]
 
     pre = [a for a in anns if a.source == "prefill"]
-    events = store.events(kinds=["accept", "predict", "undo", "delete"])
-    fixed = sum(1 for e in events if e.kind == "accept" and (e.data or {}).get("replaces"))
-    deleted = sum(1 for e in events if e.kind == "delete" and _deleted_prefill(e.data))
+    events = store.events(kinds=["accept", "predict", "undo", "delete", "restore", "status"])
+    fixed = sum(
+        1 for e in events if e.kind in ("accept", "restore") and (e.data or {}).get("replaces")
+    ) - sum(1 for e in events if e.kind == "status" and (e.data or {}).get("unfix"))
+    deleted = sum(1 for e in events if e.kind == "delete" and _deleted_prefill(e.data)) - sum(
+        1 for e in events if e.kind == "restore" and _deleted_prefill(e.data)
+    )
     n_acc = sum(1 for a in pre if a.status == "accepted")
     n_rej = sum(1 for a in pre if a.status == "rejected")
     decided = n_acc + n_rej + deleted

@@ -3,8 +3,9 @@
 Tables: ``images`` (files registered from the images folder), ``annotations`` (one object:
 COCO RLE segmentation, category, status, stage and source, the model that produced it, the
 clicks and seconds it took), ``events`` (clicks and actions with timestamps, for the
-measurements), ``users`` (annotators and the SHA-256 of their tokens) and ``segany_meta``
-(schema version; :mod:`.migrate` brings older databases up to date).
+measurements), ``users`` (annotators and the SHA-256 of their tokens), ``categories`` (the
+label set), ``trash`` (deleted objects, restorable with their id: queries in :mod:`.edits`)
+and ``segany_meta`` (schema version; :mod:`.migrate` brings older databases up to date).
 
 Concurrent writers: changes of an annotation's status are conditional (``UPDATE ... WHERE
 status = <the status the caller saw>``), so two requests that both saw a pending object
@@ -12,8 +13,10 @@ cannot both turn it into something else; and a fix records the pending object it
 in ``annotations.replaces_id``, which is unique, so the database itself refuses a second
 fix of the same object (SQLite and PostgreSQL alike). Losers get :class:`StoreConflict`.
 
-Every query and write of the annotator is here (about 620 lines with the ``categories``
-table): one file shows every transaction and the rules that make concurrent requests safe.
+Every query and write of the annotator is here (about 640 lines with the ``categories``
+and ``trash`` tables), but for the undo support (delete to the trash, restore, an object's
+edit history) in :mod:`.edits`: one file shows the schema, the transactions and the rules
+that make concurrent requests safe.
 
 Every write commits before the function returns, so an acknowledged write survives a
 ``kill -9`` of the server (SQLite runs in WAL mode with ``synchronous=FULL``).
@@ -140,7 +143,12 @@ class Image(Base):
 
 class Annotation(Base):
     __tablename__ = "annotations"
-    __table_args__ = (Index("ux_annotations_replaces_id", "replaces_id", unique=True),)
+    # AUTOINCREMENT (new SQLite databases): an id is never given to a second object, so a
+    # deleted object can be restored under its own id (:mod:`.edits`)
+    __table_args__ = (
+        Index("ux_annotations_replaces_id", "replaces_id", unique=True),
+        {"sqlite_autoincrement": True},
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
     category: Mapped[str] = mapped_column(String(128), default="object")
@@ -169,6 +177,20 @@ class Annotation(Base):
     )
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     updated_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Trash(Base):
+    """A deleted annotation: its whole row as JSON (``row``), so that an undo can put it back
+    with the same id (:func:`.edits.restore`). The row leaves the trash when restored."""
+
+    __tablename__ = "trash"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    annotation_id: Mapped[int] = mapped_column(Integer, index=True)
+    image_id: Mapped[int] = mapped_column(Integer, index=True)
+    replaces_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
+    row: Mapped[dict[str, Any]] = mapped_column(JSON)
+    user_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    deleted_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
 class Event(Base):

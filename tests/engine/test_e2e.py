@@ -242,8 +242,8 @@ def test_negative_points_box_undo_prefill_and_keys(browser, app_url):
 @pytest.mark.weights
 def test_labels_cannot_go_wrong(browser, app_url):
     """One spelling per class, edits that leave the field (Esc reverts), the label Enter
-    applies shown, accept-all asks first, a deleted object comes back with U, a resized
-    window refits the image."""
+    applies shown, accept-all asks first, a deleted object comes back with U (under its id),
+    a resized window refits the image."""
     base, svc = app_url
     page, errors = _page(browser, base)
     _open(page, "kitchen.jpg")
@@ -280,13 +280,13 @@ def test_labels_cannot_go_wrong(browser, app_url):
     assert svc.store.annotation(first.id).category == "person"
     assert page.evaluate("document.activeElement.id") == "canvas"
 
-    # delete with the keyboard, restore with U
+    # delete with the keyboard, restore with U (an undo): the same object, same id
     page.evaluate(f"selectObject({first.id}, false)")  # (editing it selected it already)
     page.keyboard.press("Delete")
     page.wait_for_function("document.querySelectorAll('#objects li').length === 1")
     page.keyboard.press("u")
     page.wait_for_function("document.querySelectorAll('#objects li').length === 2")
-    restored = max(svc.store.annotations(iid), key=lambda a: a.id)
+    restored = svc.store.annotation(first.id)
     assert restored.category == "person"
     assert np.array_equal(rle_to_mask(restored.segmentation), rle_to_mask(first.segmentation))
 

@@ -68,6 +68,10 @@ CASES = [
         _coco([SQUARE]).replace('"name": "cat"', '"name": "   "'),
         "categories[0] (id 1): the name is blank",
     ),  # fmt: skip
+    (
+        _coco([SQUARE]).replace('"name": "cat"', '"name": "c\\u0000t"'),
+        "categories[0] (id 1): the name is refused (category must not hold control characters)",
+    ),  # fmt: skip
     (_coco([SQUARE]).replace('"name": "cat"', '"name": 5'), "name must be a string"),
     (
         _coco([SQUARE]).replace('"images": [{"id": 1,', '"images": [{"id": [1],'),

@@ -123,6 +123,26 @@ def test_delete_racing_patch(service, base):
     assert (200, 204) in seen or (404, 204) in seen
 
 
+def test_two_restores_of_one_deleted_object(service, base):
+    """Undo of a delete from two tabs at once: the object comes back once, under its id."""
+    iid = _a_png(service)
+    ids = _pending(service, iid, ROUNDS)
+    clients = [httpx.Client(base_url=base, timeout=60) for _ in range(THREADS)]
+    try:
+        for pid in ids:
+            assert clients[0].delete(f"/api/annotations/{pid}").status_code == 204
+            url = f"/api/annotations/{pid}/restore"
+            res = _together([lambda c=c, u=url: c.post(u) for c in clients])
+            codes = sorted(r.status_code for r in res)
+            assert codes[0] == 200 and codes.count(200) == 1, [r.text for r in res]
+            assert set(codes[1:]) <= {404, 409}, [r.text for r in res]  # gone from the trash
+            assert next(r for r in res if r.status_code == 200).json()["id"] == pid
+    finally:
+        for c in clients:
+            c.close()
+    assert sorted(a.id for a in service.store.annotations(iid)) == sorted(ids)
+
+
 def test_patch_racing_a_fix(service, base):
     """Accepting a pending object as it is and fixing it at the same time: one wins."""
     iid = _a_png(service)

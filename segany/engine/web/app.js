@@ -2,11 +2,6 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const PALETTE = [
-  [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-  [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
-  [0, 128, 128], [220, 190, 255], [170, 110, 40], [255, 250, 200], [128, 0, 0],
-];
 const CANDIDATE_RGBA = [30, 144, 255, 120];
 const PENDING_RGBA = [255, 255, 255, 70];
 
@@ -156,6 +151,8 @@ async function openImage(id) {
   if (S.current && S.current.id === id && S.img) return;
   const info = await api("POST", `/api/images/${id}/open`); // fails first: nothing is lost
   resetPrompt();
+  historyReset(); // the history is the open image's (tools.js)
+  labelsOnImageChange(); // a typed label name is not carried to this image (labels.js)
   S.selected = null;
   S.current = info.image;
   S.nav = { prev: info.prev_id, next: info.next_id };
@@ -199,8 +196,9 @@ function go(delta) {
 }
 
 // -- objects ---------------------------------------------------------------------------------
+// An object's colour: its label's (labels.js); grey until the label set is loaded.
 function colorFor(a) {
-  return PALETTE[a.id % PALETTE.length];
+  return labelRGB(a.category) || [128, 128, 128];
 }
 
 async function loadObjects() {
@@ -224,9 +222,9 @@ async function loadObjects() {
 function objectCanvas(a) {
   const key = a.id;
   let c = S.objCanvas.get(key);
-  if (!c || c.status !== a.status || c.counts !== a.segmentation.counts) {
-    const rgba = a.status === "pending" ? PENDING_RGBA : [...colorFor(a), 110];
-    c = { canvas: maskCanvas(a.segmentation, rgba), status: a.status, counts: a.segmentation.counts };
+  const rgba = a.status === "pending" ? PENDING_RGBA : [...colorFor(a), 110];
+  if (!c || c.rgba !== rgba.join(",") || c.counts !== a.segmentation.counts) {
+    c = { canvas: maskCanvas(a.segmentation, rgba), rgba: rgba.join(","), counts: a.segmentation.counts };
     S.objCanvas.set(key, c);
   }
   return c.canvas;
@@ -240,7 +238,7 @@ function rebuildLayers() {
   S.pendingLayer = mk();
   const a1 = S.layer.getContext("2d"), a2 = S.pendingLayer.getContext("2d");
   for (const a of S.objects) {
-    if (a.id === S.fixing) continue;
+    if (a.id === S.fixing || a.id === S.editing) continue; // (S.editing: a brush stroke on it)
     (a.status === "pending" ? a2 : a1).drawImage(objectCanvas(a), 0, 0);
   }
   redraw();
@@ -267,8 +265,13 @@ function renderObjects() {
     cat.title = "edit the category";
     cat.addEventListener("change", () => {
       if (cat.value.trim() === a.category) return;
+      const before = a.category;
       api("PATCH", `/api/annotations/${a.id}`, { category: cat.value })
-        .then((r) => { a.category = r.category; cat.value = r.category; toast(`category: ${r.category}`); })
+        .then((r) => {
+          if (r.category !== before) record({ kind: "category", id: a.id, before, after: r.category });
+          a.category = r.category; cat.value = r.category; toast(`category: ${r.category}`);
+          rebuildLayers(); // in the new label's colour
+        })
         .catch((e) => { cat.value = a.category; fail(e); });
     });
     cat.addEventListener("keydown", (ev) => {
@@ -332,26 +335,12 @@ function selectNext() {
 }
 
 async function deleteObject(id) {
-  const a = S.objects.find((x) => x.id === id);
   try {
     await api("DELETE", `/api/annotations/${id}`);
+    record({ kind: "delete", id }); // undo restores it, same id (tools.js)
     if (S.selected === id) S.selected = null;
-    if (a && a.status === "accepted" && S.current) {
-      S.lastDeleted = { imageId: S.current.id, body: { segmentation: a.segmentation, category: a.category, score: a.score } };
-    }
     await loadObjects();
-    toast(S.lastDeleted ? `deleted object ${id}: U restores it` : "deleted");
-  } catch (e) { fail(e); }
-}
-
-async function restoreDeleted() {
-  const d = S.lastDeleted;
-  if (!d || !S.current || d.imageId !== S.current.id) { toast("nothing to restore on this image"); return; }
-  try {
-    const a = await api("POST", `/api/images/${d.imageId}/annotations`, d.body);
-    S.lastDeleted = null;
-    await loadObjects();
-    toast(`restored as object ${a.id} (${a.category})`);
+    toast(`deleted object ${id}: Ctrl+Z (or U) restores it`);
   } catch (e) { fail(e); }
 }
 
@@ -363,7 +352,8 @@ async function decidePending(id, status) {
   // class-agnostic pre-fills take the category box; named ones (by class, imported) keep theirs
   if (status === "accepted" && cat && a.category === "object") body.category = cat;
   try {
-    await api("PATCH", `/api/annotations/${id}`, body);
+    const r = await api("PATCH", `/api/annotations/${id}`, body);
+    record({ kind: "decide", id, status, before: a.category, after: r.category });
     await loadObjects();
     const next = S.objects.find((x) => x.status === "pending");
     S.selected = next ? next.id : null;
@@ -372,22 +362,31 @@ async function decidePending(id, status) {
   } catch (e) { fail(e); }
 }
 
+// Accept the pending objects (those with score >= the "score >=" box when it is above 0),
+// after a confirmation; one step of the history undoes them all.
 async function acceptAllPending() {
-  const pend = S.objects.filter((a) => a.status === "pending");
-  if (!pend.length) { toast("no pending objects"); return; }
+  const all = S.objects.filter((a) => a.status === "pending");
+  const min = Number($("#min-score").value) || 0;
+  const pend = min > 0 ? all.filter((a) => a.score != null && a.score >= min) : all;
+  if (!pend.length) { toast(min > 0 ? `no pending objects with score >= ${min}` : "no pending objects"); return; }
   const cat = $("#category").value.trim();
   const agnostic = pend.filter((a) => a.category === "object").length;
   const label = cat && agnostic ? ` (${agnostic} class-agnostic one(s) as "${cat}")` : "";
-  if (!window.confirm(`Accept all ${pend.length} pending object(s)${label}?`)) return;
+  const what = min > 0 ? `Accept ${pend.length} of ${all.length} pending object(s) with score >= ${min}`
+    : `Accept all ${pend.length} pending object(s)`;
+  if (!window.confirm(`${what}${label}?`)) return;
+  const items = [];
   try {
     for (const a of pend) {
       const body = { status: "accepted" };
       if (cat && a.category === "object") body.category = cat;
-      await api("PATCH", `/api/annotations/${a.id}`, body);
+      const r = await api("PATCH", `/api/annotations/${a.id}`, body);
+      items.push({ id: a.id, before: a.category, after: r.category });
     }
-    await loadObjects();
-    toast(`${pend.length} accepted`);
+    toast(`${pend.length} accepted: Ctrl+Z returns them to pending`);
   } catch (e) { fail(e); }
+  if (items.length) record({ kind: "acceptAll", items }); // what was done, even if cut short
+  await loadObjects().catch(fail);
 }
 
 function fixPending(id) {

@@ -47,7 +47,7 @@ function draw() {
   if (S.layer) ctx.drawImage(S.layer, 0, 0);
   if (S.selected !== null) {
     const a = S.objects.find((x) => x.id === S.selected);
-    if (a && a.id !== S.fixing) {
+    if (a && a.id !== S.fixing && a.id !== S.editing) {
       ctx.globalAlpha = 1;
       ctx.drawImage(objectCanvas(a), 0, 0);
       const [x, y, w, h] = a.bbox;
@@ -62,8 +62,8 @@ function draw() {
     }
   }
   const cur = current();
-  if (cur && cur.canvases) {
-    ctx.drawImage(cur.canvases[cur.sel], 0, 0);
+  if (cur && cur.result) {
+    ctx.drawImage(candidateLayer(cur), 0, 0); // in the label's colour, as a stroke paints it
     if (cur.paint) painted(cur);
   }
   ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
@@ -81,6 +81,8 @@ function draw() {
     ctx.strokeRect(S.drag.sx, S.drag.sy, S.drag.cx - S.drag.sx, S.drag.cy - S.drag.sy);
     ctx.setLineDash([]);
   }
+  drawToolOverlay(ctx, dpr); // a stroke on an object, the label tag, the brush (tools.js)
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
   if (cur) {
     cur.points.forEach(([x, y], i) => {
       const [px, py] = toScreen(x, y);
@@ -116,6 +118,7 @@ canvas.addEventListener("mousedown", (ev) => {
     ev.preventDefault();
     return;
   }
+  if (toolActive()) { toolDown(ev, sx, sy); ev.preventDefault(); return; } // brush, eraser
   if (ev.button === 2) {
     const [x, y] = toImage(sx, sy);
     if (inImage(x, y)) addPoint(round1(x), round1(y), 0);
@@ -192,13 +195,17 @@ window.addEventListener("keydown", (ev) => {
   }
   const k = ev.key;
   if ((ev.ctrlKey || ev.metaKey) && (k === "z" || k === "Z")) {
-    ev.preventDefault(); if (ev.shiftKey) redo(); else undo(); return;
+    ev.preventDefault(); if (ev.shiftKey) historyRedo(); else historyUndo(); return;
   }
-  if ((ev.ctrlKey || ev.metaKey) && (k === "y" || k === "Y")) { ev.preventDefault(); redo(); return; }
+  if ((ev.ctrlKey || ev.metaKey) && (k === "y" || k === "Y")) { ev.preventDefault(); historyRedo(); return; }
   if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+  if (ev.shiftKey && /^Digit[1-9]$/.test(ev.code)) { chooseLabelIndex(Number(ev.code.slice(5)) - 1); return; }
   if (k === "1" || k === "2" || k === "3") { selectCandidate(Number(k) - 1); return; }
   if (k === " ") { S.space = true; ev.preventDefault(); return; }
-  if (k === "Escape") { resetPrompt(); setStatus("cleared"); return; }
+  if (k === "Escape") { if (T.tool !== "prompt") setTool(T.tool); else clearPrompt(); return; }
+  if (k === "b") { setTool("brush"); return; }
+  if (k === "x") { setTool("eraser"); return; }
+  if (k === "[" || k === "]") { setBrushSize(k === "]" ? Math.max(T.size + 1, T.size * 1.25) : T.size / 1.25); return; }
   if (k === "n" || k === "ArrowRight") { go(1); return; }
   if (k === "p" || k === "ArrowLeft") { go(-1); return; }
   if (k === "Delete" || k === "Backspace") { if (S.selected !== null) deleteObject(S.selected); return; }
@@ -208,7 +215,7 @@ window.addEventListener("keydown", (ev) => {
   if (k === "r") { if (S.selected !== null) decidePending(S.selected, "rejected"); return; }
   if (k === "e") { if (S.selected !== null) fixPending(S.selected); return; }
   if (k === "g") { prefill(); return; }
-  if (k === "u") { restoreDeleted(); return; }
+  if (k === "u") { historyUndo(); return; }
   if (k === "c") { ev.preventDefault(); $("#category").focus(); $("#category").select(); return; }
   if (k === "f") { fit(); return; }
 });
@@ -217,9 +224,9 @@ window.addEventListener("resize", () => { resize(); if (S.img) fit(); });
 
 // -- buttons ---------------------------------------------------------------------------------
 $("#accept").addEventListener("click", () => accept());
-$("#undo").addEventListener("click", undo);
-$("#redo").addEventListener("click", redo);
-$("#clear").addEventListener("click", () => resetPrompt());
+$("#undo").addEventListener("click", () => historyUndo());
+$("#redo").addEventListener("click", () => historyRedo());
+$("#clear").addEventListener("click", () => clearPrompt());
 $("#done").addEventListener("click", () => markDoneAndNext());
 $("#prefill").addEventListener("click", () => prefill());
 $("#accept-all").addEventListener("click", () => acceptAllPending());
@@ -304,6 +311,7 @@ async function start() {
       return ok;
     });
   }
+  await loadLabels();
   await loadImages();
   const m = /image=(\d+)/.exec(location.hash);
   const want = m ? Number(m[1]) : null;
@@ -316,7 +324,7 @@ async function start() {
 (async function boot() {
   resize();
   renderCandidates();
-  $("#category").value = localStorage.getItem("segany-category") || "object";
+  $("#category").value = "object"; // the chosen label comes with the label set (loadLabels)
   try {
     S.config = await api("GET", "/api/config");
     setupSliders(S.config.prefill_defaults);

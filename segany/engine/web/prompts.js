@@ -22,6 +22,7 @@ function pushPrompt(points, labels, box) {
   S.hist = S.hist.slice(0, S.pos);
   S.hist.push(entry);
   S.pos = S.hist.length;
+  record({ kind: "prompt", fixing: S.fixing }); // one step of the history (tools.js)
   redraw();
   renderCandidates();
   const prev = S.hist.length > 1 ? S.hist[S.hist.length - 2] : null;
@@ -62,9 +63,7 @@ async function runPredict(entry, prev, imageId) {
   if (!res) res = await serverPredict(entry, usePrev ? prev : null, imageId, multimask);
   entry.result = res;
   entry.sel = res.best;
-  const H = S.current.height, W = S.current.width;
-  entry.canvases = res.masks.map((m) => (m.bits ? bitsCanvas(m.bits, H, W, CANDIDATE_RGBA)
-    : maskCanvas(m.segmentation, CANDIDATE_RGBA)));
+  entry.canvases = null; // made in the colour of the label (labels.js candidateCanvases)
   entry.paint = true; // draw() reports mousedown -> painted mask
   setStatus(`${entry.points.length} point(s)${entry.box ? " + box" : ""}: choose a candidate, ` +
     `Enter accepts as "${acceptLabel()}"`);
@@ -147,24 +146,24 @@ function renderCandidates() {
     const sc = tw / view[2];
     ctx.setTransform(sc, 0, 0, sc, -view[0] * sc, -view[1] * sc);
     if (S.img) ctx.drawImage(S.img, 0, 0, W, H);
-    ctx.drawImage(cur.canvases[k], 0, 0);
+    ctx.drawImage(candidateCanvases(cur)[k], 0, 0);
     d.appendChild(c);
     const label = document.createElement("div");
     label.className = "score";
     label.innerHTML = `<kbd>${k + 1}</kbd> <span class="val"></span>`;
-    label.querySelector(".val").textContent = m.score.toFixed(3);
+    label.querySelector(".val").textContent = m.score != null ? m.score.toFixed(3) : "painted";
     d.appendChild(label);
     d.addEventListener("click", () => selectCandidate(k));
     box.appendChild(d);
   });
 }
 
+// One prompt back / forward (a step of the history in tools.js, which records the event).
 function undo() {
   if (S.pos === 0) return;
   S.pos -= 1;
   renderCandidates();
   redraw();
-  if (S.current) api("POST", `/api/images/${S.current.id}/events`, { kind: "undo" }).catch(() => {});
 }
 
 function redo() {
@@ -172,7 +171,6 @@ function redo() {
   S.pos += 1;
   renderCandidates();
   redraw();
-  if (S.current) api("POST", `/api/images/${S.current.id}/events`, { kind: "redo" }).catch(() => {});
 }
 
 function acceptLabel() {
@@ -202,9 +200,11 @@ async function acceptNow() {
   const category = acceptLabel();
   const body = { segmentation: m.segmentation, category, score: m.score };
   if (S.fixing !== null) body.replaces = S.fixing;
+  const before = { hist: S.hist, pos: S.pos, fixing: S.fixing }; // undo brings the clicks back
   try {
     const a = await api("POST", `/api/images/${S.current.id}/annotations`, body);
-    localStorage.setItem("segany-category", category);
+    record({ kind: "accept", id: a.id, replaces: body.replaces != null ? body.replaces : null, ...before });
+    labelAccepted(a.category).catch(() => {});
     const dl = $("#categories");
     if (![...dl.options].some((o) => o.value === category)) {
       const o = document.createElement("option"); o.value = category; dl.appendChild(o);
