@@ -255,12 +255,10 @@ class Predictor:
         # SAM 2 and HQ-SAM backends must give the extra per-image features
         # (OnnxBackend.embed_features: the high-res maps, the HQ features)
         extra_backend = backend in ("torch", "onnx") or hasattr(backend, "embed_features")
-        if sam2 and (not extra_backend or precision != "fp32"):
-            raise ValueError("SAM 2 models run on the torch or onnx backend in fp32 only (for now)")
-        if isinstance(self.model, SamHQ) and (not extra_backend or precision != "fp32"):
-            raise ValueError(
-                "HQ-SAM models run on the torch or onnx backend in fp32 only (for now)"
-            )
+        if sam2 and not extra_backend:
+            raise ValueError("SAM 2 models run on the torch or onnx backend")
+        if isinstance(self.model, SamHQ) and not extra_backend:
+            raise ValueError("HQ-SAM models run on the torch or onnx backend")
         if fuse:
             fuse_for_inference(self.model)
         self.geometry = T.geometry_of(self.model)
@@ -341,11 +339,8 @@ class Predictor:
         )
         high_res: tuple[torch.Tensor, ...] = ()
         with torch.inference_mode():
-            if self._encoder_bf16 is not None:
-                x = x.to(torch.bfloat16)
-                emb = self._encoder_bf16(x, valid=input_size).float()
-            elif self.backend is None:
-                emb, high_res = m.embed_features(x, valid=input_size)
+            if self.backend is None:  # with precision="bf16", its bfloat16 encoder copy
+                emb, high_res = m.embed_features(x, valid=input_size, encoder=self._encoder_bf16)
             elif hasattr(self.backend, "embed_features"):  # the encoder's other outputs too
                 emb, high_res = self.backend.embed_features(x)
             else:

@@ -303,6 +303,29 @@ def test_bf16_precision_embeds_with_a_bfloat16_encoder_copy(monkeypatch) -> None
         Predictor(sam, precision="bf16", backend="onnx")
 
 
+@pytest.mark.parametrize("family", ["sam2", "hq"])
+def test_bf16_precision_for_sam2_and_hq(monkeypatch, request, family) -> None:
+    """SAM 2 (Hiera trunk + neck) and HQ-SAM (ViT) embed with a bfloat16 copy of their
+    image encoder too; the extra per-image features (SAM 2's high-res maps, HQ-SAM's fused
+    features) are computed from its outputs in float32, close to the fp32 ones."""
+    _fake_cpu(monkeypatch, "amx_bf16")
+    sam = request.getfixturevalue("tiny_sam2" if family == "sam2" else "tiny_hq")
+    image = np.random.default_rng(2).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    ref = Predictor(sam).set_image(image)
+    bf16 = Predictor(sam, precision="bf16")
+    got = bf16.set_image(image)
+    assert got.embedding.dtype == torch.float32 and len(got.high_res) == len(ref.high_res) > 0
+    for a, b in zip((got.embedding, *got.high_res), (ref.embedding, *ref.high_res)):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        rel = ((a - b).norm() / b.norm()).item()
+        assert 0 < rel < 0.05, rel
+    assert all(p.dtype == torch.float32 for p in sam.parameters())
+    out = bf16.predict(point_coords=np.array([[60.0, 50.0]]), point_labels=np.array([1]))
+    assert out.masks.shape[1:] == (120, 160)
+    with pytest.raises(ValueError, match="torch backend"):
+        Predictor(sam, precision="bf16", backend="onnx")
+
+
 def test_selected_outputs_equal_all_outputs() -> None:
     """Decoding only the needed mask outputs (the final attention over fewer tokens) gives
     those outputs of the full decode."""

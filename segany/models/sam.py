@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -11,6 +13,15 @@ from .transformer import DecoderContext
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def run_in_dtype(encoder: nn.Module, images: torch.Tensor, dtype: torch.dtype, **kw: Any) -> Any:
+    """``encoder(images, **kw)`` with the images cast to the encoder's dtype and every
+    tensor of the output (a tensor or a tuple / list of them) cast to ``dtype``."""
+    out = encoder(images.to(next(encoder.parameters()).dtype), **kw)
+    if isinstance(out, torch.Tensor):
+        return out.to(dtype)
+    return type(out)(t.to(dtype) for t in out)
 
 
 class Sam(nn.Module):
@@ -74,11 +85,19 @@ class Sam(nn.Module):
             raise ValueError(f"{what} does not support SAM 2 models yet")
 
     def embed_features(
-        self, images: torch.Tensor, *, valid: tuple[int, int] | None = None
+        self,
+        images: torch.Tensor,
+        *,
+        valid: tuple[int, int] | None = None,
+        encoder: nn.Module | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """:meth:`embed_image` and the extra per-image features :meth:`decode` takes as
-        ``high_res_features`` (none for SAM 1)."""
-        return self.embed_image(images, valid=valid), ()
+        ``high_res_features`` (none for SAM 1). ``encoder``: a copy of the image encoder
+        in another dtype (the predictor's bfloat16 one) run instead of the model's own; the
+        images are cast to its dtype and its outputs back to the model's."""
+        if encoder is None:
+            return self.embed_image(images, valid=valid), ()
+        return run_in_dtype(encoder, images, self.pixel_mean.dtype, valid=valid), ()
 
     def feature_state(self) -> dict[str, torch.Tensor]:
         """The weights that make :meth:`embed_features`' output (what a cached embedding

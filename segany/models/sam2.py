@@ -26,7 +26,7 @@ from torch import nn
 from .mask_decoder import MaskDecoder
 from .neck import HieraImageEncoder
 from .prompt_encoder import PromptEncoder
-from .sam import Sam
+from .sam import Sam, run_in_dtype
 
 PIXEL_MEAN = (0.485, 0.456, 0.406)  # 0-1 units
 PIXEL_STD = (0.229, 0.224, 0.225)
@@ -99,12 +99,21 @@ class Sam2(Sam):
         return state
 
     def embed_features(
-        self, images: torch.Tensor, *, valid: tuple[int, int] | None = None
+        self,
+        images: torch.Tensor,
+        *,
+        valid: tuple[int, int] | None = None,
+        encoder: nn.Module | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """``(B, 3, S, S)`` -> image embedding ``(B, C, S/16, S/16)`` and the projected
         high-resolution features ``(B, C/8, S/4, S/4)``, ``(B, C/4, S/8, S/8)`` that
-        :meth:`decode` takes as ``high_res_features``."""
-        s0, s1, s2 = self.image_encoder(images)
+        :meth:`decode` takes as ``high_res_features``. ``encoder``: as in
+        :meth:`Sam.embed_features` (the trunk and neck in another dtype; the rest runs in
+        the model's)."""
+        if encoder is None:
+            s0, s1, s2 = self.image_encoder(images)
+        else:
+            s0, s1, s2 = run_in_dtype(encoder, images, self.no_mem_embed.dtype)
         embedding = s2 + self.no_mem_embed.view(1, -1, 1, 1)
         return embedding, self.mask_decoder.project_high_res(s0, s1)
 

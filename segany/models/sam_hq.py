@@ -15,7 +15,7 @@ from torch import nn
 
 from .mask_decoder_hq import MaskDecoderHQ
 from .prompt_encoder import PromptEncoder
-from .sam import PIXEL_MEAN, PIXEL_STD, Sam
+from .sam import PIXEL_MEAN, PIXEL_STD, Sam, run_in_dtype
 
 
 class SamHQ(Sam):
@@ -58,11 +58,21 @@ class SamHQ(Sam):
         return state
 
     def embed_features(
-        self, images: torch.Tensor, *, valid: tuple[int, int] | None = None
+        self,
+        images: torch.Tensor,
+        *,
+        valid: tuple[int, int] | None = None,
+        encoder: nn.Module | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """``(B, 3, S, S)`` -> image embedding ``(B, C, S/16, S/16)`` and ``(hq_features,)``,
-        ``(B, C/8, S/4, S/4)``, that :meth:`decode` takes as ``high_res_features``."""
-        embedding, early = self.image_encoder(images, valid=valid, early=True)
+        ``(B, C/8, S/4, S/4)``, that :meth:`decode` takes as ``high_res_features``.
+        ``encoder``: as in :meth:`Sam.embed_features` (the HQ fusion runs in the model's
+        dtype on its cast outputs)."""
+        if encoder is None:
+            embedding, early = self.image_encoder(images, valid=valid, early=True)
+        else:
+            dtype = self.pixel_mean.dtype
+            embedding, early = run_in_dtype(encoder, images, dtype, valid=valid, early=True)
         return embedding, (self.mask_decoder.hq_features(embedding, early),)
 
     def forward(
