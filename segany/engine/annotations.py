@@ -25,6 +25,7 @@ from .schemas import (
     UserRef,
 )
 from .store import STATUSES, Annotation, StoreConflict
+from .work_store import RequestRepeat
 
 
 def _text_prompt(a: Annotation) -> dict[str, Any]:
@@ -90,9 +91,18 @@ class AnnotationsMixin:
             updated_at=a.updated_at,
         )
 
-    def accept(self, image_id: int, req: AcceptRequest, user: UserRef) -> AnnotationOut:
-        """Save a mask as an object with a category. It is committed before this returns."""
+    def accept(
+        self, image_id: int, req: AcceptRequest, user: UserRef, key: str | None = None
+    ) -> AnnotationOut:
+        """Save a mask as an object with a category. It is committed before this returns.
+        ``key`` (``Idempotency-Key``): a repeat of a committed accept with the same key is
+        answered with that first object, and nothing is written again."""
         im = self._image(image_id)
+        request = self._keyed(user, key, "accept", image_id)
+        first = self._first(request)
+        if first is not None:
+            return self._replay(first, request)
+        self._check_writable(image_id, user)
         if im.status == "missing":
             raise NotFound(f"image file {im.path} is gone from the images folder")
         if (req.segmentation is None) == (req.mask_id is None):
@@ -147,7 +157,9 @@ class AnnotationsMixin:
             "data": {"clicks": clicks, "seconds": seconds, "replaces": req.replaces},
         }
         try:
-            (ann,) = self.store.add_annotations([item], [ev], set_status=reject)
+            (ann,) = self.store.add_annotations([item], [ev], set_status=reject, request=request)
+        except RequestRepeat as rep:  # a concurrent attempt with the same key won
+            return self._replay(rep.first, request)
         except StoreConflict as exc:
             raise Conflict(str(exc)) from None
         return self._ann_out(ann)
@@ -172,11 +184,19 @@ class AnnotationsMixin:
             raise NotFound(f"no annotation with id {ann_id}")
         return self._ann_out(a)
 
-    def update_annotation(self, ann_id: int, req: UpdateRequest, user: UserRef) -> AnnotationOut:
-        """Edit the category, replace the mask, or accept / reject a pending object."""
+    def update_annotation(
+        self, ann_id: int, req: UpdateRequest, user: UserRef, key: str | None = None
+    ) -> AnnotationOut:
+        """Edit the category, replace the mask, or accept / reject a pending object.
+        ``key``: as in :meth:`accept`."""
+        request = self._keyed(user, key, "patch", ann_id)
+        first = self._first(request)
+        if first is not None:
+            return self._replay(first, request)
         a = self.store.annotation(ann_id)
         if a is None:
             raise NotFound(f"no annotation with id {ann_id}")
+        self._check_writable(a.image_id, user)
         fields: dict[str, Any] = {}
         kind = "edit"
         data: dict[str, Any] = {}
@@ -214,17 +234,35 @@ class AnnotationsMixin:
         }
         expect = a.status if "status" in fields else None
         try:
-            a = self.store.update_annotation(ann_id, fields, ev, expect_status=expect)
+            a = self.store.update_annotation(
+                ann_id, fields, ev, expect_status=expect, request=request
+            )
+        except RequestRepeat as rep:
+            return self._replay(rep.first, request)
         except StoreConflict as exc:
             raise Conflict(str(exc)) from None
         if a is None:
             raise NotFound(f"no annotation with id {ann_id}")
         return self._ann_out(a)
 
-    def delete_annotation(self, ann_id: int, user: UserRef) -> None:
+    def delete_annotation(self, ann_id: int, user: UserRef, key: str | None = None) -> None:
+        """Delete an object. ``key``: a repeat of a committed delete answers as the first
+        did (no 404)."""
+        request = self._keyed(user, key, "delete", ann_id)
+        first = self._first(request)
+        if first is not None:
+            self._replay(first, request)
+            return
         a = self.store.annotation(ann_id)
         if a is None:
             raise NotFound(f"no annotation with id {ann_id}")
+        self._check_writable(a.image_id, user)
+        try:
+            self._delete(ann_id, a, user, request)
+        except RequestRepeat as rep:
+            self._replay(rep.first, request)
+
+    def _delete(self, ann_id: int, a: Annotation, user: UserRef, request: Any) -> None:
         self.store.delete_annotations(
             [ann_id],
             {
@@ -234,6 +272,7 @@ class AnnotationsMixin:
                 "stage": a.stage,
                 "data": {"category": a.category, "status": a.status, "source": a.source},
             },
+            request=request,
         )
 
     def record_event(self, image_id: int, req: EventRequest, user: UserRef) -> None:
