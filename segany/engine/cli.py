@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 
@@ -108,6 +109,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--admin", action="store_true", help="with --add-user: may create users")
     p.add_argument(
+        "--assign",
+        metavar="NAMES",
+        help="at start, deal the images nobody is assigned to among these users in turn "
+        "(comma-separated, e.g. alice,bob; created without a token if new): each sees only "
+        "their own and unassigned images in their queue",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=("debug", "info", "warning", "error"),
@@ -120,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .server import build_service, default_db, is_local, serve
-    from .store import Store, StoreError, redact
+    from .store import USER_NAME_PATTERN, Store, StoreError, redact
 
     root = Path(args.images_dir)
     if not root.is_dir():
@@ -153,6 +161,20 @@ def run(args: argparse.Namespace) -> int:
         hint = "" if args.db else " (use --db to keep the database elsewhere)"
         print(f"segany: error: {exc}{hint}", file=sys.stderr)
         return 2
+    if args.assign:
+        names = [n.strip() for n in args.assign.split(",") if n.strip()]
+        bad = [n for n in names if not re.fullmatch(USER_NAME_PATTERN, n)]
+        if bad or not names:
+            print(f"segany: error: --assign: invalid user name(s) {bad}", file=sys.stderr)
+            return 2
+        users = [svc.store.ensure_user(n) for n in names]
+        given = svc.work.deal([u.id for u in users])
+        print(
+            "segany annotate: assigned "
+            + ", ".join(f"{u.name}: {given[u.id]}" for u in users)
+            + " image(s)",
+            file=sys.stderr,
+        )
     token = svc.ensure_admin_token()
     if token is not None:
         print(f"segany annotate: admin token for user 'admin': {token}", file=sys.stderr)

@@ -155,8 +155,9 @@ class WorkMixin:
     # -- queue -------------------------------------------------------------------------------
     def queue(self, user: UserRef, after: int | None = None) -> QueueOut:
         """The caller's next images: those returned to them by a reviewer first, then the
-        images after ``after`` (wrapping around) that are readable, not done, not in review,
-        not locked by another page and not assigned to someone else."""
+        images after ``after`` (wrapping around) that are readable, not done, not in review
+        (nor returned to someone else), not locked by another page and not assigned to
+        someone else."""
         images = self.store.images()
         work = self.work.all()
         now = time.time()
@@ -172,15 +173,13 @@ class WorkMixin:
                 return False
             if w.assignee_id not in (None, user.id):
                 return False
-            return w.review in ("none", "returned")
+            # a returned image goes back to its annotator only
+            return w.review == "none" or (w.review == "returned" and w.submitted_by == user.id)
 
         returned = [
             im.id
             for im in images
-            if free(im)
-            and (w := work.get(im.id)) is not None
-            and w.review == "returned"
-            and w.submitted_by == user.id
+            if free(im) and (w := work.get(im.id)) is not None and w.review == "returned"
         ]
         rest = [im.id for im in images if free(im) and im.id not in returned]
         if after is not None:

@@ -100,6 +100,7 @@ def claim_request(s: Session, req: Request | None) -> RequestKey | None:
         ).first()
         if first is None:  # pragma: no cover - the unique rule held and the row is gone
             raise
+        s.expunge(first)  # its fields stay readable after the caller's rollback
         raise RequestRepeat(first) from None
     return row
 
