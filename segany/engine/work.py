@@ -210,7 +210,7 @@ class WorkMixin:
     def review(self, image_id: int, req: ReviewRequest, user: UserRef) -> ImageOut:
         """A reviewer approves a submitted image, or returns it (submitted or approved) to
         its annotator with a comment. Illegal transitions are 409; with auth on, nobody
-        reviews their own submission."""
+        reviews their own submission. The reviewer's page lets go of the image's lease."""
         self._image(image_id)
         w = self.work.get(image_id)
         state = w.review if w else "none"
@@ -237,6 +237,8 @@ class WorkMixin:
             )
         except StoreConflict as exc:
             raise Conflict(f"{exc} now (changed by another request)") from None
+        if user.session is not None:  # the reviewer is done with it: free for its annotator
+            self.work.release_lease(image_id, user.id, user.session)
         self._events.put(
             {
                 "ts": time.time(),

@@ -41,13 +41,22 @@ class ApiError extends Error {
   constructor(status, detail) { super(detail); this.status = status; }
 }
 
-async function api(method, path, body) {
+// opts.key: the write's Idempotency-Key (see save() in network.js). Every request names the
+// tab's session (image leases); an unreachable server turns the offline banner on.
+async function api(method, path, body, opts) {
   const headers = {};
   if (S.token) headers["Authorization"] = "Bearer " + S.token;
+  if (S.session) headers["X-Segany-Session"] = S.session;
+  if (opts && opts.key) headers["Idempotency-Key"] = opts.key;
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  const r = await fetch(path, {
-    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
-  });
+  let r;
+  try {
+    r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch (e) {
+    netDown();
+    throw e;
+  }
+  netUp();
   if (!r.ok) {
     let detail = r.statusText;
     try { detail = (await r.json()).detail || detail; } catch (e) { /* not JSON */ }
@@ -72,7 +81,8 @@ function fail(e) {
   if (e instanceof ApiError && e.status === 401) return;
   const offline = e instanceof TypeError; // fetch() could not reach the server
   const msg = offline
-    ? "the server cannot be reached (is segany annotate still running?): nothing was saved, try again"
+    ? "offline: the server cannot be reached (is segany annotate still running?); " +
+      "this page and its clicks are kept, try again when it is back"
     : (e.message || String(e));
   toast(msg, true);
   setStatus(msg);
@@ -105,6 +115,7 @@ $("#login-form").addEventListener("submit", async (ev) => {
 async function loadImages() {
   const list = await api("GET", "/api/images");
   S.images = list.images;
+  syncCurrent(); // the open image's review state (network.js)
   const dl = $("#categories");
   dl.innerHTML = "";
   for (const c of list.categories) {
@@ -130,6 +141,7 @@ function renderImageList() {
   ul.innerHTML = "";
   for (const im of S.images) {
     if (f && !im.path.toLowerCase().includes(f)) continue;
+    if (S.reviewer && im.review !== "submitted") continue; // reviewer mode: what waits for review
     const li = document.createElement("li");
     li.dataset.id = im.id;
     if (S.current && im.id === S.current.id) li.classList.add("active");
@@ -143,8 +155,14 @@ function renderImageList() {
     if (im.status !== "ok") { badge.textContent = im.status; li.title = im.error || ""; }
     else {
       badge.textContent = (im.done ? "\u2713 " : "") + (im.accepted || "") +
-        (im.pending ? ` +${im.pending}?` : "") + (im.stage === 2 ? " S2" : "");
-      li.title = `${im.width}\u00d7${im.height}, ${im.accepted} objects, ${im.pending} pending`;
+        (im.pending ? ` +${im.pending}?` : "") + (im.stage === 2 ? " S2" : "") +
+        ({ submitted: " \u231b", approved: " \u2605", returned: " \u21a9" }[im.review] || "") +
+        (im.locked_by ? " \ud83d\udd12" : "");
+      li.title = `${im.width}\u00d7${im.height}, ${im.accepted} objects, ${im.pending} pending` +
+        (im.review && im.review !== "none" ? `, ${im.review}` : "") +
+        (im.locked_by ? `, locked by ${im.locked_by}` : "") +
+        (im.assignee ? `, assigned to ${im.assignee}` : "");
+      if (im.review === "returned") li.classList.add("returned");
     }
     li.appendChild(badge);
     li.addEventListener("click", () => openImage(im.id).catch(fail));
@@ -159,6 +177,7 @@ async function openImage(id) {
   S.selected = null;
   S.current = info.image;
   S.nav = { prev: info.prev_id, next: info.next_id };
+  onOpened(info); // the lease, the review box, the embedding's status (network.js)
   history.replaceState(null, "", `#image=${id}`);
   $("#image-name").textContent = `${info.image.path} (${info.image.width}\u00d7${info.image.height})`;
   renderImageList();
@@ -193,7 +212,7 @@ async function openImage(id) {
 
 function go(delta) {
   const id = delta > 0 ? S.nav.next : S.nav.prev;
-  if (id == null) { toast(delta > 0 ? "last image" : "first image"); return; }
+  if (id == null) { toast(delta > 0 ? "your queue is empty" : "first image"); return; }
   api("POST", `/api/images/${S.current.id}/events`, { kind: delta > 0 ? "next" : "prev" }).catch(() => {});
   openImage(id).catch(fail);
 }
@@ -267,7 +286,7 @@ function renderObjects() {
     cat.title = "edit the category";
     cat.addEventListener("change", () => {
       if (cat.value.trim() === a.category) return;
-      api("PATCH", `/api/annotations/${a.id}`, { category: cat.value })
+      save("PATCH", `/api/annotations/${a.id}`, { category: cat.value }, "the category")
         .then((r) => { a.category = r.category; cat.value = r.category; toast(`category: ${r.category}`); })
         .catch((e) => { cat.value = a.category; fail(e); });
     });
@@ -334,7 +353,7 @@ function selectNext() {
 async function deleteObject(id) {
   const a = S.objects.find((x) => x.id === id);
   try {
-    await api("DELETE", `/api/annotations/${id}`);
+    await save("DELETE", `/api/annotations/${id}`, undefined, "the delete");
     if (S.selected === id) S.selected = null;
     if (a && a.status === "accepted" && S.current) {
       S.lastDeleted = { imageId: S.current.id, body: { segmentation: a.segmentation, category: a.category, score: a.score } };
@@ -348,7 +367,7 @@ async function restoreDeleted() {
   const d = S.lastDeleted;
   if (!d || !S.current || d.imageId !== S.current.id) { toast("nothing to restore on this image"); return; }
   try {
-    const a = await api("POST", `/api/images/${d.imageId}/annotations`, d.body);
+    const a = await save("POST", `/api/images/${d.imageId}/annotations`, d.body, "the restore");
     S.lastDeleted = null;
     await loadObjects();
     toast(`restored as object ${a.id} (${a.category})`);
@@ -363,7 +382,7 @@ async function decidePending(id, status) {
   // class-agnostic pre-fills take the category box; named ones (by class, imported) keep theirs
   if (status === "accepted" && cat && a.category === "object") body.category = cat;
   try {
-    await api("PATCH", `/api/annotations/${id}`, body);
+    await save("PATCH", `/api/annotations/${id}`, body, `the ${status === "accepted" ? "accept" : "reject"}`);
     await loadObjects();
     const next = S.objects.find((x) => x.status === "pending");
     S.selected = next ? next.id : null;
@@ -383,7 +402,7 @@ async function acceptAllPending() {
     for (const a of pend) {
       const body = { status: "accepted" };
       if (cat && a.category === "object") body.category = cat;
-      await api("PATCH", `/api/annotations/${a.id}`, body);
+      await save("PATCH", `/api/annotations/${a.id}`, body, "the accepts");
     }
     await loadObjects();
     toast(`${pend.length} accepted`);

@@ -208,6 +208,7 @@ window.addEventListener("keydown", (ev) => {
   if (k === "r") { if (S.selected !== null) decidePending(S.selected, "rejected"); return; }
   if (k === "e") { if (S.selected !== null) fixPending(S.selected); return; }
   if (k === "g") { prefill(); return; }
+  if (k === "x") { cancelPrefill(); return; }
   if (k === "u") { restoreDeleted(); return; }
   if (k === "c") { ev.preventDefault(); $("#category").focus(); $("#category").select(); return; }
   if (k === "f") { fit(); return; }
