@@ -416,3 +416,25 @@ def test_upgrade_from_schema_3(tmp_path):
         assert store.image(1).done is True
     finally:
         store.close()
+
+
+def test_new_routes_with_ids_beyond_the_integer_columns(client, service):
+    """Ids past the database's integer columns (PostgreSQL: 32-bit) are 404, never an
+    overflow, and nothing is written."""
+    s = {"X-Segany-Session": "tab-one-0001"}
+    for n in (2**31, 2**63, 2**64, 10**30):
+        for method, url, body in (
+            ("POST", f"/api/images/{n}/lease", None),
+            ("DELETE", f"/api/images/{n}/lease", None),
+            ("POST", f"/api/images/{n}/review", {"action": "approve"}),
+            ("POST", f"/api/images/{n}/assign", {"user": "local"}),
+            ("POST", f"/api/images/{n}/prefill-jobs", {}),
+        ):
+            r = client.request(method, url, json=body, headers=s)
+            assert r.status_code == 404, (method, url, r.status_code, r.text)
+            assert r.json()["detail"] == f"no image with id {n}"
+        r = client.get(f"/api/queue?after={n}")
+        assert r.status_code == 200 and r.json()["next_id"] == image_id(client, "a.png")
+    r = client.get("/api/queue?after=abc")
+    assert r.status_code == 422 and "after" in r.text
+    assert service.work.all() == {}
