@@ -103,14 +103,31 @@ function onOpened(info) {
   NET.embedding = info.image.status === "ok" ? info.embedding : "none";
   renderLock();
   renderReview();
-  clearInterval(NET.beat);
-  const every = Math.max(500, (1000 * ((S.config && S.config.lease_seconds) || 60)) / 3);
-  NET.beat = setInterval(() => { if (NET.embedding !== "computing") refreshLease(); }, every);
+  startBeat();
   if (NET.embedding === "computing") waitEmbedding(info.image.id);
 }
 
-async function refreshLease() {
-  if (!S.current || NET.offline) return null;
+function startBeat() {
+  clearInterval(NET.beat);
+  const every = Math.max(500, (1000 * ((S.config && S.config.lease_seconds) || 60)) / 3);
+  NET.beat = setInterval(() => { if (NET.embedding !== "computing") refreshLease(); }, every);
+}
+
+// one renewal at a time, remembered so that letting go can wait for it (a renewal still on
+// its way would take the lease again after the server released it)
+function refreshLease() {
+  NET.inflight = renewLease();
+  return NET.inflight;
+}
+
+async function stopLease() {
+  clearInterval(NET.beat);
+  NET.beat = null;
+  await NET.inflight;
+}
+
+async function renewLease() {
+  if (!S.current || NET.offline || !NET.beat) return null; // stopped: this page let go
   const id = S.current.id;
   let r;
   try { r = await api("POST", `/api/images/${id}/lease`); } catch (e) { return null; }
@@ -132,7 +149,7 @@ async function refreshLease() {
 }
 
 async function waitEmbedding(id) {
-  while (S.current && S.current.id === id && NET.embedding === "computing") {
+  while (S.current && S.current.id === id && NET.embedding === "computing" && NET.beat) {
     await sleep(1000);
     await whenOnline();
     await refreshLease();
@@ -201,10 +218,10 @@ async function reviewAction(action) {
     $("#review-text").focus();
     return;
   }
+  await stopLease(); // the server lets go of this page's lease: the image is its annotator's
   try {
     const out = await save("POST", `/api/images/${S.current.id}/review`, body, "the review");
     S.current = { ...S.current, ...out };
-    clearInterval(NET.beat); // the server let go of this page's lease: the image is its annotator's
     NET.lease = null;
     $("#review-text").value = "";
     renderReview();
@@ -214,7 +231,7 @@ async function reviewAction(action) {
     setStatus(done);
     toast(done);
     if ($("#reviewer-mode").checked) nextForReview(done);
-  } catch (e) { fail(e); }
+  } catch (e) { startBeat(); fail(e); }
 }
 
 function nextForReview(before) {

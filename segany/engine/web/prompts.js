@@ -15,6 +15,7 @@ function resetPrompt() {
 }
 
 function pushPrompt(points, labels, box) {
+  if (S.accepting) { toast("the accepted object is being saved: click again when it is"); return; }
   // t0: the mousedown (or key) that made this prompt; the latency shown runs to the paint
   const t0 = S.downAt != null ? S.downAt : performance.now();
   S.downAt = null;
@@ -60,6 +61,7 @@ async function runPredict(entry, prev, imageId) {
     }
   }
   if (!res) res = await serverPredict(entry, usePrev ? prev : null, imageId, multimask);
+  if (!res) { setStatus("the server is back"); return; } // the click was undone while offline
   entry.result = res;
   entry.sel = res.best;
   const H = S.current.height, W = S.current.width;
@@ -82,7 +84,7 @@ async function serverPredict(entry, prev, imageId, multimask) {
     if (e instanceof TypeError) { // offline: the click is kept and answered when the server is back
       setStatus("offline: your click is kept and will be answered when the server is back");
       await whenOnline();
-      if (!S.current || S.current.id !== imageId || !S.hist.includes(entry)) throw new Error("the click was undone");
+      if (!S.current || S.current.id !== imageId || !S.hist.includes(entry)) return null; // undone meanwhile
       setStatus("segmenting\u2026");
       return serverPredict(entry, prev, imageId, multimask);
     }
