@@ -135,6 +135,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"segany: error: images folder not found: {args.images_dir}", file=sys.stderr)
         return 2
     db = args.db or default_db(root)
+    names = [n.strip() for n in (args.assign or "").split(",") if n.strip()]
+    bad = [n for n in names if not re.fullmatch(USER_NAME_PATTERN, n)]
+    if bad or (args.assign is not None and not names):
+        print(
+            f"segany: error: --assign: invalid user name(s) {bad or [args.assign]}: use 1-64 "
+            "letters, digits, '_', '.', '@' or '-', separated by commas",
+            file=sys.stderr,
+        )
+        return 2
     try:
         if args.add_user is not None:
             store = Store(db)
@@ -161,12 +170,7 @@ def run(args: argparse.Namespace) -> int:
         hint = "" if args.db else " (use --db to keep the database elsewhere)"
         print(f"segany: error: {exc}{hint}", file=sys.stderr)
         return 2
-    if args.assign:
-        names = [n.strip() for n in args.assign.split(",") if n.strip()]
-        bad = [n for n in names if not re.fullmatch(USER_NAME_PATTERN, n)]
-        if bad or not names:
-            print(f"segany: error: --assign: invalid user name(s) {bad}", file=sys.stderr)
-            return 2
+    if names:
         users = [svc.store.ensure_user(n) for n in names]
         given = svc.work.deal([u.id for u in users])
         print(

@@ -438,3 +438,33 @@ def test_new_routes_with_ids_beyond_the_integer_columns(client, service):
     r = client.get("/api/queue?after=abc")
     assert r.status_code == 422 and "after" in r.text
     assert service.work.all() == {}
+
+
+def test_cli_assign_deals_unassigned_images(tmp_path, images_dir, tiny_predictor, monkeypatch):
+    """``segany annotate DIR --assign alice,bob`` deals the readable unassigned images in
+    turn at start (the model and the server are stubbed: only the dealing runs)."""
+    from segany.cli import main
+    from segany.engine import server
+
+    db = f"sqlite:///{tmp_path / 'a.db'}"
+    made = []
+
+    def build(root, **kw):
+        made.append(make_service(kw["db"], root, tiny_predictor, tmp_path / "cache"))
+        return made[-1]
+
+    monkeypatch.setattr(server, "build_service", build)
+    monkeypatch.setattr(server, "serve", lambda svc, **kw: None)
+    assert main(["annotate", str(images_dir), "--db", db, "--assign", "alice, bob"]) == 0
+    svc = made[0]
+    names = {u.id: u.name for u in svc.store.users()}
+    got = {
+        svc.store.image(i).path: names[w.assignee_id]
+        for i, w in svc.work.all().items()
+        if w.assignee_id is not None
+    }
+    assert got == {"a.png": "alice", "b.jpg": "bob", "sub/c.png": "alice"}
+    svc.close()
+    svc.store.close()
+    assert main(["annotate", str(images_dir), "--db", db, "--assign", "bad name!"]) == 2
+    assert main(["annotate", str(images_dir), "--db", db, "--assign", " , "]) == 2
