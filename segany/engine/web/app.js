@@ -156,8 +156,8 @@ function renderImageList() {
     else {
       badge.textContent = (im.done ? "\u2713 " : "") + (im.accepted || "") +
         (im.pending ? ` +${im.pending}?` : "") + (im.stage === 2 ? " S2" : "") +
-        ({ submitted: " \u231b", approved: " \u2605", returned: " \u21a9" }[im.review] || "") +
-        (im.locked_by ? " \ud83d\udd12" : "");
+        ({ submitted: " \u2709", approved: " \u2605", returned: " \u21a9" }[im.review] || "") +
+        (im.locked_by ? " \u2298" : "");
       li.title = `${im.width}\u00d7${im.height}, ${im.accepted} objects, ${im.pending} pending` +
         (im.review && im.review !== "none" ? `, ${im.review}` : "") +
         (im.locked_by ? `, locked by ${im.locked_by}` : "") +
