@@ -26,7 +26,7 @@ from .helpers import server_thread
 
 @pytest.fixture()
 def tiny_app(tmp_path: Path, images_dir: Path, tiny_predictor):
-    """A server on the tiny model over SQLite, with 2-second leases."""
+    """A server on the tiny model over SQLite, with 3-second leases."""
 
     def make(**kw):
         svc = AnnotationService(
@@ -35,7 +35,7 @@ def tiny_app(tmp_path: Path, images_dir: Path, tiny_predictor):
             tiny_predictor,
             cache_dir=tmp_path / "cache",
             model_name="tiny",
-            lease_seconds=2.0,
+            lease_seconds=3.0,
             **kw,
         )
         svc.rescan()
@@ -178,11 +178,11 @@ def test_two_tabs_one_image_and_lease_takeover(browser, tiny_app):
         two.keyboard.press("Enter")  # ... saving is refused, with the reason
         _wait_status(two, r"^image \d+ is locked in another tab")
         assert _n(svc) == 0
-        # tab one goes silent (closed without a word, offline): its lease expires (2 s)
+        # tab one goes silent (closed without a word, offline): its lease expires (3 s)
         # and tab two's renewal takes it over
         one.evaluate("clearInterval(NET.beat)")
         one.route("**/api/**", lambda route: route.abort())
-        two.wait_for_selector("#lockbar.hidden", state="attached", timeout=10_000)
+        two.wait_for_selector("#lockbar.hidden", state="attached", timeout=20_000)
         two.keyboard.press("Enter")
         _wait_status(two, r"^accepted object \d+")
         assert _n(svc) == 1
