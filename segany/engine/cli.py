@@ -109,6 +109,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--admin", action="store_true", help="with --add-user: may create users")
     p.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=60.0,
+        help="an image stays locked to the page that opened it this long after the page "
+        "stops renewing it (closed, offline; default: 60)",
+    )
+    p.add_argument(
         "--assign",
         metavar="NAMES",
         help="at start, deal the images nobody is assigned to among these users in turn "
@@ -136,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     db = args.db or default_db(root)
     names = [n.strip() for n in (args.assign or "").split(",") if n.strip()]
+    if not 1 <= args.lease_seconds <= 86400:
+        print("segany: error: --lease-seconds must be between 1 and 86400", file=sys.stderr)
+        return 2
     bad = [n for n in names if not re.fullmatch(USER_NAME_PATTERN, n)]
     if bad or (args.assign is not None and not names):
         print(
@@ -165,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
             detector=args.detector,
             web_decoder=args.web_decoder,
             web_dtype=args.web_dtype,
+            lease_seconds=args.lease_seconds,
         )
     except (StoreError, ValueError) as exc:
         hint = "" if args.db else " (use --db to keep the database elsewhere)"

@@ -339,6 +339,7 @@ def build_service(
     detector: str | None = None,
     web_decoder: bool = False,
     web_dtype: str = "float16",
+    lease_seconds: float = 60.0,
 ) -> AnnotationService:
     """Open the database, load the model and register the images. ``detector`` (name, hub
     id or folder) enables stage-2 pre-fills by class names; it is loaded on first use."""
@@ -365,6 +366,7 @@ def build_service(
         detector=detector,
         web_decoder=web_decoder,
         web_dtype=web_dtype,
+        lease_seconds=lease_seconds,
     )
     svc.rescan()
     return svc

@@ -452,13 +452,17 @@ def test_cli_assign_deals_unassigned_images(tmp_path, images_dir, tiny_predictor
     made = []
 
     def build(root, **kw):
+        lease = kw["lease_seconds"]
         made.append(make_service(kw["db"], root, tiny_predictor, tmp_path / "cache"))
+        made[-1].lease_seconds = lease
         return made[-1]
 
     monkeypatch.setattr(server, "build_service", build)
     monkeypatch.setattr(server, "serve", lambda svc, **kw: None)
-    assert main(["annotate", str(images_dir), "--db", db, "--assign", "alice, bob"]) == 0
+    argv = ["annotate", str(images_dir), "--db", db, "--assign", "alice, bob"]
+    assert main([*argv, "--lease-seconds", "30"]) == 0
     svc = made[0]
+    assert svc.lease_seconds == 30.0
     names = {u.id: u.name for u in svc.store.users()}
     got = {
         svc.store.image(i).path: names[w.assignee_id]
@@ -470,3 +474,5 @@ def test_cli_assign_deals_unassigned_images(tmp_path, images_dir, tiny_predictor
     svc.store.close()
     assert main(["annotate", str(images_dir), "--db", db, "--assign", "bad name!"]) == 2
     assert main(["annotate", str(images_dir), "--db", db, "--assign", " , "]) == 2
+    assert main(["annotate", str(images_dir), "--db", db, "--lease-seconds", "0"]) == 2
+    assert len(made) == 1  # refused before the model loads
