@@ -31,8 +31,8 @@ from .schemas import (
 
 log = logging.getLogger("segany.engine")
 
-#: Finished jobs kept for their pages to read.
-KEEP_FINISHED = 64
+#: Finished jobs kept for their pages to read (each holds its result: up to 1000 masks).
+KEEP_FINISHED = 16
 JOB_ID = re.compile(r"[0-9a-f]{16}")
 
 
