@@ -210,7 +210,9 @@ class WorkMixin:
     def review(self, image_id: int, req: ReviewRequest, user: UserRef) -> ImageOut:
         """A reviewer approves a submitted image, or returns it (submitted or approved) to
         its annotator with a comment. Illegal transitions are 409; with auth on, nobody
-        reviews their own submission. The reviewer's page lets go of the image's lease."""
+        reviews their own submission. The same decision again by the same reviewer (a
+        retry) changes nothing and answers the image. The reviewer's page lets go of the
+        image's lease."""
         self._image(image_id)
         w = self.work.get(image_id)
         state = w.review if w else "none"
@@ -218,6 +220,9 @@ class WorkMixin:
         if req.action == "return" and comment is None:
             raise Unprocessable("returning an image needs a comment saying what to change")
         allowed = ("submitted",) if req.action == "approve" else ("submitted", "approved")
+        new = "approved" if req.action == "approve" else "returned"
+        if state == new and w is not None and w.reviewer_id == user.id and w.comment == comment:
+            return self.get_image(image_id)  # a repeat (a retry whose answer was lost)
         if state not in allowed:
             raise Conflict(
                 f"image {image_id} is {state}: only a submitted image can be "
@@ -225,7 +230,6 @@ class WorkMixin:
             )
         if self.auth and w is not None and w.submitted_by == user.id:
             raise Conflict(f"you submitted image {image_id}: another annotator reviews it")
-        new = "approved" if req.action == "approve" else "returned"
         try:
             self.work.set_review(
                 image_id,

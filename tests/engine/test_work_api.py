@@ -238,13 +238,18 @@ def test_review_submit_return_resubmit_approve(team):
         c.post(f"/api/images/{iid}/done", json={"done": True}, headers=alice).json()["review"]
         == "submitted"
     )
-    r = review(bob, {"action": "approve"})
-    assert r.status_code == 200 and r.json()["review"] == "approved" and r.json()["done"]
+    approved = review(bob, {"action": "approve"})
+    assert approved.status_code == 200
+    assert approved.json()["review"] == "approved" and approved.json()["done"]
     # approved: frozen until a reviewer returns it
     r = c.post(f"/api/images/{iid}/annotations", json=_mask_body(), headers=alice)
     assert r.status_code == 409 and "approved" in r.json()["detail"]
     assert c.post(f"/api/images/{iid}/done", json={"done": False}, headers=alice).status_code == 409
-    assert review(bob, {"action": "approve"}).status_code == 409
+    again = review(bob, {"action": "approve"})  # bob's retry: the same answer, no change
+    assert again.status_code == 200 and again.json() == approved.json()
+    r = review(tok["admin"], {"action": "approve"})  # another reviewer: not submitted
+    assert r.status_code == 409
+    assert r.json()["detail"] == f"image {iid} is approved: only a submitted image can be approved"
     assert len(svc.store.annotations(iid, light=True)) == 1
     assert review(bob, {"action": "return", "comment": "one more"}).json()["review"] == "returned"
     r = review(bob, {"action": "reject"})
