@@ -65,7 +65,8 @@ from sqlalchemy.pool import StaticPool
 from .migrate import SchemaTooNew, category_key, upgrade
 
 #: 2: ``users.token_trusted``, ``annotations.replaces_id`` (unique). 3: ``categories``.
-SCHEMA_VERSION = 3
+#: 4: ``image_work`` and ``request_keys`` (:mod:`.work_store`).
+SCHEMA_VERSION = 4
 
 #: Annotation statuses: ``accepted`` objects are the dataset; ``pending`` ones wait for review
 #: (stage-2 pre-fill, imports); ``rejected`` pre-fills are kept for the measurements.
@@ -286,6 +287,8 @@ class Store:
         try:
             with self.session() as s:
                 fresh = not self.engine.dialect.has_table(s.connection(), "segany_meta")
+            from . import work_store  # noqa: F401 - its tables are in Base.metadata
+
             Base.metadata.create_all(self.engine)  # new tables; upgrade fills them
             if not fresh:
                 upgrade(self.engine, SCHEMA_VERSION)
@@ -399,6 +402,8 @@ class Store:
         items: Iterable[dict[str, Any]],
         events: Iterable[dict[str, Any]] = (),
         set_status: dict[int, tuple[str, str]] | None = None,
+        *,
+        request: Any = None,
     ) -> list[Annotation]:
         """Insert annotations (and events referring to them by position: an event's
         ``annotation_index`` is replaced by the new id), and change the status of other
@@ -406,12 +411,16 @@ class Store:
 
         Raises :class:`StoreConflict` (and writes nothing) when one of those annotations is
         gone or no longer has the expected status, or when an item's ``replaces_id`` is
-        already taken by another fix."""
+        already taken by another fix. ``request`` (:class:`.work_store.Request`): its key is
+        stored in the same transaction (a repeat raises ``RequestRepeat``)."""
+        from .work_store import claim_request
+
         now = time.time()
         # the classes first, in their own short transactions (SQLite has one writer)
         items = [{**it, "category": self.category_name(it.get("category") or "object")}
                  for it in items]  # fmt: skip
         with self.session() as s:
+            key = claim_request(s, request)
             for ann_id, (was, status) in (set_status or {}).items():
                 res = s.execute(
                     update(Annotation)
@@ -441,6 +450,8 @@ class Store:
                 if idx is not None:
                     ev["annotation_id"] = anns[idx].id
                 s.add(Event(ts=ev.pop("ts", now), **ev))
+            if key is not None and anns:
+                key.annotation_id = anns[0].id
             s.commit()
             return anns
 
@@ -514,17 +525,23 @@ class Store:
         ev: dict[str, Any] | None = None,
         *,
         expect_status: str | None = None,
+        request: Any = None,
     ) -> Annotation | None:
         """Change fields of an annotation (one ``UPDATE``, so a concurrent delete makes it
         match nothing instead of failing). ``None``: the annotation is gone. With
         ``expect_status``, the update applies only while the annotation still has that
-        status; otherwise :class:`StoreConflict`."""
+        status; otherwise :class:`StoreConflict`. ``request``: as in :meth:`add_annotations`."""
+        from .work_store import claim_request
+
         if not self._id_ok(ann_id):
             return None
         now = time.time()
         if "category" in fields:
             fields = {**fields, "category": self.category_name(fields["category"])}
         with self.session() as s:
+            key = claim_request(s, request)
+            if key is not None:
+                key.annotation_id = ann_id
             q = update(Annotation).where(Annotation.id == ann_id)
             if expect_status is not None:
                 q = q.where(Annotation.status == expect_status)
@@ -544,10 +561,13 @@ class Store:
             return s.get(Annotation, ann_id)
 
     def delete_annotations(
-        self, ids: Iterable[int], ev: dict[str, Any] | None = None
+        self, ids: Iterable[int], ev: dict[str, Any] | None = None, *, request: Any = None
     ) -> list[Annotation]:
+        from .work_store import claim_request
+
         ids = [i for i in ids if self._id_ok(i)]
         with self.session() as s:
+            key = claim_request(s, request)
             gone = list(s.scalars(select(Annotation).where(Annotation.id.in_(ids))))
             if gone:
                 s.execute(delete(Annotation).where(Annotation.id.in_([a.id for a in gone])))
@@ -555,6 +575,7 @@ class Store:
                     now = time.time()
                     for a in gone:
                         s.add(Event(ts=now, annotation_id=a.id, **ev))
+            if gone or key is not None:
                 s.commit()
             return gone
 
