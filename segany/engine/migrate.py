@@ -13,6 +13,11 @@ new version number, so an interrupted upgrade is redone on the next start.
 - 3 -> 4: ``image_work`` (leases, review states, assignees) and ``request_keys`` (the keys
   of retried writes), both new tables created by the store before the upgrade; images
   already marked done stay done with review state ``none`` (rows are made on first use).
+- 4 -> 5: ``trash`` (deleted objects, restorable under their id: :mod:`.edits`), a new table
+  created by the store before the upgrade, empty (objects deleted before it are gone for
+  good). ``annotations`` keeps its table: only databases created at schema 5 on SQLite
+  have ``AUTOINCREMENT`` ids; in an upgraded one a restore whose id was given to a newer
+  object takes a new id (the answer says so).
 """
 
 from __future__ import annotations
@@ -57,6 +62,11 @@ def upgrade(engine: Engine, target: int) -> None:
             conn.execute(
                 text("UPDATE segany_meta SET value = :v WHERE key = 'schema_version'"),
                 {"v": "4"},
+            )
+        if version < 5 <= target:  # ``trash`` exists already (created by the store)
+            conn.execute(
+                text("UPDATE segany_meta SET value = :v WHERE key = 'schema_version'"),
+                {"v": "5"},
             )
 
 

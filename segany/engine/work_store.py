@@ -1,6 +1,6 @@
 """Several annotators on one database: image leases, review states, assignments and the
-request keys of retried writes. Tables and queries beside :mod:`.store` (same ``Base``,
-created with it; schema 4, :mod:`.migrate`).
+request keys of retried writes. Queries beside :mod:`.store` (the tables ``image_work`` and
+``request_keys`` are declared there, with the others; schema 4, :mod:`.migrate`).
 
 - ``image_work`` (one row per image, made on first use): the *lease* (the user and the page
   session holding the image, and when it expires), the *review* state (``none`` ->
@@ -19,49 +19,17 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Float, ForeignKey, Integer, String, Text, UniqueConstraint, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
-from .store import Base, Image, StoreConflict
+from .store import Image, ImageWork, RequestKey, StoreConflict
 
 if TYPE_CHECKING:
     from .store import Store
 
 #: Review states of an image.
 REVIEW_STATES = ("none", "submitted", "approved", "returned")
-
-
-class ImageWork(Base):
-    __tablename__ = "image_work"
-    image_id: Mapped[int] = mapped_column(
-        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
-    )
-    assignee_id: Mapped[int | None] = mapped_column(
-        ForeignKey("users.id", ondelete="SET NULL"), default=None
-    )
-    review: Mapped[str] = mapped_column(String(16), default="none")
-    submitted_by: Mapped[int | None] = mapped_column(Integer, default=None)
-    reviewer_id: Mapped[int | None] = mapped_column(Integer, default=None)
-    comment: Mapped[str | None] = mapped_column(Text, default=None)
-    review_at: Mapped[float | None] = mapped_column(Float, default=None)
-    lease_user_id: Mapped[int | None] = mapped_column(Integer, default=None)
-    lease_session: Mapped[str | None] = mapped_column(String(64), default=None)
-    lease_expires: Mapped[float] = mapped_column(Float, default=0.0)
-
-
-class RequestKey(Base):
-    __tablename__ = "request_keys"
-    __table_args__ = (UniqueConstraint("user_id", "key", name="ux_request_keys_user_key"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    user_id: Mapped[int] = mapped_column(Integer)
-    key: Mapped[str] = mapped_column(String(64))
-    #: ``accept`` (target: the image id), ``patch`` or ``delete`` (target: the annotation id)
-    kind: Mapped[str] = mapped_column(String(16))
-    target: Mapped[int] = mapped_column(Integer)
-    #: the annotation the first attempt created or changed
-    annotation_id: Mapped[int | None] = mapped_column(Integer, default=None)
-    created_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
 @dataclass(frozen=True)
@@ -72,6 +40,11 @@ class Request:
     key: str
     kind: str
     target: int
+
+    def claim(self, s: Session) -> RequestKey:
+        """:func:`claim_request` (the store's writes call this: :mod:`.store` does not
+        import this module)."""
+        return claim_request(s, self)
 
 
 class RequestRepeat(StoreConflict):
