@@ -86,13 +86,14 @@ class PrefillJobsMixin:
             finished = [k for k, j in self._jobs.items() if j.state not in ("running", "saving")]
             for k in finished[: max(0, len(finished) - KEEP_FINISHED)]:
                 del self._jobs[k]
+        first = job.out()  # the job as started ("running"), whatever its thread does first
         threading.Thread(
             target=self._run_job,
             args=(job, rgb, detector, req, user),
             name=f"segany-prefill-{job.id}",
             daemon=True,
         ).start()
-        return job.out()
+        return first
 
     def _run_job(self, job: _Job, rgb: Any, detector: Any, req: PrefillRequest, user: UserRef):
         def progress(done: int, planned: int) -> None:
