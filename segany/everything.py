@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -230,24 +231,60 @@ class MaskGenerator:
         self.point_grids = M.layer_point_grids(
             s.points_per_side, s.crop_n_layers, s.crop_n_points_downscale_factor
         )
+        self._progress: Callable[[int, int], None] | None = None
+        self._done = 0
+        self._planned = 0
 
     @property
     def model(self) -> Sam:
         return self.predictor.model
 
     # -- public --------------------------------------------------------------------------
-    def generate(self, image: T.ImageLike) -> list[dict[str, Any]]:
-        """Masks of everything in ``image`` (path, PIL, bytes or ``(H, W, 3)`` uint8 RGB)."""
+    def generate(
+        self, image: T.ImageLike, *, progress: Callable[[int, int], None] | None = None
+    ) -> list[dict[str, Any]]:
+        """Masks of everything in ``image`` (path, PIL, bytes or ``(H, W, 3)`` uint8 RGB).
+
+        ``progress(done, planned)`` is called after each batch of point prompts: ``done``
+        points decoded so far of ``planned`` (an upper bound that drops when the ``fast``
+        algorithm skips covered points; equal to ``done`` at the end). An exception it
+        raises stops the generation and propagates (a caller's cancel)."""
         rgb = T.load_image(image)
-        found, size = self.generate_masks(rgb)
+        found, size = self.generate_masks(rgb, progress=progress)
         return self._records(found, size)
 
-    def generate_masks(self, rgb: np.ndarray) -> tuple[_Found, tuple[int, int]]:
-        """The batched result before records: image-size bool masks and their scores."""
+    def generate_masks(
+        self, rgb: np.ndarray, *, progress: Callable[[int, int], None] | None = None
+    ) -> tuple[_Found, tuple[int, int]]:
+        """The batched result before records: image-size bool masks and their scores
+        (``progress``: see :meth:`generate`)."""
         s = self.settings
         self.last_prompts = 0
         size = (int(rgb.shape[0]), int(rgb.shape[1]))
         boxes, layers = M.crop_boxes(size, s.crop_n_layers, s.crop_overlap_ratio)
+        self._progress, self._done = progress, 0
+        self._planned = sum(len(self.point_grids[layer]) for layer in layers)
+        if s.algorithm == "fast":
+            self._planned += len(boxes) * sum(n * n for n in self._refine_passes())
+        try:
+            return self._generate_masks(rgb, boxes, layers, size)
+        finally:
+            self._progress = None
+
+    def _refine_passes(self) -> list[int]:
+        refine = self.settings.refine_points_per_side
+        return [refine] if isinstance(refine, int) else list(refine or ())
+
+    def _step(self, points: int) -> None:
+        """``points`` more prompts decoded: tell the caller's ``progress``."""
+        self._done += points
+        if self._progress is not None:
+            self._progress(self._done, max(self._planned, self._done))
+
+    def _generate_masks(
+        self, rgb: np.ndarray, boxes: list[list[int]], layers: list[int], size: tuple[int, int]
+    ) -> tuple[_Found, tuple[int, int]]:
+        s = self.settings
         parts = []
         with torch.inference_mode():
             for box, layer in zip(boxes, layers, strict=True):
@@ -306,6 +343,8 @@ class MaskGenerator:
             multimask_output=multimask_output,
             image_only=image_only,
         )
+        if mask_input is None:
+            self._step(len(points))
         return low.flatten(0, 1).cpu(), iou.flatten(0, 1).cpu()
 
     def _mask_to_mask(
@@ -448,13 +487,13 @@ class MaskGenerator:
             return out
 
         batches = run(grid)
-        refine = s.refine_points_per_side
-        passes = [refine] if isinstance(refine, int) else list(refine or ())
+        passes = self._refine_passes()
         self.last_dense = False
         if passes and s.dense_below_cover > 0:
             kept = self._accepted(batches)
             if M.cover_fraction(kept, 0.95) < s.dense_below_cover:
                 self.last_dense = True
+                self._planned -= sum(n * n for n in passes[:-1])  # not run
                 passes = passes[-1:]  # the finest grid, every point
         for n in passes:
             fine = M.point_grid(n) * np.array([cw, ch], dtype=np.float64)
@@ -463,6 +502,7 @@ class MaskGenerator:
                 if self.last_dense
                 else self._covered(batches, fine, sx, sy, lh, lw)
             )
+            self._planned -= int(covered.sum())  # covered points are not prompted
             batches += run(fine[~covered])
         if not batches:
             return _empty_found(size)

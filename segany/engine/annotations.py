@@ -28,6 +28,7 @@ from .schemas import (
     UserRef,
 )
 from .store import STATUSES, Annotation, StoreConflict
+from .work_store import RequestRepeat
 
 
 def _text_prompt(a: Annotation) -> dict[str, Any]:
@@ -93,9 +94,18 @@ class AnnotationsMixin:
             updated_at=a.updated_at,
         )
 
-    def accept(self, image_id: int, req: AcceptRequest, user: UserRef) -> AnnotationOut:
-        """Save a mask as an object with a category. It is committed before this returns."""
+    def accept(
+        self, image_id: int, req: AcceptRequest, user: UserRef, key: str | None = None
+    ) -> AnnotationOut:
+        """Save a mask as an object with a category. It is committed before this returns.
+        ``key`` (``Idempotency-Key``): a repeat of a committed accept with the same key is
+        answered with that first object, and nothing is written again."""
         im = self._image(image_id)
+        request = self._keyed(user, key, "accept", image_id)
+        first = self._first(request)
+        if first is not None:
+            return self._replay(first, request)
+        self._check_writable(image_id, user)
         if im.status == "missing":
             raise NotFound(f"image file {im.path} is gone from the images folder")
         if (req.segmentation is None) == (req.mask_id is None):
@@ -150,7 +160,9 @@ class AnnotationsMixin:
             "data": {"clicks": clicks, "seconds": seconds, "replaces": req.replaces},
         }
         try:
-            (ann,) = self.store.add_annotations([item], [ev], set_status=reject)
+            (ann,) = self.store.add_annotations([item], [ev], set_status=reject, request=request)
+        except RequestRepeat as rep:  # a concurrent attempt with the same key won
+            return self._replay(rep.first, request)
         except StoreConflict as exc:
             raise Conflict(str(exc)) from None
         return self._ann_out(ann)
@@ -175,11 +187,19 @@ class AnnotationsMixin:
             raise NotFound(f"no annotation with id {ann_id}")
         return self._ann_out(a)
 
-    def update_annotation(self, ann_id: int, req: UpdateRequest, user: UserRef) -> AnnotationOut:
-        """Edit the category, replace the mask, or accept / reject a pending object."""
+    def update_annotation(
+        self, ann_id: int, req: UpdateRequest, user: UserRef, key: str | None = None
+    ) -> AnnotationOut:
+        """Edit the category, replace the mask, or accept / reject a pending object.
+        ``key``: as in :meth:`accept`."""
+        request = self._keyed(user, key, "patch", ann_id)
+        first = self._first(request)
+        if first is not None:
+            return self._replay(first, request)
         a = self.store.annotation(ann_id)
         if a is None:
             raise NotFound(f"no annotation with id {ann_id}")
+        self._check_writable(a.image_id, user)
         fields: dict[str, Any] = {}
         kind = "edit"
         data: dict[str, Any] = {}
@@ -223,18 +243,35 @@ class AnnotationsMixin:
         }
         expect = a.status if "status" in fields else None
         try:
-            a = self.store.update_annotation(ann_id, fields, ev, expect_status=expect)
+            a = self.store.update_annotation(
+                ann_id, fields, ev, expect_status=expect, request=request
+            )
+        except RequestRepeat as rep:
+            return self._replay(rep.first, request)
         except StoreConflict as exc:
             raise Conflict(str(exc)) from None
         if a is None:
             raise NotFound(f"no annotation with id {ann_id}")
         return self._ann_out(a)
 
-    def delete_annotation(self, ann_id: int, user: UserRef) -> None:
-        """Delete an object into the trash: :meth:`restore_annotation` puts it back."""
+    def delete_annotation(self, ann_id: int, user: UserRef, key: str | None = None) -> None:
+        """Delete an object into the trash: :meth:`restore_annotation` puts it back.
+        ``key``: a repeat of a committed delete answers as the first did (no 404)."""
+        request = self._keyed(user, key, "delete", ann_id)
+        first = self._first(request)
+        if first is not None:
+            self._replay(first, request)
+            return
         a = self.store.annotation(ann_id)
         if a is None:
             raise NotFound(f"no annotation with id {ann_id}")
+        self._check_writable(a.image_id, user)
+        try:
+            self._delete(ann_id, a, user, request)
+        except RequestRepeat as rep:
+            self._replay(rep.first, request)
+
+    def _delete(self, ann_id: int, a: Annotation, user: UserRef, request: Any) -> None:
         gone = edits.trash(
             self.store,
             ann_id,
@@ -250,17 +287,26 @@ class AnnotationsMixin:
                     "replaces": a.replaces_id,
                 },
             },
+            request=request,
         )
         if gone is None:
             raise NotFound(f"no annotation with id {ann_id}")
 
-    def restore_annotation(self, ann_id: int, user: UserRef) -> AnnotationOut:
+    def restore_annotation(
+        self, ann_id: int, user: UserRef, key: str | None = None
+    ) -> AnnotationOut:
         """Undo a delete: the object comes back from the trash as it was, under its id (a
         new id only where an older SQLite database gave the id to another object since:
-        the answer's ``id`` says which)."""
+        the answer's ``id`` says which). ``key``: as in :meth:`accept` (a repeat answers
+        with the restored object)."""
+        request = self._keyed(user, key, "restore", ann_id)
+        first = self._first(request)
+        if first is not None:
+            return self._replay(first, request)
         entry = edits.trashed(self.store, ann_id)
         if entry is not None:
             self._image(entry.image_id)  # the image must still be known
+            self._check_writable(entry.image_id, user)
         row = entry.row if entry is not None else {}
         ev = {
             "kind": "restore",
@@ -270,9 +316,11 @@ class AnnotationsMixin:
             "data": {k: row.get(k) for k in ("category", "status", "source")},
         }
         try:
-            a = edits.restore(self.store, ann_id, ev)
+            a = edits.restore(self.store, ann_id, ev, request=request)
         except KeyError:
             raise NotFound(f"annotation {ann_id} is not deleted (or was restored)") from None
+        except RequestRepeat as rep:  # a concurrent attempt with the same key won
+            return self._replay(rep.first, request)
         except StoreConflict as exc:
             raise Conflict(str(exc)) from None
         return self._ann_out(a)

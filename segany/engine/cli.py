@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 
@@ -119,6 +120,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--admin", action="store_true", help="with --add-user: may create users")
     p.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=60.0,
+        help="an image stays locked to the page that opened it this long after the page "
+        "stops renewing it (closed, offline; default: 60)",
+    )
+    p.add_argument(
+        "--assign",
+        metavar="NAMES",
+        help="at start, deal the images nobody is assigned to among these users in turn "
+        "(comma-separated, e.g. alice,bob; created without a token if new): each sees only "
+        "their own and unassigned images in their queue",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=("debug", "info", "warning", "error"),
@@ -139,15 +154,27 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .server import build_service, default_db, is_local, serve
-    from .store import Store, StoreError, redact
+    from .store import USER_NAME_PATTERN, Store, StoreError, redact
 
     root = Path(args.images_dir)
     if not root.is_dir():
         print(f"segany: error: images folder not found: {args.images_dir}", file=sys.stderr)
         return 2
     db = args.db or default_db(root)
+    assignees = [n.strip() for n in (args.assign or "").split(",") if n.strip()]
+    if not 1 <= args.lease_seconds <= 86400:
+        print("segany: error: --lease-seconds must be between 1 and 86400", file=sys.stderr)
+        return 2
+    bad = [n for n in assignees if not re.fullmatch(USER_NAME_PATTERN, n)]
+    if bad or (args.assign is not None and not assignees):
+        print(
+            f"segany: error: --assign: invalid user name(s) {bad or [args.assign]}: use 1-64 "
+            "letters, digits, '_', '.', '@' or '-', separated by commas",
+            file=sys.stderr,
+        )
+        return 2
     try:
-        names = _labels(args)
+        label_names = _labels(args)
     except ValueError as exc:
         print(f"segany: error: {exc}", file=sys.stderr)
         return 2
@@ -172,12 +199,22 @@ def run(args: argparse.Namespace) -> int:
             detector=args.detector,
             web_decoder=args.web_decoder,
             web_dtype=args.web_dtype,
-            labels=names,
+            labels=label_names,
+            lease_seconds=args.lease_seconds,
         )
     except (StoreError, ValueError) as exc:
         hint = "" if args.db else " (use --db to keep the database elsewhere)"
         print(f"segany: error: {exc}{hint}", file=sys.stderr)
         return 2
+    if assignees:
+        users = [svc.store.ensure_user(n) for n in assignees]
+        given = svc.work.deal([u.id for u in users])
+        print(
+            "segany annotate: assigned "
+            + ", ".join(f"{u.name}: {given[u.id]}" for u in users)
+            + " image(s)",
+            file=sys.stderr,
+        )
     token = svc.ensure_admin_token()
     if token is not None:
         print(f"segany annotate: admin token for user 'admin': {token}", file=sys.stderr)

@@ -22,6 +22,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from .store import Annotation, Event, Store, StoreConflict, Trash
+from .work_store import Request, claim_request
 
 #: The columns of an annotation kept in the trash (every column: a restore is exact).
 COLUMNS = tuple(c.name for c in Annotation.__table__.columns)
@@ -39,13 +40,24 @@ def _ok_id(store: Store, value: Any) -> bool:
     return isinstance(value, int) and 0 < value <= store.max_id
 
 
-def trash(store: Store, ann_id: int, ev: dict[str, Any] | None = None) -> Annotation | None:
+def trash(
+    store: Store,
+    ann_id: int,
+    ev: dict[str, Any] | None = None,
+    *,
+    request: Request | None = None,
+) -> Annotation | None:
     """Delete an annotation into the trash (and record ``ev`` for it), in one transaction.
-    Returns the deleted row, or None when there is no such annotation."""
+    Returns the deleted row, or None when there is no such annotation. ``request``: its
+    ``Idempotency-Key`` is stored in the same transaction (a repeat raises
+    :class:`~.work_store.RequestRepeat`)."""
     if not _ok_id(store, ann_id):
         return None
     now = time.time()
     with store.session() as s:
+        key = claim_request(s, request)
+        if key is not None:
+            key.annotation_id = ann_id
         a = s.get(Annotation, ann_id, with_for_update=True)  # PostgreSQL: no edit meanwhile
         if a is None:
             return None
@@ -88,16 +100,20 @@ def fix_in_trash(store: Store, ann_id: int) -> int | None:
         return s.scalars(q.order_by(Trash.id.desc()).limit(1)).first()
 
 
-def restore(store: Store, ann_id: int, ev: dict[str, Any]) -> Annotation:
+def restore(
+    store: Store, ann_id: int, ev: dict[str, Any], *, request: Request | None = None
+) -> Annotation:
     """Put the latest trashed row of ``ann_id`` back (same id when free) and record ``ev``
     (its ``data`` gets ``replaces``: the pending object the restored fix replaces, if it
     still can; and ``restored_as`` when the id changed). Raises :class:`KeyError` when the
     object is not in the trash and :class:`StoreConflict` when it exists already or a
-    concurrent request restored it."""
+    concurrent request restored it. ``request``: as in :func:`trash` (the key names the
+    restored object)."""
     if not _ok_id(store, ann_id):
         raise KeyError(ann_id)
     now = time.time()
     with store.session() as s:
+        key = claim_request(s, request)
         entry = s.scalars(
             select(Trash).where(Trash.annotation_id == ann_id).order_by(Trash.id.desc()).limit(1)
         ).first()
@@ -127,6 +143,8 @@ def restore(store: Store, ann_id: int, ev: dict[str, Any]) -> Annotation:
         if s.execute(delete(Trash).where(Trash.id == entry.id)).rowcount != 1:
             s.rollback()
             raise StoreConflict(f"annotation {ann_id} was restored by another request meanwhile")
+        if key is not None:
+            key.annotation_id = a.id
         data = dict(ev.get("data") or {})
         data["replaces"] = a.replaces_id
         if a.id != ann_id:

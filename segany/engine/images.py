@@ -112,7 +112,14 @@ class ImagesMixin:
             fields["error"] = f"not a readable image: {type(exc).__name__}: {reason}"
         return fields
 
-    def _image_out(self, im: Image, counts: Any = None) -> ImageOut:
+    def _image_out(
+        self, im: Image, counts: Any = None, work: Any = None, viewer: UserRef | None = None
+    ) -> ImageOut:
+        """``work``: the image's :class:`~.work_store.ImageWork` row (``None``: looked up;
+        ``False``: left out)."""
+        if work is None:
+            work = self.work.get(im.id)
+        fields = self._work_fields(work, self._names(), viewer) if work else {}
         return ImageOut(
             id=im.id,
             path=im.path,
@@ -124,11 +131,20 @@ class ImagesMixin:
             done=im.done,
             accepted=getattr(counts, "accepted", 0),
             pending=getattr(counts, "pending", 0),
+            **fields,
         )
 
-    def list_images(self) -> ImageList:
+    def list_images(self, viewer: UserRef | None = None) -> ImageList:
         counts = self.store.counts()
-        images = [self._image_out(im, counts.get(im.id)) for im in self.store.images()]
+        work = self.work.all()
+        names = self._names()
+        images = []
+        for im in self.store.images():
+            out = self._image_out(im, counts.get(im.id), work=False)
+            w = work.get(im.id)
+            if w is not None:
+                out = out.model_copy(update=self._work_fields(w, names, viewer))
+            images.append(out)
         cats = self.store.categories()
         return ImageList(
             images=images,
@@ -146,9 +162,9 @@ class ImagesMixin:
             raise Unprocessable(f"image {im.path} cannot be annotated: {im.error}")
         return im
 
-    def get_image(self, image_id: int) -> ImageOut:
+    def get_image(self, image_id: int, viewer: UserRef | None = None) -> ImageOut:
         im = self._image(image_id)
-        return self._image_out(im, self.store.counts().get(image_id))
+        return self._image_out(im, self.store.counts().get(image_id), viewer=viewer)
 
     def read_rgb(self, path: Path) -> np.ndarray:
         """An image file's RGB pixels under the pixel limit (TIFF / GeoTIFF through
@@ -181,23 +197,25 @@ class ImagesMixin:
     def open_image(self, image_id: int, user: UserRef) -> OpenOut:
         """The annotator starts on an image: its embedding is computed in the background
         (if not cached), the next image of the queue is embedded after it, and the object
-        timer starts."""
+        timer starts. With a page session, the image's lease is taken (or, when another page
+        holds it, ``lock.held`` is false and names the holder: the page is read-only)."""
         im = self._image(image_id)
+        lock = self.lease(image_id, user) if user.session is not None else None
         ids = [i.id for i in self.store.images() if i.status == "ok"]
-        prev_id = next_id = None
+        prev_id = None
         all_ids = [i.id for i in self.store.images()]
         if image_id in all_ids:
             k = all_ids.index(image_id)
             prev_id = all_ids[k - 1] if k > 0 else None
-            next_id = all_ids[k + 1] if k + 1 < len(all_ids) else None
+        next_id = self.queue(user, after=image_id).next_id
         ready = True
         if im.status == "ok":
             ready = self.embedding_ready(im)
             if not ready:
                 self.prefetch(im.id)
             later = [i for i in ids if i > image_id]
-            if later:
-                self.prefetch(later[0])
+            if next_id is not None or later:
+                self.prefetch(next_id if next_id is not None else later[0])
         with self._timers_lock:
             self._timers[(user.id, image_id)] = _Timer(start=predictions.clock())
         self._events.put(
@@ -210,15 +228,19 @@ class ImagesMixin:
             }
         )
         return OpenOut(
-            image=self._image_out(im, self.store.counts().get(image_id)),
+            image=self._image_out(im, self.store.counts().get(image_id), viewer=user),
             embedding="ready" if ready else "computing",
             prev_id=prev_id,
             next_id=next_id,
+            lock=lock,
         )
 
     def set_done(self, image_id: int, req: DoneRequest, user: UserRef) -> ImageOut:
+        """Mark the image done (submitted for review) or not done."""
         self._image(image_id)
-        im = self.store.update_image(image_id, done=req.done)
+        self._check_writable(image_id, user)
+        self.submit(image_id, req.done, user)
+        im = self._image(image_id)
         self._events.put(
             {
                 "ts": time.time(),
@@ -228,7 +250,7 @@ class ImagesMixin:
                 "stage": im.stage,
             }
         )
-        return self._image_out(im, self.store.counts().get(image_id))
+        return self._image_out(im, self.store.counts().get(image_id), viewer=user)
 
     # -- embeddings --------------------------------------------------------------------------
     def _image_lock(self, image_id: int) -> threading.Lock:

@@ -10,6 +10,14 @@ new version number, so an interrupted upgrade is redone on the next start.
 - 2 -> 3: ``categories`` (created by the store before the upgrade) filled with the classes
   in use, in order of first use (smallest annotation id); names that differ only in case or
   white space become one class, spelled as first used, and their annotations are renamed.
+- 3 -> 4: ``image_work`` (leases, review states, assignees) and ``request_keys`` (the keys
+  of retried writes), both new tables created by the store before the upgrade; images
+  already marked done stay done with review state ``none`` (rows are made on first use).
+- 4 -> 5: ``trash`` (deleted objects, restorable under their id: :mod:`.edits`), a new table
+  created by the store before the upgrade, empty (objects deleted before it are gone for
+  good). ``annotations`` keeps its table: only databases created at schema 5 on SQLite
+  have ``AUTOINCREMENT`` ids; in an upgraded one a restore whose id was given to a newer
+  object takes a new id (the answer says so).
 """
 
 from __future__ import annotations
@@ -49,6 +57,16 @@ def upgrade(engine: Engine, target: int) -> None:
             conn.execute(
                 text("UPDATE segany_meta SET value = :v WHERE key = 'schema_version'"),
                 {"v": "3"},
+            )
+        if version < 4 <= target:  # the new tables exist already (created by the store)
+            conn.execute(
+                text("UPDATE segany_meta SET value = :v WHERE key = 'schema_version'"),
+                {"v": "4"},
+            )
+        if version < 5 <= target:  # ``trash`` exists already (created by the store)
+            conn.execute(
+                text("UPDATE segany_meta SET value = :v WHERE key = 'schema_version'"),
+                {"v": "5"},
             )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pycocotools import mask as mask_utils
@@ -94,7 +95,17 @@ class PrefillMixin:
         predicted IoU as ``score`` and the detector's score and phrase kept in its prompt.
         """
         t0 = time.perf_counter()
+        rgb, detector = self._prefill_prepare(image_id, req, user)
+        records = self._prefill_generate(rgb, req, detector)
+        return self._prefill_save(image_id, req, user, rgb.shape[:2], detector, records, t0)
+
+    def _prefill_prepare(
+        self, image_id: int, req: PrefillRequest, user: UserRef
+    ) -> tuple[Any, Any]:
+        """The checks before any work (the image, its lock, the detector) and the pixels;
+        returns ``(rgb, detector or None)``."""
         im = self._image(image_id, usable=True)
+        self._check_writable(image_id, user)
         detector = self.text_detector() if req.classes else None  # fails before any work
         emb = self.embedding(im)  # cached: the generator reuses it
         del emb
@@ -103,11 +114,40 @@ class PrefillMixin:
             rgb = self.read_rgb(path)
         except ImageError as exc:
             raise Unprocessable(f"image {im.path} cannot be read: {exc}") from None
+        return rgb, detector
+
+    def _prefill_generate(
+        self,
+        rgb: Any,
+        req: PrefillRequest,
+        detector: Any,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The generator's (or the class labeler's) records; ``progress(done, planned)``
+        after each batch of points (segment-everything only; it may raise to stop)."""
         with self._prefill_lock:
-            gen = self._generator(req) if detector is None else self._class_labeler(req, detector)
+            if detector is not None:
+                gen = self._class_labeler(req, detector)
+                with self._decode, torch_threads(self.embed_threads):
+                    return gen.generate(rgb)
+            gen = self._generator(req)
             with self._decode, torch_threads(self.embed_threads):
-                records = gen.generate(rgb)
-        h, w = rgb.shape[:2]
+                if progress is None:
+                    return gen.generate(rgb)
+                return gen.generate(rgb, progress=progress)
+
+    def _prefill_save(
+        self,
+        image_id: int,
+        req: PrefillRequest,
+        user: UserRef,
+        size: tuple[int, int],
+        detector: Any,
+        records: list[dict[str, Any]],
+        t0: float,
+    ) -> PrefillOut:
+        """Store the records as pending objects (replacing an earlier run's)."""
+        h, w = size
         removed = 0
         if req.replace:
             old = self.store.annotations(image_id, statuses=["pending"], source="prefill")

@@ -87,6 +87,14 @@ class ImageOut(_Model):
     done: bool
     accepted: int = 0
     pending: int = 0
+    #: ``none``, ``submitted`` (marked done), ``approved`` or ``returned`` (with a comment)
+    review: str = "none"
+    submitted_by: str | None = None
+    reviewer: str | None = None
+    comment: str | None = None
+    assignee: str | None = None
+    #: who holds the image's lease (another page is working on it), if anyone
+    locked_by: str | None = None
 
 
 class ImageList(_Model):
@@ -104,11 +112,45 @@ class RescanOut(_Model):
     total: int
 
 
+class LeaseOut(_Model):
+    """The image's lease as seen by the caller's page session: ``held`` (the page may
+    write), or ``by`` whom it is held (the page is read-only until it expires); and the
+    embedding and image status, so the page's status line stays current."""
+
+    image_id: int
+    held: bool
+    by: str | None = None
+    expires_in: float = 0.0
+    embedding: Literal["ready", "computing"] = "computing"
+    status: str = "ok"
+    error: str | None = None
+
+
 class OpenOut(_Model):
     image: ImageOut
     embedding: Literal["ready", "computing"]
     prev_id: int | None
+    #: the caller's queue: returned to them first, then images not done, not in review, not
+    #: locked by another page and not assigned to someone else
     next_id: int | None
+    #: with a page session (``X-Segany-Session``): the lease taken on open
+    lock: LeaseOut | None = None
+
+
+class QueueOut(_Model):
+    next_id: int | None
+    remaining: int
+    returned: list[int]
+
+
+class ReviewRequest(_Request):
+    action: Literal["approve", "return"]
+    comment: str | None = Field(default=None, max_length=2000)
+
+
+class AssignRequest(_Request):
+    #: a user name, or ``None`` to unassign
+    user: str | None = Field(default=None, max_length=64)
 
 
 class PredictRequest(_Request):
@@ -259,6 +301,22 @@ class PrefillOut(_Model):
     annotations: list[AnnotationOut]
 
 
+class PrefillJobOut(_Model):
+    """A pre-fill running in the background: ``state`` is ``running`` (``points_done`` of
+    ``points_planned`` prompts decoded so far; 0 of 0 while a text detector runs), then
+    ``saving``, ``done`` (``result``), ``cancelled`` (nothing saved) or ``failed``
+    (``error``)."""
+
+    id: str
+    image_id: int
+    state: Literal["running", "saving", "done", "cancelled", "failed"]
+    points_done: int = 0
+    points_planned: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    result: PrefillOut | None = None
+
+
 class EventRequest(_Request):
     kind: Literal["undo", "redo", "select", "clear", "next", "prev", "note", "predict"]
     data: dict[str, Any] | None = None
@@ -314,6 +372,8 @@ class ConfigOut(_Model):
     #: The browser decoder: ``available`` (or the ``reason`` why not), the onnxruntime-web
     #: ``runtime`` folder and ``version``, the ``graphs``' URLs, the payload ``dtype``.
     web_decoder: dict[str, Any] | None = None
+    #: an image lease lasts this long unless the page renews it
+    lease_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -321,3 +381,5 @@ class UserRef:
     id: int
     name: str
     is_admin: bool = False
+    #: the page session (a browser tab, ``X-Segany-Session``) of the request, if any
+    session: str | None = None

@@ -8,6 +8,7 @@ The browser UI is served from ``web/`` (no external assets). The API is describe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import tempfile
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -52,6 +53,8 @@ from .service import (
 from .stats import StatsOut
 from .store import default_db
 from .webdecoder_routes import ISOLATED, ISOLATED_PREFIXES, add_web_decoder_routes
+from .work import check_token
+from .work_routes import add_work_routes
 
 __all__ = ["build_service", "create_app", "default_db", "is_local", "serve"]
 
@@ -68,8 +71,11 @@ def _token(request: Request) -> str | None:
 
 
 def _user(request: Request) -> UserRef:
-    """The caller (FastAPI dependency): from the token, or the local user when auth is off."""
-    return request.app.state.service.authenticate(_token(request))
+    """The caller (FastAPI dependency): from the token, or the local user when auth is off;
+    with the page session of ``X-Segany-Session`` (a tab: image leases, :mod:`.work`)."""
+    u = request.app.state.service.authenticate(_token(request))
+    session = check_token(request.headers.get("x-segany-session"), "X-Segany-Session")
+    return dataclasses.replace(u, session=session) if session else u
 
 
 def _optional_user(request: Request) -> UserRef | None:
@@ -81,6 +87,8 @@ def _optional_user(request: Request) -> UserRef | None:
 
 Who = Annotated[UserRef, Depends(_user)]
 MaybeWho = Annotated[UserRef | None, Depends(_optional_user)]
+#: A write's ``Idempotency-Key`` (:mod:`.work`): a retry with the same key is not applied twice.
+Key = Annotated[str | None, Header(alias="Idempotency-Key")]
 
 
 def create_app(
@@ -154,7 +162,7 @@ def create_app(
 
     @app.get("/api/images", response_model=ImageList)
     def images(u: Who) -> ImageList:
-        return service.list_images()
+        return service.list_images(u)
 
     @app.post("/api/rescan", response_model=RescanOut)
     def rescan(u: Who) -> RescanOut:
@@ -162,7 +170,7 @@ def create_app(
 
     @app.get("/api/images/{image_id}", response_model=ImageOut)
     def image(image_id: int, u: Who) -> ImageOut:
-        return service.get_image(image_id)
+        return service.get_image(image_id, u)
 
     @app.get("/api/images/{image_id}/file")
     def image_file(image_id: int, u: Who) -> Response:
@@ -195,8 +203,8 @@ def create_app(
         return service.list_annotations(image_id, statuses)
 
     @app.post("/api/images/{image_id}/annotations", response_model=AnnotationOut, status_code=201)
-    def accept(image_id: int, req: AcceptRequest, u: Who) -> AnnotationOut:
-        return service.accept(image_id, req, u)
+    def accept(image_id: int, req: AcceptRequest, u: Who, key: Key = None) -> AnnotationOut:
+        return service.accept(image_id, req, u, key)
 
     @app.post("/api/images/{image_id}/prefill", response_model=PrefillOut)
     def prefill(image_id: int, u: Who, req: PrefillRequest | None = None) -> PrefillOut:
@@ -212,19 +220,21 @@ def create_app(
         return service.get_annotation(ann_id)
 
     @app.patch("/api/annotations/{ann_id}", response_model=AnnotationOut)
-    def update_annotation(ann_id: int, req: UpdateRequest, u: Who) -> AnnotationOut:
-        return service.update_annotation(ann_id, req, u)
+    def update_annotation(
+        ann_id: int, req: UpdateRequest, u: Who, key: Key = None
+    ) -> AnnotationOut:
+        return service.update_annotation(ann_id, req, u, key)
 
     @app.delete("/api/annotations/{ann_id}", status_code=204)
-    def delete_annotation(ann_id: int, u: Who) -> Response:
+    def delete_annotation(ann_id: int, u: Who, key: Key = None) -> Response:
         """Delete an object (into the trash: ``POST .../restore`` undoes it)."""
-        service.delete_annotation(ann_id, u)
+        service.delete_annotation(ann_id, u, key)
         return Response(status_code=204)
 
     @app.post("/api/annotations/{ann_id}/restore", response_model=AnnotationOut)
-    def restore_annotation(ann_id: int, u: Who) -> AnnotationOut:
+    def restore_annotation(ann_id: int, u: Who, key: Key = None) -> AnnotationOut:
         """Undo a delete: the object as it was, under its id (see the answer's ``id``)."""
-        return service.restore_annotation(ann_id, u)
+        return service.restore_annotation(ann_id, u, key)
 
     @app.get("/api/annotations/{ann_id}/history", response_model=list[EventOut])
     def annotation_history(ann_id: int, u: Who) -> list[EventOut]:
@@ -306,6 +316,7 @@ def create_app(
     def new_user(req: NewUserRequest, u: Who) -> TokenOut:
         return service.create_user(req, u)
 
+    add_work_routes(app, service, Who)  # leases, queue, review, pre-fill jobs
     add_model_routes(app, service)  # /api/model, /api/model/retrain (docs/training.md)
     app.add_middleware(
         guards.BodyLimit,
@@ -352,6 +363,7 @@ def build_service(
     web_decoder: bool = False,
     web_dtype: str = "float16",
     labels: Sequence[str] = (),
+    lease_seconds: float = 60.0,
 ) -> AnnotationService:
     """Open the database, load the model and register the images. ``detector`` (name, hub
     id or folder) enables stage-2 pre-fills by class names; it is loaded on first use.
@@ -382,6 +394,7 @@ def build_service(
         detector=detector,
         web_decoder=web_decoder,
         web_dtype=web_dtype,
+        lease_seconds=lease_seconds,
     )
     svc.rescan()
     return svc

@@ -13,8 +13,10 @@ The class is assembled from one module per responsibility (each a mixin of its m
 the state is set up in :meth:`AnnotationService.__init__` here): :mod:`.schemas` (errors,
 requests and responses), :mod:`.images` (the folder, the queue, embeddings),
 :mod:`.predictions` (the click path and the object timers), :mod:`.annotations` (accept,
-fix, reject, events), :mod:`.prefill` (stage 2) and :mod:`.exports` (COCO, SA-1B and YOLO
-out, COCO in). Users, configuration, the model switch and the measurements are here.
+fix, reject, events), :mod:`.prefill` (stage 2) and :mod:`.prefill_jobs` (in the
+background, with progress and cancel), :mod:`.work` (leases, queues, review, retried
+writes) and :mod:`.exports` (COCO, SA-1B and YOLO out, COCO in). Users, configuration,
+the model switch and the measurements are here.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .exports import ExportsMixin
 from .images import ImagesMixin, safe_relpath
 from .predictions import _LRU, PredictionsMixin, _Timer
 from .prefill import PrefillMixin
+from .prefill_jobs import PrefillJobsMixin
 from .schemas import (
     DEFAULT_MAX_PIXELS,
     MAX_CATEGORY,
@@ -74,6 +77,8 @@ from .schemas import (
 )
 from .store import SOURCES, STATUSES, Store, User
 from .webdecoder import WebDecoderMixin
+from .work import WorkMixin
+from .work_store import WorkStore
 
 log = logging.getLogger("segany.engine")
 
@@ -129,7 +134,14 @@ def _backend_name(predictor: Any) -> str:
 
 
 class AnnotationService(
-    ImagesMixin, PredictionsMixin, AnnotationsMixin, PrefillMixin, ExportsMixin, WebDecoderMixin
+    ImagesMixin,
+    PredictionsMixin,
+    AnnotationsMixin,
+    PrefillMixin,
+    PrefillJobsMixin,
+    ExportsMixin,
+    WebDecoderMixin,
+    WorkMixin,
 ):
     """The data engine behind the annotator.
 
@@ -155,6 +167,8 @@ class AnnotationService(
             off: every click is decoded on the server.
         web_dtype: the embedding payload's default dtype (``float16``: half the bytes;
             masks within the golden tolerances, measured in docs/annotate.md).
+        lease_seconds: how long an image stays locked to the page that opened it unless
+            the page renews the lease (:mod:`.work`).
     """
 
     def __init__(
@@ -177,8 +191,13 @@ class AnnotationService(
         detector: str | os.PathLike[str] | Any | None = None,
         web_decoder: bool = False,
         web_dtype: str = "float16",
+        lease_seconds: float = 60.0,
     ) -> None:
         self.store = store
+        self.work = WorkStore(store)
+        self.lease_seconds = float(lease_seconds)
+        self._jobs: dict[str, Any] = {}
+        self._jobs_lock = threading.Lock()
         self.root = Path(images_dir).expanduser().resolve()
         if not self.root.is_dir():
             raise ValueError(f"images folder not found: {images_dir}")
@@ -349,6 +368,7 @@ class AnnotationService(
             user=user.name if user else None,
             detector=self.detector_name,
             web_decoder=self.web_decoder_info(),
+            lease_seconds=self.lease_seconds,
         )
 
     # -- measurements ------------------------------------------------------------------------

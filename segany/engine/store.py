@@ -4,8 +4,10 @@ Tables: ``images`` (files registered from the images folder), ``annotations`` (o
 COCO RLE segmentation, category, status, stage and source, the model that produced it, the
 clicks and seconds it took), ``events`` (clicks and actions with timestamps, for the
 measurements), ``users`` (annotators and the SHA-256 of their tokens), ``categories`` (the
-label set), ``trash`` (deleted objects, restorable with their id: queries in :mod:`.edits`)
-and ``segany_meta`` (schema version; :mod:`.migrate` brings older databases up to date).
+label set), ``trash`` (deleted objects, restorable with their id: queries in :mod:`.edits`),
+``image_work`` (leases, review states, assignees) and ``request_keys`` (the keys of retried
+writes; both queried in :mod:`.work_store`) and ``segany_meta`` (schema version;
+:mod:`.migrate` brings older databases up to date).
 
 Concurrent writers: changes of an annotation's status are conditional (``UPDATE ... WHERE
 status = <the status the caller saw>``), so two requests that both saw a pending object
@@ -13,10 +15,13 @@ cannot both turn it into something else; and a fix records the pending object it
 in ``annotations.replaces_id``, which is unique, so the database itself refuses a second
 fix of the same object (SQLite and PostgreSQL alike). Losers get :class:`StoreConflict`.
 
-Every query and write of the annotator is here (about 640 lines with the ``categories``
-and ``trash`` tables), but for the undo support (delete to the trash, restore, an object's
-edit history) in :mod:`.edits`: one file shows the schema, the transactions and the rules
-that make concurrent requests safe.
+Every query and write of the annotator is here (about 690 lines with the ``categories``,
+``trash``, ``image_work`` and ``request_keys`` tables), but for the undo support (delete to
+the trash, restore, an object's edit history) in :mod:`.edits` and the leases, reviews and
+request keys in :mod:`.work_store`: one file shows the schema, the transactions and the
+rules that make concurrent requests safe. The writes that take a ``request`` store its key
+through ``request.claim(session)`` (:class:`.work_store.Request`), so this module imports
+neither of those.
 
 Every write commits before the function returns, so an acknowledged write survives a
 ``kill -9`` of the server (SQLite runs in WAL mode with ``synchronous=FULL``).
@@ -43,6 +48,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     delete,
     event,
@@ -65,7 +71,9 @@ from sqlalchemy.pool import StaticPool
 from .migrate import SchemaTooNew, category_key, upgrade
 
 #: 2: ``users.token_trusted``, ``annotations.replaces_id`` (unique). 3: ``categories``.
-SCHEMA_VERSION = 3
+#: 4: ``image_work`` and ``request_keys`` (queries in :mod:`.work_store`). 5: ``trash``
+#: (:mod:`.edits`; new SQLite databases also give each annotation id once: AUTOINCREMENT).
+SCHEMA_VERSION = 5
 
 #: Annotation statuses: ``accepted`` objects are the dataset; ``pending`` ones wait for review
 #: (stage-2 pre-fill, imports); ``rejected`` pre-fills are kept for the measurements.
@@ -191,6 +199,42 @@ class Trash(Base):
     row: Mapped[dict[str, Any]] = mapped_column(JSON)
     user_id: Mapped[int | None] = mapped_column(Integer, default=None)
     deleted_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class ImageWork(Base):
+    """An image's lease, review state and assignee (queries: :mod:`.work_store`)."""
+
+    __tablename__ = "image_work"
+    image_id: Mapped[int] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True
+    )
+    assignee_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), default=None
+    )
+    review: Mapped[str] = mapped_column(String(16), default="none")
+    submitted_by: Mapped[int | None] = mapped_column(Integer, default=None)
+    reviewer_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    comment: Mapped[str | None] = mapped_column(Text, default=None)
+    review_at: Mapped[float | None] = mapped_column(Float, default=None)
+    lease_user_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    lease_session: Mapped[str | None] = mapped_column(String(64), default=None)
+    lease_expires: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class RequestKey(Base):
+    """The ``Idempotency-Key`` of a committed write (:func:`.work_store.claim_request`)."""
+
+    __tablename__ = "request_keys"
+    __table_args__ = (UniqueConstraint("user_id", "key", name="ux_request_keys_user_key"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(String(64))
+    #: ``accept`` (target: the image id), ``patch``, ``delete`` or ``restore`` (the annotation id)
+    kind: Mapped[str] = mapped_column(String(16))
+    target: Mapped[int] = mapped_column(Integer)
+    #: the annotation the first attempt created or changed
+    annotation_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
 
 
 class Event(Base):
@@ -399,6 +443,8 @@ class Store:
         items: Iterable[dict[str, Any]],
         events: Iterable[dict[str, Any]] = (),
         set_status: dict[int, tuple[str, str]] | None = None,
+        *,
+        request: Any = None,
     ) -> list[Annotation]:
         """Insert annotations (and events referring to them by position: an event's
         ``annotation_index`` is replaced by the new id), and change the status of other
@@ -406,12 +452,14 @@ class Store:
 
         Raises :class:`StoreConflict` (and writes nothing) when one of those annotations is
         gone or no longer has the expected status, or when an item's ``replaces_id`` is
-        already taken by another fix."""
+        already taken by another fix. ``request`` (:class:`.work_store.Request`): its key is
+        stored in the same transaction (a repeat raises ``RequestRepeat``)."""
         now = time.time()
         # the classes first, in their own short transactions (SQLite has one writer)
         items = [{**it, "category": self.category_name(it.get("category") or "object")}
                  for it in items]  # fmt: skip
         with self.session() as s:
+            key = request.claim(s) if request is not None else None
             for ann_id, (was, status) in (set_status or {}).items():
                 res = s.execute(
                     update(Annotation)
@@ -441,6 +489,8 @@ class Store:
                 if idx is not None:
                     ev["annotation_id"] = anns[idx].id
                 s.add(Event(ts=ev.pop("ts", now), **ev))
+            if key is not None and anns:
+                key.annotation_id = anns[0].id
             s.commit()
             return anns
 
@@ -514,17 +564,21 @@ class Store:
         ev: dict[str, Any] | None = None,
         *,
         expect_status: str | None = None,
+        request: Any = None,
     ) -> Annotation | None:
         """Change fields of an annotation (one ``UPDATE``, so a concurrent delete makes it
         match nothing instead of failing). ``None``: the annotation is gone. With
         ``expect_status``, the update applies only while the annotation still has that
-        status; otherwise :class:`StoreConflict`."""
+        status; otherwise :class:`StoreConflict`. ``request``: as in :meth:`add_annotations`."""
         if not self._id_ok(ann_id):
             return None
         now = time.time()
         if "category" in fields:
             fields = {**fields, "category": self.category_name(fields["category"])}
         with self.session() as s:
+            key = request.claim(s) if request is not None else None
+            if key is not None:
+                key.annotation_id = ann_id
             q = update(Annotation).where(Annotation.id == ann_id)
             if expect_status is not None:
                 q = q.where(Annotation.status == expect_status)
@@ -544,10 +598,11 @@ class Store:
             return s.get(Annotation, ann_id)
 
     def delete_annotations(
-        self, ids: Iterable[int], ev: dict[str, Any] | None = None
+        self, ids: Iterable[int], ev: dict[str, Any] | None = None, *, request: Any = None
     ) -> list[Annotation]:
         ids = [i for i in ids if self._id_ok(i)]
         with self.session() as s:
+            key = request.claim(s) if request is not None else None
             gone = list(s.scalars(select(Annotation).where(Annotation.id.in_(ids))))
             if gone:
                 s.execute(delete(Annotation).where(Annotation.id.in_([a.id for a in gone])))
@@ -555,6 +610,7 @@ class Store:
                     now = time.time()
                     for a in gone:
                         s.add(Event(ts=now, annotation_id=a.id, **ev))
+            if gone or key is not None:
                 s.commit()
             return gone
 

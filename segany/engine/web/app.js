@@ -36,13 +36,22 @@ class ApiError extends Error {
   constructor(status, detail) { super(detail); this.status = status; }
 }
 
-async function api(method, path, body) {
+// opts.key: the write's Idempotency-Key (see save() in network.js). Every request names the
+// tab's session (image leases); an unreachable server turns the offline banner on.
+async function api(method, path, body, opts) {
   const headers = {};
   if (S.token) headers["Authorization"] = "Bearer " + S.token;
+  if (S.session) headers["X-Segany-Session"] = S.session;
+  if (opts && opts.key) headers["Idempotency-Key"] = opts.key;
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  const r = await fetch(path, {
-    method, headers, body: body === undefined ? undefined : JSON.stringify(body),
-  });
+  let r;
+  try {
+    r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch (e) {
+    netDown();
+    throw e;
+  }
+  netUp();
   if (!r.ok) {
     let detail = r.statusText;
     try { detail = (await r.json()).detail || detail; } catch (e) { /* not JSON */ }
@@ -67,7 +76,8 @@ function fail(e) {
   if (e instanceof ApiError && e.status === 401) return;
   const offline = e instanceof TypeError; // fetch() could not reach the server
   const msg = offline
-    ? "the server cannot be reached (is segany annotate still running?): nothing was saved, try again"
+    ? "offline: the server cannot be reached (is segany annotate still running?); " +
+      "this page and its clicks are kept, try again when it is back"
     : (e.message || String(e));
   toast(msg, true);
   setStatus(msg);
@@ -100,6 +110,7 @@ $("#login-form").addEventListener("submit", async (ev) => {
 async function loadImages() {
   const list = await api("GET", "/api/images");
   S.images = list.images;
+  syncCurrent(); // the open image's review state (network.js)
   const dl = $("#categories");
   dl.innerHTML = "";
   for (const c of list.categories) {
@@ -125,6 +136,7 @@ function renderImageList() {
   ul.innerHTML = "";
   for (const im of S.images) {
     if (f && !im.path.toLowerCase().includes(f)) continue;
+    if (S.reviewer && im.review !== "submitted") continue; // reviewer mode: what waits for review
     const li = document.createElement("li");
     li.dataset.id = im.id;
     if (S.current && im.id === S.current.id) li.classList.add("active");
@@ -138,8 +150,14 @@ function renderImageList() {
     if (im.status !== "ok") { badge.textContent = im.status; li.title = im.error || ""; }
     else {
       badge.textContent = (im.done ? "\u2713 " : "") + (im.accepted || "") +
-        (im.pending ? ` +${im.pending}?` : "") + (im.stage === 2 ? " S2" : "");
-      li.title = `${im.width}\u00d7${im.height}, ${im.accepted} objects, ${im.pending} pending`;
+        (im.pending ? ` +${im.pending}?` : "") + (im.stage === 2 ? " S2" : "") +
+        ({ submitted: " \u2709", approved: " \u2605", returned: " \u21a9" }[im.review] || "") +
+        (im.locked_by ? " \u2298" : "");
+      li.title = `${im.width}\u00d7${im.height}, ${im.accepted} objects, ${im.pending} pending` +
+        (im.review && im.review !== "none" ? `, ${im.review}` : "") +
+        (im.locked_by ? `, locked by ${im.locked_by}` : "") +
+        (im.assignee ? `, assigned to ${im.assignee}` : "");
+      if (im.review === "returned") li.classList.add("returned");
     }
     li.appendChild(badge);
     li.addEventListener("click", () => openImage(im.id).catch(fail));
@@ -156,6 +174,7 @@ async function openImage(id) {
   S.selected = null;
   S.current = info.image;
   S.nav = { prev: info.prev_id, next: info.next_id };
+  onOpened(info); // the lease, the review box, the embedding's status (network.js)
   history.replaceState(null, "", `#image=${id}`);
   $("#image-name").textContent = `${info.image.path} (${info.image.width}\u00d7${info.image.height})`;
   renderImageList();
@@ -190,7 +209,7 @@ async function openImage(id) {
 
 function go(delta) {
   const id = delta > 0 ? S.nav.next : S.nav.prev;
-  if (id == null) { toast(delta > 0 ? "last image" : "first image"); return; }
+  if (id == null) { toast(delta > 0 ? "your queue is empty" : "first image"); return; }
   api("POST", `/api/images/${S.current.id}/events`, { kind: delta > 0 ? "next" : "prev" }).catch(() => {});
   openImage(id).catch(fail);
 }
@@ -266,7 +285,7 @@ function renderObjects() {
     cat.addEventListener("change", () => {
       if (cat.value.trim() === a.category) return;
       const before = a.category;
-      api("PATCH", `/api/annotations/${a.id}`, { category: cat.value })
+      save("PATCH", `/api/annotations/${a.id}`, { category: cat.value }, "the category")
         .then((r) => {
           if (r.category !== before) record({ kind: "category", id: a.id, before, after: r.category });
           a.category = r.category; cat.value = r.category; toast(`category: ${r.category}`);
@@ -336,7 +355,7 @@ function selectNext() {
 
 async function deleteObject(id) {
   try {
-    await api("DELETE", `/api/annotations/${id}`);
+    await save("DELETE", `/api/annotations/${id}`, undefined, "the delete");
     record({ kind: "delete", id }); // undo restores it, same id (tools.js)
     if (S.selected === id) S.selected = null;
     await loadObjects();
@@ -352,7 +371,7 @@ async function decidePending(id, status) {
   // class-agnostic pre-fills take the category box; named ones (by class, imported) keep theirs
   if (status === "accepted" && cat && a.category === "object") body.category = cat;
   try {
-    const r = await api("PATCH", `/api/annotations/${id}`, body);
+    const r = await save("PATCH", `/api/annotations/${id}`, body, `the ${status === "accepted" ? "accept" : "reject"}`);
     record({ kind: "decide", id, status, before: a.category, after: r.category });
     await loadObjects();
     const next = S.objects.find((x) => x.status === "pending");
@@ -380,7 +399,7 @@ async function acceptAllPending() {
     for (const a of pend) {
       const body = { status: "accepted" };
       if (cat && a.category === "object") body.category = cat;
-      const r = await api("PATCH", `/api/annotations/${a.id}`, body);
+      const r = await save("PATCH", `/api/annotations/${a.id}`, body, "the accepts");
       items.push({ id: a.id, before: a.category, after: r.category });
     }
     toast(`${pend.length} accepted: Ctrl+Z returns them to pending`);

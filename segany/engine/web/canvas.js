@@ -205,6 +205,7 @@ window.addEventListener("keydown", (ev) => {
   if (k === "Escape") { if (T.tool !== "prompt") setTool(T.tool); else clearPrompt(); return; }
   if (k === "b") { setTool("brush"); return; }
   if (k === "x") { setTool("eraser"); return; }
+  if (k === "X") { cancelPrefill(); return; } // Shift+X: x is the eraser
   if (k === "[" || k === "]") { setBrushSize(k === "]" ? Math.max(T.size + 1, T.size * 1.25) : T.size / 1.25); return; }
   if (k === "n" || k === "ArrowRight") { go(1); return; }
   if (k === "p" || k === "ArrowLeft") { go(-1); return; }

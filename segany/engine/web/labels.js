@@ -97,7 +97,7 @@ async function addTypedLabel() {
   const name = $("#category").value.trim();
   if (!name) { toast("type a label name first"); return; }
   try {
-    const l = await api("POST", "/api/labels", { name });
+    const l = await save("POST", "/api/labels", { name }, "the label"); // retried: adding is idempotent
     LB.list = await api("GET", "/api/labels");
     chooseLabel(l.name);
     toast(`label ${l.id}: ${l.name}` + (l.hotkey ? ` (${l.hotkey})` : ""));

@@ -15,6 +15,7 @@ function resetPrompt() {
 }
 
 function pushPrompt(points, labels, box) {
+  if (S.accepting) { toast("the accepted object is being saved: click again when it is"); return; }
   // t0: the mousedown (or key) that made this prompt; the latency shown runs to the paint
   const t0 = S.downAt != null ? S.downAt : performance.now();
   S.downAt = null;
@@ -61,6 +62,7 @@ async function runPredict(entry, prev, imageId) {
     }
   }
   if (!res) res = await serverPredict(entry, usePrev ? prev : null, imageId, multimask);
+  if (!res) { setStatus("the server is back"); return; } // the click was undone while offline
   entry.result = res;
   entry.sel = res.best;
   entry.canvases = null; // made in the colour of the label (labels.js candidateCanvases)
@@ -78,6 +80,13 @@ async function serverPredict(entry, prev, imageId, multimask) {
   try {
     return await api("POST", `/api/images/${imageId}/predict`, body);
   } catch (e) {
+    if (e instanceof TypeError) { // offline: the click is kept and answered when the server is back
+      setStatus("offline: your click is kept and will be answered when the server is back");
+      await whenOnline();
+      if (!S.current || S.current.id !== imageId || !S.hist.includes(entry)) return null; // undone meanwhile
+      setStatus("segmenting\u2026");
+      return serverPredict(entry, prev, imageId, multimask);
+    }
     if (e instanceof ApiError && e.status === 404 && body.mask_input_id) {
       delete body.mask_input_id; // the server forgot the previous mask (restart): go on without
       return api("POST", `/api/images/${imageId}/predict`, body);
@@ -202,7 +211,7 @@ async function acceptNow() {
   if (S.fixing !== null) body.replaces = S.fixing;
   const before = { hist: S.hist, pos: S.pos, fixing: S.fixing }; // undo brings the clicks back
   try {
-    const a = await api("POST", `/api/images/${S.current.id}/annotations`, body);
+    const a = await save("POST", `/api/images/${S.current.id}/annotations`, body, "the accept");
     record({ kind: "accept", id: a.id, replaces: body.replaces != null ? body.replaces : null, ...before });
     labelAccepted(a.category).catch(() => {});
     const dl = $("#categories");
@@ -225,37 +234,12 @@ async function acceptNow() {
 async function markDoneAndNext() {
   if (!S.current) return;
   try {
-    await api("POST", `/api/images/${S.current.id}/done`, { done: true });
+    await save("POST", `/api/images/${S.current.id}/done`, { done: true }, "the done mark");
     const im = S.images.find((x) => x.id === S.current.id);
     if (im) im.done = true;
     await loadImages();
-    go(1);
+    await nextInQueue(); // the per-user queue (network.js): returned images first
   } catch (e) { fail(e); }
 }
 
-async function prefill() {
-  if (!S.current) return;
-  if (S.prefilling) { toast("a pre-fill is running on this image"); return; }
-  const body = {
-    pred_iou_thresh: Number($("#iou").value),
-    stability_score_thresh: Number($("#stab").value),
-    points_per_side: Number($("#pps").value),
-  }; // segment-everything masks are class-agnostic ("object"); accepting one (A) applies the
-  // category box. With classes, the text detector names each mask (its class is kept).
-  const classes = $("#classes").value.trim();
-  if (classes) body.classes = classes;
-  setStatus(classes ? `pre-filling (detecting ${classes})\u2026` : "pre-filling (segment everything)\u2026");
-  $("#prefill").disabled = true;
-  S.prefilling = true;
-  try {
-    const r = await api("POST", `/api/images/${S.current.id}/prefill`, body);
-    await loadObjects();
-    const first = S.objects.find((a) => a.status === "pending");
-    if (first) selectObject(first.id, false);
-    setStatus(`pre-filled ${r.created} masks in ${r.seconds.toFixed(1)} s` +
-      (r.skipped_overlap ? ` (${r.skipped_overlap} overlapped accepted objects)` : "") +
-      ": A accepts, R rejects, E fixes, or click to add what is missing");
-  } catch (e) { fail(e); setStatus("pre-fill failed"); }
-  finally { $("#prefill").disabled = false; S.prefilling = false; }
-}
-
+// prefill(): in network.js (a background job with progress and cancel)

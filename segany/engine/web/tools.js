@@ -169,7 +169,7 @@ async function toolUp() {
   const before = a.segmentation;
   T.saving = true;
   try {
-    const r = await api("PATCH", `/api/annotations/${a.id}`, { segmentation: rleEncode(st.bits, H, W) });
+    const r = await save("PATCH", `/api/annotations/${a.id}`, { segmentation: rleEncode(st.bits, H, W) }, "the stroke");
     record({ ...step, target: "object", id: a.id, before, after: r.segmentation });
     setStatus(`${st.tool}: object ${a.id} has ${r.area} px (saved)`);
   } catch (e) {
@@ -274,9 +274,17 @@ function historyStep(from, to, way) {
 }
 
 // Undo of a delete (and redo of an accept): the object back, under its id (the server says
-// if it had to take another one: the history then uses the new id).
+// if it had to take another one: the history then uses the new id). Saved with retries
+// (network.js save()); a 409 whose object is there (restored by an earlier attempt whose
+// answer was lost, or by another tab) is the restore done.
 async function restoreObject(step, id) {
-  const a = await api("POST", `/api/annotations/${id}/restore`);
+  let a;
+  try {
+    a = await save("POST", `/api/annotations/${id}/restore`, undefined, "the restore");
+  } catch (e) {
+    if (!(e instanceof ApiError && e.status === 409)) throw e;
+    try { a = await api("GET", `/api/annotations/${id}`); } catch (e2) { throw e; }
+  }
   if (a.id !== id) {
     for (const s of [...T.done, ...T.undone, step]) {
       if (s.id === id) s.id = a.id;
@@ -288,7 +296,17 @@ async function restoreObject(step, id) {
 }
 
 async function patchObject(id, body) {
-  return api("PATCH", `/api/annotations/${id}`, body);
+  return save("PATCH", `/api/annotations/${id}`, body, "the change");
+}
+
+// Undo of an accept, redo of a delete: saved with retries; a 404 (deleted already: an earlier
+// attempt whose answer was lost, or another tab) is the delete done.
+async function deleteQuietly(id) {
+  try {
+    await save("DELETE", `/api/annotations/${id}`, undefined, "the delete");
+  } catch (e) {
+    if (!(e instanceof ApiError && e.status === 404)) throw e;
+  }
 }
 
 function restorePrompt(step) {
@@ -337,7 +355,7 @@ const STEPS = {
   },
   accept: { // a new object (or the fix of a pending one)
     undo: async (s) => {
-      await api("DELETE", `/api/annotations/${s.id}`);
+      await deleteQuietly(s.id);
       if (s.replaces != null) await patchObject(s.replaces, { status: "pending" });
       restorePrompt(s);
       await loadObjects();
@@ -352,7 +370,7 @@ const STEPS = {
   },
   delete: {
     undo: async (s) => { await restoreObject(s, s.id); await loadObjects(); },
-    redo: async (s) => { await api("DELETE", `/api/annotations/${s.id}`); await loadObjects(); },
+    redo: async (s) => { await deleteQuietly(s.id); await loadObjects(); },
   },
   category: {
     undo: async (s) => { await patchObject(s.id, { category: s.before }); await loadObjects(); },
