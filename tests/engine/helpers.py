@@ -212,3 +212,31 @@ def chromium_path() -> str | None:
         if found:
             return found
     return None
+
+
+def old_database(path: Path, version: int, drop: tuple[str, ...]) -> str:
+    """An SQLite store at ``path`` made as the current version, then taken back to schema
+    ``version`` by dropping the tables that version did not have; it holds one done image
+    (id 1, 4 x 4). Returns its URL (open it with ``Store`` to run the upgrade)."""
+    import sqlalchemy as sa
+
+    from segany.engine.store import Store
+
+    url = f"sqlite:///{path}"
+    Store(url).close()
+    eng = sa.create_engine(url)
+    with eng.begin() as c:
+        for table in drop:
+            c.execute(sa.text(f"DROP TABLE {table}"))
+        c.execute(
+            sa.text("UPDATE segany_meta SET value = :v WHERE key = 'schema_version'"),
+            {"v": str(version)},
+        )
+        c.execute(
+            sa.text(
+                "INSERT INTO images (id, path, width, height, size_bytes, mtime, status, stage,"
+                " done, created_at) VALUES (1, 'a.png', 4, 4, 1, 0, 'ok', 1, 1, 0)"
+            )
+        )
+    eng.dispose()
+    return url

@@ -12,6 +12,7 @@ from segany.engine.store import SCHEMA_VERSION, Store
 from segany.masks import masks_to_coco_rle
 
 from .conftest import image_id
+from .helpers import old_database
 
 T1 = {"X-Segany-Session": "tab-one-0001"}
 T2 = {"X-Segany-Session": "tab-two-0002"}
@@ -109,19 +110,7 @@ def test_restore_and_delete_retried_with_their_keys(client, service):
 def test_upgrade_from_schema_4(tmp_path):
     """A version-4 database (no ``trash``) opens as version 5: the table is made, and a
     delete then restore keeps the id."""
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    Store(url).close()
-    eng = sa.create_engine(url)
-    with eng.begin() as c:
-        c.execute(sa.text("DROP TABLE trash"))
-        c.execute(sa.text("UPDATE segany_meta SET value = '4' WHERE key = 'schema_version'"))
-        c.execute(
-            sa.text(
-                "INSERT INTO images (id, path, width, height, size_bytes, mtime, status, stage,"
-                " done, created_at) VALUES (1, 'a.png', 4, 4, 1, 0, 'ok', 1, 1, 0)"
-            )
-        )
-    eng.dispose()
+    url = old_database(tmp_path / "old.db", 4, ("trash",))
     store = Store(url)
     try:
         with store.session() as s:

@@ -19,6 +19,7 @@ from segany.engine.store import SCHEMA_VERSION, Store
 from segany.masks import masks_to_coco_rle
 
 from .conftest import image_id, make_service
+from .helpers import old_database
 
 
 def _mask_body(h: int = 96, w: int = 144, category: str = "cat") -> dict:
@@ -400,20 +401,7 @@ def test_mask_generator_reports_progress(tiny_predictor):
 def test_upgrade_from_schema_3(tmp_path):
     """A version-3 database (no image_work, no request_keys) opens at the current version
     (5): the tables are created, a done image stays done."""
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    Store(url).close()
-    eng = sa.create_engine(url)
-    with eng.begin() as c:
-        c.execute(sa.text("DROP TABLE image_work"))
-        c.execute(sa.text("DROP TABLE request_keys"))
-        c.execute(sa.text("UPDATE segany_meta SET value = '3' WHERE key = 'schema_version'"))
-        c.execute(
-            sa.text(
-                "INSERT INTO images (id, path, width, height, size_bytes, mtime, status, stage,"
-                " done, created_at) VALUES (1, 'a.png', 4, 4, 1, 0, 'ok', 1, 1, 0)"
-            )
-        )
-    eng.dispose()
+    url = old_database(tmp_path / "old.db", 3, ("image_work", "request_keys"))
     store = Store(url)
     try:
         with store.session() as s:
