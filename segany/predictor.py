@@ -289,6 +289,13 @@ class Predictor:
 
     # -- image ---------------------------------------------------------------------------
     @property
+    def encoder_copy(self) -> torch.nn.Module | None:
+        """The reduced-precision copy of the image encoder that embeds images
+        (``precision="bf16"``), or ``None`` at fp32; for callers that encode frames
+        themselves (:class:`~segany.video.sam2_tracker.Sam2Tracker`)."""
+        return self._encoder_bf16
+
+    @property
     def model_id(self) -> str:
         if self._model_id is None:
             self._model_id = model_fingerprint(self.model)
