@@ -47,8 +47,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check segany tests benchmarks
 	$(PY) -m ruff format --check segany tests benchmarks
 
+# Two pytest workers (pytest-xdist), a test file each at a time: much of the suite waits on
+# servers, browsers and single-threaded subprocesses; each worker's torch gets one thread
+# (tests/conftest.py) so that the two never oversubscribe the cores.
 test: weights web-runtime lint system-deps
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

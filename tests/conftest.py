@@ -13,7 +13,12 @@ from segany.models import Sam
 from segany.models.registry import MODEL_CONFIG_KEY, custom_config, sam2_custom, vit_custom
 from segany.models.sam2 import Sam2
 
-torch.set_num_threads(2)
+# One torch thread per pytest-xdist worker (`make test` runs two), two otherwise; the
+# commands the tests start as subprocesses get the same through SEGANY_THREADS.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("SEGANY_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ.get("SEGANY_THREADS", "2")))
 # backend="auto" times torch against onnxruntime on a machine's first load (a minute with the
 # ONNX export); tests use torch unless they set a backend (tests/test_autotune.py covers auto)
 os.environ.setdefault("SEGANY_BACKEND", "torch")

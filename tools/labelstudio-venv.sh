@@ -10,6 +10,9 @@
 # and about 1 GB; later calls only check the imports.
 set -euo pipefail
 dir=${1:-$HOME/.cache/segany-labelstudio/venv}
+mkdir -p "$(dirname "$dir")"
+exec 9>"$dir.lock"  # one build at a time (parallel test workers may both ask)
+flock 9
 if [ ! -x "$dir/bin/python" ] || ! "$dir/bin/python" -c "import label_studio, label_studio_sdk.converter.brush" 2>/dev/null; then
   [ -x "$dir/bin/python" ] || python3 -m venv "$dir"
   echo "labelstudio-venv: installing label-studio==1.23.2 into $dir (a few minutes, ~1 GB)" >&2
