@@ -7,8 +7,10 @@ segany's builder with a fixed seed, or ``--checkpoint`` a real file) and the fir
 count, the reference first, then segany, then (``--rounds`` > 1) again in turn. Timed:
 ``init_state`` + one click on frame 0 (``add``) and ``propagate_in_video`` over the
 frames (``propagate``, one object). Printed: the CPU model, per side the seconds and
-frames per second of the propagation (median over rounds), and the ratio segany /
-reference of the frames per second.
+frames per second of the propagation (median over rounds), the ratio segany /
+reference of the frames per second, and per segany side how far its logits at video size
+are from the reference's on every frame (last round): relative L2, and the share of
+confident pixels (reference logit beyond +-1) whose sign differs.
 
     python benchmarks/bench_sam2_video.py --reference-python \\
         ~/.cache/segany-reference/venv/bin/python [--config sam2.1_hiera_t] [--frames 12] [--bf16]
@@ -55,10 +57,13 @@ with torch.inference_mode():
     h, w = state["video_height"], state["video_width"]
     pred.add_new_points_or_box(state, 0, 1, points=[[w * 0.5, h * 0.5]], labels=[1])
     t1 = time.perf_counter()
-    areas = []
+    areas, kept = [], {}
     for f, ids, masks in pred.propagate_in_video(state):
         areas.append(int((masks[0] > 0).sum()))
+        kept[str(f)] = masks[0, 0].float().numpy().astype("float16")  # logits
 t2 = time.perf_counter()
+import numpy as np
+np.savez_compressed(sys.argv[6], **kept)
 print(json.dumps({"add": t1 - t0, "propagate": t2 - t1, "frames": n, "areas": areas}))
 """
 
@@ -77,16 +82,25 @@ def make_checkpoint(config: str, path: Path) -> None:
 
     torch.manual_seed(0)
     model = build_model(config)
+    state = model.state_dict()
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    torch.save({"model": model.state_dict()}, path)
+        for p in state.values():
+            if p.is_floating_point():
+                p.add_(torch.randn_like(p) * 0.02)
+        # random object scores sit near 0: shift them up so that the object is seen on
+        # every frame and the masks compared below are not all "absent"
+        state["sam_mask_decoder.pred_obj_score_head.layers.2.bias"].add_(5.0)
+    torch.save({"model": state}, path)
 
 
-def run_side(python: str, side: str, args: list[str], threads: int) -> dict:
+def run_side(python: str, side: str, args: list[str], threads: int, masks: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     out = subprocess.run(
-        [python, "-c", WORKER, side, *args], capture_output=True, text=True, env=env, check=False
+        [python, "-c", WORKER, side, *args, str(masks)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     if out.returncode != 0:
         raise SystemExit(f"{side} failed:\n{out.stderr[-3000:]}")
@@ -125,9 +139,25 @@ def main() -> None:
         sides = ["segany", *(["segany-bf16"] if a.bf16 else [])]
         runs: dict[str, list[dict]] = {"reference": [], **{s: [] for s in sides}}
         for _ in range(a.rounds):
-            runs["reference"].append(run_side(a.reference_python, "reference", args, a.threads))
+            ref = run_side(a.reference_python, "reference", args, a.threads, tmp / "reference.npz")
+            runs["reference"].append(ref)
             for side in sides:
-                runs[side].append(run_side(sys.executable, side, args, a.threads))
+                runs[side].append(
+                    run_side(sys.executable, side, args, a.threads, tmp / f"{side}.npz")
+                )
+        import numpy as np
+
+        ref_masks = np.load(tmp / "reference.npz")
+        agree = {}
+        for side in sides:
+            ours = np.load(tmp / f"{side}.npz")
+            rel, flips = [], []
+            for f in ref_masks.files:
+                r, o = ref_masks[f].astype(np.float32), ours[f].astype(np.float32)
+                rel.append(float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-9)))
+                sure = np.abs(r) > 1
+                flips.append(float(((o[sure] > 0) != (r[sure] > 0)).mean()) if sure.any() else 0)
+            agree[side] = (rel, flips)
     print(f"CPU: {cpu_model()}; threads {a.threads}; {a.config}; {a.sequence} x {a.frames} frames")
     fps = {}
     for side, rs in runs.items():
@@ -141,6 +171,12 @@ def main() -> None:
         print(f"{side} / reference frames per second: {fps[side] / fps['reference']:.2f}x")
     for side in runs:
         print(f"mask areas per frame, {side}: {runs[side][0]['areas']}")
+    for side, (rel, flips) in agree.items():
+        print(
+            f"{side} against the reference, per frame: logits relative L2 mean {np.mean(rel):.2e}"
+            f" (max {max(rel):.2e}); confident pixels (|logit| > 1) of another sign: mean "
+            f"{np.mean(flips):.2e} (max {max(flips):.2e})"
+        )
 
 
 if __name__ == "__main__":
