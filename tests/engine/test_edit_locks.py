@@ -115,7 +115,7 @@ def test_upgrade_from_schema_4(tmp_path):
     try:
         with store.session() as s:
             v = s.execute(sa.text("SELECT value FROM segany_meta WHERE key='schema_version'"))
-            assert int(v.scalar()) == SCHEMA_VERSION == 5
+            assert int(v.scalar()) == SCHEMA_VERSION == 6
             assert s.execute(sa.text("SELECT COUNT(*) FROM trash")).scalar() == 0
         seg = _rle(slice(0, 4), slice(0, 1), 4, 4)
         (a,) = store.add_annotations(
