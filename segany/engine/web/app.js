@@ -10,6 +10,7 @@ const S = {
   config: null,
   images: [],
   current: null,
+  video: null, // the open video (video.js)
   nav: { prev: null, next: null },
   img: null,
   view: { s: 1, tx: 0, ty: 0 },
@@ -168,6 +169,7 @@ function renderImageList() {
 async function openImage(id) {
   if (S.current && S.current.id === id && S.img) return;
   const info = await api("POST", `/api/images/${id}/open`); // fails first: nothing is lost
+  leaveVideo(); // (video.js)
   resetPrompt();
   historyReset(); // the history is the open image's (tools.js)
   labelsOnImageChange(); // a typed label name is not carried to this image (labels.js)
@@ -221,7 +223,7 @@ function colorFor(a) {
 }
 
 async function loadObjects() {
-  if (!S.current) return;
+  if (!S.current || S.video) return;
   const id = S.current.id;
   const res = await api("GET", `/api/images/${id}/annotations`);
   if (!S.current || S.current.id !== id) return;
