@@ -10,6 +10,7 @@ const V = {
   videos: [],
   tracks: [],
   loading: 0, // the frame being loaded (a newer request wins)
+  shown: null, // the frame whose image and masks are on the canvas
   job: null,
   newObject: false,
 };
@@ -57,6 +58,7 @@ async function openVideo(id, frame) {
   S.layer = S.pendingLayer = null;
   S.img = null;
   S.video = v;
+  V.shown = null;
   S.current = { id: null, video: v.id, path: v.path, width: v.width, height: v.height, status: "ok" };
   V.newObject = false;
   document.body.classList.add("video-mode");
@@ -114,6 +116,7 @@ async function showFrame(k, fitView) {
   if (token !== V.loading || S.video !== v) return; // scrubbed on meanwhile
   S.img = img;
   frameMasks(masks);
+  V.shown = k;
   if (fitView) fit();
   redraw();
   const t = selectedTrack();
