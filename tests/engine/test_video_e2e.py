@@ -53,9 +53,7 @@ def video_app(tmp_path: Path, mobile_sam):
 
 
 def _frame(page, k: int) -> None:
-    page.wait_for_function(
-        f"S.video && S.video.frame === {k} && V.shown === {k}", timeout=30_000
-    )
+    page.wait_for_function(f"S.video && S.video.frame === {k} && V.shown === {k}", timeout=30_000)
     page.wait_for_timeout(150)  # the frame's masks are drawn
 
 
