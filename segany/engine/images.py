@@ -144,7 +144,10 @@ class ImagesMixin:
         work = self.work.all()
         names = self._names()
         images = []
+        frames = tuple(f"{p}/" for p in self._frame_folders())  # videos' frames (video.py)
         for im in self.store.images():
+            if frames and im.path.startswith(frames):
+                continue
             out = self._image_out(im, counts.get(im.id), work=False)
             w = work.get(im.id)
             if w is not None:

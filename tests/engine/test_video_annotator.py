@@ -284,7 +284,7 @@ def test_tracks_propagation_correction_export_and_restart(
         96,
     )
     assert video["file_names"] == [f"{i}.png" for i in range(N)]
-    assert video["source"] == str(video_dir / "clip")
+    assert video["source"] == str((video_dir / "clip").resolve())
     (ann,) = data["annotations"]
     labels = {c["name"]: c["id"] for c in data["categories"]}
     assert (ann["id"], ann["video_id"], ann["track_id"], ann["category_id"]) == (
