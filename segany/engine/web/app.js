@@ -11,6 +11,7 @@ const S = {
   images: [],
   current: null,
   video: null, // the open video (video.js)
+  navSeq: 0,
   nav: { prev: null, next: null },
   img: null,
   view: { s: 1, tx: 0, ty: 0 },
@@ -168,7 +169,12 @@ function renderImageList() {
 
 async function openImage(id) {
   if (S.current && S.current.id === id && S.img) return;
+  const seq = ++S.navSeq; // the last image or video asked for wins (video.js openVideo)
   const info = await api("POST", `/api/images/${id}/open`); // fails first: nothing is lost
+  if (seq !== S.navSeq) { // another image or a video was opened meanwhile: let this one go
+    if (info.lock && info.lock.held) api("DELETE", `/api/images/${id}/lease`).catch(() => {});
+    return;
+  }
   leaveVideo(); // (video.js)
   resetPrompt();
   historyReset(); // the history is the open image's (tools.js)

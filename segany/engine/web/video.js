@@ -47,7 +47,9 @@ function renderVideoList() {
 
 // -- open, leave -----------------------------------------------------------------------------
 async function openVideo(id, frame) {
+  const seq = ++S.navSeq; // the last image or video asked for wins (app.js openImage)
   const v = await api("GET", `/api/videos/${id}`);
+  if (seq !== S.navSeq) return;
   if (v.status !== "ok") { toast(`${v.path} cannot be annotated: ${v.error}`, true); return; }
   await leaveImage();
   resetPrompt();
@@ -240,6 +242,7 @@ async function acceptVideoMask(cur) {
   }
   V.newObject = false;
   S.selected = out.id;
+  if (!t) labelAccepted(out.category).catch(() => {}); // a new name joins the label set (labels.js)
   resetPrompt();
   historyReset();
   await loadTracks();
