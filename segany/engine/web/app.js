@@ -170,9 +170,11 @@ function renderImageList() {
 async function openImage(id) {
   if (S.current && S.current.id === id && S.img) return;
   const seq = ++S.navSeq; // the last image or video asked for wins (video.js openVideo)
+  S.navTarget = `image:${id}`;
   const info = await api("POST", `/api/images/${id}/open`); // fails first: nothing is lost
   if (seq !== S.navSeq) { // another image or a video was opened meanwhile: let this one go
-    if (info.lock && info.lock.held) api("DELETE", `/api/images/${id}/lease`).catch(() => {});
+    const other = S.navTarget !== `image:${id}`;
+    if (other && info.lock && info.lock.held) api("DELETE", `/api/images/${id}/lease`).catch(() => {});
     return;
   }
   leaveVideo(); // (video.js)

@@ -48,6 +48,7 @@ function renderVideoList() {
 // -- open, leave -----------------------------------------------------------------------------
 async function openVideo(id, frame) {
   const seq = ++S.navSeq; // the last image or video asked for wins (app.js openImage)
+  S.navTarget = `video:${id}`;
   const v = await api("GET", `/api/videos/${id}`);
   if (seq !== S.navSeq) return;
   if (v.status !== "ok") { toast(`${v.path} cannot be annotated: ${v.error}`, true); return; }
