@@ -115,7 +115,9 @@ async function showFrame(k, fitView) {
   const img = new Image();
   img.decoding = "async";
   const url = URL.createObjectURL(blob);
-  await new Promise((res, rej) => { img.onload = res; img.onerror = () => rej(new Error("the browser cannot show this frame")); img.src = url; });
+  try {
+    await new Promise((res, rej) => { img.onload = res; img.onerror = () => rej(new Error("the browser cannot show this frame")); img.src = url; });
+  } finally { URL.revokeObjectURL(url); } // (scrubbing makes many)
   if (token !== V.loading || S.video !== v) return; // scrubbed on meanwhile
   S.img = img;
   frameMasks(masks);
