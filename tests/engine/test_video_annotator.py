@@ -531,3 +531,27 @@ def test_sam2_video_model_propagates_with_its_memory_tracker(tmp_path, tiny_vide
     finally:
         svc.close()
         svc.store.close()
+
+
+@pytest.mark.weights
+def test_annotate_video_option(tmp_path, monkeypatch, mobile_sam, capsys):
+    """``segany annotate DIR --video FOLDER`` registers the folder of frames before serving;
+    a folder that is not one is an error naming it."""
+    from segany.cli import main
+
+    images = make_video_dir(tmp_path / "images")
+    seen: dict = {}
+
+    def serve(svc, **kw):
+        seen["videos"] = {v.path: v.kind for v in svc.list_videos().videos}
+        svc.close()
+
+    monkeypatch.setattr("segany.engine.server.serve", serve)
+    args = ["annotate", str(images), "--db", f"sqlite:///{tmp_path / 'db.sqlite'}"]
+    args += ["--backend", "torch", "--no-prefetch", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, "--video", "clip"]) == 0
+    assert seen["videos"] == {"clip": "frames", "movie.mp4": "file", "broken.mp4": "file"}
+    assert "3 videos" in capsys.readouterr().err
+    assert main([*args, "--video", "empty"]) == 2
+    err = capsys.readouterr().err
+    assert "--video empty" in err and "no frames" in err
