@@ -325,6 +325,7 @@ def test_tracks_propagation_correction_export_and_restart(
 
     # a restart: the same tracks, masks and export from the database
     tracks = client.get(f"/api/videos/{vid}/tracks").json()
+    kept = _masks(client, vid, t1["id"])
     svc.close()
     svc.store.close()
     svc2 = make_service(db_url, video_dir, tiny_predictor, tmp_path / "cache2", prefetch=False)
@@ -332,7 +333,7 @@ def test_tracks_propagation_correction_export_and_restart(
         with TestClient(create_app(svc2), base_url="http://localhost") as c2:
             assert c2.get(f"/api/videos/{vid}/tracks").json() == tracks
             assert c2.get("/api/export/video").json() == data
-            assert _masks(c2, vid, t1["id"]) == again
+            assert _masks(c2, vid, t1["id"]) == kept
             r = c2.delete(f"/api/tracks/{t2['id']}")
             assert r.status_code == 204
             assert [t["id"] for t in c2.get(f"/api/videos/{vid}/tracks").json()] == [t1["id"]]
