@@ -108,8 +108,8 @@ def test_restore_and_delete_retried_with_their_keys(client, service):
 
 
 def test_upgrade_from_schema_4(tmp_path):
-    """A version-4 database (no ``trash``) opens at the current version (6): the table is made, and a
-    delete then restore keeps the id."""
+    """A version-4 database (no ``trash``) opens at the current version (6): the table is
+    made, and a delete then restore keeps the id."""
     url = old_database(tmp_path / "old.db", 4, ("trash",))
     store = Store(url)
     try:
