@@ -38,12 +38,22 @@ from pathlib import Path
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 IMAGES = ("mobilesam_astronaut.npz", "mobilesam_coffee.npz", "mobilesam_bike_trial.npz")
+# Environment variables that cap the instruction sets of torch's own kernels, oneDNN and MKL
+# (set them on the command line to measure e.g. the AVX2 case on an AVX-512 CPU; onnxruntime
+# has no such switch).
+ISA_CAPS = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "MKL_ENABLE_INSTRUCTIONS",
+)
 WEIGHTS = Path.home() / ".cache" / "segany" / "weights" / "mobile_sam.pt"
 
 # The worker loop shared by both sides: read a command per line, answer one JSON line.
 WORKER = r"""
 import json, resource, sys, time
 import numpy as np
+import torch
 images = {}
 def load(path):
     if path not in images:
@@ -55,7 +65,8 @@ def load(path):
             img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
             images[path] = (np.asarray(img), None)
     return images[path]
-print(json.dumps({"ready": True}), flush=True)
+print(json.dumps({"ready": True, "isa": torch.backends.cpu.get_cpu_capability(),
+                  "torch": torch.__version__}), flush=True)
 for line in sys.stdin:
     cmd = json.loads(line)
     if cmd["op"] == "quit":
@@ -120,6 +131,8 @@ class Worker:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"worker {name} failed to start")
+        ready = json.loads(line)
+        self.isa, self.torch = ready["isa"], ready["torch"]
 
     def ask(self, **cmd) -> dict[str, float]:
         """One command; the worker's answer: seconds (wall), cpu and sys (process time, and
@@ -255,6 +268,17 @@ def main() -> None:
         return statistics.median(times[name][op])
 
     ref = "reference" if args.reference_python else None
+    from segany.runtime import cpu_info
+
+    cpu = cpu_info()
+    caps = {k: base[k] for k in ISA_CAPS if k in base}
+    print(
+        f"CPU: {cpu['model']} ({cpu['arch']}, {os.cpu_count()} logical CPUs);"
+        f" instruction-set caps: {caps or 'none'}"
+    )
+    for name in names:
+        w = next(w for w in workers if w.name == name)
+        print(f"  {name:18s} torch {w.torch}, kernels dispatched for {w.isa}")
     print(
         f"threads {threads}, {args.rounds} rounds x {len(images)} images, {args.clicks} clicks,"
         f" {args.processes} processes per contestant"
@@ -338,7 +362,9 @@ def main() -> None:
     load = os.getloadavg()
     print(f"load average during the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": threads, "results": rows}, indent=2))
+        report = {"threads": threads, "cpu": cpu["model"], "isa_caps": caps, "results": rows}
+        report["isa"] = {name: next(w.isa for w in workers if w.name == name) for name in names}
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

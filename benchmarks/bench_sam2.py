@@ -14,8 +14,9 @@ and minimum per operation and the ratio reference / segany of the medians.
         [--backends torch,onnx]
 
 Each segany backend named in ``--backends`` (``torch``: fused fp32, ``onnx``: the exported
-graphs in onnxruntime, exported once before timing) runs in its own worker beside the
-reference; ``backend="auto"`` picks the faster of the two on each machine.
+graphs in onnxruntime, exported once before timing; ``torch-bf16``: the image encoder in
+bfloat16, refused on a CPU without bfloat16 units, masks differ from fp32) runs in its own
+worker beside the reference; ``backend="auto"`` picks the faster exact one on each machine.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ else:
     from segany.compat import build_sam2
     from segany.predictor import EmbeddingCache, Predictor
     model = build_sam2(config, ckpt)
+    bf16 = backend == "torch-bf16"
     pred = Predictor(model, cache=EmbeddingCache(max_items=0), fuse=True,
-                     backend=backend)
+                     backend="torch" if bf16 else backend,
+                     precision="bf16" if bf16 else "fp32")
     def set_image(img):
         pred.set_image(img)
     def click(pt):
@@ -127,7 +130,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--clicks", type=int, default=10)
-    ap.add_argument("--backends", default="torch", help="segany backends, comma-separated")
+    ap.add_argument(
+        "--backends",
+        default="torch",
+        help="segany backends, comma-separated: torch, onnx, torch-bf16",
+    )
     a = ap.parse_args()
 
     import torch

@@ -11,7 +11,10 @@ frames per second of the propagation (median over rounds), and the ratio segany 
 reference of the frames per second.
 
     python benchmarks/bench_sam2_video.py --reference-python \\
-        ~/.cache/segany-reference/venv/bin/python [--config sam2.1_hiera_t] [--frames 12]
+        ~/.cache/segany-reference/venv/bin/python [--config sam2.1_hiera_t] [--frames 12] [--bf16]
+
+``--bf16`` adds segany with the frames encoded by a bfloat16 copy of the image encoder
+(``segany track --precision bf16``; masks differ from fp32's, see docs/sam2.md).
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ else:
     from segany.models.fuse import fuse_for_inference
     pred = build_sam2_video_predictor(config, ckpt, device="cpu")
     fuse_for_inference(pred.model)  # as segany track's predictor does
+    if side == "segany-bf16":  # as segany track --precision bf16 does
+        from segany.predictor import Predictor
+        pred.tracker.encoder = Predictor(pred.model, precision="bf16").encoder_copy
 t0 = time.perf_counter()
 with torch.inference_mode():
     state = pred.init_state(frames)
@@ -98,6 +104,11 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also segany with the bfloat16 frame encoder (CPUs with bf16 units only)",
+    )
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -111,10 +122,12 @@ def main() -> None:
             (clip / f"{i:05d}.jpg").symlink_to(src)
         config = f"configs/{a.config.rsplit('_hiera', 1)[0]}/{a.config}.yaml"
         args = [config, str(ckpt), str(a.threads), str(clip)]
-        runs: dict[str, list[dict]] = {"reference": [], "segany": []}
+        sides = ["segany", *(["segany-bf16"] if a.bf16 else [])]
+        runs: dict[str, list[dict]] = {"reference": [], **{s: [] for s in sides}}
         for _ in range(a.rounds):
             runs["reference"].append(run_side(a.reference_python, "reference", args, a.threads))
-            runs["segany"].append(run_side(sys.executable, "segany", args, a.threads))
+            for side in sides:
+                runs[side].append(run_side(sys.executable, side, args, a.threads))
     print(f"CPU: {cpu_model()}; threads {a.threads}; {a.config}; {a.sequence} x {a.frames} frames")
     fps = {}
     for side, rs in runs.items():
@@ -124,9 +137,10 @@ def main() -> None:
         print(
             f"{side:9s} init+click {add:6.2f} s  propagate {prop:7.2f} s  {fps[side]:.3f} frames/s"
         )
-    print(f"segany / reference frames per second: {fps['segany'] / fps['reference']:.2f}x")
-    ref_areas, our_areas = runs["reference"][0]["areas"], runs["segany"][0]["areas"]
-    print(f"mask areas per frame (reference / segany): {ref_areas} / {our_areas}")
+    for side in sides:
+        print(f"{side} / reference frames per second: {fps[side] / fps['reference']:.2f}x")
+    for side in runs:
+        print(f"mask areas per frame, {side}: {runs[side][0]['areas']}")
 
 
 if __name__ == "__main__":

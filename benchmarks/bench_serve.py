@@ -189,7 +189,7 @@ def main() -> None:
     cpu = cpu_info()
     print(
         f"CPU: {cpu['model'] or 'unknown'}; {len(os.sched_getaffinity(0))} CPUs available, "
-        f"decode threads {session.decode_threads} (serve's default), encoder threads "
+        f"decode threads {session.decode_threads or 'adaptive'} (serve's default), encoder threads "
         f"{session.embed_threads}; load average {load0[0]:.2f} -> {load1[0]:.2f} "
         "(the machine may be shared: compare the ratios, not the absolute times)"
     )

@@ -5,7 +5,8 @@ both match the reference goldens. Which one is faster depends on the CPU: on an 
 with AVX-512 torch won the encoder and the click, on an AMD EPYC with AVX2 onnxruntime's
 encoder was a few percent faster and its click much slower (docs/performance.md). The
 first ``auto`` load on a machine times both on one synthetic image (a few encodes and
-clicks; the ONNX export it needs is cached for later use) and keeps the answer in
+clicks, the two backends taking turns so that load from other programs hits both alike;
+the ONNX export it needs is cached for later use) and keeps the answer in
 ``<cache>/auto-backend.json``, keyed by the CPU, the library versions, the thread count and
 the weights. The cost compared is ``encode + CLICKS_PER_IMAGE x click``.
 
@@ -119,25 +120,36 @@ def resolve_backend(
     entry = cached_choice(model_id)
     if entry is not None:
         return entry["backend"]
-    return choose(model, model_id, options, measure=measure or measure_backend)["backend"]
+    return choose(model, model_id, options, measure=measure)["backend"]
 
 
 def choose(
-    model: torch.nn.Module, model_id: str | None, options: list[str], *, measure: Measure
+    model: torch.nn.Module,
+    model_id: str | None,
+    options: list[str],
+    *,
+    measure: Measure | None = None,
 ) -> dict[str, Any]:
-    """Time every option, record and return ``{"backend", "figures", "cpu", "when"}``."""
+    """Time every option (``measure`` one backend at a time; default
+    :func:`measure_backends`, all of them interleaved), record and return ``{"backend",
+    "figures", "cpu", "threads", "load", "when"}``."""
     log.warning(
         "backend auto: timing %s once on this machine (recorded in %s)",
         " and ".join(options),
         choices_file(),
     )
-    figures = {b: measure(model, model_id, b) for b in options}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if measure is None:
+        figures = measure_backends(model, model_id, options)
+    else:
+        figures = {b: measure(model, model_id, b) for b in options}
     cost = {b: f["encode_s"] + CLICKS_PER_IMAGE * f["click_s"] for b, f in figures.items()}
     entry = {
         "backend": min(cost, key=cost.__getitem__),
         "figures": figures,
         "cpu": R.cpu_info()["model"],
         "threads": R.get_threads(),
+        "load": load,  # the 1-minute load average when timing started
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     data = read_choices()
@@ -159,21 +171,43 @@ def describe(entry: dict[str, Any]) -> str:
 
 def measure_backend(model: torch.nn.Module, model_id: str | None, backend: str) -> dict[str, float]:
     """Best-of encode time and median click time of ``backend`` on a 1024 x 768 image."""
+    return measure_backends(model, model_id, [backend])[backend]
+
+
+def measure_backends(
+    model: torch.nn.Module, model_id: str | None, backends: list[str], rounds: int = 3
+) -> dict[str, dict[str, float]]:
+    """Best-of encode time and median click time of each backend on a 1024 x 768 image,
+    the backends taking turns round by round (so that other load on the machine while
+    timing hits all of them alike, as in the benchmarks); the first round is a warm-up."""
     from .predictor import EmbeddingCache, Predictor
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(768, 1024, 3), dtype=np.uint8)
-    m = model if backend == "torch" else copy.deepcopy(model)
-    p = Predictor(m, backend=backend, model_id=model_id, cache=EmbeddingCache(max_items=0))
-    encodes = []
-    for _ in range(3):
-        t = time.perf_counter()
-        p.set_image(image)
-        encodes.append(time.perf_counter() - t)
-    clicks = []
-    for k in range(7):
-        pt = np.array([[100.0 + 100 * k, 380.0]])
-        t = time.perf_counter()
-        p.predict(point_coords=pt, point_labels=np.array([1]))
-        clicks.append(time.perf_counter() - t)
-    return {"encode_s": min(encodes[1:]), "click_s": float(np.median(clicks[1:]))}
+    preds = {
+        b: Predictor(
+            model if b == "torch" else copy.deepcopy(model),
+            backend=b,
+            model_id=model_id,
+            cache=EmbeddingCache(max_items=0),
+        )
+        for b in backends
+    }
+    encodes: dict[str, list[float]] = {b: [] for b in backends}
+    clicks: dict[str, list[float]] = {b: [] for b in backends}
+    for r in range(rounds):
+        for b, p in preds.items():
+            t = time.perf_counter()
+            p.set_image(image)
+            if r:
+                encodes[b].append(time.perf_counter() - t)
+        for k in range(3):
+            pt = np.array([[100.0 + 250 * k + 20 * r, 380.0]])
+            for b, p in preds.items():
+                t = time.perf_counter()
+                p.predict(point_coords=pt, point_labels=np.array([1]))
+                if r:
+                    clicks[b].append(time.perf_counter() - t)
+    return {
+        b: {"encode_s": min(encodes[b]), "click_s": float(np.median(clicks[b]))} for b in backends
+    }

@@ -90,7 +90,10 @@ def _auto_backend(model: str) -> dict[str, Any]:
     entry = A.cached_choice(spec.sha256[:32] if spec.sha256 else None)
     if entry is None:
         return {"backend": None, "source": "not timed yet", "file": str(A.choices_file())}
-    return {"backend": entry["backend"], "source": A.describe(entry), "when": entry["when"]}
+    source = A.describe(entry)
+    if entry.get("load") is not None:
+        source += f"; timed at load average {entry['load']:.1f}"
+    return {"backend": entry["backend"], "source": source, "when": entry["when"]}
 
 
 def _text(report: dict[str, Any]) -> str:
@@ -140,13 +143,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.measure:
         from . import weights as W
-        from .autotune import candidates, choose, measure_backend
+        from .autotune import candidates, choose
         from .loader import load_model
         from .models.fuse import fuse_for_inference
 
         sam = fuse_for_inference(load_model(W.DEFAULT_WEIGHTS))
         sha = W.get_spec(W.DEFAULT_WEIGHTS).sha256
-        choose(sam, sha[:32] if sha else None, candidates(sam), measure=measure_backend)
+        choose(sam, sha[:32] if sha else None, candidates(sam))
     report = collect()
     print(dumps(report, indent=2) if args.json else _text(report), file=sys.stdout)
     return 0

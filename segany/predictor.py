@@ -289,6 +289,13 @@ class Predictor:
 
     # -- image ---------------------------------------------------------------------------
     @property
+    def encoder_copy(self) -> torch.nn.Module | None:
+        """The reduced-precision copy of the image encoder that embeds images
+        (``precision="bf16"``), or ``None`` at fp32; for callers that encode frames
+        themselves (:class:`~segany.video.sam2_tracker.Sam2Tracker`)."""
+        return self._encoder_bf16
+
+    @property
     def model_id(self) -> str:
         if self._model_id is None:
             self._model_id = model_fingerprint(self.model)
@@ -453,8 +460,10 @@ class Predictor:
             boxes_t = geom.boxes_to_model(boxes, st.original_size)
         if mask_input is not None:
             mask_t = torch.as_tensor(mask_input, dtype=torch.float32)
-        if self.backend is None and mask_t is None and sizes == {1}:
-            return self._predict_one(coords_t, labels_t, boxes_t, multimask_output, return_logits)
+        if self.backend is None and sizes == {1}:
+            return self._predict_one(
+                coords_t, labels_t, boxes_t, mask_t, multimask_output, return_logits
+            )
         masks, iou, low_res = self.predict_torch(
             coords_t, labels_t, boxes_t, mask_t, multimask_output, return_logits
         )
@@ -465,17 +474,18 @@ class Predictor:
         point_coords: torch.Tensor | None,
         point_labels: torch.Tensor | None,
         boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
         multimask_output: bool,
         return_logits: bool,
     ) -> Prediction:
-        """One prompt without a mask input on the torch backend: only the image tokens are
-        upscaled for the masks; the low-res logits under the padding are computed from the
-        kept decoder state when :attr:`Prediction.low_res_logits` is first read."""
+        """One prompt on the torch backend: only the image tokens are upscaled for the
+        masks; the low-res logits under the padding are computed from the kept decoder
+        state when :attr:`Prediction.low_res_logits` is first read."""
         crop = self._image_tokens()
         keep: dict = {}
         with torch.inference_mode():
             low, iou = self._decode_torch(
-                point_coords, point_labels, boxes, None, multimask_output, crop, keep=keep
+                point_coords, point_labels, boxes, mask_input, multimask_output, crop, keep=keep
             )
             low = self._full_low_res(low)
             masks = self._to_image(low, return_logits)
@@ -590,7 +600,7 @@ class Predictor:
         chunk = self.decode_chunk or (CPU_DECODE_CHUNK if dev.type == "cpu" else n)
         embedding = self.state.embedding.to(dev)
         high_res = tuple(t.to(dev) for t in self.state.high_res)
-        context = self._decoder_context() if mask_input is None else None
+        context = self._decoder_context()  # with a mask input only its PE is used
         hq = isinstance(self.model, SamHQ)
         outs = []
         for start in range(0, n, chunk):

@@ -21,6 +21,7 @@ import functools
 import os
 import platform
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -125,6 +126,48 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+class DecodeSlots:
+    """At most ``concurrency`` model calls of a server at once (default: one per core), and
+    the torch threads of each prompt decode: ``threads``, or by default (``None``) the
+    cores the other decodes leave free when it starts (``cores // running``, at least 1).
+
+    One click alone on an idle server thus uses every core (half the latency on 2 cores);
+    under load each decode gets one core and the clicks run side by side instead of their
+    threads waiting for each other. ``with slots:`` holds a slot without touching the
+    threads (for work that sets its own, such as pre-fill); ``with slots.decode():``
+    holds one and runs the block with the decode's thread count (torch's OpenMP thread
+    count is per thread, so concurrent request threads do not interfere)."""
+
+    def __init__(
+        self, concurrency: int | None = None, threads: int | None = None, cores: int | None = None
+    ) -> None:
+        self.cores = max(1, cores or available_cpus())
+        self.concurrency = max(1, concurrency or self.cores)
+        self.threads = None if threads is None else max(1, threads)
+        self._sem = threading.Semaphore(self.concurrency)
+        self._lock = threading.Lock()
+        self.running = 0  #: slots held now
+
+    def __enter__(self) -> int:
+        self._sem.acquire()
+        with self._lock:
+            self.running += 1
+            return self.running
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.running -= 1
+        self._sem.release()
+
+    @contextmanager
+    def decode(self) -> Iterator[int]:
+        """Hold a slot; the block runs with (and receives) its torch thread count."""
+        with self as running:
+            n = self.threads or max(1, self.cores // running)
+            with torch_threads(n):
+                yield n
 
 
 def get_threads() -> int:

@@ -102,3 +102,30 @@ def test_info_reports_the_choice(fresh_cache, tiny_model):
 def test_real_measure_of_the_torch_backend(tiny_model):
     fig = A.measure_backend(tiny_model, "tiny", "torch")
     assert set(fig) == {"encode_s", "click_s"} and fig["encode_s"] > 0 and fig["click_s"] > 0
+
+
+def test_backends_are_timed_in_turns(monkeypatch, tiny_model):
+    """Each round times every backend once before the next round (load from other
+    programs then hits them alike); the first round is a warm-up, not counted."""
+    import segany.predictor as P
+
+    calls: list[tuple[str, str]] = []
+
+    class Fake:
+        def __init__(self, model, *, backend, model_id, cache):
+            self.backend = backend
+
+        def set_image(self, image):
+            calls.append(("embed", self.backend))
+
+        def predict(self, point_coords, point_labels):
+            calls.append(("click", self.backend))
+
+    monkeypatch.setattr(P, "Predictor", Fake)
+    fig = A.measure_backends(tiny_model, "tiny", ["torch", "onnx"], rounds=2)
+    assert set(fig) == {"torch", "onnx"}
+    embeds = [b for op, b in calls if op == "embed"]
+    clicks = [b for op, b in calls if op == "click"]
+    assert embeds == ["torch", "onnx"] * 2
+    assert clicks == ["torch", "onnx"] * 6
+    assert all(f["encode_s"] >= 0 and f["click_s"] >= 0 for f in fig.values())

@@ -263,3 +263,32 @@ def test_fill_holes_fills_small_background_components_only():
     two = torch.full((1, 1, 5, 5), 5.0)
     two[0, 0, 1, 1] = two[0, 0, 2, 2] = -1.0
     assert fill_holes(two, 1)[0, 0, 1, 1] == -1.0 and fill_holes(two, 2)[0, 0, 1, 1] == 0.1
+
+
+def test_bf16_predictor_tracks_with_its_bfloat16_encoder(monkeypatch, tiny_video_model):
+    """``precision="bf16"``: the SAM 2 tracker encodes frames with the predictor's bfloat16
+    encoder copy (features close to fp32's, not equal; the model itself untouched) and
+    follows the object as the fp32 tracker does."""
+    from segany.predictor import Predictor
+    from segany.video.sam2_tracker import tracker_for
+
+    monkeypatch.setenv("SEGANY_FORCE_BF16", "1")  # arithmetic emulated on CPUs without it
+    pred = Predictor(tiny_video_model, precision="bf16")
+    tracker = tracker_for(pred)
+    assert tracker.encoder is pred.encoder_copy is not None
+    assert next(tracker.encoder.parameters()).dtype == torch.bfloat16
+    assert next(tiny_video_model.image_encoder.parameters()).dtype == torch.float32
+    video = open_video(CLIP)
+    h, w = video.size
+    prompts = {0: {1: ObjectPrompt(mask=mask_prompt("ellipse", (h, w)))}}
+    fp32 = Sam2Tracker(tiny_video_model).track(video, prompts)
+    bf16 = tracker.track(video, prompts)
+    with torch.inference_mode():
+        a = Sam2Tracker(tiny_video_model).start(video).features(1)
+        b = tracker.start(video).features(1)
+    for x, y in zip((a[0], *a[2]), (b[0], *b[2])):
+        err = float((x - y).norm() / x.norm())
+        assert 0 < err < 0.05, err
+    for f in range(len(video)):
+        m32, m16 = fp32.mask(f, 1), bf16.mask(f, 1)
+        assert (m32 & m16).sum() / max((m32 | m16).sum(), 1) > 0.9, f

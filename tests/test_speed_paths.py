@@ -167,13 +167,50 @@ def test_decoder_context_matches_full_decoder() -> None:
             point_labels=torch.tensor([[0]]),
         ),
     ]
-    with torch.inference_mode():
-        for kw in cases:
-            for multi in (True, False):
-                full = sam.decode(emb, multimask_output=multi, **kw)
+    for kw in cases:
+        for multi in (True, False):
+            full = sam.decode(emb, multimask_output=multi, **kw)  # autograd on: plain form
+            with torch.inference_mode():
                 fast = sam.decode(emb, multimask_output=multi, context=ctx, **kw)
-                for u, v in zip(full, fast):
-                    torch.testing.assert_close(v, u, atol=1e-4, rtol=1e-4)
+            for u, v in zip(full, fast):
+                torch.testing.assert_close(v, u.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_mask_input_prompts_take_the_few_token_form_when_it_is_less_work() -> None:
+    """Prompts with a mask input have no context; outside autograd their cross attentions
+    run in the few-token form (same masks as the plain form), unless the tokens are too
+    many for it to be less work (then the plain form, bit for bit)."""
+    sam = tiny_tinyvit_sam(1)
+    torch.manual_seed(3)
+    emb = torch.randn(1, 256, 8, 8)
+    mask_input = torch.randn(2, 1, 32, 32) * 4
+    calls: list[bool] = []
+    attend_image = type(sam.mask_decoder.transformer.final_attn_token_to_image).attend_image
+
+    def spy(self, *a, **k):
+        calls.append(True)
+        return attend_image(self, *a, **k)
+
+    t2i = sam.mask_decoder.transformer.final_attn_token_to_image
+    limit = t2i.internal_dim // t2i.num_heads  # tokens allowed: 5 outputs + prompt tokens
+    for n_points in (2, limit):  # few tokens, then more than the limit
+        kw = dict(
+            point_coords=torch.rand(2, n_points, 2) * 128,
+            point_labels=torch.ones(2, n_points, dtype=torch.long),
+            mask_input=mask_input,
+        )
+        full = sam.decode(emb, multimask_output=False, **kw)
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(type(t2i), "attend_image", spy)
+            with torch.inference_mode():
+                fast = sam.decode(emb, multimask_output=False, **kw)
+        assert bool(calls) == (n_points + 5 <= limit), (n_points, limit)
+        for u, v in zip(full, fast):
+            if calls:
+                torch.testing.assert_close(v, u.detach(), atol=1e-4, rtol=1e-4)
+            else:
+                assert torch.equal(v, u.detach())
 
 
 @pytest.mark.parametrize("fused", [False, True])

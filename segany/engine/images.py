@@ -14,7 +14,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..files import find_images
 from ..predictor import ImageEmbedding, Predictor, image_key
@@ -349,7 +348,6 @@ class ImagesMixin:
     def _predictor(self) -> Predictor:
         p = getattr(self._tls, "predictor", None)
         if p is None:
-            torch.set_num_threads(self.decode_threads)  # per thread (OpenMP), see __init__
             p = self._new_predictor()
             self._tls.predictor = p
         return p

@@ -177,7 +177,7 @@ class PredictionsMixin:
         labels = np.asarray(req.labels, dtype=np.int64) if req.points else None
         box = np.asarray(req.box, dtype=np.float64) if req.box is not None else None
         try:
-            with self._decode:
+            with self._decode.decode():
                 pred = p.predict(
                     point_coords=coords,
                     point_labels=labels,

@@ -33,7 +33,7 @@ from typing import Any
 
 from ..fingerprint import state_fingerprint
 from ..predictor import LockedEmbeddingCache, Predictor
-from ..runtime import torch_threads
+from ..runtime import DecodeSlots, torch_threads
 from . import stats as S
 from .annotations import AnnotationsMixin, canonical_rle
 from .exports import ExportsMixin
@@ -163,9 +163,10 @@ class AnnotationService(
         auth: whether every API call needs a token.
         prefetch: embed the next image of the queue in a background thread.
         model_concurrency: prompts decoded at the same time (default: one per CPU core).
-        decode_threads: torch threads of one prompt's decode (default 1: with several
-            annotators, one thread per decode and one decode per core beats one decode on
-            every core, whose threads wait for each other when the CPU is busy).
+        decode_threads: torch threads of one prompt's decode (default ``None``: the cores
+            that other decodes leave free when it starts, see
+            :class:`~segany.runtime.DecodeSlots`: every core for a click alone, one each
+            when clicks come together).
         embed_threads: torch threads of the image encoder (default: every core).
         detector: the text detector of stage-2 pre-fills by class names: a catalogue name,
             hub id or folder (loaded on first use, once), or a ready detector object (see
@@ -191,7 +192,7 @@ class AnnotationService(
         prefetch: bool = True,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         model_concurrency: int | None = None,
-        decode_threads: int = 1,
+        decode_threads: int | None = 1,
         embed_threads: int | None = None,
         candidates_kept: int = 512,
         generator_factory: Callable[..., Any] | None = None,
@@ -228,10 +229,9 @@ class AnnotationService(
         from ..runtime import available_cpus, default_threads
 
         cpus = available_cpus()
-        self.model_concurrency = max(1, model_concurrency or cpus)
-        self.decode_threads = max(1, decode_threads)
         self.embed_threads = max(1, embed_threads or default_threads())
-        self._decode = threading.Semaphore(self.model_concurrency)
+        self._decode = DecodeSlots(model_concurrency or cpus, decode_threads, self.embed_threads)
+        self.model_concurrency = self._decode.concurrency
         self._candidates = _LRU(candidates_kept)
         self._timers: dict[tuple[int, int], _Timer] = {}
         self._timers_lock = threading.Lock()

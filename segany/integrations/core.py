@@ -43,7 +43,7 @@ from ..predictor import (
     PromptError,
     image_key,
 )
-from ..runtime import available_cpus, default_threads, torch_threads
+from ..runtime import DecodeSlots, available_cpus, default_threads, torch_threads
 from ..transforms import ImageError, load_image
 
 log = logging.getLogger("segany.serve")
@@ -103,7 +103,8 @@ class ModelSession:
         memory_items: embeddings kept in memory.
         max_pixels: larger images are refused (413-like 422 with the limit).
         model_concurrency: prompts decoded at the same time (default: one per CPU).
-        decode_threads: torch threads of one decode (default 1, as the annotator).
+        decode_threads: torch threads of one decode (default: the cores other decodes
+            leave free, as the annotator; :class:`~segany.runtime.DecodeSlots`).
         embed_threads: torch threads of the image encoder (default: every core).
         detector: the text detector for text prompts: a name, hub id or folder (loaded on
             first use), or a ready object with :class:`segany.text.Detector`'s interface.
@@ -119,7 +120,7 @@ class ModelSession:
         memory_items: int = 16,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         model_concurrency: int | None = None,
-        decode_threads: int = 1,
+        decode_threads: int | None = None,
         embed_threads: int | None = None,
         detector: str | os.PathLike[str] | Any | None = None,
     ) -> None:
@@ -136,10 +137,12 @@ class ModelSession:
         self._key_prefix = f"{self.model_id}{tag}"
         self.cache = LockedEmbeddingCache(cache_dir, max_items=memory_items)
         self.max_pixels = int(max_pixels)
-        self.model_concurrency = max(1, model_concurrency or available_cpus())
-        self.decode_threads = max(1, decode_threads)
         self.embed_threads = max(1, embed_threads or default_threads())
-        self._decode = threading.Semaphore(self.model_concurrency)
+        self._decode = DecodeSlots(
+            model_concurrency or available_cpus(), decode_threads, self.embed_threads
+        )
+        self.model_concurrency = self._decode.concurrency
+        self.decode_threads = decode_threads  #: None: adaptive (see DecodeSlots)
         self._tls = threading.local()
         self._key_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
@@ -211,9 +214,6 @@ class ModelSession:
         current image, so request threads never share one)."""
         p = getattr(self._tls, "predictor", None)
         if p is None or p.model is not self.model:  # none yet, or switch_model() since
-            import torch
-
-            torch.set_num_threads(self.decode_threads)  # per thread (OpenMP)
             kwargs: dict[str, Any] = {"cache": self.cache, "model_id": self.model_id}
             if self._backend is not None:
                 kwargs["backend"] = self._backend
@@ -253,7 +253,7 @@ class ModelSession:
         if labs is not None and not np.isin(labs, (0, 1)).all():
             raise Unprocessable("point labels must be 1 (object) or 0 (background)")
         try:
-            with self._decode:
+            with self._decode.decode():
                 return p.predict(
                     point_coords=coords, point_labels=labs, box=bx, multimask_output=multimask
                 )

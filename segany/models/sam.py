@@ -136,8 +136,9 @@ class Sam(nn.Module):
                 1 foreground, 0 background, -1 ignored.
             boxes: ``(B, 4)`` model-frame XYXY.
             mask_input: ``(B, 1, 4h, 4w)`` low-res logits from an earlier call.
-            context: :meth:`prepare_decoder` of ``image_embeddings``; used when no
-                ``mask_input`` is given.
+            context: :meth:`prepare_decoder` of ``image_embeddings``: with no
+                ``mask_input`` the first layer's image-side work comes from it; with one,
+                only its positional encoding.
             crop_tokens: upscale only the top-left ``(rows, cols)`` of the token grid
                 (:meth:`MaskDecoder.forward`); logits ``(B, K, 4 rows, 4 cols)``.
             keep: receives what :meth:`MaskDecoder.fill_outside_crop` needs (and SAM 2's
@@ -171,9 +172,13 @@ class Sam(nn.Module):
                 high_res_features=high_res_features or None,
                 **hq,
             )
+        if context is not None:  # its positional encoding, as a (1, C, h, w) view
+            image_pe = context.key_pe.transpose(1, 2).unflatten(2, context.size)
+        else:
+            image_pe = self.prompt_encoder.get_dense_pe()
         return self.mask_decoder(
             image_embeddings,
-            self.prompt_encoder.get_dense_pe(),
+            image_pe,
             sparse,
             dense,
             multimask_output,

@@ -35,6 +35,7 @@ from .mask_decoder import MaskDecoder
 from .memory import MemoryAttention, MemoryEncoder, sine_1d
 from .neck import HieraImageEncoder, sine_position_encoding
 from .prompt_encoder import PromptEncoder
+from .sam import run_in_dtype
 from .sam2 import Sam2
 
 #: logit given to every pixel of a mask whose object is predicted absent
@@ -115,11 +116,16 @@ class Sam2Video(Sam2):
 
     # -- image ---------------------------------------------------------------------------
     def frame_features(
-        self, images: torch.Tensor
+        self, images: torch.Tensor, *, encoder: nn.Module | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """``(1, 3, S, S)`` -> stride-16 map ``(1, C, S/16, S/16)``, its position encoding
-        ``(1, C, S/16, S/16)``, projected high-res maps (see :meth:`Sam2.embed_features`)."""
-        s0, s1, s2 = self.image_encoder(images)
+        ``(1, C, S/16, S/16)``, projected high-res maps (see :meth:`Sam2.embed_features`).
+        ``encoder``: as in :meth:`Sam2.embed_features` (e.g. a bfloat16 copy of the trunk
+        and neck; the rest runs in the model's dtype)."""
+        if encoder is None:
+            s0, s1, s2 = self.image_encoder(images)
+        else:
+            s0, s1, s2 = run_in_dtype(encoder, images, self.no_mem_embed.dtype)
         pos = sine_position_encoding(tuple(s2.shape[-2:]), channels=s2.shape[1]).to(s2)
         return s2, pos, self.mask_decoder.project_high_res(s0, s1)
 

@@ -292,15 +292,22 @@ class TwoWayTransformer(nn.Module):
         token-to-image attention (each token attends on its own there) and are returned,
         ``(B, len(final_tokens), C)``.
         With a ``context`` from :meth:`prepare` the image arguments are not used, and the
-        cross attentions run in their few-token form (same function, less work);
-        ``few_tokens`` forces that form on or off."""
+        cross attentions run in their few-token form (same function, less work); so they
+        do outside autograd when the tokens are few enough for it to be less work (tokens
+        x heads at most the attention's inner width: prompts with a mask input, which have
+        no context); ``few_tokens`` forces that form on or off."""
         if context is None:
             keys = image_embedding.flatten(2).transpose(1, 2)
             key_pe = image_pe.flatten(2).transpose(1, 2)
         else:
             keys, key_pe = context.keys, context.key_pe
         queries = point_embedding
-        fast = context is not None if few_tokens is None else few_tokens
+        if few_tokens is None:  # the few-token form when it is less work (inference only)
+            t2i = self.final_attn_token_to_image
+            few = point_embedding.shape[1] * t2i.num_heads <= t2i.internal_dim
+            fast = context is not None or (few and not torch.is_grad_enabled())
+        else:
+            fast = few_tokens
         for i, layer in enumerate(self.layers):
             queries, keys = layer(
                 queries, keys, point_embedding, key_pe, context if i == 0 else None, fast

@@ -44,7 +44,7 @@ def _numbers(n: tuple[int, ...], what: str):
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..weights import DEFAULT_WEIGHTS
+    from ..cli_common import add_model_args
 
     p = sub.add_parser(
         "track",
@@ -66,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--mask", dest="mask", action=_Prompt, help="a mask PNG (nonzero = object) for the frame"
     )
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", default=DEFAULT_WEIGHTS, help="catalogue name or checkpoint path")
+    add_model_args(p)
     p.add_argument("--no-video", action="store_true", help="skip overlay.mp4")
     p.set_defaults(func=run, prompts=None)
 
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
                 raise CliError(f"--frame {f}: the video has frames 0 to {len(video) - 1}")
     except VideoError as exc:
         raise CliError(str(exc)) from None
-    predictor = load_predictor(args.model)
+    predictor = load_predictor(args.model, backend=args.backend, precision=args.precision)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

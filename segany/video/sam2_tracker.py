@@ -134,7 +134,7 @@ class Sam2Session:
             pixel_mean=model.pixel_mean,
             pixel_std=model.pixel_std,
         )
-        feats = model.frame_features(x)
+        feats = model.frame_features(x, encoder=self.tracker.encoder)
         if keep:
             while len(self._features) >= 2:
                 del self._features[next(iter(self._features))]
@@ -459,6 +459,10 @@ class Sam2Tracker:
         memory_window: encoded memories of predicted frames farther than this from the
             frame being tracked are dropped (``None``: kept; at least ``num_maskmem``
             avoids recomputation during one propagation).
+        encoder: encodes the frames instead of the model's image encoder, e.g. the
+            bfloat16 copy of a predictor made with ``precision="bf16"``
+            (:attr:`~segany.predictor.Predictor.encoder_copy`; masks then differ from
+            fp32's, see docs/sam2.md); ``None``: the model's own.
     """
 
     def __init__(
@@ -472,10 +476,12 @@ class Sam2Tracker:
         multimask_max_pt_num: int = 1,
         binarize_mask_from_pts: bool = True,
         memory_window: int | None = 16,
+        encoder: torch.nn.Module | None = None,
     ) -> None:
         if not isinstance(model, Sam2Video):
             raise TypeError("SAM 2 tracking needs a SAM 2 model with its video memory")
         self.model = model
+        self.encoder = encoder
         self.fill_hole_area = fill_hole_area
         self.non_overlap_masks = non_overlap_masks
         self.add_all_frames_to_correct_as_cond = add_all_frames_to_correct_as_cond
@@ -567,5 +573,5 @@ def tracker_for(predictor: Predictor) -> PropagationTracker | Sam2Tracker:
     """The tracker a predictor's model can run: SAM 2's memory tracker for a model with
     its video memory, the propagation tracker otherwise."""
     if isinstance(predictor.model, Sam2Video):
-        return Sam2Tracker(predictor.model)
+        return Sam2Tracker(predictor.model, encoder=predictor.encoder_copy)
     return PropagationTracker(predictor)
