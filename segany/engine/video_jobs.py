@@ -141,6 +141,8 @@ class VideoJobsMixin:
                 for f, rle in keys.items()
                 if f >= offset
             }
+            # (outside the model's decode slots: a long propagation must not hold one, or a
+            # one-core server's clicks would wait for all of it)
             with torch_threads(self.embed_threads):
                 result = tracker_for(self._new_predictor()).track(view, prompts, progress=progress)
             with job.lock:
