@@ -64,8 +64,11 @@ class VideoMixin:
         try:
             src = open_video(path)
             try:
-                h, w = src.size
                 files = getattr(src, "files", None)
+                out = [f.name for f in files or () if not f.resolve().is_relative_to(self.root)]
+                if out:  # as for images: a symlink leading out of the folder is never read
+                    raise VideoError(f"frame {out[0]} points outside the images folder")
+                h, w = src.size
                 fields.update(
                     width=int(w),
                     height=int(h),

@@ -556,3 +556,16 @@ def test_annotate_video_option(tmp_path, monkeypatch, mobile_sam, capsys):
     assert main([*args, "--video", "empty"]) == 2
     err = capsys.readouterr().err
     assert "--video empty" in err and "no frames" in err
+
+
+def test_frames_leading_out_of_the_folder_are_refused(vclient, video_dir, tmp_path):
+    """As for images: a folder of frames with a symlink leading out of the images folder is
+    not read (422, nothing registered)."""
+    client, _ = vclient
+    outside = tmp_path / "outside.png"
+    shutil.copy(video_dir / "clip" / "0.png", outside)
+    shutil.copytree(video_dir / "clip", video_dir / "leaky")
+    (video_dir / "leaky" / "6.png").symlink_to(outside)
+    r = client.post("/api/videos", json={"path": "leaky"})
+    assert r.status_code == 422 and "6.png points outside" in r.json()["detail"]
+    assert "leaky" not in {v["path"] for v in client.get("/api/videos").json()["videos"]}
