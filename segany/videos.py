@@ -163,6 +163,28 @@ class VideoFile(VideoSource):
         self._container, self._frames = None, None
 
 
+class FrameRange(VideoSource):
+    """Frames ``start``, ``start + 1``, ... of another source, as a video of their own
+    (frame 0 is the source's frame ``start``): a tracker started there follows objects
+    from a frame on without touching the frames before it."""
+
+    def __init__(self, source: VideoSource, start: int) -> None:
+        if not 0 <= start < len(source):
+            raise IndexError(f"frame {start} of a {len(source)}-frame video")
+        self.source, self.start = source, start
+        self.path, self.fps = source.path, source.fps
+        self.names = source.names[start:]
+
+    def frame(self, index: int) -> np.ndarray:
+        if not 0 <= index < len(self):
+            raise IndexError(f"frame {index} of a {len(self)}-frame range")
+        return self.source.frame(self.start + index)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.source.size
+
+
 def davis_sequences(root: str | os.PathLike[str], resolution: str = "480p") -> list[str]:
     """The sequences of a DAVIS root (``JPEGImages/<resolution>/<seq>/``), sorted."""
     base = Path(root) / "JPEGImages" / resolution

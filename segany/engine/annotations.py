@@ -113,11 +113,7 @@ class AnnotationsMixin:
         score = req.score
         prompt = None
         if req.mask_id is not None:
-            cand = self._candidates.get(req.mask_id)
-            if cand is None:
-                raise NotFound(f"mask_id {req.mask_id!r} is unknown or expired")
-            if cand.image_id != image_id:
-                raise Unprocessable(f"mask_id {req.mask_id!r} belongs to image {cand.image_id}")
+            cand = self._candidate(req.mask_id, image_id)
             rle, area, bbox = cand.rle, cand.area, cand.bbox
             score = cand.score if score is None else score
             prompt = cand.prompt

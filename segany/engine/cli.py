@@ -134,6 +134,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "their own and unassigned images in their queue",
     )
     p.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        metavar="FOLDER",
+        help="a folder of frames inside IMAGES_DIR (a path relative to it, or from here) to "
+        "annotate as a video (repeatable; video files are found by themselves); the page's "
+        "Add does the same",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=("debug", "info", "warning", "error"),
@@ -206,6 +215,19 @@ def run(args: argparse.Namespace) -> int:
         hint = "" if args.db else " (use --db to keep the database elsewhere)"
         print(f"segany: error: {exc}{hint}", file=sys.stderr)
         return 2
+    for folder in args.video:
+        from .schemas import ServiceError, VideoRequest
+
+        try:
+            inside = svc.root / folder  # relative to IMAGES_DIR, or to here
+            full = inside if inside.exists() else Path(folder)
+            rel = full.resolve().relative_to(svc.root).as_posix()
+            svc.register_video(VideoRequest(path=rel))
+        except (ValueError, ServiceError) as exc:
+            msg = getattr(exc, "message", None) or f"{folder} is not inside {args.images_dir}"
+            print(f"segany: error: --video {folder}: {msg}", file=sys.stderr)
+            svc.close()
+            return 2
     if assignees:
         users = [svc.store.ensure_user(n) for n in assignees]
         given = svc.work.deal([u.id for u in users])
@@ -222,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
         f"segany annotate: http://{host}:{args.port}/  ({images.total} images, "
+        f"{len(svc.list_videos().videos)} videos, "
         f"model {svc.model_name}, "
         + (f"detector {svc.detector_name}, " if svc.detector_name else "")
         + f"db {redact(svc.store.url)}, "

@@ -1,5 +1,7 @@
 """The annotator's exports (COCO through the one COCO writer, SA-1B, YOLO and GeoPackage
-zips) and its COCO import. A part of :class:`~.service.AnnotationService`.
+zips; the videos' tracks as COCO video JSON and DAVIS PNGs through the writers of
+``segany track``, :mod:`segany.video.outputs`) and its COCO import. A part of
+:class:`~.service.AnnotationService`.
 """
 
 from __future__ import annotations
@@ -155,6 +157,75 @@ class ExportsMixin:
             z.writestr("classes.txt", "\n".join(cats) + ("\n" if cats else ""))
             names = "\n".join(f"  {i}: {json.dumps(c)}" for c, i in cls.items())
             z.writestr("data.yaml", f"path: .\ntrain: images\nval: images\nnames:\n{names}\n")
+        return buf.getvalue()
+
+    def _video_results(self, include_pending: bool) -> list[tuple[Any, list[Any], Any]]:
+        """Per video with tracks of these statuses: the video row, its tracks and their
+        masks as a :class:`~segany.video.tracker.TrackResult` (object ids = the tracks'
+        DAVIS values)."""
+        from ..video.tracker import TrackResult
+
+        statuses = ["accepted", "pending"] if include_pending else ["accepted"]
+        by_video: dict[int, list[Any]] = {}
+        for t in self.video_store.tracks(statuses=statuses):
+            by_video.setdefault(t.video_id, []).append(t)
+        out = []
+        for v in self.video_store.videos():
+            tracks = by_video.get(v.id)
+            if not tracks:
+                continue
+            result = TrackResult(list(v.names), (v.height, v.width), [t.object_id for t in tracks])
+            obj = {t.id: t.object_id for t in tracks}
+            for r in self.video_store.frames(obj):
+                if r.frame < v.length:
+                    result.masks.setdefault(r.frame, {})[obj[r.track_id]] = r.segmentation
+                    result.scores.setdefault(r.frame, {})[obj[r.track_id]] = r.score
+            out.append((v, tracks, result))
+        return out
+
+    def export_video(self, include_pending: bool = False) -> dict[str, Any]:
+        """The accepted tracks (and pending ones if asked) as COCO video JSON in the
+        YouTube-VIS layout ``segany track`` writes (:func:`segany.video.outputs.to_video_json`),
+        all videos in one file: ``videos`` (with ``file_names`` and ``source``), one
+        annotation per track (its id; ``track_id`` = its DAVIS value) with per-frame RLE
+        segmentations, areas, boxes and scores (``null`` where absent), categories from the
+        label set."""
+        from ..video.outputs import to_video_json
+
+        ids = {name: cid for cid, name in self.store.category_table()}
+        data: dict[str, Any] = {"videos": [], "annotations": [], "categories": []}
+        used: set[str] = set()
+        for v, tracks, result in self._video_results(include_pending):
+            one = to_video_json(
+                result, name=v.path, file_names=list(v.files), source=str(self.root / v.path)
+            )
+            data["videos"].append({**one["videos"][0], "id": v.id})
+            for ann, t in zip(one["annotations"], tracks, strict=True):
+                used.add(t.category)
+                ann.update(id=t.id, video_id=v.id, category_id=ids.get(t.category, 0))
+                ann["attributes"] = {"status": t.status, "category": t.category}
+                data["annotations"].append(ann)
+        data["categories"] = [
+            {"id": i, "name": c, "supercategory": "object"} for c, i in ids.items() if c in used
+        ]
+        data["info"] = {"description": "segany annotate (videos)", "model": self.model_name}
+        return data
+
+    def export_davis(self, include_pending: bool = False) -> bytes:
+        """A zip of DAVIS palette PNGs (:func:`segany.video.outputs.write_davis_png`, as
+        ``segany track`` writes): ``Annotations/<video>/<frame name>.png`` for every frame
+        of every video with tracks, each pixel its track's ``object_id`` (0: background;
+        ``<video>`` is a frames folder's path, a video file's without its suffix)."""
+        from ..video.outputs import write_davis_png
+
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for v, _, result in self._video_results(include_pending):
+                folder = v.path if v.kind == "frames" else PurePosixPath(v.path).with_suffix("")
+                for i, name in enumerate(result.names):
+                    png = io.BytesIO()
+                    write_davis_png(png, result.label_map(i))
+                    z.writestr(f"Annotations/{folder}/{name}.png", png.getvalue())
         return buf.getvalue()
 
     def import_coco(

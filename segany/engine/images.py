@@ -59,8 +59,11 @@ class ImagesMixin:
     def rescan(self) -> RescanOut:
         """Register the images of the folder (new ones added, changed ones updated, vanished
         ones marked missing). Files that are not images are ignored; unreadable or too
-        large images are listed with status ``error`` and the reason."""
+        large images are listed with status ``error`` and the reason. Video files are
+        registered as videos, and the images of registered folders of frames are frames,
+        not images (:mod:`.video`)."""
         found: dict[str, dict[str, Any]] = {}
+        frames = tuple(f"{p}/" for p in self._frame_folders())  # videos, not images
         for full in find_images(self.root):  # the one discovery rule (segany.files)
             try:
                 real = full.resolve()
@@ -68,9 +71,11 @@ class ImagesMixin:
                 continue
             if not real.is_relative_to(self.root) or not real.is_file():
                 continue  # a symlink leading out of the folder is never served
-            found[full.relative_to(self.root).as_posix()] = self._probe(real)
+            rel = full.relative_to(self.root).as_posix()
+            if not frames or not rel.startswith(frames):
+                found[rel] = self._probe(real)
         out = self.store.sync_images(found)
-        return RescanOut(**out)
+        return RescanOut(**out, videos=self._rescan_videos())  # video.py
 
     def _probe(self, path: Path) -> dict[str, Any]:
         from PIL import Image as PILImage
@@ -138,7 +143,10 @@ class ImagesMixin:
         work = self.work.all()
         names = self._names()
         images = []
+        frames = tuple(f"{p}/" for p in self._frame_folders())  # videos' frames (video.py)
         for im in self.store.images():
+            if frames and im.path.startswith(frames):
+                continue
             out = self._image_out(im, counts.get(im.id), work=False)
             w = work.get(im.id)
             if w is not None:

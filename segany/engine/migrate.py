@@ -18,6 +18,9 @@ new version number, so an interrupted upgrade is redone on the next start.
   good). ``annotations`` keeps its table: only databases created at schema 5 on SQLite
   have ``AUTOINCREMENT`` ids; in an upgraded one a restore whose id was given to a newer
   object takes a new id (the answer says so).
+- 5 -> 6: ``videos``, ``tracks`` and ``track_frames`` (the annotator's videos and the
+  objects followed through them: :mod:`.video_store`), new tables created by the store
+  before the upgrade, empty.
 """
 
 from __future__ import annotations
@@ -67,6 +70,11 @@ def upgrade(engine: Engine, target: int) -> None:
             conn.execute(
                 text("UPDATE segany_meta SET value = :v WHERE key = 'schema_version'"),
                 {"v": "5"},
+            )
+        if version < 6 <= target:  # the video tables exist already (created by the store)
+            conn.execute(
+                text("UPDATE segany_meta SET value = :v WHERE key = 'schema_version'"),
+                {"v": "6"},
             )
 
 

@@ -54,7 +54,7 @@ class _Timer:
 
 @dataclass
 class _Candidate:
-    image_id: int
+    image_id: Any  # the image id, or ``(video id, frame)`` for a video frame
     logits: np.ndarray  # (S/4, S/4) float16 (128 KiB at S = 1024)
     rle: dict[str, Any]
     score: float
@@ -85,6 +85,10 @@ class _LRU:
             while len(self._d) > self.max_items:
                 self._d.popitem(last=False)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._d.clear()
+
     def __len__(self) -> int:
         return len(self._d)
 
@@ -99,6 +103,36 @@ class PredictionsMixin:
         image size."""
         t0 = time.perf_counter()
         im = self._image(image_id, usable=True)
+        self._check_prompt(req)
+        mask_input = self._mask_input(req, image_id)
+        outs, best = self._decode_prompt(self.embedding(im), req, mask_input, image_id)
+        self._count_click(user, image_id)
+        ms = (time.perf_counter() - t0) * 1e3
+        self._events.put(
+            {
+                "ts": time.time(),
+                "kind": "predict",
+                "user_id": user.id,
+                "image_id": image_id,
+                "stage": im.stage,
+                "data": {
+                    "points": len(req.points),
+                    "box": req.box is not None,
+                    "refine": mask_input is not None,
+                    "ms": round(ms, 2),
+                },
+            }
+        )
+        return PredictOut(
+            image_id=image_id,
+            width=im.width,
+            height=im.height,
+            masks=outs,
+            best=best,
+            ms=round(ms, 2),
+        )
+
+    def _check_prompt(self, req: PredictRequest) -> None:
         if len(req.points) != len(req.labels):
             raise Unprocessable(
                 f"points ({len(req.points)}) and labels ({len(req.labels)}) differ in length"
@@ -109,17 +143,32 @@ class PredictionsMixin:
             raise Unprocessable("give at least one point or a box")
         if req.hq_token_only and not isinstance(self.model, SamHQ):
             raise Unprocessable("hq_token_only is for HQ-SAM models (sam_hq_vit_*)")
-        mask_input = None
-        if req.mask_input_id is not None:
-            cand = self._candidates.get(req.mask_input_id)
-            if cand is None:
-                raise NotFound(f"mask_input_id {req.mask_input_id!r} is unknown or expired")
-            if cand.image_id != image_id:
-                raise Unprocessable(
-                    f"mask_input_id {req.mask_input_id!r} belongs to image {cand.image_id}"
-                )
-            mask_input = cand.logits[None].astype(np.float32)
-        emb = self.embedding(im)
+
+    def _candidate(self, mask_id: str, owner: Any, what: str = "mask_id") -> _Candidate:
+        """A kept candidate of ``owner`` (an image id, or ``(video id, frame)``)."""
+        cand = self._candidates.get(mask_id)
+        if cand is None:
+            raise NotFound(f"{what} {mask_id!r} is unknown or expired")
+        if cand.image_id != owner:
+            where = (
+                f"frame {cand.image_id[1]} of video {cand.image_id[0]}"
+                if isinstance(cand.image_id, tuple)
+                else f"image {cand.image_id}"
+            )
+            raise Unprocessable(f"{what} {mask_id!r} belongs to {where}")
+        return cand
+
+    def _mask_input(self, req: PredictRequest, owner: Any) -> np.ndarray | None:
+        if req.mask_input_id is None:
+            return None
+        cand = self._candidate(req.mask_input_id, owner, "mask_input_id")
+        return cand.logits[None].astype(np.float32)
+
+    def _decode_prompt(
+        self, emb: Any, req: PredictRequest, mask_input: np.ndarray | None, owner: Any
+    ) -> tuple[list[MaskOut], int]:
+        """Decode a checked prompt on an embedding; the candidates are kept for ``owner``
+        (an image id, or ``(video id, frame)``). Returns the masks and the best index."""
         p = self._predictor()
         if not (p.is_image_set and p.state is emb):
             p.set_embedding(emb)  # per thread, once per image (decoder context)
@@ -155,7 +204,7 @@ class PredictionsMixin:
             self._candidates.put(
                 mid,
                 _Candidate(
-                    image_id=image_id,
+                    image_id=owner,
                     logits=np.asarray(pred.low_res_logits[k], dtype=np.float16),
                     rle=rle,
                     score=score,
@@ -174,31 +223,7 @@ class PredictionsMixin:
                     mask_input_id=mid,
                 )
             )
-        self._count_click(user, image_id)
-        ms = (time.perf_counter() - t0) * 1e3
-        self._events.put(
-            {
-                "ts": time.time(),
-                "kind": "predict",
-                "user_id": user.id,
-                "image_id": image_id,
-                "stage": im.stage,
-                "data": {
-                    "points": len(req.points),
-                    "box": req.box is not None,
-                    "refine": mask_input is not None,
-                    "ms": round(ms, 2),
-                },
-            }
-        )
-        return PredictOut(
-            image_id=image_id,
-            width=im.width,
-            height=im.height,
-            masks=outs,
-            best=int(np.argmax(pred.scores)),
-            ms=round(ms, 2),
-        )
+        return outs, int(np.argmax(pred.scores))
 
     def _count_click(self, user: UserRef, image_id: int) -> None:
         """One prompt of the object in progress (decoded here, or in the page)."""

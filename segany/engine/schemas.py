@@ -110,6 +110,8 @@ class RescanOut(_Model):
     updated: int
     missing: int
     total: int
+    #: the videos registered (video files found, folders of frames registered before)
+    videos: int = 0
 
 
 class LeaseOut(_Model):
@@ -175,7 +177,10 @@ class MaskOut(_Model):
 
 
 class PredictOut(_Model):
-    image_id: int
+    #: the image prompted, or the ``video_id`` and ``frame`` of a video frame
+    image_id: int | None = None
+    video_id: int | None = None
+    frame: int | None = None
     width: int
     height: int
     masks: list[MaskOut]
@@ -315,6 +320,119 @@ class PrefillJobOut(_Model):
     seconds: float = 0.0
     error: str | None = None
     result: PrefillOut | None = None
+
+
+# -- videos (:mod:`.video`, :mod:`.video_jobs`) -------------------------------------------
+class VideoOut(_Model):
+    id: int
+    path: str
+    #: ``file`` (a video file) or ``frames`` (a folder of frames)
+    kind: str
+    width: int
+    height: int
+    #: the number of frames
+    length: int
+    fps: float | None = None
+    status: str
+    error: str | None = None
+    #: the frames' names (``00017`` for ``00017.jpg``), in order
+    names: list[str] = Field(default_factory=list)
+    tracks: int = 0
+    accepted: int = 0
+
+
+class VideoList(_Model):
+    videos: list[VideoOut]
+
+
+class VideoRequest(_Request):
+    """A video file or a folder of frames, relative to the images folder."""
+
+    path: str = Field(min_length=1, max_length=1024)
+
+
+class MaskChoice(_Request):
+    """A mask on a frame: the ``mask_id`` of a candidate of the frame's predict, or a
+    ``segmentation`` (COCO RLE at video size, e.g. brushed)."""
+
+    segmentation: RLE | None = None
+    mask_id: str | None = Field(default=None, max_length=64)
+    score: float | None = None
+
+
+class TrackRequest(MaskChoice):
+    """A new object on ``frame`` (its first key frame)."""
+
+    frame: int = Field(ge=0)
+    category: Category = "object"
+
+    _cat = field_validator("category")(_clean_category)
+
+
+class TrackUpdate(_Request):
+    category: Category | None = None
+    status: Literal["pending", "accepted"] | None = None
+
+    _cat = field_validator("category")(_clean_category)
+
+
+class TrackOut(_Model):
+    id: int
+    video_id: int
+    #: the object's pixel value in the DAVIS PNGs (1-255, unique in the video)
+    object_id: int
+    category: str
+    status: str
+    #: the frames the annotator set the mask on (the tracker starts from these)
+    key_frames: list[int]
+    #: frames with a mask (key or propagated; empty masks count: the object is absent)
+    frames: int
+    model_id: str | None = None
+    user: str | None = None
+    updated_at: float
+
+
+class FrameMask(_Model):
+    track_id: int
+    object_id: int
+    category: str
+    status: str
+    key: bool
+    segmentation: RLE
+    area: int
+    bbox: list[float]
+    score: float | None = None
+
+
+class FrameMasks(_Model):
+    video_id: int
+    frame: int
+    masks: list[FrameMask]
+
+
+class PropagateRequest(_Request):
+    """Propagate from this key frame (default: the track's first): forward to the end,
+    and from the first key frame also back to frame 0. Frames before ``start`` keep their
+    masks: a correction on a later frame is carried forward from there."""
+
+    start: int | None = Field(default=None, ge=0)
+
+
+class PropagationJobOut(_Model):
+    """A propagation running in the background: ``state`` is ``running``
+    (``frames_done`` of ``frames_planned``), then ``saving``, ``done`` (``frames_saved``),
+    ``cancelled`` (nothing saved) or ``failed`` (``error``)."""
+
+    id: str
+    video_id: int
+    track_id: int
+    start: int
+    state: Literal["running", "saving", "done", "cancelled", "failed"]
+    frames_done: int = 0
+    frames_planned: int = 0
+    frames_saved: int = 0
+    seconds: float = 0.0
+    error: str | None = None
 
 
 class EventRequest(_Request):

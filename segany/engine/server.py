@@ -52,6 +52,7 @@ from .service import (
 )
 from .stats import StatsOut
 from .store import default_db
+from .video_routes import add_video_routes
 from .webdecoder_routes import ISOLATED, ISOLATED_PREFIXES, add_web_decoder_routes
 from .work import check_token
 from .work_routes import add_work_routes
@@ -317,6 +318,7 @@ def create_app(
         return service.create_user(req, u)
 
     add_work_routes(app, service, Who)  # leases, queue, review, pre-fill jobs
+    add_video_routes(app, service, Who)  # videos, frames, tracks, propagation, video exports
     add_model_routes(app, service)  # /api/model, /api/model/retrain (docs/training.md)
     app.add_middleware(
         guards.BodyLimit,

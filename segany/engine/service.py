@@ -15,8 +15,10 @@ requests and responses), :mod:`.images` (the folder, the queue, embeddings),
 :mod:`.predictions` (the click path and the object timers), :mod:`.annotations` (accept,
 fix, reject, events), :mod:`.prefill` (stage 2) and :mod:`.prefill_jobs` (in the
 background, with progress and cancel), :mod:`.work` (leases, queues, review, retried
-writes) and :mod:`.exports` (COCO, SA-1B and YOLO out, COCO in). Users, configuration,
-the model switch and the measurements are here.
+writes), :mod:`.exports` (COCO, SA-1B and YOLO out, COCO in; the videos' COCO video
+JSON and DAVIS PNGs), :mod:`.video` (videos, frames, clicks on frames, tracks) and
+:mod:`.video_jobs` (propagation in the background). Users, configuration, the model switch
+and the measurements are here.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ from .schemas import (
     UserRef,
 )
 from .store import SOURCES, STATUSES, Store, User
+from .video import VideoMixin
+from .video_jobs import VideoJobsMixin
+from .video_store import VideoStore
 from .webdecoder import WebDecoderMixin
 from .work import WorkMixin
 from .work_store import WorkStore
@@ -142,6 +147,8 @@ class AnnotationService(
     ExportsMixin,
     WebDecoderMixin,
     WorkMixin,
+    VideoMixin,
+    VideoJobsMixin,
 ):
     """The data engine behind the annotator.
 
@@ -199,6 +206,10 @@ class AnnotationService(
         self.lease_seconds = float(lease_seconds)
         self._jobs: dict[str, Any] = {}
         self._jobs_lock = threading.Lock()
+        self.video_store = VideoStore(store)
+        self._video_jobs: dict[str, Any] = {}  # propagations (video_jobs.py)
+        self._video_sources = _LRU(4)  # open video readers (video.py)
+        self._frame_keys = _LRU(65536)  # (video, frame) -> the frame's pixel hash
         self.root = Path(images_dir).expanduser().resolve()
         if not self.root.is_dir():
             raise ValueError(f"images folder not found: {images_dir}")

@@ -6,7 +6,9 @@ clicks and seconds it took), ``events`` (clicks and actions with timestamps, for
 measurements), ``users`` (annotators and the SHA-256 of their tokens), ``categories`` (the
 label set), ``trash`` (deleted objects, restorable with their id: queries in :mod:`.edits`),
 ``image_work`` (leases, review states, assignees) and ``request_keys`` (the keys of retried
-writes; both queried in :mod:`.work_store`) and ``segany_meta`` (schema version;
+writes; both queried in :mod:`.work_store`), ``videos``, ``tracks`` and ``track_frames``
+(videos and the objects followed through them, one mask per frame; queried in
+:mod:`.video_store`) and ``segany_meta`` (schema version;
 :mod:`.migrate` brings older databases up to date).
 
 Concurrent writers: changes of an annotation's status are conditional (``UPDATE ... WHERE
@@ -15,13 +17,13 @@ cannot both turn it into something else; and a fix records the pending object it
 in ``annotations.replaces_id``, which is unique, so the database itself refuses a second
 fix of the same object (SQLite and PostgreSQL alike). Losers get :class:`StoreConflict`.
 
-Every query and write of the annotator is here (about 690 lines with the ``categories``,
-``trash``, ``image_work`` and ``request_keys`` tables), but for the undo support (delete to
-the trash, restore, an object's edit history) in :mod:`.edits` and the leases, reviews and
-request keys in :mod:`.work_store`: one file shows the schema, the transactions and the
-rules that make concurrent requests safe. The writes that take a ``request`` store its key
-through ``request.claim(session)`` (:class:`.work_store.Request`), so this module imports
-neither of those.
+Every query and write of the annotator is here (about 760 lines with the ``categories``,
+``trash``, ``image_work``, ``request_keys`` and video tables), but for the undo support
+(delete to the trash, restore, an object's edit history) in :mod:`.edits`, the leases,
+reviews and request keys in :mod:`.work_store` and the videos' in :mod:`.video_store`:
+one file shows the schema, the transactions and the rules that make concurrent requests
+safe. The writes that take a ``request`` store its key through ``request.claim(session)``
+(:class:`.work_store.Request`), so this module imports none of those.
 
 Every write commits before the function returns, so an acknowledged write survives a
 ``kill -9`` of the server (SQLite runs in WAL mode with ``synchronous=FULL``).
@@ -73,7 +75,8 @@ from .migrate import SchemaTooNew, category_key, upgrade
 #: 2: ``users.token_trusted``, ``annotations.replaces_id`` (unique). 3: ``categories``.
 #: 4: ``image_work`` and ``request_keys`` (queries in :mod:`.work_store`). 5: ``trash``
 #: (:mod:`.edits`; new SQLite databases also give each annotation id once: AUTOINCREMENT).
-SCHEMA_VERSION = 5
+#: 6: ``videos``, ``tracks`` and ``track_frames`` (queries in :mod:`.video_store`).
+SCHEMA_VERSION = 6
 
 #: Annotation statuses: ``accepted`` objects are the dataset; ``pending`` ones wait for review
 #: (stage-2 pre-fill, imports); ``rejected`` pre-fills are kept for the measurements.
@@ -235,6 +238,71 @@ class RequestKey(Base):
     #: the annotation the first attempt created or changed
     annotation_id: Mapped[int | None] = mapped_column(Integer, default=None)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Video(Base):
+    """A video of the images folder: a video file, or a folder of frames (registered by
+    ``POST /api/videos`` or ``--video``); its frames are read lazily (queries:
+    :mod:`.video_store`)."""
+
+    __tablename__ = "videos"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: POSIX path relative to the images folder (a file, or a folder of frames)
+    path: Mapped[str] = mapped_column(String(1024), unique=True)
+    kind: Mapped[str] = mapped_column(String(8), default="file")  # ``file`` or ``frames``
+    width: Mapped[int] = mapped_column(Integer, default=0)
+    height: Mapped[int] = mapped_column(Integer, default=0)
+    length: Mapped[int] = mapped_column(Integer, default=0)
+    fps: Mapped[float | None] = mapped_column(Float, default=None)
+    #: the frames' names (``00017`` for ``00017.jpg``) and file names (for the COCO video JSON)
+    names: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    files: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    mtime: Mapped[float] = mapped_column(Float, default=0.0)
+    status: Mapped[str] = mapped_column(String(16), default="ok")  # ok, error, missing
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Track(Base):
+    """One object followed through a video: ``object_id`` is its pixel value in the DAVIS
+    PNGs (1-255, unique in the video); ``pending`` until the annotator accepts it."""
+
+    __tablename__ = "tracks"
+    __table_args__ = (
+        UniqueConstraint("video_id", "object_id", name="ux_tracks_video_object"),
+        {"sqlite_autoincrement": True},
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id", ondelete="CASCADE"), index=True)
+    object_id: Mapped[int] = mapped_column(Integer)
+    category: Mapped[str] = mapped_column(String(128), default="object")
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    model_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), default=None
+    )
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    updated_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class TrackFrame(Base):
+    """A track's mask on one frame: set by the annotator (``key``: the tracker starts from
+    it and never overwrites it) or propagated (an empty mask: the object is absent)."""
+
+    __tablename__ = "track_frames"
+    track_id: Mapped[int] = mapped_column(
+        ForeignKey("tracks.id", ondelete="CASCADE"), primary_key=True
+    )
+    frame: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: COCO RLE ``{"size": [H, W], "counts": str}``
+    segmentation: Mapped[dict[str, Any]] = mapped_column(JSON)
+    area: Mapped[int] = mapped_column(Integer, default=0)
+    bbox: Mapped[list[Any]] = mapped_column(JSON)
+    score: Mapped[float | None] = mapped_column(Float, default=None)
+    #: the prompt of a key frame (``{"points", "labels", "box"}``), else None
+    prompt: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class Event(Base):

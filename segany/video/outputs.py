@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
@@ -35,13 +35,13 @@ def davis_palette() -> list[int]:
     return pal
 
 
-def write_davis_png(path: str | os.PathLike[str], labels: np.ndarray) -> None:
-    """``(H, W)`` object ids (0..255) as a palette PNG."""
+def write_davis_png(path: str | os.PathLike[str] | IO[bytes], labels: np.ndarray) -> None:
+    """``(H, W)`` object ids (0..255) as a palette PNG (to a path or a binary file)."""
     if labels.max(initial=0) > 255:
         raise ValueError("DAVIS PNGs hold object ids up to 255")
     img = Image.fromarray(labels.astype(np.uint8), mode="P")
     img.putpalette(davis_palette())
-    img.save(path)
+    img.save(path, format="PNG")
 
 
 def read_davis_png(path: str | os.PathLike[str]) -> np.ndarray:

@@ -10,6 +10,8 @@ const S = {
   config: null,
   images: [],
   current: null,
+  video: null, // the open video (video.js)
+  navSeq: 0,
   nav: { prev: null, next: null },
   img: null,
   view: { s: 1, tx: 0, ty: 0 },
@@ -167,7 +169,15 @@ function renderImageList() {
 
 async function openImage(id) {
   if (S.current && S.current.id === id && S.img) return;
+  const seq = ++S.navSeq; // the last image or video asked for wins (video.js openVideo)
+  S.navTarget = `image:${id}`;
   const info = await api("POST", `/api/images/${id}/open`); // fails first: nothing is lost
+  if (seq !== S.navSeq) { // another image or a video was opened meanwhile: let this one go
+    const other = S.navTarget !== `image:${id}`;
+    if (other && info.lock && info.lock.held) api("DELETE", `/api/images/${id}/lease`).catch(() => {});
+    return;
+  }
+  leaveVideo(); // (video.js)
   resetPrompt();
   historyReset(); // the history is the open image's (tools.js)
   labelsOnImageChange(); // a typed label name is not carried to this image (labels.js)
@@ -221,7 +231,7 @@ function colorFor(a) {
 }
 
 async function loadObjects() {
-  if (!S.current) return;
+  if (!S.current || S.video) return;
   const id = S.current.id;
   const res = await api("GET", `/api/images/${id}/annotations`);
   if (!S.current || S.current.id !== id) return;

@@ -199,6 +199,7 @@ window.addEventListener("keydown", (ev) => {
   }
   if ((ev.ctrlKey || ev.metaKey) && (k === "y" || k === "Y")) { ev.preventDefault(); historyRedo(); return; }
   if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+  if (S.video && videoKey(ev)) return; // frames, propagation, tracks (video.js)
   if (ev.shiftKey && /^Digit[1-9]$/.test(ev.code)) { chooseLabelIndex(Number(ev.code.slice(5)) - 1); return; }
   if (k === "1" || k === "2" || k === "3") { selectCandidate(Number(k) - 1); return; }
   if (k === " ") { S.space = true; ev.preventDefault(); return; }
@@ -250,7 +251,8 @@ for (const a of document.querySelectorAll("[data-export]")) {
       if (!(blob instanceof Blob)) blob = new Blob([JSON.stringify(blob)], { type: "application/json" });
       const link = document.createElement("a");
       link.href = URL.createObjectURL(blob);
-      link.download = kind === "coco" ? "annotations_coco.json" : `annotations_${kind}.zip`;
+      link.download = kind === "coco" ? "annotations_coco.json"
+        : kind === "video" ? "videos_coco.json" : kind === "davis" ? "videos_davis.zip" : `annotations_${kind}.zip`;
       link.click();
     } catch (e) { fail(e); }
   });
@@ -314,6 +316,12 @@ async function start() {
   }
   await loadLabels();
   await loadImages();
+  await loadVideos();
+  const vm = /video=(\d+)(?:&frame=(\d+))?/.exec(location.hash);
+  if (vm && V.videos.some((v) => v.id === Number(vm[1]) && v.status === "ok")) {
+    await openVideo(Number(vm[1]), Number(vm[2] || 0));
+    return;
+  }
   const m = /image=(\d+)/.exec(location.hash);
   const want = m ? Number(m[1]) : null;
   const first = S.images.find((i) => i.id === want) ||

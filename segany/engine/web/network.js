@@ -259,7 +259,7 @@ function syncCurrent() {
 
 // -- pre-fill in the background --------------------------------------------------------------
 async function prefill() {
-  if (!S.current) return;
+  if (!S.current || S.video) return;
   if (S.prefilling) { toast("a pre-fill is running on this image"); return; }
   const body = {
     pred_iou_thresh: Number($("#iou").value),

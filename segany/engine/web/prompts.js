@@ -49,7 +49,7 @@ async function runPredict(entry, prev, imageId) {
   const usePrev = prev && prev.result && S.hist.includes(prev);
   setStatus("segmenting\u2026");
   let res = null;
-  if (wdReady()) {
+  if (wdReady() && !S.video) { // (a video frame's clicks are decoded on the server)
     try {
       const low = usePrev ? prev.result.masks[prev.sel].low || null : null;
       res = await wdPredict(imageId, entry.points, entry.labels, entry.box, low, multimask);
@@ -78,7 +78,7 @@ async function serverPredict(entry, prev, imageId, multimask) {
     body.mask_input_id = prev.result.masks[prev.sel].mask_input_id;
   }
   try {
-    return await api("POST", `/api/images/${imageId}/predict`, body);
+    return await api("POST", `${promptBase(imageId)}/predict`, body);
   } catch (e) {
     if (e instanceof TypeError) { // offline: the click is kept and answered when the server is back
       setStatus("offline: your click is kept and will be answered when the server is back");
@@ -89,7 +89,7 @@ async function serverPredict(entry, prev, imageId, multimask) {
     }
     if (e instanceof ApiError && e.status === 404 && body.mask_input_id) {
       delete body.mask_input_id; // the server forgot the previous mask (restart): go on without
-      return api("POST", `/api/images/${imageId}/predict`, body);
+      return api("POST", `${promptBase(imageId)}/predict`, body);
     }
     entry.error = e.message;
     renderCandidates();
@@ -97,6 +97,10 @@ async function serverPredict(entry, prev, imageId, multimask) {
     throw e;
   }
 }
+
+// Where a prompt goes: an image (its id), or a video frame (video.js sets S.current.id to
+// the frame's path, so that a frame change drops the answers meant for another frame).
+function promptBase(id) { return typeof id === "string" ? id : `/api/images/${id}`; }
 
 // Called by draw() once the entry's mask is in the canvas: the latency shown.
 function painted(entry) {
@@ -115,7 +119,7 @@ function selectCandidate(k) {
   cur.sel = k;
   renderCandidates();
   redraw();
-  api("POST", `/api/images/${S.current.id}/events`, { kind: "select", data: { index: k } }).catch(() => {});
+  if (!S.video) api("POST", `/api/images/${S.current.id}/events`, { kind: "select", data: { index: k } }).catch(() => {});
 }
 
 function renderCandidates() {
@@ -199,6 +203,11 @@ async function acceptNow() {
   await S.chain;
   const cur = current();
   if (!S.current) return;
+  if (S.video) { // a video object's mask on this frame (video.js)
+    if (!cur || !cur.result) { toast("click on an object first"); return; }
+    try { await acceptVideoMask(cur); } catch (e) { fail(e); }
+    return;
+  }
   if (!cur || !cur.result) {
     const sel = S.objects.find((a) => a.id === S.selected && a.status === "pending");
     if (sel) { await decidePending(sel.id, "accepted"); return; }
@@ -232,7 +241,7 @@ async function acceptNow() {
 }
 
 async function markDoneAndNext() {
-  if (!S.current) return;
+  if (!S.current || S.video) return;
   try {
     await save("POST", `/api/images/${S.current.id}/done`, { done: true }, "the done mark");
     const im = S.images.find((x) => x.id === S.current.id);

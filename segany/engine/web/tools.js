@@ -54,7 +54,7 @@ function toolActive() { return T.tool !== "prompt" && !!S.img; }
 function brushTarget() {
   const cur = current();
   if (cur) return cur.result ? { kind: "candidate", entry: cur } : null;
-  const a = S.objects.find((x) => x.id === S.selected);
+  const a = S.video ? null : S.objects.find((x) => x.id === S.selected); // (a video: candidates only)
   return a ? { kind: "object", ann: a } : { kind: "new" };
 }
 
@@ -254,7 +254,7 @@ function historyStep(from, to, way) {
     try {
       await STEPS[step.kind][way](step);
       to.push(step);
-      if (S.current) {
+      if (S.current && !S.video) {
         api("POST", `/api/images/${S.current.id}/events`, { kind: way, data: { action: step.kind } })
           .catch(() => {});
       }
