@@ -118,9 +118,23 @@ def resolve_backend(
     if len(options) == 1:
         return options[0]
     entry = cached_choice(model_id)
-    if entry is not None:
-        return entry["backend"]
+    if entry is not None and not (entry.get("busy") and not machine_busy()):
+        return entry["backend"]  # (a choice timed on a busy machine is timed again when idle)
     return choose(model, model_id, options, measure=measure)["backend"]
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (``None`` where the OS has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def machine_busy() -> bool:
+    """Whether other work keeps at least half the cores busy (1-minute load average): then
+    timings say more about that load than about the backends (torch's OpenMP threads
+    suffer more from sharing cores than onnxruntime's), so a choice made now is recorded as
+    provisional."""
+    load = load_average()
+    return load is not None and load >= 0.5 * R.available_cpus()
 
 
 def choose(
@@ -138,7 +152,7 @@ def choose(
         " and ".join(options),
         choices_file(),
     )
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load, busy = load_average(), machine_busy()
     if measure is None:
         figures = measure_backends(model, model_id, options)
     else:
@@ -150,6 +164,7 @@ def choose(
         "cpu": R.cpu_info()["model"],
         "threads": R.get_threads(),
         "load": load,  # the 1-minute load average when timing started
+        "busy": busy,  # then provisional: timed again once the machine is idle
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     data = read_choices()
@@ -163,10 +178,16 @@ def choose(
 
 
 def describe(entry: dict[str, Any]) -> str:
-    return "; ".join(
+    """The timings of a recorded choice, and the load they were taken under."""
+    text = "; ".join(
         f"{b}: encode {f['encode_s'] * 1e3:.0f} ms, click {f['click_s'] * 1e3:.1f} ms"
         for b, f in entry["figures"].items()
     )
+    if entry.get("load") is not None:
+        text += f"; timed at load average {entry['load']:.1f}"
+        if entry.get("busy"):
+            text += " (a busy machine: provisional, timed again when it is idle)"
+    return text
 
 
 def measure_backend(model: torch.nn.Module, model_id: str | None, backend: str) -> dict[str, float]:

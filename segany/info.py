@@ -90,10 +90,7 @@ def _auto_backend(model: str) -> dict[str, Any]:
     entry = A.cached_choice(spec.sha256[:32] if spec.sha256 else None)
     if entry is None:
         return {"backend": None, "source": "not timed yet", "file": str(A.choices_file())}
-    source = A.describe(entry)
-    if entry.get("load") is not None:
-        source += f"; timed at load average {entry['load']:.1f}"
-    return {"backend": entry["backend"], "source": source, "when": entry["when"]}
+    return {"backend": entry["backend"], "source": A.describe(entry), "when": entry["when"]}
 
 
 def _text(report: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SEGANY_CACHE", str(tmp_path))
     monkeypatch.delenv(A.BACKEND_ENV, raising=False)
     monkeypatch.setattr(A, "candidates", lambda model: ["torch", "onnx"])
+    monkeypatch.setattr(A, "load_average", lambda: 0.0)  # an idle machine unless a test says
     return tmp_path
 
 
@@ -96,6 +97,8 @@ def test_info_reports_the_choice(fresh_cache, tiny_model):
     report = info.collect()
     assert report["auto_backend"]["backend"] == "torch"
     assert "torch: encode 300 ms, click 10.0 ms" in report["auto_backend"]["source"]
+    assert "timed at load average 0.0" in report["auto_backend"]["source"]
+    assert "provisional" not in report["auto_backend"]["source"]
     assert "auto backend: torch" in info._text(report)
 
 
@@ -129,3 +132,30 @@ def test_backends_are_timed_in_turns(monkeypatch, tiny_model):
     assert embeds == ["torch", "onnx"] * 2
     assert clicks == ["torch", "onnx"] * 6
     assert all(f["encode_s"] >= 0 and f["click_s"] >= 0 for f in fig.values())
+
+
+def test_a_choice_timed_on_a_busy_machine_is_timed_again_when_idle(
+    fresh_cache, tiny_model, monkeypatch
+):
+    """Timed while other work keeps half the cores busy, the choice holds (and is recorded
+    as provisional) while the machine stays busy; once it is idle it is timed again."""
+    monkeypatch.setattr(A.R, "available_cpus", lambda: 2)
+    monkeypatch.setattr(A, "load_average", lambda: 3.0)
+    busy, calls = fake(
+        {"torch": {"encode_s": 0.9, "click_s": 0.4}, "onnx": {"encode_s": 0.8, "click_s": 0.1}}
+    )
+    assert A.resolve_backend("auto", tiny_model, "w", measure=busy) == "onnx"
+    entry = A.cached_choice("w")
+    assert entry["busy"] is True and entry["load"] == 3.0
+    assert "(a busy machine: provisional" in A.describe(entry)
+    again, calls2 = fake({})
+    assert A.resolve_backend("auto", tiny_model, "w", measure=again) == "onnx" and not calls2
+    monkeypatch.setattr(A, "load_average", lambda: 0.2)
+    idle, calls3 = fake(
+        {"torch": {"encode_s": 0.3, "click_s": 0.01}, "onnx": {"encode_s": 0.35, "click_s": 0.02}}
+    )
+    assert A.resolve_backend("auto", tiny_model, "w", measure=idle) == "torch"
+    assert calls3 == ["torch", "onnx"]
+    assert A.cached_choice("w")["busy"] is False
+    final, calls4 = fake({})
+    assert A.resolve_backend("auto", tiny_model, "w", measure=final) == "torch" and not calls4
