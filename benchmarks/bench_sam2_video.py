@@ -82,11 +82,11 @@ def make_checkpoint(config: str, path: Path) -> None:
 
     torch.manual_seed(0)
     model = build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():  # parameters only: buffers are the reference's own
+            p.add_(torch.randn_like(p) * 0.02)
     state = model.state_dict()
     with torch.no_grad():
-        for p in state.values():
-            if p.is_floating_point():
-                p.add_(torch.randn_like(p) * 0.02)
         # random object scores sit near 0: shift them up so that the object is seen on
         # every frame and the masks compared below are not all "absent"
         state["sam_mask_decoder.pred_obj_score_head.layers.2.bias"].add_(5.0)
