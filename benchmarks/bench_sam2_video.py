@@ -49,7 +49,9 @@ else:
     fuse_for_inference(pred.model)  # as segany track's predictor does
     if side == "segany-bf16":  # as segany track --precision bf16 does
         from segany.predictor import Predictor
-        pred.tracker.encoder = Predictor(pred.model, precision="bf16").encoder_copy
+        from segany.video.sam2_tracker import tracker_for
+        bf16 = tracker_for(Predictor(pred.model, precision="bf16"))
+        pred.tracker.encoder, pred.tracker.attention = bf16.encoder, bf16.attention
 t0 = time.perf_counter()
 with torch.inference_mode():
     state = pred.init_state(frames)

@@ -277,6 +277,8 @@ def test_bf16_predictor_tracks_with_its_bfloat16_encoder(monkeypatch, tiny_video
     tracker = tracker_for(pred)
     assert tracker.encoder is pred.encoder_copy is not None
     assert next(tracker.encoder.parameters()).dtype == torch.bfloat16
+    assert next(tracker.attention.parameters()).dtype == torch.bfloat16
+    assert next(tiny_video_model.memory_attention.parameters()).dtype == torch.float32
     assert next(tiny_video_model.image_encoder.parameters()).dtype == torch.float32
     video = open_video(CLIP)
     h, w = video.size

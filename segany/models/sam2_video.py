@@ -137,19 +137,30 @@ class Sam2Video(Sam2):
         memory: torch.Tensor | None,
         memory_pos: torch.Tensor | None,
         num_obj_ptr_tokens: int = 0,
+        *,
+        attention: nn.Module | None = None,
     ) -> torch.Tensor:
         """Stride-16 map ``(B, C, h, w)`` and its encoding -> the map conditioned on
         ``memory`` / ``memory_pos`` ``(B, M, mem_dim)``; without memory (the first
-        prompted frame) the map plus ``no_mem_embed``."""
+        prompted frame) the map plus ``no_mem_embed``. ``attention``: runs instead of
+        :attr:`memory_attention` (e.g. a bfloat16 copy: the inputs are cast to its dtype,
+        the output back to the map's)."""
         if memory is None:
             return features + self.no_mem_embed.view(1, -1, 1, 1)
         b, c, h, w = features.shape
-        x = features.flatten(2).transpose(1, 2)
-        p = pos.flatten(2).transpose(1, 2).expand(b, -1, -1)
-        out = self.memory_attention(
-            x, p, memory, memory_pos, size=(h, w), num_obj_ptr_tokens=num_obj_ptr_tokens
+        att = self.memory_attention if attention is None else attention
+        dt = next(att.parameters()).dtype
+        x = features.flatten(2).transpose(1, 2).to(dt)
+        p = pos.flatten(2).transpose(1, 2).expand(b, -1, -1).to(dt)
+        out = att(
+            x,
+            p,
+            memory.to(dt),
+            memory_pos.to(dt),
+            size=(h, w),
+            num_obj_ptr_tokens=num_obj_ptr_tokens,
         )
-        return out.transpose(1, 2).reshape(b, c, h, w)
+        return out.to(features.dtype).transpose(1, 2).reshape(b, c, h, w)
 
     def memory_tokens(
         self, features: torch.Tensor, pos: torch.Tensor, t_pos: int

@@ -32,6 +32,7 @@ share their private state; split, each would reach into the other.)
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -261,7 +262,9 @@ class Sam2Session:
             if is_init:
                 cond = model.condition(raw, pos, None, None)
             else:
-                cond = model.condition(raw, pos, *self._memory(idx, frame, reverse))
+                cond = model.condition(
+                    raw, pos, *self._memory(idx, frame, reverse), attention=self.tracker.attention
+                )
             heads = self._heads(cond, high_res, points, prev_logits, is_init)
         maskmem = None
         if encode:
@@ -463,6 +466,9 @@ class Sam2Tracker:
             bfloat16 copy of a predictor made with ``precision="bf16"``
             (:attr:`~segany.predictor.Predictor.encoder_copy`; masks then differ from
             fp32's, see docs/sam2.md); ``None``: the model's own.
+        attention: runs instead of the model's memory attention, e.g. a bfloat16 copy
+            (:func:`tracker_for` makes one for a ``precision="bf16"`` predictor; masks
+            differ from fp32's, docs/video.md); ``None``: the model's own.
     """
 
     def __init__(
@@ -477,11 +483,13 @@ class Sam2Tracker:
         binarize_mask_from_pts: bool = True,
         memory_window: int | None = 16,
         encoder: torch.nn.Module | None = None,
+        attention: torch.nn.Module | None = None,
     ) -> None:
         if not isinstance(model, Sam2Video):
             raise TypeError("SAM 2 tracking needs a SAM 2 model with its video memory")
         self.model = model
         self.encoder = encoder
+        self.attention = attention
         self.fill_hole_area = fill_hole_area
         self.non_overlap_masks = non_overlap_masks
         self.add_all_frames_to_correct_as_cond = add_all_frames_to_correct_as_cond
@@ -571,7 +579,14 @@ def fill_holes(logits: torch.Tensor, max_area: int) -> torch.Tensor:
 
 def tracker_for(predictor: Predictor) -> PropagationTracker | Sam2Tracker:
     """The tracker a predictor's model can run: SAM 2's memory tracker for a model with
-    its video memory, the propagation tracker otherwise."""
+    its video memory, the propagation tracker otherwise. With ``precision="bf16"`` the
+    SAM 2 tracker encodes frames with the predictor's bfloat16 encoder and runs a bfloat16
+    copy of the memory attention."""
     if isinstance(predictor.model, Sam2Video):
-        return Sam2Tracker(predictor.model, encoder=predictor.encoder_copy)
+        encoder = predictor.encoder_copy
+        attention = None
+        if encoder is not None:
+            dtype = next(encoder.parameters()).dtype
+            attention = copy.deepcopy(predictor.model.memory_attention).to(dtype)
+        return Sam2Tracker(predictor.model, encoder=encoder, attention=attention)
     return PropagationTracker(predictor)
