@@ -10,7 +10,8 @@ frames (``propagate``, one object). Printed: the CPU model, per side the seconds
 frames per second of the propagation (median over rounds), the ratio segany /
 reference of the frames per second, and per segany side how far its logits at video size
 are from the reference's on every frame (last round): relative L2, and the share of
-confident pixels (reference logit beyond +-1) whose sign differs.
+confident pixels (reference logit beyond +-1) whose sign differs; with ``--bf16`` also
+the bf16 side against segany's fp32 side (the drift bf16 adds).
 
     python benchmarks/bench_sam2_video.py --reference-python \\
         ~/.cache/segany-reference/venv/bin/python [--config sam2.1_hiera_t] [--frames 12] [--bf16]
@@ -149,9 +150,12 @@ def main() -> None:
                 )
         import numpy as np
 
-        ref_masks = np.load(tmp / "reference.npz")
         agree = {}
-        for side in sides:
+        pairs = [(side, "reference") for side in sides]
+        if "segany-bf16" in sides:
+            pairs.append(("segany-bf16", "segany"))  # the drift of bf16 from our fp32
+        for side, base in pairs:
+            ref_masks = np.load(tmp / f"{base}.npz")
             ours = np.load(tmp / f"{side}.npz")
             rel, flips = [], []
             for f in ref_masks.files:
@@ -159,7 +163,7 @@ def main() -> None:
                 rel.append(float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-9)))
                 sure = np.abs(r) > 1
                 flips.append(float(((o[sure] > 0) != (r[sure] > 0)).mean()) if sure.any() else 0)
-            agree[side] = (rel, flips)
+            agree[(side, base)] = (rel, flips)
     print(f"CPU: {cpu_model()}; threads {a.threads}; {a.config}; {a.sequence} x {a.frames} frames")
     fps = {}
     for side, rs in runs.items():
@@ -173,9 +177,9 @@ def main() -> None:
         print(f"{side} / reference frames per second: {fps[side] / fps['reference']:.2f}x")
     for side in runs:
         print(f"mask areas per frame, {side}: {runs[side][0]['areas']}")
-    for side, (rel, flips) in agree.items():
+    for (side, base), (rel, flips) in agree.items():
         print(
-            f"{side} against the reference, per frame: logits relative L2 mean {np.mean(rel):.2e}"
+            f"{side} against {base}, per frame: logits relative L2 mean {np.mean(rel):.2e}"
             f" (max {max(rel):.2e}); confident pixels (|logit| > 1) of another sign: mean "
             f"{np.mean(flips):.2e} (max {max(flips):.2e})"
         )
