@@ -95,6 +95,17 @@ def _wait_status(page, pattern: str, timeout: float = 20_000) -> str:
     return _status(page)
 
 
+def _wait_reported(page, pattern: str, timeout: float = 20_000) -> None:
+    """Wait until the status line or the toast says ``pattern``: a review action reports in
+    both, and in reviewer mode the next image may open (and set the status) at once."""
+    page.wait_for_function(
+        "(p) => [document.querySelector('#status'), document.querySelector('#toast')]"
+        ".some((e) => new RegExp(p).test(e.textContent))",
+        arg=pattern,
+        timeout=timeout,
+    )
+
+
 def _n(svc, path: str = "a.png") -> int:
     return len(svc.store.annotations(svc.store.image_by_path(path).id, light=True))
 
@@ -218,7 +229,7 @@ def test_review_return_resubmit_approve(browser, tiny_app):
         assert svc.work.get(a_id).review == "submitted"
         bob.locator("#review-text").fill("the red box is missing")
         bob.locator("#return").click()
-        _wait_status(bob, "^returned a.png to alice")
+        _wait_reported(bob, "^returned a.png to alice")
         w = svc.work.get(a_id)
         assert (w.review, w.comment) == ("returned", "the red box is missing")
 
@@ -240,7 +251,7 @@ def test_review_return_resubmit_approve(browser, tiny_app):
         bob.locator("#reviewer-mode").check()  # the list of now: a.png waits again
         bob.wait_for_function("S.current.path === 'a.png' && S.current.review === 'submitted'")
         bob.locator("#approve").click()
-        _wait_status(bob, "^approved a.png")
+        _wait_reported(bob, "^approved a.png")
         assert svc.work.get(a_id).review == "approved"
         assert svc.store.image(a_id).done is True
         assert ea == [] and eb == []
