@@ -130,18 +130,19 @@ def torch_threads(n: int) -> Iterator[None]:
 
 class DecodeSlots:
     """At most ``concurrency`` model calls of a server at once (default: one per core), and
-    the torch threads of each prompt decode: ``threads``, or by default (``None``) the
+    the torch threads of each prompt decode: ``threads`` (default 1), or with ``None`` the
     cores the other decodes leave free when it starts (``cores // running``, at least 1).
 
-    One click alone on an idle server thus uses every core (half the latency on 2 cores);
-    under load each decode gets one core and the clicks run side by side instead of their
-    threads waiting for each other. ``with slots:`` holds a slot without touching the
+    One thread per decode and one decode per core is the default because it measured
+    best with 8 annotators (docs/performance.md: the adaptive count, every core for a click
+    alone, gave a p95 of 110-128 ms against 98-106 ms and more CPU per click, the threads
+    of concurrent decodes waiting for each other). ``with slots:`` holds a slot without touching the
     threads (for work that sets its own, such as pre-fill); ``with slots.decode():``
     holds one and runs the block with the decode's thread count (torch's OpenMP thread
     count is per thread, so concurrent request threads do not interfere)."""
 
     def __init__(
-        self, concurrency: int | None = None, threads: int | None = None, cores: int | None = None
+        self, concurrency: int | None = None, threads: int | None = 1, cores: int | None = None
     ) -> None:
         self.cores = max(1, cores or available_cpus())
         self.concurrency = max(1, concurrency or self.cores)

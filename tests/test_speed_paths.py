@@ -487,3 +487,23 @@ def test_decoder_context_shared_by_predictors_and_refreshed_after_training() -> 
     expected = fresh.predict(point_coords=pt, point_labels=lab).low_res_logits
     assert not np.allclose(before, after, atol=1e-3)
     np.testing.assert_allclose(after, expected, atol=1e-5)
+
+
+def test_decode_slots_bound_calls_and_set_each_decodes_threads() -> None:
+    """One thread per decode by default; with ``threads=None`` a decode alone gets every
+    core and two at once one each; never more than ``concurrency`` slots held; the thread
+    count is restored after each decode."""
+    from segany.runtime import DecodeSlots
+
+    before = torch.get_num_threads()
+    fixed = DecodeSlots(2, cores=4)
+    with fixed.decode() as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    adaptive = DecodeSlots(2, threads=None, cores=4)
+    with adaptive.decode() as n1:
+        assert n1 == 4 and torch.get_num_threads() == 4
+        with adaptive.decode() as n2:  # a second decode while the first runs
+            assert n2 == 2 and adaptive.running == adaptive.concurrency == 2
+    assert adaptive.running == 0 and torch.get_num_threads() == before
+    with adaptive as running:  # a slot without touching the threads (pre-fill)
+        assert running == 1 and torch.get_num_threads() == before

@@ -94,6 +94,25 @@ class AnnotationsMixin:
             updated_at=a.updated_at,
         )
 
+    def _chosen_mask(self, req: Any, owner: Any, size: tuple[int, int]) -> tuple:
+        """The mask a request names, as ``(rle, area, bbox, score, prompt)``: a kept
+        candidate of ``owner`` (``req.mask_id``; an image id, or ``(video id, frame)``) or
+        the client's own ``req.segmentation`` at ``size`` (H, W); exactly one of the two,
+        and not empty (422 otherwise)."""
+        if (req.segmentation is None) == (req.mask_id is None):
+            raise Unprocessable("give exactly one of 'segmentation' and 'mask_id'")
+        score, prompt = req.score, None
+        if req.mask_id is not None:
+            cand = self._candidate(req.mask_id, owner)
+            rle, area, bbox = cand.rle, cand.area, cand.bbox
+            score = cand.score if score is None else score
+            prompt = cand.prompt
+        else:
+            rle, area, bbox = canonical_rle(req.segmentation, size)
+        if area == 0:
+            raise Unprocessable("the mask is empty")
+        return rle, area, bbox, score, prompt
+
     def accept(
         self, image_id: int, req: AcceptRequest, user: UserRef, key: str | None = None
     ) -> AnnotationOut:
@@ -108,19 +127,7 @@ class AnnotationsMixin:
         self._check_writable(image_id, user)
         if im.status == "missing":
             raise NotFound(f"image file {im.path} is gone from the images folder")
-        if (req.segmentation is None) == (req.mask_id is None):
-            raise Unprocessable("give exactly one of 'segmentation' and 'mask_id'")
-        score = req.score
-        prompt = None
-        if req.mask_id is not None:
-            cand = self._candidate(req.mask_id, image_id)
-            rle, area, bbox = cand.rle, cand.area, cand.bbox
-            score = cand.score if score is None else score
-            prompt = cand.prompt
-        else:
-            rle, area, bbox = canonical_rle(req.segmentation, (im.height, im.width))
-        if area == 0:
-            raise Unprocessable("the mask is empty")
+        rle, area, bbox, score, prompt = self._chosen_mask(req, image_id, (im.height, im.width))
         reject: dict[int, tuple[str, str]] = {}
         if req.replaces is not None:
             old = self.store.annotation(req.replaces)

@@ -163,10 +163,9 @@ class AnnotationService(
         auth: whether every API call needs a token.
         prefetch: embed the next image of the queue in a background thread.
         model_concurrency: prompts decoded at the same time (default: one per CPU core).
-        decode_threads: torch threads of one prompt's decode (default ``None``: the cores
-            that other decodes leave free when it starts, see
-            :class:`~segany.runtime.DecodeSlots`: every core for a click alone, one each
-            when clicks come together).
+        decode_threads: torch threads of one prompt's decode (default 1: one thread per
+            decode and one decode per core measured best with several annotators; ``None``:
+            the cores the other decodes leave free, see :class:`~segany.runtime.DecodeSlots`).
         embed_threads: torch threads of the image encoder (default: every core).
         detector: the text detector of stage-2 pre-fills by class names: a catalogue name,
             hub id or folder (loaded on first use, once), or a ready detector object (see

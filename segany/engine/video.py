@@ -20,7 +20,6 @@ from ..files import find_images
 from ..predictor import ImageEmbedding, image_key
 from ..runtime import torch_threads
 from ..videos import VIDEO_SUFFIXES, VideoError, VideoSource, open_video
-from .annotations import canonical_rle
 from .images import safe_relpath
 from .schemas import (
     RLE,
@@ -301,18 +300,7 @@ class VideoMixin:
 
     def _mask_fields(self, v: Video, frame: int, req: MaskChoice) -> dict[str, Any]:
         """A key frame's row from a candidate of that frame or a client's RLE."""
-        if (req.segmentation is None) == (req.mask_id is None):
-            raise Unprocessable("give exactly one of 'segmentation' and 'mask_id'")
-        score, prompt = req.score, None
-        if req.mask_id is not None:
-            cand = self._candidate(req.mask_id, (v.id, frame))
-            rle, area, bbox = cand.rle, cand.area, cand.bbox
-            score = cand.score if score is None else score
-            prompt = cand.prompt
-        else:
-            rle, area, bbox = canonical_rle(req.segmentation, (v.height, v.width))
-        if area == 0:
-            raise Unprocessable("the mask is empty")
+        rle, area, bbox, score, prompt = self._chosen_mask(req, (v.id, frame), (v.height, v.width))
         return {"segmentation": rle, "area": area, "bbox": bbox, "score": score, "prompt": prompt}
 
     def create_track(self, video_id: int, req: TrackRequest, user: UserRef) -> TrackOut:

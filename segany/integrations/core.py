@@ -103,8 +103,8 @@ class ModelSession:
         memory_items: embeddings kept in memory.
         max_pixels: larger images are refused (413-like 422 with the limit).
         model_concurrency: prompts decoded at the same time (default: one per CPU).
-        decode_threads: torch threads of one decode (default: the cores other decodes
-            leave free, as the annotator; :class:`~segany.runtime.DecodeSlots`).
+        decode_threads: torch threads of one decode (default 1, as the annotator; ``None``:
+            the cores the other decodes leave free, :class:`~segany.runtime.DecodeSlots`).
         embed_threads: torch threads of the image encoder (default: every core).
         detector: the text detector for text prompts: a name, hub id or folder (loaded on
             first use), or a ready object with :class:`segany.text.Detector`'s interface.
@@ -120,7 +120,7 @@ class ModelSession:
         memory_items: int = 16,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         model_concurrency: int | None = None,
-        decode_threads: int | None = None,
+        decode_threads: int | None = 1,
         embed_threads: int | None = None,
         detector: str | os.PathLike[str] | Any | None = None,
     ) -> None:
@@ -142,7 +142,7 @@ class ModelSession:
             model_concurrency or available_cpus(), decode_threads, self.embed_threads
         )
         self.model_concurrency = self._decode.concurrency
-        self.decode_threads = decode_threads  #: None: adaptive (see DecodeSlots)
+        self.decode_threads = self._decode.threads  #: None: adaptive (see DecodeSlots)
         self._tls = threading.local()
         self._key_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
