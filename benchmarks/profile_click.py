@@ -1,7 +1,9 @@
 """Where the time of one click goes: torch profiler table of ``Predictor.predict`` (one
-positive point, three masks at image size) on a cached embedding.
+positive point, three masks at image size) on a cached embedding. ``--refine``: the
+annotator's later clicks instead (a positive and a negative point, one mask, the previous
+click's best low-res logits as ``mask_input``, the low-res logits read back).
 
-    .venv/bin/python benchmarks/profile_click.py [--threads 2] [--clicks 10]
+    .venv/bin/python benchmarks/profile_click.py [--threads 2] [--clicks 10] [--refine]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clicks", type=int, default=10)
     ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--refine", action="store_true", help="a click with a mask input")
     args = ap.parse_args()
 
     from skimage import data
@@ -35,15 +38,30 @@ def main() -> None:
     image = np.load(golden)["image"] if golden.is_file() else data.astronaut()
     pred.set_image(image)
     pt, lab = np.array([[200.0, 150.0]]), np.array([1])
+    first = pred.predict(point_coords=pt, point_labels=lab, multimask_output=True)
+
+    def click():
+        if not args.refine:
+            return pred.predict(point_coords=pt, point_labels=lab, multimask_output=True)
+        best = first.low_res_logits[int(np.argmax(first.scores))][None]
+        return pred.predict(
+            point_coords=np.array([[200.0, 150.0], [320.0, 400.0]]),
+            point_labels=np.array([1, 0]),
+            mask_input=best,
+            multimask_output=False,
+        ).low_res_logits
+
     for _ in range(5):
-        pred.predict(point_coords=pt, point_labels=lab, multimask_output=True)
-    t = time.perf_counter()
+        click()
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(30):
-        pred.predict(point_coords=pt, point_labels=lab, multimask_output=True)
-    print(f"click: {(time.perf_counter() - t) / 30 * 1e3:.1f} ms ({args.threads} threads)")
+        click()
+    wall, cpu = (time.perf_counter() - t) / 30 * 1e3, (time.process_time() - c) / 30 * 1e3
+    kind = "refinement click" if args.refine else "click"
+    print(f"{kind}: {wall:.1f} ms, CPU {cpu:.1f} ms ({args.threads} threads)")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.clicks):
-            pred.predict(point_coords=pt, point_labels=lab, multimask_output=True)
+            click()
     print(f"totals over {args.clicks} clicks:")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
