@@ -137,7 +137,7 @@ def main() -> int:
     shutil.copy(ROOT / "examples" / "kitchen.jpg", images / "a-kitchen.jpg")
     z = np.load(ROOT / "tests" / "data" / "golden_coffee_small.npz")
     Image.fromarray(z["image"]).save(images / "b-coffee.png")
-    proc, base = start_server(images, work, ["--no-prefetch"])
+    proc, base = start_server(images, work, ["--no-prefetch", "--web-decoder"])
     rows = []
     try:
         for iid in (1, 2):  # embedded before the timed runs

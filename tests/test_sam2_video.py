@@ -16,6 +16,7 @@ least ``MASK_MARGIN`` from 0.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 from segany import compat
-from segany.models.memory import RoPEAttention, rotary_angles, rotate
+from segany.models.memory import RoPEAttention, chunked_attention, rotary_angles, rotate
 from segany.models.registry import build_model, sam2_custom
 from segany.models.sam2_video import Sam2Video
 from segany.video.sam2_tracker import Sam2Tracker
@@ -294,3 +295,50 @@ def test_bf16_predictor_tracks_with_its_bfloat16_encoder(monkeypatch, tiny_video
     for f in range(len(video)):
         m32, m16 = fp32.mask(f, 1), bf16.mask(f, 1)
         assert (m32 & m16).sum() / max((m32 | m16).sum(), 1) > 0.9, f
+
+
+def _plain_rope_attention(attn, q, k, v, size, n_excl):
+    """The attention as written in SAM 2: project q, k, v, rotate, softmax(q k^T) v."""
+    cos, sin = rotary_angles(attn.head_dim, size)
+    heads = lambda x: x.unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(1, 2)  # noqa: E731
+    qh, kh, vh = heads(attn.q_proj(q)), heads(attn.k_proj(k)), heads(attn.v_proj(v))
+    qh = rotate(qh, cos, sin)
+    n_rot = kh.shape[-2] - n_excl
+    rk = rotate(
+        kh[:, :, :n_rot], cos.repeat(n_rot // cos.shape[0], 1), sin.repeat(n_rot // cos.shape[0], 1)
+    )
+    kh = torch.cat([rk, kh[:, :, n_rot:]], dim=2)
+    p = torch.softmax(qh.double() @ kh.double().transpose(-2, -1) / attn.head_dim**0.5, -1)
+    out = (p @ vh.double()).float().transpose(1, 2).flatten(-2)
+    return attn.out_proj(out)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_memory_cross_attention_over_raw_values_equals_the_plain_form(heads):
+    # the memory's values (kv 8 channels) are narrower than a head (16): the attention runs
+    # over the raw values and projects afterwards; same result as projecting first
+    torch.manual_seed(0)
+    attn = RoPEAttention(embedding_dim=16 * heads, num_heads=heads, kv_in_dim=8)
+    with torch.no_grad():
+        attn.v_proj.bias.normal_()  # the bias must pass through the attention
+    q = torch.randn(1, 6, 16 * heads)
+    k = torch.randn(1, 6 * 3 + 4, 8)  # three 2x3 memories and four pointer tokens
+    v = torch.randn(1, 6 * 3 + 4, 8)
+    want = _plain_rope_attention(attn, q, k, v, (2, 3), 4)
+    got = attn(q, k, v, size=(2, 3), num_k_exclude_rope=4)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # bfloat16 (the tracker's bf16 copy) takes the chunked matrix products: close to fp32
+    bf = copy.deepcopy(attn).to(torch.bfloat16)
+    got_bf = bf(q.bfloat16(), k.bfloat16(), v.bfloat16(), size=(2, 3), num_k_exclude_rope=4)
+    rel = (got_bf.float() - want).norm() / want.norm()
+    assert got_bf.dtype == torch.bfloat16 and rel < 2e-2, rel
+
+
+def test_chunked_attention_equals_softmax_attention_across_chunk_edges():
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 2, 37, 8), torch.randn(1, 2, 11, 8), torch.randn(1, 2, 11, 5)
+    want = torch.softmax(q.double() @ k.double().transpose(-2, -1) / 8**0.5, -1) @ v.double()
+    for chunk in (1, 5, 37, 64):
+        got = chunked_attention(q, k, v, chunk=chunk)
+        assert got.shape == (1, 2, 37, 5)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
