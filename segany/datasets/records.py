@@ -333,9 +333,9 @@ class Dataset:
     """Images with masks, read from one source.
 
     ``kind`` is ``"coco"``, ``"sa1b"``, ``"store"``, ``"video"`` or ``"davis"``; ``source``
-    the file, folder or database read; ``categories`` COCO categories (one ``object`` class when the source
-    names none). Images are read on first use of :attr:`images` (all at once) or streamed
-    by :meth:`iter_images` (one at a time, for large SA-1B sets).
+    the file, folder or database read; ``categories`` COCO categories (one ``object`` class
+    when the source names none). Images are read on first use of :attr:`images` (all at
+    once) or streamed by :meth:`iter_images` (one at a time, for large SA-1B sets).
     """
 
     def __init__(

@@ -242,9 +242,10 @@ def read_video_files(
         data = loaded.get(f) or load_video_json(f)
         entries = _entries(str(f), data)
         single = images_may_be_the_video and len(files) == 1 and len(entries) == 1
+        stem = f.parent.name if f.name == TRACK_JSON else f.stem
         for v, anns in entries:
-            frames = _video_frames(str(f), v, anns, stem=f.parent.name if f.name == TRACK_JSON
-                                   else f.stem, images=images, single=single, start=start)  # fmt: skip
+            frames = _video_frames(str(f), v, anns, stem=stem, images=images, single=single,
+                                   start=start)  # fmt: skip
             start += len(frames)
             yield from frames
 

@@ -1,7 +1,7 @@
 """Training data: a dataset of :mod:`segany.datasets` (COCO, SA-1B loose or in shards, a
-``segany label`` output, the annotator's store, tracked videos) kept for training (crowd regions and masks
-below ``min_area`` left out), split into train and validation by image, and the ground
-truth mapped into the decoder's low-res frame.
+``segany label`` output, the annotator's store, tracked videos) kept for training (crowd
+regions and masks below ``min_area`` left out), split into train and validation by image,
+and the ground truth mapped into the decoder's low-res frame.
 
 A training image is a :class:`segany.datasets.ImageRecord` (its masks as compressed RLE,
 decoded only when a batch needs them; its image loaded from a file or a tar member).
