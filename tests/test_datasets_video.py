@@ -353,3 +353,19 @@ def test_train_on_davis_pngs(tmp_path: Path) -> None:
     meta = json.loads((tmp_path / "ft.json").read_text())
     assert meta["data"]["kind"] == "davis" and meta["data"]["masks"] == 6
     assert meta["steps_done"] == 1
+
+
+def test_evaluation_indexes_every_frames_own_masks(tmp_path: Path) -> None:
+    """Track ids repeat on every frame; the evaluator's COCO index (what COCOeval reads)
+    still gives each frame its own masks."""
+    from segany.eval.common import CocoDataset
+
+    _, res = _clip(tmp_path / "frames")
+    _write(tmp_path / "out" / "track.json", res, tmp_path / "frames")
+    ev = CocoDataset(tmp_path / "out")
+    coco = ev.coco
+    assert len(coco.anns) == 4  # 1 on frame 0, 1 and 2 on frame 1, 1 on frame 2
+    for im in ev.images:
+        got = coco.loadAnns(coco.getAnnIds(imgIds=[im.image_id]))
+        assert [a["image_id"] for a in got] == [im.image_id] * im.num_masks
+        assert [rle_to_mask(a["segmentation"]).tolist() for a in got] == im.masks().tolist()
