@@ -1,5 +1,7 @@
 """Video sources: a video file (PyAV, no system ffmpeg needed), a folder of frames, or a
-DAVIS sequence. Frames are read lazily, one at a time, as RGB uint8 ``(H, W, 3)``.
+DAVIS sequence. Frames are read lazily, one at a time, as RGB uint8 ``(H, W, 3)``. Also
+the reader of DAVIS annotation PNGs (:func:`read_davis_png`) and the lookup of a video by
+the name its outputs give it (:func:`find_video`).
 
 Every source names its frames (``00017`` for ``00017.jpg``; ``00000``, ``00001``, ... for
 the frames of a video file), so that outputs can be named after them as DAVIS does.
@@ -12,6 +14,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -204,3 +207,32 @@ def open_video(source: str | os.PathLike[str]) -> VideoSource:
             raise VideoError(f"{path} is one image; give a video or a folder of frames")
         return VideoFile(path)
     raise VideoError(f"{path}: no such video or folder")
+
+
+def find_video(folder: str | os.PathLike[str], name: str) -> Path | None:
+    """The video called ``name`` under ``folder``: ``folder/name`` (a frames folder or a
+    video file), else ``folder/name<suffix>`` for a suffix of :data:`VIDEO_SUFFIXES` (the
+    outputs name a video file without its suffix: ``segany label``'s JSON, the annotator's
+    DAVIS export); ``None`` when there is none."""
+    base = Path(folder).expanduser()
+    path = base / name
+    if path.is_dir() or path.is_file():
+        return path
+    for suffix in VIDEO_SUFFIXES:
+        for s in (suffix, suffix.upper()):
+            if (cand := base / f"{name}{s}").is_file():
+                return cand
+    return None
+
+
+def read_davis_png(path: str | os.PathLike[str] | IO[bytes]) -> np.ndarray:
+    """A DAVIS annotation PNG (a path or a binary file) -> ``(H, W)`` uint8 object ids.
+    Palette PNGs give their indices; a grayscale mask (DAVIS-2016: 0 / 255) gives 1 where
+    the value is above 127."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.mode == "P":
+            return np.asarray(img, dtype=np.uint8)
+        arr = np.asarray(img.convert("L"))
+    return (arr > 127).astype(np.uint8)

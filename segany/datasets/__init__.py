@@ -8,7 +8,10 @@ the writers.
 - :mod:`.coco`: COCO instances JSON, read (polygons, RLE, compressed RLE) and written;
 - :mod:`.sa1b`: SA-1B per-image JSON, loose or in tar shards (``segany label``'s output);
 - :mod:`.store`: the annotator's store (read-only);
-- :mod:`.video`: tracked videos (``segany track`` / ``segany label`` on videos) as frames;
+- :mod:`.video`: tracked videos (``segany track``, ``segany label`` on videos, the
+  annotator's video export; YouTube-VIS JSON) as frames, decoded one at a time;
+- :mod:`.davis`: DAVIS palette PNGs (``segany track``'s ``masks/``, the annotator's DAVIS
+  export, DAVIS itself) as frames;
 - :mod:`.open`: the sniffing rule;
 - :mod:`.png`, :mod:`.yolo`: write-only outputs of ``segany everything``.
 """
@@ -16,6 +19,7 @@ the writers.
 from __future__ import annotations
 
 from .coco import CATEGORY, CocoWriter, read_coco, to_coco
+from .davis import read_davis_dataset
 from .open import KINDS, open_dataset, sniff
 from .records import (
     Dataset,
@@ -49,6 +53,7 @@ __all__ = [
     "VideoFrame",
     "open_dataset",
     "read_coco",
+    "read_davis_dataset",
     "read_sa1b",
     "read_sa1b_dataset",
     "read_video_dataset",

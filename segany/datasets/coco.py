@@ -37,9 +37,16 @@ CATEGORY = dict(DEFAULT_CATEGORIES[0])
 def load_json(path: Path) -> Any:
     """A JSON file's content; :class:`DatasetError` naming the file if it cannot be read."""
     try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
         raise DatasetError(f"cannot read {path}: {exc}") from None
+    try:
+        return json.loads(raw)
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise DatasetError(
+            f"cannot read {path}: not valid JSON, cut short or damaged? ({len(raw)} bytes; "
+            f"{exc})"
+        ) from None
 
 
 def is_coco(data: Any) -> bool:

@@ -232,8 +232,9 @@ class ImageRecord:
     ``key`` names the image stably across runs (its file name, or its path relative to the
     dataset); ``image_id`` is the source's id; ``height`` / ``width`` the size the masks
     are at (the image must decode, EXIF-rotated, to that size); ``source`` where its bytes
-    are (:class:`ImageFile` or :class:`TarMember`); ``annotations`` its masks in source
-    order (crowd regions included, marked ``iscrowd``).
+    are (:class:`ImageFile`, :class:`TarMember`, or a video's frame,
+    :class:`segany.datasets.video.VideoFrame`, decoded when read); ``annotations`` its masks
+    in source order (crowd regions included, marked ``iscrowd``).
     """
 
     key: str
@@ -241,7 +242,7 @@ class ImageRecord:
     height: int
     width: int
     file_name: str
-    source: ImageFile | TarMember | Any  # or a video frame (segany.datasets.video)
+    source: ImageFile | TarMember | Any  # or a video frame (datasets.video.VideoFrame)
     annotations: tuple[MaskRecord, ...] = field(default=(), repr=False)
 
     @property
@@ -331,10 +332,10 @@ DEFAULT_CATEGORIES = ({"id": 1, "name": "object", "supercategory": "object"},)
 class Dataset:
     """Images with masks, read from one source.
 
-    ``kind`` is ``"coco"``, ``"sa1b"``, ``"store"`` or ``"video"``; ``source`` the file, folder or
-    database read; ``categories`` COCO categories (one ``object`` class when the source
-    names none). Images are read on first use of :attr:`images` (all at once) or streamed
-    by :meth:`iter_images` (one at a time, for large SA-1B sets).
+    ``kind`` is ``"coco"``, ``"sa1b"``, ``"store"``, ``"video"`` or ``"davis"``; ``source``
+    the file, folder or database read; ``categories`` COCO categories (one ``object`` class
+    when the source names none). Images are read on first use of :attr:`images` (all at
+    once) or streamed by :meth:`iter_images` (one at a time, for large SA-1B sets).
     """
 
     def __init__(

@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument(
             "--images",
             help="image folder, or a segany label output holding the images (default: "
-            "DATASET/images)",
+            "DATASET/images); tracked videos: the folder holding the videos by name",
         )
         q.add_argument("--embedding-cache", help="folder keeping image embeddings across runs")
         q.add_argument(

@@ -47,6 +47,13 @@ class CocoDataset:
         known = {c["id"] for c in data["categories"]}
         used = sorted({a["category_id"] for a in data["annotations"]} - known)
         data["categories"] += [{"id": c, "name": "object"} for c in used]
+        ids = [a["id"] for a in data["annotations"]]
+        if len(set(ids)) != len(ids):
+            # ids unique per image only (a video's track ids on every frame, SA-1B's per-image
+            # indices): pycocotools keys annotations by id, so COCOeval would read another
+            # image's ground truth for a repeated one; number them over the dataset
+            for k, a in enumerate(data["annotations"], start=1):
+                a["id"] = k
         self.name = ds.name
         self.path = Path(source)
         self.kind = ds.kind

@@ -100,15 +100,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     defaults = TrainConfig()
     p = sub.add_parser(
         "train",
-        help="fine-tune SAM on masks (COCO, SA-1B layout, or the annotator's store)",
+        help="fine-tune SAM on masks (COCO, SA-1B layout, the annotator's store, tracked videos)",
         description="Fine-tune with SAM's simulated interactive recipe. Writes CKPT (a normal "
         "checkpoint: use it as --model anywhere) and beside it CKPT-stem.json (metadata), "
         ".train-state.pt (for --resume), .log.csv/.log.jsonl, .loss.png and .val.json "
         "(the held-out images as COCO, for `segany eval`).",
     )
-    p.add_argument("--data", required=True, help="COCO JSON or folder, SA-1B folder, or store")
+    p.add_argument("--data", required=True, help="COCO JSON or folder, SA-1B folder, store, "
+                   "tracked videos (track.json, segany label's videos/, the annotator's video "
+                   "export) or DAVIS PNGs")  # fmt: skip
     p.add_argument("--images", help="image folder (COCO: default DATA/images; store: the "
-                   "annotated folder)")  # fmt: skip
+                   "annotated folder; tracked videos: the folder holding the videos by name, "
+                   "or the one video)")  # fmt: skip
     p.add_argument(
         "--data-kind", default="auto", choices=KINDS,
         help="how to read --data (default: auto)",

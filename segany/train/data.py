@@ -1,7 +1,7 @@
 """Training data: a dataset of :mod:`segany.datasets` (COCO, SA-1B loose or in shards, a
-``segany label`` output, the annotator's store) kept for training (crowd regions and masks
-below ``min_area`` left out), split into train and validation by image, and the ground
-truth mapped into the decoder's low-res frame.
+``segany label`` output, the annotator's store, tracked videos) kept for training (crowd
+regions and masks below ``min_area`` left out), split into train and validation by image,
+and the ground truth mapped into the decoder's low-res frame.
 
 A training image is a :class:`segany.datasets.ImageRecord` (its masks as compressed RLE,
 decoded only when a batch needs them; its image loaded from a file or a tar member).
@@ -46,8 +46,8 @@ def open_source(
     kind: str = "auto",
     min_area: int = 1,
 ) -> Dataset:
-    """Open ``source`` with :func:`segany.datasets.open_dataset` (``kind``: ``coco``,
-    ``sa1b``, ``store`` or ``auto``; ``images``: the image folder) and keep it
+    """Open ``source`` with :func:`segany.datasets.open_dataset` (``kind``: one of
+    :data:`segany.datasets.KINDS`; ``images``: the image folder) and keep it
     :func:`for_training`. Raises :class:`DataError` when no usable mask is left."""
     data = for_training(open_dataset(source, images=images, kind=kind), min_area=min_area)
     if data.num_masks == 0:

@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 
 from .. import validate as V
-from ..videos import VideoError, davis_sequences, open_video
+from ..videos import VideoError, davis_sequences, open_video, read_davis_png
 from .metrics import score_sequence
-from .outputs import read_davis_png
 from .sam2_tracker import tracker_for
 from .tracker import ObjectPrompt, PropagationTracker
 

@@ -1,6 +1,8 @@
 """What a track is written as: DAVIS palette PNGs (one per frame, named after it, pixel value
 = object id), a COCO-style video JSON (the YouTube-VIS layout: per-frame RLE per track),
-and an overlay video (H.264 through PyAV). Also the reader of DAVIS annotation PNGs.
+and an overlay video (H.264 through PyAV). The reader of DAVIS annotation PNGs is
+:func:`segany.videos.read_davis_png` (the I/O layer the dataset reader uses too), also
+importable from here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from PIL import Image
 
 from .. import validate as V
 from ..files import atomic_write
-from ..videos import VideoSource
+from ..videos import VideoSource, read_davis_png
 from ..viz import overlay_masks
 from .tracker import TrackResult
 
@@ -42,16 +44,6 @@ def write_davis_png(path: str | os.PathLike[str] | IO[bytes], labels: np.ndarray
     img = Image.fromarray(labels.astype(np.uint8), mode="P")
     img.putpalette(davis_palette())
     img.save(path, format="PNG")
-
-
-def read_davis_png(path: str | os.PathLike[str]) -> np.ndarray:
-    """A DAVIS annotation PNG -> ``(H, W)`` uint8 object ids. Palette PNGs give their
-    indices; a grayscale mask (DAVIS-2016: 0 / 255) gives 1 where the value is above 127."""
-    img = Image.open(path)
-    if img.mode == "P":
-        return np.asarray(img, dtype=np.uint8)
-    arr = np.asarray(img.convert("L"))
-    return (arr > 127).astype(np.uint8)
 
 
 def write_davis(result: TrackResult, out: str | os.PathLike[str]) -> list[Path]:
@@ -150,3 +142,14 @@ def write_overlay_video(
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+__all__ = [
+    "davis_palette",
+    "read_davis_png",
+    "to_video_json",
+    "write_davis",
+    "write_davis_png",
+    "write_overlay_video",
+    "write_video_json",
+]

@@ -8,6 +8,7 @@ blue disc moving left)."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import threading
 import time
@@ -322,6 +323,29 @@ def test_tracks_propagation_correction_export_and_restart(
     z = zipfile.ZipFile(io.BytesIO(client.get("/api/export/davis?include_pending=1").content))
     lab2 = read_davis_png(io.BytesIO(z.read("Annotations/clip/2.png")))
     assert (lab2[discs[2]] == 2).all() and set(np.unique(lab2)) <= {0, 1, 2}
+
+    # both exports read back by the one dataset reader: frames with their objects' masks
+    from segany.datasets import open_dataset
+
+    (tmp_path / "export.json").write_text(json.dumps(both))
+    ds = open_dataset(tmp_path / "export.json")  # the frames where the export's source says
+    assert ds.kind == "video"
+    assert [im.key for im in ds.images] == [f"clip/{i}.png" for i in range(N)]
+    assert {c["name"] for c in ds.categories} == {"box", "ball"}
+    for f, im in enumerate(ds.images):
+        want = {a["track_id"]: a["segmentations"][f] for a in both["annotations"]}
+        want = {k: seg for k, seg in want.items() if seg is not None}
+        assert list(im.ann_ids) == sorted(want)
+        for m, mask in zip(im.annotations, im.masks(), strict=True):
+            assert mask.tolist() == rle_to_mask(want[m.id]).tolist()
+    davis = client.get("/api/export/davis?include_pending=1").content
+    (tmp_path / "davis.zip").write_bytes(davis)
+    dv = open_dataset(tmp_path / "davis.zip", images=video_dir)
+    assert dv.kind == "davis" and [im.key for im in dv.images] == [f"clip/{i}" for i in range(N)]
+    assert list(dv.images[2].ann_ids) == sorted(set(np.unique(lab2)) - {0})
+    for m, mask in zip(dv.images[2].annotations, dv.images[2].masks(), strict=True):
+        assert mask.tolist() == (lab2 == m.id).tolist()
+    assert dv.images[2].load().tolist() == ds.images[2].load().tolist()
 
     # a restart: the same tracks, masks and export from the database
     tracks = client.get(f"/api/videos/{vid}/tracks").json()
