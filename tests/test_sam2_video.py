@@ -315,8 +315,9 @@ def _plain_rope_attention(attn, q, k, v, size, n_excl):
 
 @pytest.mark.parametrize("heads", [1, 2])
 def test_memory_cross_attention_over_raw_values_equals_the_plain_form(heads):
-    # the memory's values (kv 8 channels) are narrower than a head (16): the attention runs
-    # over the raw values and projects afterwards; same result as projecting first
+    # float32 runs the fused kernel on projected values; bfloat16 (the tracker's bf16 copy)
+    # attends over the raw values (kv 8 channels, narrower than a head of 16) in chunked
+    # matrix products and projects afterwards: both the plain form's result
     torch.manual_seed(0)
     attn = RoPEAttention(embedding_dim=16 * heads, num_heads=heads, kv_in_dim=8)
     with torch.no_grad():
@@ -327,7 +328,6 @@ def test_memory_cross_attention_over_raw_values_equals_the_plain_form(heads):
     want = _plain_rope_attention(attn, q, k, v, (2, 3), 4)
     got = attn(q, k, v, size=(2, 3), num_k_exclude_rope=4)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # bfloat16 (the tracker's bf16 copy) takes the chunked matrix products: close to fp32
     bf = copy.deepcopy(attn).to(torch.bfloat16)
     got_bf = bf(q.bfloat16(), k.bfloat16(), v.bfloat16(), size=(2, 3), num_k_exclude_rope=4)
     rel = (got_bf.float() - want).norm() / want.norm()

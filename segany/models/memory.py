@@ -45,19 +45,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def chunked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk: int = 512
 ) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(D)) v`` computed ``chunk`` queries at a time: ``q``
-    ``(B, H, L, D)``, ``k`` ``(B, H, M, D)``, ``v`` ``(B, H or 1, M, Dv)`` -> ``(B, H, L,
-    Dv)``. ``Dv`` may differ from ``D`` (which :func:`F.scaled_dot_product_attention` runs
-    on its slow path), and the softmax is taken in float32 whatever the inputs' dtype, so
-    bfloat16 inputs run their two products as bfloat16 matrix products (on this project's
-    AMD EPYC with AVX512-BF16, 4x the float32 attention; the fused kernel gains nothing
-    there in bfloat16)."""
+    """``softmax(q k^T / sqrt(D)) v`` as plain matrix products, ``chunk`` queries at a time:
+    ``q`` ``(B, H, L, D)``, ``k`` ``(B, H, M, D)``, ``v`` ``(B, H or 1, M, Dv)`` -> ``(B, H,
+    L, Dv)``; ``Dv`` may differ from ``D``. For bfloat16 inputs on CPUs with bf16 units:
+    the fused kernel (:func:`F.scaled_dot_product_attention`) gains nothing from bfloat16
+    on the AMD EPYC (Zen 5, AVX512-BF16) measured for docs/video.md, while the two products
+    run as bfloat16 matrix products (the softmax rounds its float32 result to bfloat16, as
+    the products need it)."""
     kt = k.transpose(-2, -1)
-    scale = q.shape[-1] ** -0.5
+    q = q * q.shape[-1] ** -0.5
     out = []
     for i in range(0, q.shape[-2], chunk):
-        s = torch.matmul(q[..., i : i + chunk, :], kt) * scale
-        out.append(torch.matmul(torch.softmax(s, dim=-1, dtype=torch.float32).to(v.dtype), v))
+        out.append(torch.matmul(torch.softmax(torch.matmul(q[..., i : i + chunk, :], kt), -1), v))
     return torch.cat(out, dim=-2)
 
 
@@ -122,18 +121,17 @@ class RoPEAttention(nn.Module):
             grids = n_rot // cos.shape[0]
             rk = rotate(k[:, :, :n_rot], cos.repeat(grids, 1), sin.repeat(grids, 1))
             k = torch.cat([rk, k[:, :, n_rot:]], dim=2) if num_k_exclude_rope else rk
-        if v.shape[-1] < self.head_dim:
+        if q.dtype != torch.bfloat16:
+            out = F.scaled_dot_product_attention(q, k, heads(self.v_proj(v)))
+        elif v.shape[-1] < self.head_dim:
             # Values narrower than a head (the memory's 64 channels): attend over the raw
             # values, then project (the product with the attention is head_dim / kv times
             # smaller; the value bias passes through the attention, whose rows sum to 1).
             w = self.v_proj.weight.unflatten(0, (self.num_heads, self.head_dim))
-            out = chunked_attention(q, k, v.unsqueeze(1))
-            out = torch.matmul(out, w.transpose(-2, -1).to(out.dtype))
-            out = out + self.v_proj.bias.view(self.num_heads, 1, self.head_dim).to(out.dtype)
-        elif q.dtype == torch.bfloat16:
-            out = chunked_attention(q, k, heads(self.v_proj(v)))
+            out = torch.matmul(chunked_attention(q, k, v.unsqueeze(1)), w.transpose(-2, -1))
+            out = out + self.v_proj.bias.view(self.num_heads, 1, self.head_dim)
         else:
-            out = F.scaled_dot_product_attention(q, k, heads(self.v_proj(v)))
+            out = chunked_attention(q, k, heads(self.v_proj(v)))
         return self.out_proj(out.transpose(1, 2).reshape(b, -1, self.num_heads * self.head_dim))
 
 
