@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from segany import compat
-from segany.models.memory import RoPEAttention, chunked_attention, rotary_angles, rotate
+from segany.models.common import chunked_attention
+from segany.models.memory import RoPEAttention, rotary_angles, rotate
 from segany.models.registry import build_model, sam2_custom
 from segany.models.sam2_video import Sam2Video
 from segany.video.sam2_tracker import Sam2Tracker

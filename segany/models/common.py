@@ -18,6 +18,24 @@ def linear_plus(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> to
     return residual + layer(x)
 
 
+def chunked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk: int = 512
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D)) v`` as plain matrix products, ``chunk`` queries at a time:
+    ``q`` ``(B, H, L, D)``, ``k`` ``(B, H, M, D)``, ``v`` ``(B, H or 1, M, Dv)`` -> ``(B, H,
+    L, Dv)``; ``Dv`` may differ from ``D``. The bfloat16 models' attention: the fused kernel
+    (:func:`F.scaled_dot_product_attention`) gains little from bfloat16 on the AMD EPYC
+    (Zen 5, AVX512-BF16) measured in docs/video.md, while these two products run as
+    bfloat16 matrix products (the softmax rounds its float32 result to bfloat16, as the
+    products need it)."""
+    kt = k.transpose(-2, -1)
+    q = q * q.shape[-1] ** -0.5
+    out = []
+    for i in range(0, q.shape[-2], chunk):
+        out.append(torch.matmul(torch.softmax(torch.matmul(q[..., i : i + chunk, :], kt), -1), v))
+    return torch.cat(out, dim=-2)
+
+
 class LayerNorm2d(nn.Module):
     """Layer norm over the channel axis of a ``(B, C, H, W)`` tensor."""
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, linear_plus
+from .common import MLP, chunked_attention, linear_plus
 from .image_encoder import window_partition, window_unpartition
 
 
@@ -48,9 +48,11 @@ class MultiScaleAttention(nn.Module):
             q = _pool(q.reshape(b, h, w, -1), self.q_stride)
             h, w = q.shape[1:3]
             q = q.reshape(b, h * w, self.num_heads, -1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if q.dtype == torch.bfloat16:  # see chunked_attention
+            out = chunked_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
 

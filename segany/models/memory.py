@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, chunked_attention
 from .neck import sine_position_encoding
 
 
@@ -40,24 +40,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     a, b = pairs[..., 0], pairs[..., 1]
     out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
     return out.flatten(-2).type_as(x)
-
-
-def chunked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk: int = 512
-) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(D)) v`` as plain matrix products, ``chunk`` queries at a time:
-    ``q`` ``(B, H, L, D)``, ``k`` ``(B, H, M, D)``, ``v`` ``(B, H or 1, M, Dv)`` -> ``(B, H,
-    L, Dv)``; ``Dv`` may differ from ``D``. For bfloat16 inputs on CPUs with bf16 units:
-    the fused kernel (:func:`F.scaled_dot_product_attention`) gains nothing from bfloat16
-    on the AMD EPYC (Zen 5, AVX512-BF16) measured for docs/video.md, while the two products
-    run as bfloat16 matrix products (the softmax rounds its float32 result to bfloat16, as
-    the products need it)."""
-    kt = k.transpose(-2, -1)
-    q = q * q.shape[-1] ** -0.5
-    out = []
-    for i in range(0, q.shape[-2], chunk):
-        out.append(torch.matmul(torch.softmax(torch.matmul(q[..., i : i + chunk, :], kt), -1), v))
-    return torch.cat(out, dim=-2)
 
 
 class RoPEAttention(nn.Module):
