@@ -6,10 +6,10 @@ clicks and seconds it took), ``events`` (clicks and actions with timestamps, for
 measurements), ``users`` (annotators and the SHA-256 of their tokens), ``categories`` (the
 label set), ``trash`` (deleted objects, restorable with their id: queries in :mod:`.edits`),
 ``image_work`` (leases, review states, assignees), ``video_work`` (video leases) and
-``request_keys`` (the keys of retried writes; queried in :mod:`.work_store`), ``videos``, ``tracks`` and ``track_frames``
-(videos and the objects followed through them, one mask per frame; queried in
-:mod:`.video_store`) and ``segany_meta`` (schema version;
-:mod:`.migrate` brings older databases up to date).
+``request_keys`` (the keys of retried writes; queried in :mod:`.work_store`), ``videos``,
+``tracks`` and ``track_frames`` (videos and the objects followed through them, one mask per
+frame; queried in :mod:`.video_store`) and ``segany_meta`` (schema version; :mod:`.migrate`
+brings older databases up to date).
 
 Concurrent writers: changes of an annotation's status are conditional (``UPDATE ... WHERE
 status = <the status the caller saw>``), so two requests that both saw a pending object

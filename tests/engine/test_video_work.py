@@ -52,7 +52,9 @@ def _new_track(client, vid: int, frame: int = 0, headers: dict | None = None) ->
 
 
 # -- keyed writes ----------------------------------------------------------------------------
-def test_video_writes_with_one_key_are_applied_once(vclient, db_url, video_dir, tiny_predictor, tmp_path):  # noqa: F811,E501
+def test_video_writes_with_one_key_are_applied_once(
+    vclient, db_url, video_dir, tiny_predictor, tmp_path  # noqa: F811
+):
     client, svc = vclient
     _, squares, discs = _clip(N)
     vid = _video(client, "clip")["id"]
@@ -261,11 +263,14 @@ def _mask_body() -> dict:
 
 def _age(svc, table: str, column: str, where: str, seconds: float, now: float) -> None:
     with svc.store.session() as s:
-        s.execute(sa.text(f"UPDATE {table} SET {column} = :t WHERE {where}"), {"t": now - seconds})
+        q = f"UPDATE {table} SET {column} = :t WHERE {where}"
+        s.execute(sa.text(q), {"t": now - seconds})
         s.commit()
 
 
-def test_purge_drops_old_request_keys_and_trash_only(client, service, db_url, images_dir, tiny_predictor, tmp_path):  # noqa: E501
+def test_purge_drops_old_request_keys_and_trash_only(
+    client, service, db_url, images_dir, tiny_predictor, tmp_path
+):
     iid = image_id(client, "a.png")
     ids = []
     for k in ("accept-old-01", "accept-new-01", "accept-new-02"):
@@ -275,10 +280,11 @@ def test_purge_drops_old_request_keys_and_trash_only(client, service, db_url, im
         assert client.delete(f"/api/annotations/{a}").status_code == 204
     now = time.time()
     # one key and one trash entry just past their retention, one of each just inside it
-    _age(service, "request_keys", "created_at", "key = 'accept-old-01'", REQUEST_KEY_SECONDS + 1, now)
-    _age(service, "request_keys", "created_at", "key = 'accept-new-01'", REQUEST_KEY_SECONDS - 60, now)
-    _age(service, "trash", "deleted_at", f"annotation_id = {ids[0]}", TRASH_SECONDS + 1, now)
-    _age(service, "trash", "deleted_at", f"annotation_id = {ids[1]}", TRASH_SECONDS - 60, now)
+    keys, trash = ("request_keys", "created_at"), ("trash", "deleted_at")
+    _age(service, *keys, "key = 'accept-old-01'", REQUEST_KEY_SECONDS + 1, now)
+    _age(service, *keys, "key = 'accept-new-01'", REQUEST_KEY_SECONDS - 60, now)
+    _age(service, *trash, f"annotation_id = {ids[0]}", TRASH_SECONDS + 1, now)
+    _age(service, *trash, f"annotation_id = {ids[1]}", TRASH_SECONDS - 60, now)
 
     assert service.purger.run(now) == {"request_keys": 1, "trash": 1}
     assert [k[0] for k in _keys(service)] == ["accept-new-01", "accept-new-02"]
@@ -287,14 +293,15 @@ def test_purge_drops_old_request_keys_and_trash_only(client, service, db_url, im
     assert client.post(f"/api/annotations/{ids[1]}/restore").status_code == 200
     assert client.post(f"/api/annotations/{ids[0]}/restore").status_code == 404
     # a retry whose key was purged is a new write (the documented limit)
-    r = client.post(f"/api/images/{iid}/annotations", json=_mask_body(), headers=_key("accept-old-01"))
+    url = f"/api/images/{iid}/annotations"
+    r = client.post(url, json=_mask_body(), headers=_key("accept-old-01"))
     assert r.status_code == 201 and r.json()["id"] not in ids
     # the fresh key still answers its first write
-    r = client.post(f"/api/images/{iid}/annotations", json=_mask_body(), headers=_key("accept-new-02"))
+    r = client.post(url, json=_mask_body(), headers=_key("accept-new-02"))
     assert r.json()["id"] == ids[2]
 
     # at the start of a server: the rows past their retention go
-    _age(service, "request_keys", "created_at", "key = 'accept-new-01'", REQUEST_KEY_SECONDS + 5, time.time())
+    _age(service, *keys, "key = 'accept-new-01'", REQUEST_KEY_SECONDS + 5, time.time())
     svc2 = make_service(db_url, images_dir, tiny_predictor, tmp_path / "cache2", prefetch=False)
     try:
         assert [k[0] for k in _keys(svc2)] == ["accept-new-02", "accept-old-01"]
@@ -326,11 +333,17 @@ def test_upgrade_from_schema_6(tmp_path):
         c.execute(sa.text("DROP INDEX ix_trash_deleted_at"))
         c.execute(sa.text("ALTER TABLE tracks DROP COLUMN clicks"))
         c.execute(sa.text("ALTER TABLE tracks DROP COLUMN seconds"))
-        c.execute(sa.text("INSERT INTO videos (id, path, kind, width, height, length, names, "
-                          "files, size_bytes, mtime, status, created_at) VALUES (1, 'clip', "
-                          "'frames', 4, 4, 2, '[]', '[]', 0, 0, 'ok', 0)"))  # fmt: skip
-        c.execute(sa.text("INSERT INTO tracks (id, video_id, object_id, category, status, "
-                          "created_at, updated_at) VALUES (1, 1, 1, 'x', 'accepted', 0, 0)"))  # fmt: skip
+        video = (
+            "INSERT INTO videos (id, path, kind, width, height, length, names, files, "
+            "size_bytes, mtime, status, created_at) "
+            "VALUES (1, 'clip', 'frames', 4, 4, 2, '[]', '[]', 0, 0, 'ok', 0)"
+        )
+        track = (
+            "INSERT INTO tracks (id, video_id, object_id, category, status, created_at, "
+            "updated_at) VALUES (1, 1, 1, 'x', 'accepted', 0, 0)"
+        )
+        c.execute(sa.text(video))
+        c.execute(sa.text(track))
     eng.dispose()
     store = Store(url)
     try:
@@ -339,8 +352,8 @@ def test_upgrade_from_schema_6(tmp_path):
             assert int(v.scalar()) == SCHEMA_VERSION == 7
             assert s.execute(sa.text("SELECT COUNT(*) FROM video_work")).scalar() == 0
         insp = sa.inspect(store.engine)
-        assert {"ix_request_keys_created_at"} <= {i["name"] for i in insp.get_indexes("request_keys")}
-        assert {"ix_trash_deleted_at"} <= {i["name"] for i in insp.get_indexes("trash")}
+        names = {i["name"] for t in ("request_keys", "trash") for i in insp.get_indexes(t)}
+        assert {"ix_request_keys_created_at", "ix_trash_deleted_at"} <= names
         (t,) = VideoStore(store).tracks()
         assert (t.id, t.status, t.clicks, t.seconds) == (1, "accepted", 0, None)
         held, _ = WorkStore(store).take_lease(1, 1, "tab-one-0001", 60.0, "video")
