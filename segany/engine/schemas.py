@@ -350,6 +350,7 @@ class VideoOpenOut(_Model):
     #: with a page session (``X-Segany-Session``): the lease taken on open
     lock: LeaseOut | None = None
 
+
 class VideoList(_Model):
     videos: list[VideoOut]
 

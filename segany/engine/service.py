@@ -41,9 +41,9 @@ from .annotations import AnnotationsMixin, canonical_rle
 from .exports import ExportsMixin
 from .images import ImagesMixin, safe_relpath
 from .predictions import _LRU, PredictionsMixin, _Timer
-from .purge import Purger
 from .prefill import PrefillMixin
 from .prefill_jobs import PrefillJobsMixin
+from .purge import Purger
 from .schemas import (
     DEFAULT_MAX_PIXELS,
     MAX_CATEGORY,

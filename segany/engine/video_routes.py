@@ -21,7 +21,6 @@ from .schemas import (
     TrackOut,
     TrackRequest,
     TrackUpdate,
-    LeaseOut,
     VideoList,
     VideoOpenOut,
     VideoOut,
@@ -30,8 +29,9 @@ from .schemas import (
 
 
 def add_video_routes(app: FastAPI, service: Any, who: Any, key: Any) -> None:
-    """Videos, frames, clicks on frames, tracks, propagation jobs, video exports; the
-    leases of videos. Every write on tracks honours ``Idempotency-Key`` (:mod:`.video_work`)."""
+    """Videos (and opening one: its lease, :mod:`.video_work`), frames, clicks on frames,
+    tracks, propagation jobs, video exports. Every write on tracks honours
+    ``Idempotency-Key``. (The leases' routes are in :mod:`.work_routes`.)"""
 
     @app.get("/api/videos", response_model=VideoList)
     def videos(u: who) -> VideoList:
@@ -51,16 +51,6 @@ def add_video_routes(app: FastAPI, service: Any, who: Any, key: Any) -> None:
     def open_video(video_id: int, u: who) -> VideoOpenOut:
         """The video, its lease for the page session (``lock``), the object timer started."""
         return service.open_video(video_id, u)
-
-    @app.post("/api/videos/{video_id}/lease", response_model=LeaseOut)
-    def lease_video(video_id: int, u: who) -> LeaseOut:
-        """Take or renew the video's lease for the page session (as an image's)."""
-        return service.lease_video(video_id, u)
-
-    @app.delete("/api/videos/{video_id}/lease", status_code=204)
-    def release_video(video_id: int, u: who) -> Response:
-        service.release_video(video_id, u)
-        return Response(status_code=204)
 
     @app.get("/api/videos/{video_id}/frames/{frame}")
     def frame_image(video_id: int, frame: int, u: who) -> Response:

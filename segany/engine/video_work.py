@@ -21,7 +21,6 @@ one per annotator and video). A part of :class:`~.service.AnnotationService`.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from .predictions import video_timer
 from .schemas import Conflict, LeaseOut, TrackOut, UserRef, VideoOpenOut

@@ -16,7 +16,8 @@ from segany.engine.service import AnnotationService
 from segany.engine.store import Store
 
 from .helpers import server_thread
-from .test_network_e2e import _status, _wait_status
+from .test_network_e2e import _status
+from .test_network_e2e import _wait_status as _wait_status_of
 from .test_video_annotator import make_video_dir
 from .test_video_work import _keys
 
@@ -50,6 +51,20 @@ def _page(browser, base: str):
     page.locator("#videos li", has_text="clip").click()
     _frame(page, 0)
     return page, errors
+
+
+def _wait_status(page, pattern: str) -> str:
+    """:func:`.test_network_e2e._wait_status`, naming what the page shows when it times out."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        return _wait_status_of(page, pattern)
+    except PlaywrightTimeout:
+        shown = page.evaluate(
+            "['#status', '#toast', '#offline', '#lockbar']"
+            ".map((s) => s + ': ' + document.querySelector(s).textContent)"
+        )
+        raise AssertionError(f"the page never showed {pattern!r}; it shows {shown}") from None
 
 
 def _frame(page, k: int) -> None:

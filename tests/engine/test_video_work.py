@@ -53,7 +53,11 @@ def _new_track(client, vid: int, frame: int = 0, headers: dict | None = None) ->
 
 # -- keyed writes ----------------------------------------------------------------------------
 def test_video_writes_with_one_key_are_applied_once(
-    vclient, db_url, video_dir, tiny_predictor, tmp_path  # noqa: F811
+    vclient,
+    db_url,
+    video_dir,
+    tiny_predictor,
+    tmp_path,  # noqa: F811
 ):
     client, svc = vclient
     _, squares, discs = _clip(N)
@@ -80,9 +84,10 @@ def test_video_writes_with_one_key_are_applied_once(
 
     # a label edit and an accept, each repeated
     p = f"/api/tracks/{tid}"
-    assert client.patch(p, json={"category": "crate"}, headers=_key("label-0001")).json()[
-        "category"
-    ] == "crate"
+    assert (
+        client.patch(p, json={"category": "crate"}, headers=_key("label-0001")).json()["category"]
+        == "crate"
+    )
     assert client.patch(p, json={"category": "bin"}).json()["category"] == "bin"
     r = client.patch(p, json={"category": "crate"}, headers=_key("label-0001"))
     assert r.status_code == 200 and r.json()["category"] == "bin"  # nothing written again
@@ -100,8 +105,9 @@ def test_video_writes_with_one_key_are_applied_once(
     assert same.status_code == 202 and same.json()["id"] == job["id"]
     job = _wait(client, job)
     assert (job["state"], job["frames_saved"]) == ("done", N - 2)
-    assert client.post(f"{p}/propagate", json={}, headers=_key("propagate-01")).json()["id"] == (
-        job["id"]
+    assert (
+        client.post(f"{p}/propagate", json={}, headers=_key("propagate-01")).json()["id"]
+        == (job["id"])
     )
     assert len(_keys(svc, "propagate")) == 1
     svc2 = make_service(db_url, video_dir, tiny_predictor, tmp_path / "cache2", prefetch=False)
