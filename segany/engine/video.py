@@ -147,7 +147,11 @@ class VideoMixin:
 
     # -- videos and frames -------------------------------------------------------------------
     def _video_out(
-        self, v: Video, tracks: list[Track] | None = None, viewer: UserRef | None = None
+        self,
+        v: Video,
+        tracks: list[Track] | None = None,
+        viewer: UserRef | None = None,
+        leases: dict[int, Any] | None = None,
     ) -> VideoOut:
         if tracks is None:
             tracks = self.video_store.tracks(v.id)
@@ -164,16 +168,18 @@ class VideoMixin:
             names=list(v.names or []),
             tracks=len(tracks),
             accepted=sum(1 for t in tracks if t.status == "accepted"),
-            locked_by=self._video_locked_by(v.id, viewer),
+            locked_by=self._video_locked_by(v.id, viewer, leases),
         )
 
     def list_videos(self, viewer: UserRef | None = None) -> VideoList:
         tracks: dict[int, list[Track]] = {}
         for t in self.video_store.tracks():
             tracks.setdefault(t.video_id, []).append(t)
+        leases = self.work.video_leases()
         return VideoList(
             videos=[
-                self._video_out(v, tracks.get(v.id, []), viewer) for v in self.video_store.videos()
+                self._video_out(v, tracks.get(v.id, []), viewer, leases)
+                for v in self.video_store.videos()
             ]
         )
 

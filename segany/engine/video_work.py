@@ -21,6 +21,7 @@ one per annotator and video). A part of :class:`~.service.AnnotationService`.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from .predictions import video_timer
 from .schemas import Conflict, LeaseOut, TrackOut, UserRef, VideoOpenOut
@@ -63,9 +64,13 @@ class VideoWorkMixin:
         if user.session is not None:
             self.work.release_lease(video_id, user.id, user.session, "video")
 
-    def _video_locked_by(self, video_id: int, viewer: UserRef | None) -> str | None:
-        """Who holds the video's lease, when not the viewer's page (``None``: free)."""
-        holder = lease_holder(self.work.video_lease(video_id))
+    def _video_locked_by(
+        self, video_id: int, viewer: UserRef | None, leases: dict[int, Any] | None = None
+    ) -> str | None:
+        """Who holds the video's lease, when not the viewer's page (``None``: free);
+        ``leases``: every video's lease row (read here when not given)."""
+        w = self.work.video_lease(video_id) if leases is None else leases.get(video_id)
+        holder = lease_holder(w)
         if holder is None or (viewer is not None and holder == (viewer.id, viewer.session)):
             return None
         return self._names().get(holder[0], "?")

@@ -174,6 +174,11 @@ class WorkStore:
         with self.store.session() as s:
             return s.get(VideoWork, video_id)
 
+    def video_leases(self) -> dict[int, VideoWork]:
+        """Every video's lease row, by video id."""
+        with self.store.session() as s:
+            return {w.video_id: w for w in s.scalars(select(VideoWork))}
+
     # -- review --------------------------------------------------------------------------
     def set_review(
         self,

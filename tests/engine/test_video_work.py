@@ -53,11 +53,11 @@ def _new_track(client, vid: int, frame: int = 0, headers: dict | None = None) ->
 
 # -- keyed writes ----------------------------------------------------------------------------
 def test_video_writes_with_one_key_are_applied_once(
-    vclient,
+    vclient,  # noqa: F811
     db_url,
-    video_dir,
+    video_dir,  # noqa: F811
     tiny_predictor,
-    tmp_path,  # noqa: F811
+    tmp_path,
 ):
     client, svc = vclient
     _, squares, discs = _clip(N)
