@@ -148,6 +148,8 @@ def test_video_key_frame_offline_saved_once_and_second_tab_read_only(browser, vi
     assert lock.is_visible()
     assert lock.inner_text().startswith("Locked by local (another tab): read-only here")
     assert "leaves the video" in lock.inner_text()
+    assert "\u2298" in two.locator("#videos li", has_text="clip").inner_text()  # the list says so
+    assert "\u2298" not in one.locator("#videos li", has_text="clip").inner_text()
     two.locator("#tracks li").first.click()  # select the object
     two.keyboard.press("ArrowRight")
     _frame(two, 1)

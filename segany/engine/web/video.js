@@ -38,8 +38,9 @@ function renderVideoList() {
     badge.className = "badge";
     badge.textContent = v.status !== "ok" ? v.status
       : `${v.length}f` + (v.tracks ? ` ${v.accepted}/${v.tracks}` : "");
+    if (v.locked_by && v.status === "ok") badge.textContent += " \u2298"; // as images locked by another page
     li.title = v.status !== "ok" ? v.error || "" : `${v.width}\u00d7${v.height}, ${v.length} frames, ` +
-      `${v.tracks} objects (${v.accepted} accepted)`;
+      `${v.tracks} objects (${v.accepted} accepted)` + (v.locked_by ? `, locked by ${v.locked_by}` : "");
     li.appendChild(badge);
     li.addEventListener("click", () => openVideo(v.id, 0).catch(fail));
     ul.appendChild(li);
