@@ -123,7 +123,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--lease-seconds",
         type=float,
         default=60.0,
-        help="an image stays locked to the page that opened it this long after the page "
+        help="an image or video stays locked to the page that opened it this long after the page "
         "stops renewing it (closed, offline; default: 60)",
     )
     p.add_argument(

@@ -19,8 +19,7 @@ from ..files import find_images
 from ..predictor import ImageEmbedding, Predictor, image_key
 from ..runtime import torch_threads
 from ..transforms import ImageError, load_image
-from . import georaster, predictions
-from .predictions import _Timer
+from . import georaster
 from .schemas import (
     BadRequest,
     DoneRequest,
@@ -223,8 +222,7 @@ class ImagesMixin:
             later = [i for i in ids if i > image_id]
             if next_id is not None or later:
                 self.prefetch(next_id if next_id is not None else later[0])
-        with self._timers_lock:
-            self._timers[(user.id, image_id)] = _Timer(start=predictions.clock())
+        self._start_timer(user, image_id)
         self._events.put(
             {
                 "ts": time.time(),

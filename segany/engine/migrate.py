@@ -21,6 +21,10 @@ new version number, so an interrupted upgrade is redone on the next start.
 - 5 -> 6: ``videos``, ``tracks`` and ``track_frames`` (the annotator's videos and the
   objects followed through them: :mod:`.video_store`), new tables created by the store
   before the upgrade, empty.
+- 6 -> 7: ``video_work`` (video leases: :mod:`.work_store`), a new table created by the
+  store before the upgrade, empty; ``tracks.clicks`` (0) and ``tracks.seconds`` (NULL: the
+  time of objects made before is not known); indexes on ``request_keys.created_at`` and
+  ``trash.deleted_at`` (the purge of old rows: :mod:`.purge`).
 """
 
 from __future__ import annotations
@@ -75,6 +79,12 @@ def upgrade(engine: Engine, target: int) -> None:
             conn.execute(
                 text("UPDATE segany_meta SET value = :v WHERE key = 'schema_version'"),
                 {"v": "6"},
+            )
+        if version < 7 <= target:  # ``video_work`` exists already (created by the store)
+            _to_7(conn)
+            conn.execute(
+                text("UPDATE segany_meta SET value = :v WHERE key = 'schema_version'"),
+                {"v": "7"},
             )
 
 
@@ -131,4 +141,20 @@ def _to_3(conn: Connection) -> None:
             conn.execute(
                 text("UPDATE annotations SET category = :n WHERE category = :o"),
                 {"n": known[key], "o": name},
+            )
+
+
+def _to_7(conn: Connection) -> None:
+    insp = inspect(conn)
+    tables = set(insp.get_table_names())
+    if "tracks" in tables:
+        cols = {c["name"] for c in insp.get_columns("tracks")}
+        if "clicks" not in cols:
+            conn.execute(text("ALTER TABLE tracks ADD COLUMN clicks INTEGER NOT NULL DEFAULT 0"))
+        if "seconds" not in cols:
+            conn.execute(text("ALTER TABLE tracks ADD COLUMN seconds FLOAT"))
+    for table, column in (("request_keys", "created_at"), ("trash", "deleted_at")):
+        if table in tables:
+            conn.execute(
+                text(f"CREATE INDEX IF NOT EXISTS ix_{table}_{column} ON {table} ({column})")
             )

@@ -26,6 +26,11 @@ def clock() -> float:
     return time.time()
 
 
+def video_timer(video_id: int) -> tuple[str, int]:
+    """The object timers' key of a video (an image's is its id)."""
+    return ("video", video_id)
+
+
 #: A pause between two actions of an annotator on an image longer than this counts as this
 #: much (idle time, e.g. a coffee break with the image open, is not annotation time).
 IDLE_CAP = 60.0
@@ -225,7 +230,13 @@ class PredictionsMixin:
             )
         return outs, int(np.argmax(pred.scores))
 
-    def _count_click(self, user: UserRef, image_id: int) -> None:
+    def _start_timer(self, user: UserRef, owner: Any) -> None:
+        """Start the next object's timer on ``owner`` (an image id; for a video
+        :func:`video_timer`), as when it is opened."""
+        with self._timers_lock:
+            self._timers[(user.id, owner)] = _Timer(start=clock())
+
+    def _count_click(self, user: UserRef, image_id: Any) -> None:
         """One prompt of the object in progress (decoded here, or in the page)."""
         with self._timers_lock:
             now = clock()
@@ -233,7 +244,7 @@ class PredictionsMixin:
             t.tick(now)
             t.clicks += 1
 
-    def _take_timer(self, user: UserRef, image_id: int) -> tuple[int, float | None]:
+    def _take_timer(self, user: UserRef, image_id: Any) -> tuple[int, float | None]:
         now = clock()
         with self._timers_lock:
             t = self._timers.pop((user.id, image_id), None)

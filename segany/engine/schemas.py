@@ -115,11 +115,13 @@ class RescanOut(_Model):
 
 
 class LeaseOut(_Model):
-    """The image's lease as seen by the caller's page session: ``held`` (the page may
-    write), or ``by`` whom it is held (the page is read-only until it expires); and the
-    embedding and image status, so the page's status line stays current."""
+    """The image's (or video's) lease as seen by the caller's page session: ``held`` (the
+    page may write), or ``by`` whom it is held (the page is read-only until it expires);
+    and the embedding and image status, so the page's status line stays current (a video:
+    its status; its frames are embedded on their first click)."""
 
-    image_id: int
+    image_id: int | None = None
+    video_id: int | None = None
     held: bool
     by: str | None = None
     expires_in: float = 0.0
@@ -339,6 +341,14 @@ class VideoOut(_Model):
     names: list[str] = Field(default_factory=list)
     tracks: int = 0
     accepted: int = 0
+    #: who holds the video's lease when it is not the caller's page (``None``: free)
+    locked_by: str | None = None
+
+
+class VideoOpenOut(_Model):
+    video: VideoOut
+    #: with a page session (``X-Segany-Session``): the lease taken on open
+    lock: LeaseOut | None = None
 
 
 class VideoList(_Model):
@@ -389,6 +399,9 @@ class TrackOut(_Model):
     frames: int
     model_id: str | None = None
     user: str | None = None
+    #: prompts and active seconds spent on the object (pauses capped at ``IDLE_CAP``)
+    clicks: int = 0
+    seconds: float | None = None
     updated_at: float
 
 

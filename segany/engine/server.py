@@ -318,7 +318,7 @@ def create_app(
         return service.create_user(req, u)
 
     add_work_routes(app, service, Who)  # leases, queue, review, pre-fill jobs
-    add_video_routes(app, service, Who)  # videos, frames, tracks, propagation, video exports
+    add_video_routes(app, service, Who, Key)  # videos, tracks, propagation, leases, exports
     add_model_routes(app, service)  # /api/model, /api/model/retrain (docs/training.md)
     app.add_middleware(
         guards.BodyLimit,

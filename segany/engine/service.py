@@ -17,7 +17,9 @@ fix, reject, events), :mod:`.prefill` (stage 2) and :mod:`.prefill_jobs` (in the
 background, with progress and cancel), :mod:`.work` (leases, queues, review, retried
 writes), :mod:`.exports` (COCO, SA-1B and YOLO out, COCO in; the videos' COCO video
 JSON and DAVIS PNGs), :mod:`.video` (videos, frames, clicks on frames, tracks) and
-:mod:`.video_jobs` (propagation in the background). Users, configuration, the model switch
+:mod:`.video_jobs` (propagation in the background) and :mod:`.video_work` (video leases,
+keyed track writes, video object timers); :mod:`.purge` drops old request keys and trash
+at start and then hourly, on keyed writes. Users, configuration, the model switch
 and the measurements are here.
 """
 
@@ -41,6 +43,7 @@ from .images import ImagesMixin, safe_relpath
 from .predictions import _LRU, PredictionsMixin, _Timer
 from .prefill import PrefillMixin
 from .prefill_jobs import PrefillJobsMixin
+from .purge import Purger
 from .schemas import (
     DEFAULT_MAX_PIXELS,
     MAX_CATEGORY,
@@ -81,6 +84,7 @@ from .store import SOURCES, STATUSES, Store, User
 from .video import VideoMixin
 from .video_jobs import VideoJobsMixin
 from .video_store import VideoStore
+from .video_work import VideoWorkMixin
 from .webdecoder import WebDecoderMixin
 from .work import WorkMixin
 from .work_store import WorkStore
@@ -149,6 +153,7 @@ class AnnotationService(
     WorkMixin,
     VideoMixin,
     VideoJobsMixin,
+    VideoWorkMixin,
 ):
     """The data engine behind the annotator.
 
@@ -202,6 +207,8 @@ class AnnotationService(
     ) -> None:
         self.store = store
         self.work = WorkStore(store)
+        self.purger = Purger(store)  # old request keys and trash entries (purge.py)
+        self.purger.run()
         self.lease_seconds = float(lease_seconds)
         self._jobs: dict[str, Any] = {}
         self._jobs_lock = threading.Lock()
@@ -232,7 +239,7 @@ class AnnotationService(
         self._decode = DecodeSlots(model_concurrency or cpus, decode_threads, self.embed_threads)
         self.model_concurrency = self._decode.concurrency
         self._candidates = _LRU(candidates_kept)
-        self._timers: dict[tuple[int, int], _Timer] = {}
+        self._timers: dict[tuple[int, Any], _Timer] = {}  # (user, image id or video_timer)
         self._timers_lock = threading.Lock()
         self._image_locks: dict[int, threading.Lock] = {}
         self._locks_lock = threading.Lock()

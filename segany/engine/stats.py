@@ -14,6 +14,14 @@ Undo (:mod:`.edits`): a restored object is no longer deleted (its ``restore`` ev
 the ``delete``); a fix whose accept was undone (the fix deleted, the pending object set back
 to pending: a ``status`` event marked ``unfix``) no longer counts as fixed, and counts again
 when the undo is redone (the fix's ``restore``).
+
+Videos are counted apart (``videos``, :class:`VideoStats`): objects (tracks) *proposed*
+(every object made, also those deleted since: their ``track_delete`` events), *accepted*,
+*pending* and *deleted*; per annotator (who made the object) and overall, the seconds per
+accepted object (its ``seconds``: the annotator's active time on the video, pauses capped
+at ``IDLE_CAP`` as for images, summed over the writes on that object: made, key frames,
+renamed, propagated, accepted; :mod:`.video_work`), clicks per accepted object (prompts on
+the video's frames), key frames per accepted object.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .store import Store
+from .store import Store, Track
+from .video_store import VideoStore
 
 
 class StatRow(BaseModel):
@@ -50,6 +59,30 @@ class PrefillStats(BaseModel):
     acceptance_rate: float | None
 
 
+class VideoStatRow(BaseModel):
+    annotator: str
+    #: objects made (tracks now), accepted among them, videos they are on
+    objects: int
+    accepted: int
+    videos: int
+    #: over the accepted objects with a time (made since schema 7)
+    seconds_per_object: float | None
+    median_seconds: float | None
+    clicks_per_object: float | None
+    key_frames_per_object: float | None
+
+
+class VideoStats(BaseModel):
+    videos_total: int
+    videos_annotated: int
+    proposed: int
+    accepted: int
+    pending: int
+    deleted: int
+    rows: list[VideoStatRow]
+    all: VideoStatRow
+
+
 class StatsOut(BaseModel):
     rows: list[StatRow]
     stages: list[StatRow]
@@ -61,6 +94,8 @@ class StatsOut(BaseModel):
     categories: dict[str, int]
     clicks_total: int
     undo_total: int
+    #: the videos' objects (tracks), apart from the images' figures
+    videos: VideoStats
 
 
 def _row(annotator: str, stage: int, items: list[Any]) -> StatRow:
@@ -86,6 +121,44 @@ def _deleted_prefill(data: dict[str, Any] | None) -> bool:
     return (data or {}).get("source") == "prefill"
 
 
+def _video_row(annotator: str, tracks: list[Track], keys: dict[int, int]) -> VideoStatRow:
+    acc = [t for t in tracks if t.status == "accepted"]
+    secs = [t.seconds for t in acc if t.seconds is not None]
+    return VideoStatRow(
+        annotator=annotator,
+        objects=len(tracks),
+        accepted=len(acc),
+        videos=len({t.video_id for t in tracks}),
+        seconds_per_object=round(statistics.fmean(secs), 2) if secs else None,
+        median_seconds=round(statistics.median(secs), 2) if secs else None,
+        clicks_per_object=round(statistics.fmean(t.clicks for t in acc), 2) if acc else None,
+        key_frames_per_object=(
+            round(statistics.fmean(keys.get(t.id, 0) for t in acc), 2) if acc else None
+        ),
+    )
+
+
+def video_stats(store: Store, names: dict[int, str], deleted: int) -> VideoStats:
+    """The videos' section of the stats (``deleted``: the ``track_delete`` events)."""
+    vs = VideoStore(store)
+    tracks = vs.tracks()
+    keys = {tid: len(k) for tid, (k, _) in vs.frame_counts([t.id for t in tracks]).items()}
+    per_user: dict[str, list[Track]] = defaultdict(list)
+    for t in tracks:
+        per_user[names.get(t.user_id, "?") if t.user_id is not None else "?"].append(t)
+    accepted = sum(1 for t in tracks if t.status == "accepted")
+    return VideoStats(
+        videos_total=sum(1 for v in vs.videos() if v.status == "ok"),
+        videos_annotated=len({t.video_id for t in tracks if t.status == "accepted"}),
+        proposed=len(tracks) + deleted,
+        accepted=accepted,
+        pending=len(tracks) - accepted,
+        deleted=deleted,
+        rows=[_video_row(who, ts, keys) for who, ts in sorted(per_user.items())],
+        all=_video_row("all", tracks, keys),
+    )
+
+
 def compute(store: Store) -> StatsOut:
     names = {u.id: u.name for u in store.users()}
     anns = store.annotations(light=True)
@@ -100,7 +173,9 @@ def compute(store: Store) -> StatsOut:
     stages = [_row("all", stage, items) for stage, items in sorted(per_stage.items())]
 
     pre = [a for a in anns if a.source == "prefill"]
-    events = store.events(kinds=["accept", "predict", "undo", "delete", "restore", "status"])
+    events = store.events(
+        kinds=["accept", "predict", "undo", "delete", "restore", "status", "track_delete"]
+    )
     fixed = sum(
         1 for e in events if e.kind in ("accept", "restore") and (e.data or {}).get("replaces")
     ) - sum(1 for e in events if e.kind == "status" and (e.data or {}).get("unfix"))
@@ -135,4 +210,5 @@ def compute(store: Store) -> StatsOut:
         categories=dict(sorted(cats.items())),
         clicks_total=sum(1 for e in events if e.kind == "predict"),
         undo_total=sum(1 for e in events if e.kind == "undo"),
+        videos=video_stats(store, names, sum(1 for e in events if e.kind == "track_delete")),
     )

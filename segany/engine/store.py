@@ -5,11 +5,11 @@ COCO RLE segmentation, category, status, stage and source, the model that produc
 clicks and seconds it took), ``events`` (clicks and actions with timestamps, for the
 measurements), ``users`` (annotators and the SHA-256 of their tokens), ``categories`` (the
 label set), ``trash`` (deleted objects, restorable with their id: queries in :mod:`.edits`),
-``image_work`` (leases, review states, assignees) and ``request_keys`` (the keys of retried
-writes; both queried in :mod:`.work_store`), ``videos``, ``tracks`` and ``track_frames``
-(videos and the objects followed through them, one mask per frame; queried in
-:mod:`.video_store`) and ``segany_meta`` (schema version;
-:mod:`.migrate` brings older databases up to date).
+``image_work`` (leases, review states, assignees), ``video_work`` (video leases) and
+``request_keys`` (the keys of retried writes; queried in :mod:`.work_store`), ``videos``,
+``tracks`` and ``track_frames`` (videos and the objects followed through them, one mask per
+frame; queried in :mod:`.video_store`) and ``segany_meta`` (schema version; :mod:`.migrate`
+brings older databases up to date).
 
 Concurrent writers: changes of an annotation's status are conditional (``UPDATE ... WHERE
 status = <the status the caller saw>``), so two requests that both saw a pending object
@@ -76,7 +76,9 @@ from .migrate import SchemaTooNew, category_key, upgrade
 #: 4: ``image_work`` and ``request_keys`` (queries in :mod:`.work_store`). 5: ``trash``
 #: (:mod:`.edits`; new SQLite databases also give each annotation id once: AUTOINCREMENT).
 #: 6: ``videos``, ``tracks`` and ``track_frames`` (queries in :mod:`.video_store`).
-SCHEMA_VERSION = 6
+#: 7: ``video_work`` (video leases), ``tracks.clicks`` / ``tracks.seconds``, the indexes of
+#: ``request_keys.created_at`` and ``trash.deleted_at`` (their purge: :mod:`.purge`).
+SCHEMA_VERSION = 7
 
 #: Annotation statuses: ``accepted`` objects are the dataset; ``pending`` ones wait for review
 #: (stage-2 pre-fill, imports); ``rejected`` pre-fills are kept for the measurements.
@@ -201,10 +203,19 @@ class Trash(Base):
     replaces_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
     row: Mapped[dict[str, Any]] = mapped_column(JSON)
     user_id: Mapped[int | None] = mapped_column(Integer, default=None)
-    deleted_at: Mapped[float] = mapped_column(Float, default=time.time)
+    deleted_at: Mapped[float] = mapped_column(Float, default=time.time, index=True)
 
 
-class ImageWork(Base):
+class LeaseColumns:
+    """The lease of a page session on what it annotates (an image or a video): who holds
+    it, from which tab, until when (one lease system for both: :mod:`.work_store`)."""
+
+    lease_user_id: Mapped[int | None] = mapped_column(Integer, default=None)
+    lease_session: Mapped[str | None] = mapped_column(String(64), default=None)
+    lease_expires: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class ImageWork(LeaseColumns, Base):
     """An image's lease, review state and assignee (queries: :mod:`.work_store`)."""
 
     __tablename__ = "image_work"
@@ -219,9 +230,15 @@ class ImageWork(Base):
     reviewer_id: Mapped[int | None] = mapped_column(Integer, default=None)
     comment: Mapped[str | None] = mapped_column(Text, default=None)
     review_at: Mapped[float | None] = mapped_column(Float, default=None)
-    lease_user_id: Mapped[int | None] = mapped_column(Integer, default=None)
-    lease_session: Mapped[str | None] = mapped_column(String(64), default=None)
-    lease_expires: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class VideoWork(LeaseColumns, Base):
+    """A video's lease (queries: :mod:`.work_store`; schema 7)."""
+
+    __tablename__ = "video_work"
+    video_id: Mapped[int] = mapped_column(
+        ForeignKey("videos.id", ondelete="CASCADE"), primary_key=True
+    )
 
 
 class RequestKey(Base):
@@ -232,12 +249,15 @@ class RequestKey(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(Integer)
     key: Mapped[str] = mapped_column(String(64))
-    #: ``accept`` (target: the image id), ``patch``, ``delete`` or ``restore`` (the annotation id)
+    #: ``accept`` (target: the image id), ``patch``, ``delete`` or ``restore`` (the annotation
+    #: id); for videos (:mod:`.video_keys`) ``track`` (the video id), ``key-frame``,
+    #: ``track-patch``, ``track-delete`` or ``propagate`` (the track id)
     kind: Mapped[str] = mapped_column(String(16))
     target: Mapped[int] = mapped_column(Integer)
-    #: the annotation the first attempt created or changed
+    #: the annotation the first attempt created or changed (for the video kinds: the track)
     annotation_id: Mapped[int | None] = mapped_column(Integer, default=None)
-    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    #: (indexed: keys older than :data:`.purge.REQUEST_KEY_SECONDS` are purged)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time, index=True)
 
 
 class Video(Base):
@@ -282,6 +302,10 @@ class Track(Base):
     user_id: Mapped[int | None] = mapped_column(
         ForeignKey("users.id", ondelete="SET NULL"), default=None
     )
+    #: prompts on the video's frames and active seconds (pauses capped at ``IDLE_CAP``)
+    #: spent on this object, summed over its writes (schema 7)
+    clicks: Mapped[int] = mapped_column(Integer, default=0)
+    seconds: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     updated_at: Mapped[float] = mapped_column(Float, default=time.time)
 

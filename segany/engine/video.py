@@ -21,6 +21,7 @@ from ..predictor import ImageEmbedding, image_key
 from ..runtime import torch_threads
 from ..videos import VIDEO_SUFFIXES, VideoError, VideoSource, open_video
 from .images import safe_relpath
+from .predictions import video_timer
 from .schemas import (
     RLE,
     Conflict,
@@ -40,6 +41,7 @@ from .schemas import (
     VideoRequest,
 )
 from .store import StoreConflict, Track, Video
+from .work_store import RequestRepeat
 
 #: Video files the rescan registers (a GIF stays an image in the annotator).
 VIDEO_FILE_SUFFIXES = tuple(s for s in VIDEO_SUFFIXES if s != ".gif")
@@ -144,7 +146,13 @@ class VideoMixin:
         return self._video_out(v)
 
     # -- videos and frames -------------------------------------------------------------------
-    def _video_out(self, v: Video, tracks: list[Track] | None = None) -> VideoOut:
+    def _video_out(
+        self,
+        v: Video,
+        tracks: list[Track] | None = None,
+        viewer: UserRef | None = None,
+        leases: dict[int, Any] | None = None,
+    ) -> VideoOut:
         if tracks is None:
             tracks = self.video_store.tracks(v.id)
         return VideoOut(
@@ -160,18 +168,23 @@ class VideoMixin:
             names=list(v.names or []),
             tracks=len(tracks),
             accepted=sum(1 for t in tracks if t.status == "accepted"),
+            locked_by=self._video_locked_by(v.id, viewer, leases),
         )
 
-    def list_videos(self) -> VideoList:
+    def list_videos(self, viewer: UserRef | None = None) -> VideoList:
         tracks: dict[int, list[Track]] = {}
         for t in self.video_store.tracks():
             tracks.setdefault(t.video_id, []).append(t)
+        leases = self.work.video_leases()
         return VideoList(
-            videos=[self._video_out(v, tracks.get(v.id, [])) for v in self.video_store.videos()]
+            videos=[
+                self._video_out(v, tracks.get(v.id, []), viewer, leases)
+                for v in self.video_store.videos()
+            ]
         )
 
-    def get_video(self, video_id: int) -> VideoOut:
-        return self._video_out(self._video(video_id))
+    def get_video(self, video_id: int, viewer: UserRef | None = None) -> VideoOut:
+        return self._video_out(self._video(video_id), viewer=viewer)
 
     def _video(self, video_id: int, *, usable: bool = False) -> Video:
         v = self.video_store.video(video_id)
@@ -256,6 +269,7 @@ class VideoMixin:
         self._check_prompt(req)
         owner = (v.id, frame)
         mask_input = self._mask_input(req, owner)
+        self._count_click(user, video_timer(v.id))
         outs, best = self._decode_prompt(self.frame_embedding(v, frame), req, mask_input, owner)
         ms = round((time.perf_counter() - t0) * 1e3, 2)
         return PredictOut(
@@ -285,6 +299,8 @@ class VideoMixin:
             frames=n,
             model_id=t.model_id,
             user=names.get(t.user_id) if t.user_id is not None else None,
+            clicks=int(t.clicks or 0),
+            seconds=t.seconds,
             updated_at=t.updated_at,
         )
 
@@ -303,30 +319,63 @@ class VideoMixin:
         rle, area, bbox, score, prompt = self._chosen_mask(req, (v.id, frame), (v.height, v.width))
         return {"segmentation": rle, "area": area, "bbox": bbox, "score": score, "prompt": prompt}
 
-    def create_track(self, video_id: int, req: TrackRequest, user: UserRef) -> TrackOut:
-        """A new object of the video, with its mask on ``req.frame`` (its first key frame)."""
+    def create_track(
+        self, video_id: int, req: TrackRequest, user: UserRef, key: str | None = None
+    ) -> TrackOut:
+        """A new object of the video, with its mask on ``req.frame`` (its first key frame).
+        ``key`` (``Idempotency-Key``): a repeat answers the first attempt's object."""
         v = self._video(video_id, usable=True)
+        request = self._keyed(user, key, "track", v.id)
+        if (first := self._first(request)) is not None:
+            return self._replay_track(first, request)
+        self._check_video_writable(v.id, user)
         self._check_frame(v, req.frame)
-        first = {"frame": req.frame, **self._mask_fields(v, req.frame, req)}
+        start = {"frame": req.frame, **self._mask_fields(v, req.frame, req)}
+        clicks, seconds = self._spent(user, v.id)
         fields = {"category": req.category, "status": "pending", "model_id": self.model_id}
+        fields.update(user_id=user.id, clicks=clicks, seconds=seconds)
         try:
-            t = self.video_store.add_track(v.id, {**fields, "user_id": user.id}, first)
+            t = self.video_store.add_track(v.id, fields, start, request=request)
+        except RequestRepeat as rep:  # a concurrent attempt with the same key won
+            return self._replay_track(rep.first, request)
         except StoreConflict as exc:
             raise Conflict(str(exc)) from None
         return self._track_out(t)
 
-    def set_key_frame(self, track_id: int, frame: int, req: MaskChoice, user: UserRef) -> TrackOut:
+    def set_key_frame(
+        self, track_id: int, frame: int, req: MaskChoice, user: UserRef, key: str | None = None
+    ) -> TrackOut:
         """Set (correct) the track's mask on ``frame``: a key frame, kept by every later
-        propagation; propagate from it to carry the correction forward."""
+        propagation; propagate from it to carry the correction forward. ``key``: as in
+        :meth:`create_track`."""
+        request = self._keyed(user, key, "key-frame", track_id)
+        if (first := self._first(request)) is not None:
+            return self._replay_track(first, request)
         t = self._track(track_id)
         v = self._video(t.video_id, usable=True)
+        self._check_video_writable(v.id, user)
         self._check_frame(v, frame)
-        self.video_store.set_key(t.id, frame, self._mask_fields(v, frame, req))
+        fields = self._mask_fields(v, frame, req)
+        try:
+            saved = self.video_store.set_key(
+                t.id, frame, fields, request=request, spent=self._spent(user, v.id)
+            )
+        except RequestRepeat as rep:
+            return self._replay_track(rep.first, request)
+        if not saved:
+            raise NotFound(f"no track with id {track_id}")
         return self._track_out(self._track(track_id))
 
-    def update_track(self, track_id: int, req: TrackUpdate, user: UserRef) -> TrackOut:
-        """Rename the track, or accept it (``status``: ``accepted``; ``pending`` again)."""
+    def update_track(
+        self, track_id: int, req: TrackUpdate, user: UserRef, key: str | None = None
+    ) -> TrackOut:
+        """Rename the track, or accept it (``status``: ``accepted``; ``pending`` again).
+        ``key``: as in :meth:`create_track`."""
+        request = self._keyed(user, key, "track-patch", track_id)
+        if (first := self._first(request)) is not None:
+            return self._replay_track(first, request)
         t = self._track(track_id)
+        self._check_video_writable(t.video_id, user)
         fields: dict[str, Any] = {}
         if req.category is not None and req.category != t.category:
             fields["category"] = req.category
@@ -334,12 +383,34 @@ class VideoMixin:
             if req.status == "accepted" and not self.video_store.frames([t.id]):
                 raise Unprocessable(f"track {t.id} has no masks to accept")
             fields["status"] = req.status
-        if fields:
-            t = self.video_store.update_track(t.id, fields) or self._track(track_id)
+        if not fields:
+            return self._track_out(t)
+        try:
+            t = self.video_store.update_track(
+                t.id, fields, request=request, spent=self._spent(user, t.video_id)
+            )
+        except RequestRepeat as rep:
+            return self._replay_track(rep.first, request)
+        if t is None:
+            raise NotFound(f"no track with id {track_id}")
         return self._track_out(t)
 
-    def delete_track(self, track_id: int, user: UserRef) -> None:
-        if not self.video_store.delete_track(self._track(track_id).id):
+    def delete_track(self, track_id: int, user: UserRef, key: str | None = None) -> None:
+        """Delete the object and its masks (a ``track_delete`` event keeps it counted as
+        proposed). ``key``: a repeat of a committed delete answers as the first did."""
+        request = self._keyed(user, key, "track-delete", track_id)
+        if (first := self._first(request)) is not None:
+            self._replay_track(first, request)
+            return
+        t = self._track(track_id)
+        self._check_video_writable(t.video_id, user)
+        ev = {"kind": "track_delete", "user_id": user.id, "data": {"track_id": t.id}}
+        try:
+            gone = self.video_store.delete_track(t.id, ev, request=request)
+        except RequestRepeat as rep:
+            self._replay_track(rep.first, request)
+            return
+        if not gone:
             raise NotFound(f"no track with id {track_id}")
 
     def frame_masks(self, video_id: int, frame: int) -> FrameMasks:

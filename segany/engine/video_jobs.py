@@ -39,6 +39,7 @@ from .schemas import (
     Unprocessable,
     UserRef,
 )
+from .work_store import RequestKey, RequestRepeat
 
 log = logging.getLogger("segany.engine")
 
@@ -55,6 +56,8 @@ class _Job:
     user_id: int
     start: int
     frames_planned: int
+    #: the ``Idempotency-Key`` of the request that started it (stored with its masks)
+    request: Any = None
     state: str = "running"
     frames_done: int = 0
     frames_saved: int = 0
@@ -85,12 +88,28 @@ class VideoJobsMixin:
     """Background propagations of :class:`~.service.AnnotationService`."""
 
     def start_propagation(
-        self, track_id: int, req: PropagateRequest, user: UserRef
+        self, track_id: int, req: PropagateRequest, user: UserRef, key: str | None = None
     ) -> PropagationJobOut:
-        """Check the request now (404 unknown track or frame, 422 not a key frame), then
-        run the tracker in a thread; one job per track at a time (409 naming it)."""
+        """Check the request now (404 unknown track or frame, 422 not a key frame, 409 the
+        video locked by another page), then run the tracker in a thread; one job per track
+        at a time (409 naming it). ``key`` (``Idempotency-Key``): a repeat answers the job
+        the first attempt started while it is known, or, once its masks are saved (the key
+        is stored with them), a finished job; a repeat after a restart that lost the job
+        before it saved starts it again (nothing was saved)."""
+        request = self._keyed(user, key, "propagate", track_id)
+        if request is not None:
+            with self._jobs_lock:
+                for j in self._video_jobs.values():
+                    if j.request is not None and j.request.key == request.key:
+                        if j.request.user_id == user.id:
+                            self._same_request(j.request, request)
+                            return j.out()
+            if (first := self._first(request)) is not None:
+                self._same_request(first, request)
+                return self._saved_job(first, user)
         t = self._track(track_id)
         v = self._video(t.video_id, usable=True)
+        self._check_video_writable(v.id, user)
         keys = {r.frame: r.segmentation for r in self.video_store.frames([t.id], keys_only=True)}
         if not keys:
             raise Unprocessable(f"track {t.id} has no key frame: set its mask on a frame first")
@@ -106,11 +125,9 @@ class VideoJobsMixin:
             for j in self._video_jobs.values():
                 if j.track_id == t.id and j.state in ("running", "saving"):
                     raise Conflict(f"track {t.id} is being propagated (job {j.id})")
-            job = _Job(secrets.token_hex(8), v.id, t.id, user.id, start, planned)
-            self._video_jobs[job.id] = job
-            done = [k for k, j in self._video_jobs.items() if j.state not in ("running", "saving")]
-            for k in done[: max(0, len(done) - KEEP_FINISHED)]:
-                del self._video_jobs[k]
+            job = _Job(secrets.token_hex(8), v.id, t.id, user.id, start, planned, request)
+            self._keep_job(job)
+        self.video_store.add_time(t.id, self._spent(user, v.id))
         first = job.out()  # as started ("running"), whatever its thread does first
         threading.Thread(
             target=self._run_propagation,
@@ -162,7 +179,12 @@ class VideoJobsMixin:
                     "bbox": [float(b) for b in mask_utils.toBbox(enc)],
                     "score": result.scores.get(i, {}).get(obj),
                 }
-            n = self.video_store.save_propagated(job.track_id, offset, len(source) - 1, rows)
+            try:
+                n = self.video_store.save_propagated(
+                    job.track_id, offset, len(source) - 1, rows, request=job.request
+                )
+            except RequestRepeat:  # pragma: no cover - one job per key is running
+                n = 0
             if n < 0:
                 raise NotFound(f"track {job.track_id} was deleted while it was propagated")
             with job.lock:
@@ -184,6 +206,31 @@ class VideoJobsMixin:
             getattr(source, "close", lambda: None)()
             with job.lock:
                 job.t1 = time.perf_counter()
+
+    def _keep_job(self, job: _Job) -> None:
+        """Register ``job`` (the caller holds ``_jobs_lock``); the oldest finished ones go."""
+        self._video_jobs[job.id] = job
+        done = [k for k, j in self._video_jobs.items() if j.state not in ("running", "saving")]
+        for k in done[: max(0, len(done) - KEEP_FINISHED)]:
+            del self._video_jobs[k]
+
+    def _saved_job(self, first: RequestKey, user: UserRef) -> PropagationJobOut:
+        """A finished job standing for a keyed propagation whose masks were saved and whose
+        job is no longer known (restart, or dropped after :data:`KEEP_FINISHED` others):
+        ``frames_saved`` counts the track's propagated frames as they are now."""
+        t = self.video_store.track(first.target)
+        if t is None:
+            raise Conflict(
+                f"this propagation was saved already (track {first.target}), and that track "
+                "has since been deleted"
+            )
+        keys, n = self.video_store.frame_counts([t.id])[t.id]
+        job = _Job(secrets.token_hex(8), t.video_id, t.id, user.id, min(keys, default=0), n)
+        job.state, job.frames_done, job.frames_saved = "done", n, n - len(keys)
+        job.t1 = job.t0
+        with self._jobs_lock:
+            self._keep_job(job)
+        return job.out()
 
     def _video_job(self, job_id: str, user: UserRef) -> _Job:
         job = self._video_jobs.get(job_id) if JOB_ID.fullmatch(job_id) else None

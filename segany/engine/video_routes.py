@@ -3,7 +3,8 @@
 """
 
 # no ``from __future__ import annotations``: FastAPI reads the routes' annotations, and
-# ``who`` (the caller dependency, given by create_app) is a local name.
+# ``who`` (the caller dependency) and ``key`` (the ``Idempotency-Key`` header), given by
+# create_app, are local names.
 from typing import Any
 
 from fastapi import FastAPI
@@ -21,17 +22,20 @@ from .schemas import (
     TrackRequest,
     TrackUpdate,
     VideoList,
+    VideoOpenOut,
     VideoOut,
     VideoRequest,
 )
 
 
-def add_video_routes(app: FastAPI, service: Any, who: Any) -> None:
-    """Videos, frames, clicks on frames, tracks, propagation jobs, video exports."""
+def add_video_routes(app: FastAPI, service: Any, who: Any, key: Any) -> None:
+    """Videos (and opening one: its lease, :mod:`.video_work`), frames, clicks on frames,
+    tracks, propagation jobs, video exports. Every write on tracks honours
+    ``Idempotency-Key``. (The leases' routes are in :mod:`.work_routes`.)"""
 
     @app.get("/api/videos", response_model=VideoList)
     def videos(u: who) -> VideoList:
-        return service.list_videos()
+        return service.list_videos(u)
 
     @app.post("/api/videos", response_model=VideoOut, status_code=201)
     def register_video(req: VideoRequest, u: who) -> VideoOut:
@@ -41,7 +45,12 @@ def add_video_routes(app: FastAPI, service: Any, who: Any) -> None:
 
     @app.get("/api/videos/{video_id}", response_model=VideoOut)
     def video(video_id: int, u: who) -> VideoOut:
-        return service.get_video(video_id)
+        return service.get_video(video_id, u)
+
+    @app.post("/api/videos/{video_id}/open", response_model=VideoOpenOut)
+    def open_video(video_id: int, u: who) -> VideoOpenOut:
+        """The video, its lease for the page session (``lock``), the object timer started."""
+        return service.open_video(video_id, u)
 
     @app.get("/api/videos/{video_id}/frames/{frame}")
     def frame_image(video_id: int, frame: int, u: who) -> Response:
@@ -66,33 +75,37 @@ def add_video_routes(app: FastAPI, service: Any, who: Any) -> None:
         return service.list_tracks(video_id)
 
     @app.post("/api/videos/{video_id}/tracks", response_model=TrackOut, status_code=201)
-    def create_track(video_id: int, req: TrackRequest, u: who) -> TrackOut:
+    def create_track(video_id: int, req: TrackRequest, u: who, k: key = None) -> TrackOut:
         """A new object with its mask on ``frame`` (a candidate's ``mask_id`` or an RLE)."""
-        return service.create_track(video_id, req, u)
+        return service.create_track(video_id, req, u, k)
 
     @app.get("/api/tracks/{track_id}", response_model=TrackOut)
     def track(track_id: int, u: who) -> TrackOut:
         return service.get_track(track_id)
 
     @app.patch("/api/tracks/{track_id}", response_model=TrackOut)
-    def update_track(track_id: int, req: TrackUpdate, u: who) -> TrackOut:
+    def update_track(track_id: int, req: TrackUpdate, u: who, k: key = None) -> TrackOut:
         """Rename, or accept (``{"status": "accepted"}``)."""
-        return service.update_track(track_id, req, u)
+        return service.update_track(track_id, req, u, k)
 
     @app.delete("/api/tracks/{track_id}", status_code=204)
-    def delete_track(track_id: int, u: who) -> Response:
-        service.delete_track(track_id, u)
+    def delete_track(track_id: int, u: who, k: key = None) -> Response:
+        service.delete_track(track_id, u, k)
         return Response(status_code=204)
 
     @app.put("/api/tracks/{track_id}/frames/{frame}", response_model=TrackOut)
-    def set_key_frame(track_id: int, frame: int, req: MaskChoice, u: who) -> TrackOut:
+    def set_key_frame(
+        track_id: int, frame: int, req: MaskChoice, u: who, k: key = None
+    ) -> TrackOut:
         """Set (correct) the object's mask on a frame: a key frame."""
-        return service.set_key_frame(track_id, frame, req, u)
+        return service.set_key_frame(track_id, frame, req, u, k)
 
     @app.post("/api/tracks/{track_id}/propagate", response_model=PropagationJobOut, status_code=202)
-    def propagate(track_id: int, u: who, req: PropagateRequest | None = None) -> PropagationJobOut:
+    def propagate(
+        track_id: int, u: who, req: PropagateRequest | None = None, k: key = None
+    ) -> PropagationJobOut:
         """Follow the object from a key frame (default: its first) in the background."""
-        return service.start_propagation(track_id, req or PropagateRequest(), u)
+        return service.start_propagation(track_id, req or PropagateRequest(), u, k)
 
     @app.get("/api/propagation-jobs/{job_id}", response_model=PropagationJobOut)
     def propagation_job(job_id: str, u: who) -> PropagationJobOut:

@@ -10,7 +10,11 @@ with the others; schema 6, :mod:`.migrate`).
 - ``track_frames``: the track's mask on each frame, either a *key frame* (set by the
   annotator: the tracker starts there and never overwrites it) or propagated.
 
-Every write commits before the function returns, as in :mod:`.store`.
+Every write commits before the function returns, as in :mod:`.store`. The writes that take
+a ``request`` (:class:`.work_store.Request`) store its ``Idempotency-Key`` in their own
+transaction (``request.claim(session)``; the track's id as the key's result), and those that
+take ``spent`` (``(clicks, seconds)`` of the object timer) add it to the track's ``clicks``
+and ``seconds`` in the same transaction.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from .store import StoreConflict, Track, TrackFrame, Video
+from .store import Event, StoreConflict, Track, TrackFrame, Video
 
 if TYPE_CHECKING:
     from .store import Store
@@ -32,6 +36,26 @@ if TYPE_CHECKING:
 TRACK_STATUSES = ("pending", "accepted")
 #: DAVIS PNGs hold object ids 1-255.
 MAX_OBJECTS = 255
+
+#: ``(clicks, seconds)`` of an object timer (seconds ``None``: no timer was running)
+Spent = tuple[int, float | None]
+
+
+def _claim(s: Any, request: Any, track_id: int) -> None:
+    if request is not None:
+        request.claim(s).annotation_id = track_id
+
+
+def _spend(s: Any, track_id: int, spent: Spent | None) -> None:
+    """Add an object timer's clicks and seconds to the track (in the caller's transaction)."""
+    if spent is None or (spent[0] == 0 and spent[1] is None):
+        return
+    clicks, seconds = spent
+    values: dict[str, Any] = {"clicks": Track.clicks + clicks}
+    if seconds is not None:
+        values["seconds"] = func.coalesce(Track.seconds, 0.0) + seconds
+    q = update(Track).where(Track.id == track_id).values(**values)
+    s.execute(q.execution_options(synchronize_session=False))
 
 
 class VideoStore:
@@ -111,14 +135,23 @@ class VideoStore:
                 out[tid][0].append(int(f))
         return out
 
-    def add_track(self, video_id: int, fields: dict[str, Any], first: dict[str, Any]) -> Track:
+    def add_track(
+        self,
+        video_id: int,
+        fields: dict[str, Any],
+        first: dict[str, Any],
+        *,
+        request: Any = None,
+    ) -> Track:
         """A new track with the next free object id and its first key frame (``first``:
         a :class:`~.store.TrackFrame`'s fields), in one transaction. Raises
-        :class:`StoreConflict` when the video holds :data:`MAX_OBJECTS` tracks."""
+        :class:`StoreConflict` when the video holds :data:`MAX_OBJECTS` tracks, and
+        ``RequestRepeat`` when ``request``'s key was committed before."""
         fields = {**fields, "category": self.store.category_name(fields["category"])}
         now = time.time()
         for _ in range(3):
             with self.store.session() as s:
+                key = request.claim(s) if request is not None else None
                 used = set(s.scalars(select(Track.object_id).where(Track.video_id == video_id)))
                 free = next((i for i in range(1, MAX_OBJECTS + 1) if i not in used), None)
                 if free is None:
@@ -135,39 +168,88 @@ class VideoStore:
                     s.rollback()
                     continue
                 s.add(TrackFrame(track_id=t.id, key=True, **first))
+                if key is not None:
+                    key.annotation_id = t.id
                 s.commit()
                 return t
         raise StoreConflict("could not give the track an object id: retry")
 
-    def update_track(self, track_id: int, fields: dict[str, Any]) -> Track | None:
+    def update_track(
+        self,
+        track_id: int,
+        fields: dict[str, Any],
+        *,
+        request: Any = None,
+        spent: Spent | None = None,
+    ) -> Track | None:
+        """Change the track's fields (``None``: it is gone)."""
         if "category" in fields:
             fields = {**fields, "category": self.store.category_name(fields["category"])}
         with self.store.session() as s:
+            _claim(s, request, track_id)
             res = s.execute(
                 update(Track).where(Track.id == track_id).values(**fields, updated_at=time.time())
             )
             if res.rowcount != 1:
+                s.rollback()
                 return None
+            _spend(s, track_id, spent)
             s.commit()
             return s.get(Track, track_id)
 
-    def delete_track(self, track_id: int) -> bool:
+    def delete_track(
+        self, track_id: int, ev: dict[str, Any] | None = None, *, request: Any = None
+    ) -> bool:
+        """Delete the track and its masks (and record ``ev`` for it, with ``data``'s
+        ``object_id`` and ``status``), in one transaction; false when it is gone."""
         with self.store.session() as s:
+            _claim(s, request, track_id)
+            t = s.get(Track, track_id)
+            if t is None:
+                s.rollback()
+                return False
+            data = {"video_id": t.video_id, "object_id": t.object_id, "status": t.status}
             s.execute(delete(TrackFrame).where(TrackFrame.track_id == track_id))
             res = s.execute(delete(Track).where(Track.id == track_id))
+            if res.rowcount != 1:
+                s.rollback()
+                return False
+            if ev is not None:
+                s.add(Event(ts=time.time(), **{**ev, "data": {**(ev.get("data") or {}), **data}}))
             s.commit()
-            return res.rowcount == 1
+            return True
+
+    def add_time(self, track_id: int, spent: Spent) -> None:
+        """Add an object timer's clicks and seconds to the track (a propagation's start)."""
+        with self.store.session() as s:
+            _spend(s, track_id, spent)
+            s.commit()
 
     # -- frames ------------------------------------------------------------------------------
-    def set_key(self, track_id: int, frame: int, fields: dict[str, Any]) -> None:
-        """Make ``frame`` a key frame of the track with this mask (replacing its row)."""
+    def set_key(
+        self,
+        track_id: int,
+        frame: int,
+        fields: dict[str, Any],
+        *,
+        request: Any = None,
+        spent: Spent | None = None,
+    ) -> bool:
+        """Make ``frame`` a key frame of the track with this mask (replacing its row);
+        false when the track is gone."""
         with self.store.session() as s:
+            _claim(s, request, track_id)
+            if s.get(Track, track_id) is None:
+                s.rollback()
+                return False
             s.execute(
                 delete(TrackFrame).where(TrackFrame.track_id == track_id, TrackFrame.frame == frame)
             )
             s.add(TrackFrame(track_id=track_id, frame=frame, key=True, **fields))
             s.execute(update(Track).where(Track.id == track_id).values(updated_at=time.time()))
+            _spend(s, track_id, spent)
             s.commit()
+            return True
 
     def frames(
         self, track_ids: Iterable[int], frame: int | None = None, *, keys_only: bool = False
@@ -185,12 +267,20 @@ class VideoStore:
             return list(s.scalars(q.order_by(TrackFrame.track_id, TrackFrame.frame)))
 
     def save_propagated(
-        self, track_id: int, first: int, last: int, rows: dict[int, dict[str, Any]]
+        self,
+        track_id: int,
+        first: int,
+        last: int,
+        rows: dict[int, dict[str, Any]],
+        *,
+        request: Any = None,
     ) -> int:
         """Replace the track's propagated masks on frames ``first..last`` by ``rows``
         (frame -> fields), in one transaction; key frames (also those set while the
-        propagation ran) are kept. Returns the rows written; ``-1``: the track is gone."""
+        propagation ran) are kept. Returns the rows written; ``-1``: the track is gone.
+        ``request``: the propagation's key, stored with its masks."""
         with self.store.session() as s:
+            _claim(s, request, track_id)
             if s.get(Track, track_id) is None:
                 return -1
             keys = set(

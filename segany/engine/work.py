@@ -80,6 +80,15 @@ class WorkMixin:
         w = self.work.get(image_id)
         if w is None:
             return
+        self._check_lease(w, f"image {image_id}", user)
+        if w.review == "approved":
+            raise Conflict(
+                f"image {image_id} is approved: a reviewer must return it before it changes"
+            )
+
+    def _check_lease(self, w: Any, what: str, user: UserRef) -> None:
+        """:class:`Conflict` naming the holder when another page holds the lease of ``w``
+        (an image's or a video's work row); ``what`` names the image or video."""
         holder = lease_holder(w)
         if holder is not None and holder != (user.id, user.session):
             names = self._names()
@@ -87,28 +96,33 @@ class WorkMixin:
             where = "in another tab" if holder[0] == user.id else f"by {who}"
             left = max(0.0, w.lease_expires - time.time())
             raise Conflict(
-                f"image {image_id} is locked {where}: it is being annotated there (the lock "
-                f"ends when that page leaves the image, or {left:.0f} s after it stops "
+                f"{what} is locked {where}: it is being annotated there (the lock "
+                f"ends when that page leaves it, or {left:.0f} s after it stops "
                 "answering); nothing was saved"
-            )
-        if w.review == "approved":
-            raise Conflict(
-                f"image {image_id} is approved: a reviewer must return it before it changes"
             )
 
     # -- request keys ------------------------------------------------------------------------
     def _keyed(self, user: UserRef, key: str | None, kind: str, target: int) -> Request | None:
         key = check_token(key, "Idempotency-Key")
-        return None if key is None else Request(user.id, key, kind, target)
+        if key is None:
+            return None
+        self.purger.maybe()  # old keys and trash go, at most once per PURGE_EVERY
+        return Request(user.id, key, kind, target)
 
-    def _replay(self, first: RequestKey, req: Request) -> AnnotationOut | None:
-        """The answer to a repeated keyed write: the first attempt's annotation as it is now
-        (``None`` for a delete)."""
+    @staticmethod
+    def _same_request(first: RequestKey | Request, req: Request) -> None:
+        """:class:`Unprocessable` when the key was used (stored, or by a running job) for
+        another kind or target."""
         if first.kind != req.kind or first.target != req.target:
             raise Unprocessable(
                 f"Idempotency-Key {req.key!r} was used for another request "
                 f"({first.kind} on {first.target}): use a new key for each write"
             )
+
+    def _replay(self, first: RequestKey, req: Request) -> AnnotationOut | None:
+        """The answer to a repeated keyed write: the first attempt's annotation as it is now
+        (``None`` for a delete)."""
+        self._same_request(first, req)
         if req.kind == "delete":
             return None
         a = self.store.annotation(first.annotation_id) if first.annotation_id else None
@@ -127,25 +141,34 @@ class WorkMixin:
         """Take or renew the image's lease for the caller's page session (without one:
         only report who holds it)."""
         im = self._image(image_id)
+        held, w = self._take_lease(image_id, user, "image")
+        return LeaseOut(
+            image_id=image_id,
+            embedding="ready" if im.status == "ok" and self.embedding_ready(im) else "computing",
+            status=im.status,
+            error=im.error,
+            **self._lease_fields(held, w, user),
+        )
+
+    def _take_lease(self, target: int, user: UserRef, kind: str) -> tuple[bool, Any]:
+        """Take or renew the lease of an image or a video (``kind``) for the caller's page
+        session; without one only read it. ``(held, work row or None)``."""
         if user.session is not None:
-            held, w = self.work.take_lease(image_id, user.id, user.session, self.lease_seconds)
-        else:
-            w, held = self.work.get(image_id), False
+            return self.work.take_lease(target, user.id, user.session, self.lease_seconds, kind)
+        w = self.work.get(target) if kind == "image" else self.work.video_lease(target)
+        return False, w
+
+    def _lease_fields(self, held: bool, w: Any, user: UserRef) -> dict[str, Any]:
+        """``held``, ``by`` (who holds it when the caller does not) and ``expires_in`` of a
+        :class:`LeaseOut`."""
         holder = lease_holder(w)
         by = None
         if not held and holder is not None:
             by = self._names().get(holder[0], "?")
             if holder[0] == user.id:
                 by += " (another tab)"
-        return LeaseOut(
-            image_id=image_id,
-            held=held,
-            by=by,
-            expires_in=round(max(0.0, w.lease_expires - time.time()), 1) if w else 0.0,
-            embedding="ready" if im.status == "ok" and self.embedding_ready(im) else "computing",
-            status=im.status,
-            error=im.error,
-        )
+        expires = round(max(0.0, w.lease_expires - time.time()), 1) if w else 0.0
+        return {"held": held, "by": by, "expires_in": expires}
 
     def release(self, image_id: int, user: UserRef) -> None:
         self._image(image_id)

@@ -21,7 +21,7 @@ from .schemas import (
 
 
 def add_work_routes(app: FastAPI, service: Any, who: Any) -> None:
-    """Leases, the queue, review, assignment and pre-fill jobs."""
+    """Leases (of images and videos), the queue, review, assignment and pre-fill jobs."""
 
     @app.post("/api/images/{image_id}/lease", response_model=LeaseOut)
     def lease(image_id: int, u: who) -> LeaseOut:
@@ -32,6 +32,16 @@ def add_work_routes(app: FastAPI, service: Any, who: Any) -> None:
     @app.delete("/api/images/{image_id}/lease", status_code=204)
     def release(image_id: int, u: who) -> Response:
         service.release(image_id, u)
+        return Response(status_code=204)
+
+    @app.post("/api/videos/{video_id}/lease", response_model=LeaseOut)
+    def lease_video(video_id: int, u: who) -> LeaseOut:
+        """Take or renew the video's lease for the page session (as an image's)."""
+        return service.lease_video(video_id, u)
+
+    @app.delete("/api/videos/{video_id}/lease", status_code=204)
+    def release_video(video_id: int, u: who) -> Response:
+        service.release_video(video_id, u)
         return Response(status_code=204)
 
     @app.get("/api/queue", response_model=QueueOut)

@@ -8,6 +8,9 @@ request keys of retried writes. Queries beside :mod:`.store` (the tables ``image
   comment, and the *assignee*. A lease is taken with one conditional ``UPDATE`` (free,
   expired, or already ours), so two tabs that ask at once cannot both hold it; review
   transitions are conditional on the state the caller saw, like annotation statuses.
+- ``video_work`` (one row per video, made on first use): a video's lease, the same columns
+  (:class:`~.store.LeaseColumns`) taken and renewed by the same queries (``kind="video"``);
+  a page session holds one lease at a time, on an image or on a video.
 - ``request_keys``: the ``Idempotency-Key`` of a write, unique per user, inserted in the
   write's own transaction (:func:`claim_request`): a retried write whose first attempt was
   committed finds its key and is answered with the first result instead of writing twice.
@@ -23,13 +26,27 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .store import Image, ImageWork, RequestKey, StoreConflict
+from .store import Image, ImageWork, RequestKey, StoreConflict, VideoWork
 
 if TYPE_CHECKING:
     from .store import Store
 
 #: Review states of an image.
 REVIEW_STATES = ("none", "submitted", "approved", "returned")
+#: What a page session can lease (one at a time), and the tables that hold the leases.
+LEASED: dict[str, type] = {"image": ImageWork, "video": VideoWork}
+LEASED_KEYS: dict[type, str] = {ImageWork: "image_id", VideoWork: "video_id"}
+
+
+def _leased(kind: str) -> type:
+    try:
+        return LEASED[kind]
+    except KeyError:
+        raise ValueError(f"nothing called {kind!r} is leased: {sorted(LEASED)}") from None
+
+
+def _mine(table: type, user_id: int, session: str) -> Any:
+    return (table.lease_user_id == user_id) & (table.lease_session == session)
 
 
 @dataclass(frozen=True)
@@ -84,9 +101,11 @@ class WorkStore:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def _ensure(self, s: Session, image_id: int) -> None:
-        if s.get(ImageWork, image_id) is None:
-            s.add(ImageWork(image_id=image_id))
+    def _ensure(self, s: Session, image_id: int, table: type = ImageWork) -> None:
+        """Make the target's row of ``table`` (:data:`LEASED`) on first use."""
+        column = LEASED_KEYS[table]
+        if s.get(table, image_id) is None:
+            s.add(table(**{column: image_id}))
             try:
                 s.commit()
             except IntegrityError:  # made by a concurrent request
@@ -108,46 +127,57 @@ class WorkStore:
 
     # -- leases --------------------------------------------------------------------------
     def take_lease(
-        self, image_id: int, user_id: int, session: str, seconds: float
-    ) -> tuple[bool, ImageWork]:
-        """Take (or renew) the lease of ``image_id`` for ``(user_id, session)`` when it is
-        free, expired or already theirs; the session's leases on other images are released.
-        Returns ``(held, row)``: ``row`` names the holder when not held."""
+        self, target: int, user_id: int, session: str, seconds: float, kind: str = "image"
+    ) -> tuple[bool, ImageWork | VideoWork]:
+        """Take (or renew) the lease of image (or video: ``kind``) ``target`` for
+        ``(user_id, session)`` when it is free, expired or already theirs; the session's
+        leases on other images and videos are released (a page annotates one thing at a
+        time). Returns ``(held, row)``: ``row`` names the holder when not held."""
+        table = _leased(kind)
+        key = getattr(table, LEASED_KEYS[table])
         now = time.time()
         with self.store.session() as s:
-            self._ensure(s, image_id)
-            mine = (ImageWork.lease_user_id == user_id) & (ImageWork.lease_session == session)
+            self._ensure(s, target, table)
             res = s.execute(
-                update(ImageWork)
+                update(table)
                 .where(
-                    ImageWork.image_id == image_id,
-                    (ImageWork.lease_expires < now) | ImageWork.lease_user_id.is_(None) | mine,
+                    key == target,
+                    (table.lease_expires < now)
+                    | table.lease_user_id.is_(None)
+                    | _mine(table, user_id, session),
                 )
                 .values(lease_user_id=user_id, lease_session=session, lease_expires=now + seconds)
             )
             held = res.rowcount == 1
             if held:
-                s.execute(
-                    update(ImageWork)
-                    .where(mine, ImageWork.image_id != image_id)
-                    .values(lease_user_id=None, lease_session=None, lease_expires=0.0)
-                )
+                for other in LEASED.values():
+                    q = update(other).where(_mine(other, user_id, session))
+                    if other is table:
+                        q = q.where(key != target)
+                    s.execute(q.values(lease_user_id=None, lease_session=None, lease_expires=0.0))
             s.commit()
-            return held, s.get(ImageWork, image_id)
+            return held, s.get(table, target)
 
-    def release_lease(self, image_id: int, user_id: int, session: str) -> bool:
+    def release_lease(self, target: int, user_id: int, session: str, kind: str = "image") -> bool:
+        table = _leased(kind)
         with self.store.session() as s:
             res = s.execute(
-                update(ImageWork)
-                .where(
-                    ImageWork.image_id == image_id,
-                    ImageWork.lease_user_id == user_id,
-                    ImageWork.lease_session == session,
-                )
+                update(table)
+                .where(getattr(table, LEASED_KEYS[table]) == target, _mine(table, user_id, session))
                 .values(lease_user_id=None, lease_session=None, lease_expires=0.0)
             )
             s.commit()
             return res.rowcount == 1
+
+    def video_lease(self, video_id: int) -> VideoWork | None:
+        """The video's lease row (``None``: never leased)."""
+        with self.store.session() as s:
+            return s.get(VideoWork, video_id)
+
+    def video_leases(self) -> dict[int, VideoWork]:
+        """Every video's lease row, by video id."""
+        with self.store.session() as s:
+            return {w.video_id: w for w in s.scalars(select(VideoWork))}
 
     # -- review --------------------------------------------------------------------------
     def set_review(
@@ -201,8 +231,11 @@ class WorkStore:
         return given
 
 
-def lease_holder(w: ImageWork | None, now: float | None = None) -> tuple[int, str] | None:
-    """``(user id, session)`` holding a live lease on the row's image, else ``None``."""
+def lease_holder(
+    w: ImageWork | VideoWork | None, now: float | None = None
+) -> tuple[int, str] | None:
+    """``(user id, session)`` holding a live lease on the row's image (or video), else
+    ``None``."""
     if w is None or w.lease_user_id is None or w.lease_session is None:
         return None
     if w.lease_expires < (time.time() if now is None else now):

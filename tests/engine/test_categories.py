@@ -88,6 +88,6 @@ def test_upgrade_from_schema_2_merges_spellings(tmp_path):
         assert [a.category for a in store.annotations(light=True)] == ["Dog", "cat", "Dog"]
         with store.session() as s:
             v = s.execute(text("SELECT value FROM segany_meta WHERE key='schema_version'"))
-            assert int(v.scalar()) == SCHEMA_VERSION == 6
+            assert int(v.scalar()) == SCHEMA_VERSION == 7
     finally:
         store.close()

@@ -414,13 +414,13 @@ def test_propagation_progress_cancel_and_one_job_per_track(vclient, monkeypatch)
 
 
 def test_upgrade_from_schema_5(tmp_path):
-    """A version-5 database (no video tables) opens as version 6 with them, empty."""
-    url = old_database(tmp_path / "old.db", 5, ("track_frames", "tracks", "videos"))
+    """A version-5 database (no video tables) opens at the current version (7), with them."""
+    url = old_database(tmp_path / "old.db", 5, ("video_work", "track_frames", "tracks", "videos"))
     store = Store(url)
     try:
         with store.session() as s:
             v = s.execute(sa.text("SELECT value FROM segany_meta WHERE key='schema_version'"))
-            assert int(v.scalar()) == SCHEMA_VERSION == 6
+            assert int(v.scalar()) == SCHEMA_VERSION == 7
             assert s.execute(sa.text("SELECT COUNT(*) FROM tracks")).scalar() == 0
         vs = VideoStore(store)
         v, created = vs.save_video("clip", {"kind": "frames", "length": 2, "names": ["0", "1"]})

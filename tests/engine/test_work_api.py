@@ -400,13 +400,13 @@ def test_mask_generator_reports_progress(tiny_predictor):
 
 def test_upgrade_from_schema_3(tmp_path):
     """A version-3 database (no image_work, no request_keys) opens at the current version
-    (6): the tables are created, a done image stays done."""
-    url = old_database(tmp_path / "old.db", 3, ("image_work", "request_keys"))
+    (7): the tables are created, a done image stays done."""
+    url = old_database(tmp_path / "old.db", 3, ("image_work", "request_keys", "video_work"))
     store = Store(url)
     try:
         with store.session() as s:
             v = s.execute(sa.text("SELECT value FROM segany_meta WHERE key='schema_version'"))
-            assert int(v.scalar()) == SCHEMA_VERSION == 6
+            assert int(v.scalar()) == SCHEMA_VERSION == 7
             assert s.execute(sa.text("SELECT COUNT(*) FROM request_keys")).scalar() == 0
         assert store.image(1).done is True
     finally:

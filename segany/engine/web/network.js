@@ -1,7 +1,8 @@
 // segany annotate: the network and the team. The offline banner (the server polled while it
 // cannot be reached), writes retried until the server answers (each with its own
-// Idempotency-Key, so a retry whose first attempt was saved is not saved twice), the image
-// lease (renewed while the page stays on an image; read-only while another page holds it),
+// Idempotency-Key, so a retry whose first attempt was saved is not saved twice), the lease
+// of the open image or video (renewed while the page stays; read-only while another page
+// holds it),
 // the embedding's status kept current, review (submit, approve, return) and background
 // pre-fill with progress and cancel. Plain JS, no external assets.
 "use strict";
@@ -11,7 +12,7 @@ const NET = {
   waiters: [], // resolved when the server answers again
   poll: null,
   writes: 0, // writes waiting for the server
-  lease: null, // {imageId, held, by}
+  lease: null, // {target: "image:ID" | "video:ID", url, held, by}
   beat: null,
   job: null, // the running pre-fill job {id, imageId}
 };
@@ -97,14 +98,43 @@ async function save(method, path, body, what) {
   }
 }
 
-// -- the image lease -------------------------------------------------------------------------
+// -- the lease of the open image or video ----------------------------------------------------
+// What this page annotates: {target: "image:ID" | "video:ID", url: its lease route}.
+function leaseTarget() {
+  if (S.video) return { target: `video:${S.video.id}`, url: `/api/videos/${S.video.id}/lease` };
+  if (S.current && S.current.id != null) {
+    return { target: `image:${S.current.id}`, url: `/api/images/${S.current.id}/lease` };
+  }
+  return null;
+}
+
 function onOpened(info) {
-  NET.lease = info.lock ? { imageId: info.image.id, held: info.lock.held, by: info.lock.by } : null;
+  NET.lease = info.lock ? { ...leaseTarget(), held: info.lock.held, by: info.lock.by } : null;
   NET.embedding = info.image.status === "ok" ? info.embedding : "none";
   renderLock();
   renderReview();
   startBeat();
   if (NET.embedding === "computing") waitEmbedding(info.image.id);
+}
+
+// A video was opened (video.js openVideo): its lease, renewed like an image's.
+function onVideoOpened(info) {
+  NET.lease = info.lock ? { ...leaseTarget(), held: info.lock.held, by: info.lock.by } : null;
+  NET.embedding = "ready"; // a frame is embedded on its first click
+  renderLock();
+  startBeat();
+}
+
+// Let go of the lease of what the page leaves (after a renewal on its way, which would take
+// it again); the next image's or video's lease is set by its open meanwhile.
+async function releaseLease() {
+  const l = NET.lease;
+  clearInterval(NET.beat);
+  NET.beat = null;
+  NET.lease = null;
+  renderLock();
+  await NET.inflight;
+  if (l && l.held) api("DELETE", l.url).catch(() => {});
 }
 
 function startBeat() {
@@ -127,14 +157,15 @@ async function stopLease() {
 }
 
 async function renewLease() {
-  if (!S.current || NET.offline || !NET.beat) return null; // stopped: this page let go
-  const id = S.current.id;
+  const t = leaseTarget();
+  if (!t || NET.offline || !NET.beat) return null; // stopped: this page let go
   let r;
-  try { r = await api("POST", `/api/images/${id}/lease`); } catch (e) { return null; }
-  if (!S.current || S.current.id !== id) return null;
+  try { r = await api("POST", t.url); } catch (e) { return null; }
+  const now = leaseTarget();
+  if (!now || now.target !== t.target || !NET.beat) return null;
   const was = NET.lease;
-  NET.lease = { imageId: id, held: r.held, by: r.by };
-  if (was && !was.held && r.held) toast("the image is free now: you can annotate it");
+  NET.lease = { ...t, held: r.held, by: r.by };
+  if (was && !was.held && r.held) toast(`the ${S.video ? "video" : "image"} is free now: you can annotate it`);
   renderLock();
   if (r.status !== "ok") {
     NET.embedding = "none";
@@ -159,19 +190,20 @@ async function waitEmbedding(id) {
 function renderLock() {
   const bar = $("#lockbar");
   const l = NET.lease;
-  const locked = l && S.current && l.imageId === S.current.id && !l.held;
+  const t = leaseTarget();
+  const locked = l && t && l.target === t.target && !l.held;
   bar.classList.toggle("hidden", !locked);
   if (locked) {
     bar.textContent = `Locked by ${l.by}: read-only here (saves are refused) until that page ` +
-      "leaves the image or stops answering.";
+      `leaves the ${S.video ? "video" : "image"} or stops answering.`;
   }
 }
 
 window.addEventListener("pagehide", () => {
-  if (!S.current || !NET.lease || !NET.lease.held) return;
+  if (!NET.lease || !NET.lease.held) return;
   const headers = { "X-Segany-Session": S.session };
   if (S.token) headers["Authorization"] = "Bearer " + S.token;
-  fetch(`/api/images/${S.current.id}/lease`, { method: "DELETE", headers, keepalive: true }).catch(() => {});
+  fetch(NET.lease.url, { method: "DELETE", headers, keepalive: true }).catch(() => {});
 });
 
 // -- queue and review ------------------------------------------------------------------------

@@ -51,6 +51,15 @@ const line = (r) => [r.annotator, r.stage, r.masks, r.images, r.masks_per_image,
       p.proposed ? [[p.proposed, p.accepted, p.fixed, p.rejected, p.pending, p.deleted,
         p.acceptance_rate]] : []);
     table("cats", ["category", "accepted masks"], Object.entries(s.categories));
+    const v = s.videos;
+    document.getElementById("video-summary").textContent =
+      `${v.videos_annotated} of ${v.videos_total} videos with accepted objects; objects proposed ` +
+      `${v.proposed}, accepted ${v.accepted}, pending ${v.pending}, deleted ${v.deleted}.`;
+    const vline = (r) => [r.annotator, r.objects, r.accepted, r.videos, r.seconds_per_object,
+      r.median_seconds, r.clicks_per_object, r.key_frames_per_object];
+    table("video-rows", ["annotator", "objects", "accepted", "videos", "s / object (mean)",
+      "s / object (median)", "clicks / object", "key frames / object"],
+      v.proposed ? v.rows.map(vline).concat([vline(v.all)]) : []);
   } catch (e) {
     document.getElementById("error").textContent = "cannot load the stats: " + e.message;
   }

@@ -2,8 +2,9 @@
 // arrow keys); clicks on a frame use the image click path (prompts.js) on that frame; Enter
 // makes the chosen candidate a new object's mask on the frame, or the selected object's (a
 // key frame: a correction); T propagates the selected object through the video in a
-// background job (progress, Shift+X cancels); A accepts its track. Masks of every object are
-// drawn on each frame.
+// background job (progress, Shift+X cancels); A accepts its track; Shift+C gives it the label
+// of the label box. Masks of every object are drawn on each frame. Opening a video takes its
+// lease (read-only while another page holds it) and every write goes through save().
 "use strict";
 
 const V = {
@@ -37,8 +38,9 @@ function renderVideoList() {
     badge.className = "badge";
     badge.textContent = v.status !== "ok" ? v.status
       : `${v.length}f` + (v.tracks ? ` ${v.accepted}/${v.tracks}` : "");
+    if (v.locked_by && v.status === "ok") badge.textContent += " \u2298"; // as images locked by another page
     li.title = v.status !== "ok" ? v.error || "" : `${v.width}\u00d7${v.height}, ${v.length} frames, ` +
-      `${v.tracks} objects (${v.accepted} accepted)`;
+      `${v.tracks} objects (${v.accepted} accepted)` + (v.locked_by ? `, locked by ${v.locked_by}` : "");
     li.appendChild(badge);
     li.addEventListener("click", () => openVideo(v.id, 0).catch(fail));
     ul.appendChild(li);
@@ -52,7 +54,14 @@ async function openVideo(id, frame) {
   const v = await api("GET", `/api/videos/${id}`);
   if (seq !== S.navSeq) return;
   if (v.status !== "ok") { toast(`${v.path} cannot be annotated: ${v.error}`, true); return; }
-  await leaveImage();
+  const info = await api("POST", `/api/videos/${id}/open`); // the lease, the object timer
+  if (seq !== S.navSeq) { // another image or video was opened meanwhile: let this one go
+    if (S.navTarget !== `video:${id}` && info.lock && info.lock.held) {
+      api("DELETE", `/api/videos/${id}/lease`).catch(() => {});
+    }
+    return;
+  }
+  if (!(S.video && S.video.id === id)) releaseLease(); // the image's or other video's (network.js)
   resetPrompt();
   historyReset();
   S.selected = null;
@@ -68,25 +77,17 @@ async function openVideo(id, frame) {
   $("#videobar").classList.remove("hidden");
   $("#frame-slider").max = String(v.length - 1);
   $("#image-name").textContent = `${v.path} (${v.width}\u00d7${v.height}, ${v.length} frames)`;
+  onVideoOpened(info); // the lease: read-only while another page holds it (network.js)
   renderImageList();
   renderVideoList();
   await loadTracks();
   await showFrame(frame || 0, true);
 }
 
-// Leave the open image for a video: let go of its lease (network.js).
-async function leaveImage() {
-  if (S.video || !S.current) return;
-  const id = S.current.id;
-  await stopLease();
-  if (NET.lease && NET.lease.held) api("DELETE", `/api/images/${id}/lease`).catch(() => {});
-  NET.lease = null;
-  renderLock();
-}
-
-// Back to images (openImage calls this first).
+// Back to images (openImage calls this first): let go of the video's lease (network.js).
 function leaveVideo() {
   if (!S.video) return;
+  releaseLease();
   S.video = null; // the open video (GET /api/videos/{id}) with its .frame
   V.tracks = [];
   S.objCanvas.clear();
@@ -199,6 +200,7 @@ function renderTracks() {
     const btns = document.createElement("span");
     btns.className = "btns";
     if (t.status !== "accepted") btns.appendChild(button("\u2713", "accept the track (A)", () => acceptTrack(t.id)));
+    btns.appendChild(button("\u270e", "give it the label of the label box (Shift+C)", () => { selectTrack(t.id); relabelTrack(); }));
     btns.appendChild(button("\u00d7", "delete the object and its masks", () => deleteTrack(t.id), "del"));
     li.appendChild(btns);
     li.addEventListener("click", (ev) => { if (ev.target.tagName !== "BUTTON") selectTrack(t.id); });
@@ -232,6 +234,8 @@ function newObject() {
 
 // Enter in a video (prompts.js acceptNow): the chosen candidate becomes the selected object's
 // mask on this frame (a key frame), or a new object's.
+// Every write on the video's objects goes through save() (network.js): one Idempotency-Key
+// per write, kept while the server is away and sent once when it is back.
 async function acceptVideoMask(cur) {
   const v = S.video, k = v.frame;
   const m = cur.result.masks[cur.sel];
@@ -239,29 +243,49 @@ async function acceptVideoMask(cur) {
   const body = { segmentation: m.segmentation, score: m.score };
   let out;
   if (t) {
-    out = await api("PUT", `/api/tracks/${t.id}/frames/${k}`, body);
+    out = await save("PUT", `/api/tracks/${t.id}/frames/${k}`, body, `the key frame ${k}`);
   } else {
-    out = await api("POST", `/api/videos/${v.id}/tracks`, { ...body, frame: k, category: acceptLabel() });
+    out = await save("POST", `/api/videos/${v.id}/tracks`, { ...body, frame: k, category: acceptLabel() },
+      "the new object");
   }
+  if (!t) labelAccepted(out.category).catch(() => {}); // a new name joins the label set (labels.js)
+  if (S.video !== v) return; // left the video while the save waited for the server
   V.newObject = false;
   S.selected = out.id;
-  if (!t) labelAccepted(out.category).catch(() => {}); // a new name joins the label set (labels.js)
-  resetPrompt();
-  historyReset();
+  if (v.frame === k && current() === cur) { resetPrompt(); historyReset(); }
   await loadTracks();
   await reloadFrame();
   setStatus(`object ${out.object_id} (${out.category}): key frame ${k} set; T propagates from here`);
   loadVideos().catch(() => {});
 }
 
+// A write on one object, then the lists of now; the reason shown when the server refuses it.
+async function trackWrite(method, id, body, what) {
+  const v = S.video;
+  const out = await save(method, `/api/tracks/${id}`, body, what);
+  if (S.video === v) { await loadTracks(); await reloadFrame(); }
+  loadVideos().catch(() => {});
+  return out;
+}
+
 async function acceptTrack(id) {
   const t = V.tracks.find((x) => x.id === (id != null ? id : S.selected));
   if (!t) { toast("select an object first (Tab)"); return; }
   try {
-    await api("PATCH", `/api/tracks/${t.id}`, { status: "accepted" });
-    await loadTracks();
-    await loadVideos();
+    await trackWrite("PATCH", t.id, { status: "accepted" }, "the accept");
     setStatus(`object ${t.object_id} (${t.category}): track accepted (${t.frames} frames)`);
+  } catch (e) { fail(e); }
+}
+
+// Shift+C: the selected object takes the label of the label box.
+async function relabelTrack() {
+  const t = selectedTrack();
+  if (!t) { toast("select an object first (Tab)"); return; }
+  const category = acceptLabel();
+  try {
+    const out = await trackWrite("PATCH", t.id, { category }, "the label");
+    labelAccepted(out.category).catch(() => {});
+    setStatus(`object ${t.object_id} is now ${out.category}`);
   } catch (e) { fail(e); }
 }
 
@@ -269,12 +293,12 @@ async function deleteTrack(id) {
   const t = V.tracks.find((x) => x.id === id);
   if (!t || !window.confirm(`Delete object ${t.object_id} (${t.category}) and its masks on every frame?`)) return;
   try {
-    await api("DELETE", `/api/tracks/${id}`);
     if (S.selected === id) S.selected = null;
-    await loadTracks();
-    await reloadFrame();
-    loadVideos().catch(() => {});
-  } catch (e) { fail(e); }
+    await trackWrite("DELETE", id, undefined, "the delete");
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 404) { await loadTracks(); return; } // gone: done
+    fail(e);
+  }
 }
 
 // -- propagation (a background job: video_jobs.py) -------------------------------------------
@@ -287,7 +311,7 @@ async function propagate() {
   $("#propagate").disabled = true;
   $("#propagate-cancel").classList.remove("hidden");
   try {
-    let job = await api("POST", `/api/tracks/${t.id}/propagate`, { start });
+    let job = await save("POST", `/api/tracks/${t.id}/propagate`, { start }, "the propagation");
     V.job = job;
     while (job.state === "running" || job.state === "saving") {
       const pct = job.frames_planned ? Math.round((100 * job.frames_done) / job.frames_planned) : 0;
@@ -341,6 +365,7 @@ function videoKey(ev) {
   if (k === "X") { cancelPropagation(); return true; }
   if (k === "a" || k === "A") { acceptTrack(); return true; }
   if (k === "o") { newObject(); return true; }
+  if (k === "C") { relabelTrack(); return true; }
   if (k === "k" || k === "K") { jumpKey(ev.shiftKey ? -1 : 1); return true; }
   if (k === "Tab") { ev.preventDefault(); selectNextTrack(); return true; }
   if (k === "Delete" || k === "Backspace") { if (S.selected !== null) deleteTrack(S.selected); return true; }
