@@ -201,9 +201,10 @@ class PrecisionError(ValueError):
 
 @functools.lru_cache(maxsize=1)
 def cpu_info() -> dict[str, object]:
-    """``{"model": str, "arch": str, "flags": frozenset[str]}`` of this machine's CPU (from
-    ``/proc/cpuinfo`` on Linux; the model and flags may be empty elsewhere)."""
-    model, flags = platform.processor() or "", set()
+    """``{"model": str, "vendor": str, "arch": str, "flags": frozenset[str]}`` of this
+    machine's CPU (from ``/proc/cpuinfo`` on Linux: ``vendor`` as its ``vendor_id``, e.g.
+    ``GenuineIntel``, ``AuthenticAMD``; the model, vendor and flags may be empty elsewhere)."""
+    model, vendor, flags = platform.processor() or "", "", set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -211,6 +212,8 @@ def cpu_info() -> dict[str, object]:
                 key = key.strip().lower()
                 if key in ("model name", "cpu model") and not model.strip():
                     model = value.strip()
+                elif key == "vendor_id" and not vendor:
+                    vendor = value.strip()
                 elif key in ("flags", "features") and not flags:
                     flags = set(value.split())
     except OSError:  # pragma: no cover - not Linux
@@ -219,9 +222,28 @@ def cpu_info() -> dict[str, object]:
         flags.add("bf16")  # every Apple silicon since M2 has FEAT_BF16; M1 emulates
     return {
         "model": model or platform.machine(),
+        "vendor": vendor,
         "arch": platform.machine(),
         "flags": frozenset(flags),
     }
+
+
+def blas_lacks_avx512(info: dict | None = None) -> bool:
+    """Whether torch's BLAS runs narrower vectors than this CPU has: the x86 builds of
+    torch use Intel's MKL, which takes its AVX-512 code on Intel CPUs only, so on an AMD
+    CPU with AVX-512 (Zen 4, Zen 5) its matrix products run the AVX2 code, half of what
+    oneDNN reaches there (measured on this project's AMD EPYC, Zen 5: 86 against 173 fp32
+    GFLOP/s per core, docs/performance.md). ``SEGANY_PRODUCTS=onednn`` or ``blas``
+    overrides the answer (``True`` / ``False``)."""
+    forced = os.environ.get("SEGANY_PRODUCTS", "").strip().lower()
+    if forced in ("onednn", "blas"):
+        return forced == "onednn"
+    info = cpu_info() if info is None else info
+    return (
+        info.get("arch") in ("x86_64", "AMD64")
+        and info.get("vendor") not in ("GenuineIntel", "")
+        and "avx512f" in info["flags"]  # type: ignore[operator]
+    )
 
 
 def has_native_bf16(flags: frozenset[str] | set[str] | None = None) -> bool:

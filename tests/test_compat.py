@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import numpy as np
@@ -50,7 +51,8 @@ def test_registry_names():
 def test_predict_matches_predictor(tiny_model, rgb_image):
     compat = SamPredictor(tiny_model)
     compat.set_image(rgb_image)
-    native = Predictor(tiny_model)
+    # the native predictor on the fused inference path compat runs (a fused copy)
+    native = Predictor(copy.deepcopy(tiny_model), fuse=True)
     native.set_image(rgb_image)
     masks, iou, low = compat.predict(
         point_coords=np.array([[30, 40]]), point_labels=np.array([1]), multimask_output=True

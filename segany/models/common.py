@@ -18,22 +18,82 @@ def linear_plus(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> to
     return residual + layer(x)
 
 
+class Products:
+    """The matrix products of the mask decoder's few-token attention with the 4,096 image
+    tokens, whose right-hand sides change with every prompt (so no layer owns them as a
+    weight): torch's BLAS here. :func:`segany.models.fuse.fuse_for_inference` gives the
+    attention layers oneDNN's instead on CPUs where the BLAS has no kernels for the CPU's
+    widest vectors (see :func:`segany.runtime.blas_lacks_avx512`)."""
+
+    #: whether :func:`F.scaled_dot_product_attention` (whose float32 kernel runs on torch's
+    #: BLAS) is the faster float32 attention; with oneDNN's products the chunked form is
+    fused_attention = True
+
+    def linear(
+        self, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``a @ w.T + bias``: ``a`` ``(..., K)``, ``w`` ``(N, K)`` (any strides),
+        ``bias`` ``(N,)`` -> ``(..., N)``."""
+        return F.linear(a, w, bias)
+
+
+#: the products every attention layer uses unless fused otherwise
+BLAS_PRODUCTS = Products()
+
+
 def chunked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk: int = 512
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    chunk: int = 512,
+    products: Products = BLAS_PRODUCTS,
 ) -> torch.Tensor:
     """``softmax(q k^T / sqrt(D)) v`` as plain matrix products, ``chunk`` queries at a time:
     ``q`` ``(B, H, L, D)``, ``k`` ``(B, H, M, D)``, ``v`` ``(B, H or 1, M, Dv)`` -> ``(B, H,
-    L, Dv)``; ``Dv`` may differ from ``D``. The bfloat16 models' attention: the fused kernel
-    (:func:`F.scaled_dot_product_attention`) gains little from bfloat16 on the AMD EPYC
-    (Zen 5, AVX512-BF16) measured in docs/video.md, while these two products run as
-    bfloat16 matrix products (the softmax rounds its float32 result to bfloat16, as the
-    products need it)."""
+    L, Dv)``; ``Dv`` may differ from ``D``. Used where the fused kernel
+    (:func:`F.scaled_dot_product_attention`) is the slower one: bfloat16 (it gains little
+    from bfloat16 on the AMD EPYC, Zen 5, of docs/video.md, while these products run as
+    bfloat16 matrix products; the softmax rounds its float32 result to bfloat16, as the
+    products need it), and float32 with oneDNN's ``products`` (the fused kernel's float32
+    products are torch's BLAS's). With at most 16 ``(B, H)`` slices each slice's products
+    go through ``products``; more (windowed attention) run batched."""
     kt = k.transpose(-2, -1)
     q = q * q.shape[-1] ** -0.5
-    out = []
-    for i in range(0, q.shape[-2], chunk):
-        out.append(torch.matmul(torch.softmax(torch.matmul(q[..., i : i + chunk, :], kt), -1), v))
-    return torch.cat(out, dim=-2)
+    b, h, n = q.shape[0], q.shape[1], q.shape[-2]
+    if b * h > 16 or products.fused_attention:
+        out = []
+        for i in range(0, n, chunk):
+            out.append(
+                torch.matmul(torch.softmax(torch.matmul(q[..., i : i + chunk, :], kt), -1), v)
+            )
+        return torch.cat(out, dim=-2)
+    v = v.expand(b, h, -1, -1)
+    res = q.new_empty(b, h, n, v.shape[-1])
+    for x in range(b):
+        for y in range(h):
+            kk, vt = k[x, y], v[x, y].t()
+            for i in range(0, n, chunk):
+                s = torch.softmax(products.linear(q[x, y, i : i + chunk], kk), -1)
+                res[x, y, i : i + chunk] = products.linear(s, vt)
+    return res
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, products: Products = BLAS_PRODUCTS
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D)) v`` (shapes as :func:`chunked_attention`) by the faster
+    form here: :func:`chunked_attention` for bfloat16, for float32 with oneDNN's
+    ``products`` over at most 16 ``(B, H)`` slices, and when ``Dv`` differs from ``D``;
+    the fused kernel otherwise."""
+    few = q.shape[0] * q.shape[1] <= 16
+    if (
+        q.dtype == torch.bfloat16
+        or (few and not products.fused_attention)
+        or v.shape[-1] != q.shape[-1]
+    ):
+        return chunked_attention(q, k, v, products=products)
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 class LayerNorm2d(nn.Module):

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import blas_lacks_avx512
+from .common import BLAS_PRODUCTS, Products
 from .hiera import MultiScaleBlock
 from .mask_decoder import MaskDecoder
 from .tiny_vit import Attention as TinyViTAttention
@@ -206,6 +208,26 @@ def is_fused(model: nn.Module) -> bool:
     return bool(getattr(model, "_segany_fused", False))
 
 
+class OneDNNProducts(Products):
+    """:class:`~segany.models.common.Products` as oneDNN calls on the CPU (float32,
+    outside autograd; torch's BLAS otherwise). The right-hand side is read with its own
+    strides (a transposed view is not copied)."""
+
+    fused_attention = False
+
+    def linear(
+        self, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if a.device.type != "cpu" or a.dtype != torch.float32 or torch.is_grad_enabled():
+            return F.linear(a, w, bias)
+        a2 = a.reshape(-1, a.shape[-1])
+        y = torch.ops.mkldnn._linear_pointwise(a2, w, bias, "none", [], "")
+        return y.view(*a.shape[:-1], -1)
+
+
+ONEDNN_PRODUCTS = OneDNNProducts()
+
+
 def _replace_children(model: nn.Module, onednn: bool) -> None:
     # SAM 2's decoder adds the high-res features between the upscaling's convolutions and
     # their GELUs: that Sequential keeps its five separate steps
@@ -250,12 +272,34 @@ def _replace_children(model: nn.Module, onednn: bool) -> None:
                 parent[i + 1] = nn.Identity()
 
 
+def _decoder_linears(model: nn.Module) -> None:
+    """The mask decoders' linear layers as :class:`OneDNNLinear` (their weights packed
+    once): on CPUs where torch's BLAS lacks the widest kernels, where oneDNN's products
+    are about twice as fast (:func:`segany.runtime.blas_lacks_avx512`)."""
+    for decoder in [m for m in model.modules() if isinstance(m, MaskDecoder)]:
+        for parent in list(decoder.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, OneDNNLinear(child, onednn=True))
+
+
 def set_onednn(model: nn.Module, enabled: bool) -> None:
     """Switch the fused modules of ``model`` between oneDNN calls and plain operators."""
     enabled = enabled and onednn_available()
     for m in model.modules():
         if isinstance(m, (ConvGELU, ConvTransposeGELU, OneDNNLinear)):
             m.onednn = enabled
+    _set_products(model, enabled)
+
+
+def _set_products(model: nn.Module, onednn: bool) -> None:
+    """The attention layers' products (the decoder's few-token form, SAM 2's memory and
+    Hiera attention): oneDNN's where torch's
+    BLAS lacks this CPU's widest kernels (:func:`segany.runtime.blas_lacks_avx512`)."""
+    products = ONEDNN_PRODUCTS if onednn and blas_lacks_avx512() else BLAS_PRODUCTS
+    for m in model.modules():
+        if isinstance(getattr(m, "products", None), Products):
+            m.products = products
 
 
 def fuse_for_inference(model: nn.Module, *, onednn: bool | None = None) -> nn.Module:
@@ -294,7 +338,11 @@ def fuse_for_inference(model: nn.Module, *, onednn: bool | None = None) -> nn.Mo
             mod.register_buffer("ab", ab, persistent=False)
     encoder = getattr(model, "image_encoder", model)
     encoder.to(memory_format=torch.channels_last)
-    _replace_children(model, onednn_available() if onednn is None else onednn)
+    onednn = onednn_available() if onednn is None else onednn
+    _replace_children(model, onednn)
+    if onednn and blas_lacks_avx512():
+        _decoder_linears(model)
+    _set_products(model, onednn)
     model.requires_grad_(False)
     model._segany_fused = True
     return model

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, chunked_attention, linear_plus
+from .common import BLAS_PRODUCTS, MLP, attention, linear_plus
 from .image_encoder import window_partition, window_unpartition
 
 
@@ -39,6 +39,8 @@ class MultiScaleAttention(nn.Module):
         self.q_stride = q_stride
         self.qkv = nn.Linear(dim, dim_out * 3)
         self.proj = nn.Linear(dim_out, dim_out)
+        #: the attention's matrix products (see common.Products)
+        self.products = BLAS_PRODUCTS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
@@ -49,10 +51,7 @@ class MultiScaleAttention(nn.Module):
             h, w = q.shape[1:3]
             q = q.reshape(b, h * w, self.num_heads, -1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if q.dtype == torch.bfloat16:  # see chunked_attention
-            out = chunked_attention(q, k, v)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, products=self.products)
         return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, chunked_attention
+from .common import BLAS_PRODUCTS, LayerNorm2d, attention, chunked_attention
 from .neck import sine_position_encoding
 
 
@@ -71,6 +71,8 @@ class RoPEAttention(nn.Module):
         self.v_proj = nn.Linear(kv, embedding_dim)
         self.out_proj = nn.Linear(embedding_dim, embedding_dim)
         self._angles: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        #: the attention's matrix products (see common.Products)
+        self.products = BLAS_PRODUCTS
 
     def angles(self, size: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, ...]:
         key = (int(size[0]), int(size[1]))
@@ -103,17 +105,17 @@ class RoPEAttention(nn.Module):
             grids = n_rot // cos.shape[0]
             rk = rotate(k[:, :, :n_rot], cos.repeat(grids, 1), sin.repeat(grids, 1))
             k = torch.cat([rk, k[:, :, n_rot:]], dim=2) if num_k_exclude_rope else rk
-        if q.dtype != torch.bfloat16:
-            out = F.scaled_dot_product_attention(q, k, heads(self.v_proj(v)))
-        elif v.shape[-1] < self.head_dim:
+        fused = q.dtype != torch.bfloat16 and self.products.fused_attention
+        if v.shape[-1] < self.head_dim and not fused:
             # Values narrower than a head (the memory's 64 channels): attend over the raw
             # values, then project (the product with the attention is head_dim / kv times
             # smaller; the value bias passes through the attention, whose rows sum to 1).
             w = self.v_proj.weight.unflatten(0, (self.num_heads, self.head_dim))
-            out = torch.matmul(chunked_attention(q, k, v.unsqueeze(1)), w.transpose(-2, -1))
+            out = chunked_attention(q, k, v.unsqueeze(1), products=self.products)
+            out = torch.matmul(out, w.transpose(-2, -1))
             out = out + self.v_proj.bias.view(self.num_heads, 1, self.head_dim)
         else:
-            out = chunked_attention(q, k, heads(self.v_proj(v)))
+            out = attention(q, k, heads(self.v_proj(v)), products=self.products)
         return self.out_proj(out.transpose(1, 2).reshape(b, -1, self.num_heads * self.head_dim))
 
 

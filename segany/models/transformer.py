@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, MLPBlock
+from .common import BLAS_PRODUCTS, MLP, MLPBlock
 
 
 class Attention(nn.Module):
@@ -26,6 +26,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
+        #: the few-token form's products with the image tokens (see common.Products)
+        self.products = BLAS_PRODUCTS
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -73,9 +75,12 @@ class Attention(nn.Module):
         qh = self.q_proj(q).view(b, nq, h, d).transpose(1, 2)  # (B, h, Nq, d)
         # scores = q_h (W_k,h x + b_k,h): the bias term is constant over keys -> cancels.
         qk = (qh @ self._split_weight(self.k_proj)).reshape(b, h * nq, c)
-        attn = (qk @ k_img.transpose(1, 2)).mul_(d**-0.5).softmax(-1)  # (B, h*Nq, Ni)
+        shared = k_img.shape[0] == 1 and v_img.shape[0] == 1
+        scores = self.products.linear(qk, k_img[0]) if shared else qk @ k_img.transpose(1, 2)
+        attn = scores.mul_(d**-0.5).softmax(-1)  # (B, h*Nq, Ni)
         # A (x W_v,h^T + b_v,h) = (A x) W_v,h^T + b_v,h since the rows of A sum to 1.
-        ax = (attn @ v_img).view(b, h, nq, c)
+        ax = self.products.linear(attn, v_img[0].t()) if shared else attn @ v_img
+        ax = ax.view(b, h, nq, c)
         out = ax @ self._split_weight(self.v_proj).transpose(1, 2) + self.v_proj.bias.view(h, 1, d)
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, h * d))
 
@@ -108,7 +113,10 @@ class Attention(nn.Module):
             # (x W_q,h^T + b_q,h) k_h^T = x (k_h W_q,h)^T + b_q,h k_h^T
             kq = (kh @ self._split_weight(self.q_proj)).reshape(b, h * nk, -1)
             bias = (kh @ self.q_proj.bias.view(h, d, 1)).reshape(b, h * nk, 1)
-            scores = torch.baddbmm(bias, kq, q_img.expand(b, -1, -1).transpose(1, 2))
+            if b == 1 and q_img.shape[0] == 1:
+                scores = self.products.linear(kq[0], q_img[0]).add_(bias[0]).unsqueeze(0)
+            else:
+                scores = torch.baddbmm(bias, kq, q_img.expand(b, -1, -1).transpose(1, 2))
             scores = scores.view(b, h, nk, -1)
         attn = scores.mul_(d**-0.5).softmax(2).reshape(b, h * nk, -1).transpose(1, 2)
         vh = self.v_proj(v).view(b, nk, h, d).transpose(1, 2)  # (B, h, Nk, d)
