@@ -72,9 +72,11 @@ def chunked_attention(
     res = q.new_empty(b, h, n, v.shape[-1])
     for x in range(b):
         for y in range(h):
-            kk, vt = k[x, y], v[x, y].t()
+            # oneDNN takes plain and transposed layouts at speed, other strides (q, k, v
+            # sliced out of one qkv projection) on a slow path: copies are cheaper
+            kk, vt = k[x, y].contiguous(), v[x, y].contiguous().t()
             for i in range(0, n, chunk):
-                s = torch.softmax(products.linear(q[x, y, i : i + chunk], kk), -1)
+                s = torch.softmax(products.linear(q[x, y, i : i + chunk].contiguous(), kk), -1)
                 res[x, y, i : i + chunk] = products.linear(s, vt)
     return res
 
