@@ -1,0 +1,61 @@
+"""Float32 matrix products through torch's BLAS (MKL on x86) against oneDNN, on this CPU:
+whether :func:`segany.runtime.blas_lacks_avx512` is right here (on AMD CPUs with AVX-512,
+MKL runs its AVX2 code and oneDNN is about twice as fast).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_products.py [--threads 1]
+
+GFLOP/s per shape, process time (so load from other jobs moves it little at one thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def _gflops(fn, flop: float, reps: int) -> float:
+    fn()
+    t = time.process_time()
+    for _ in range(reps):
+        fn()
+    return flop * reps / (time.process_time() - t) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from segany.models.fuse import ONEDNN_PRODUCTS, onednn_available
+    from segany.runtime import blas_lacks_avx512, cpu_info
+
+    info = cpu_info()
+    print(f"CPU: {info['model']} ({info['vendor'] or 'vendor unknown'}, {info['arch']}); "
+          f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()} kernels; "
+          f"{args.threads} thread(s)")  # fmt: skip
+    print(f"blas_lacks_avx512: {blas_lacks_avx512()}")
+    if not onednn_available():
+        print("no oneDNN in this torch")
+        return
+    # (name, a, w): the product a @ w.T
+    shapes = [
+        ("square 2048^3", torch.randn(2048, 2048), torch.randn(2048, 2048), 3),
+        ("linear 4096x256 by 256x256", torch.randn(4096, 256), torch.randn(256, 256), 100),
+        ("few-token scores 56x256 by 256x4096", torch.randn(56, 256), torch.randn(4096, 256), 100),
+        ("few-token values 56x4096 by 4096x256", torch.randn(56, 4096), torch.randn(4096, 256).t(), 100),
+    ]  # fmt: skip
+    print(f"{'product':40s} {'BLAS':>8s} {'oneDNN':>8s}  GFLOP/s")
+    with torch.inference_mode():
+        for name, a, w, reps in shapes:
+            flop = 2.0 * a.shape[0] * a.shape[1] * w.shape[0]
+            blas = _gflops(lambda a=a, w=w: F.linear(a, w), flop, reps)
+            dnn = _gflops(lambda a=a, w=w: ONEDNN_PRODUCTS.linear(a, w), flop, reps)
+            print(f"{name:40s} {blas:8.0f} {dnn:8.0f}  ({dnn / blas:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
