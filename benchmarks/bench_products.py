@@ -42,12 +42,13 @@ def main() -> None:
         print("no oneDNN in this torch")
         return
     # (name, a, w): the product a @ w.T
+    r = torch.randn
     shapes = [
-        ("square 2048^3", torch.randn(2048, 2048), torch.randn(2048, 2048), 3),
-        ("linear 4096x256 by 256x256", torch.randn(4096, 256), torch.randn(256, 256), 100),
-        ("few-token scores 56x256 by 256x4096", torch.randn(56, 256), torch.randn(4096, 256), 100),
-        ("few-token values 56x4096 by 4096x256", torch.randn(56, 4096), torch.randn(4096, 256).t(), 100),
-    ]  # fmt: skip
+        ("square 2048^3", r(2048, 2048), r(2048, 2048), 3),
+        ("linear 4096x256 by 256x256", r(4096, 256), r(256, 256), 100),
+        ("few-token scores 56x256 by 256x4096", r(56, 256), r(4096, 256), 100),
+        ("few-token values 56x4096 by 4096x256", r(56, 4096), r(4096, 256).t(), 100),
+    ]
     print(f"{'product':40s} {'BLAS':>8s} {'oneDNN':>8s}  GFLOP/s")
     with torch.inference_mode():
         for name, a, w, reps in shapes:

@@ -290,9 +290,7 @@ def test_a_label_output_with_images_and_a_video_is_one_dataset(tmp_path: Path) -
         assert np.array_equal(im.load(), video.frame(t))
     assert sum(im.num_masks for im in ds.images[2:]) > 0  # frame 0's objects at least
     # the videos alone, and the images alone
-    assert open_dataset(ds_dir, kind="video").num_masks == sum(
-        im.num_masks for im in ds.images[2:]
-    )
+    assert open_dataset(ds_dir, kind="video").num_masks == sum(im.num_masks for im in ds.images[2:])
     assert len(read_sa1b_dataset(ds_dir).images) == 2
 
 

@@ -44,8 +44,7 @@ def load_json(path: Path) -> Any:
         return json.loads(raw)
     except ValueError as exc:  # also UnicodeDecodeError
         raise DatasetError(
-            f"cannot read {path}: not valid JSON, cut short or damaged? ({len(raw)} bytes; "
-            f"{exc})"
+            f"cannot read {path}: not valid JSON, cut short or damaged? ({len(raw)} bytes; {exc})"
         ) from None
 
 

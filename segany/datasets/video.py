@@ -183,8 +183,7 @@ def _video_frames(
         segs = a.get("segmentations")
         if not isinstance(segs, list) or len(segs) != n:
             raise DatasetError(
-                f"{where}: video {name!r}, annotation #{j} needs one segmentation per frame "
-                f"({n})"
+                f"{where}: video {name!r}, annotation #{j} needs one segmentation per frame ({n})"
             )
         scores = a.get("scores")
         scores = scores if isinstance(scores, list) else []

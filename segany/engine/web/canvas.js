@@ -318,10 +318,12 @@ async function start() {
   await loadImages();
   await loadVideos();
   const vm = /video=(\d+)(?:&frame=(\d+))?/.exec(location.hash);
-  if (vm && V.videos.some((v) => v.id === Number(vm[1]) && v.status === "ok")) {
+  if (vm && !S.navSeq && V.videos.some((v) => v.id === Number(vm[1]) && v.status === "ok")) {
     await openVideo(Number(vm[1]), Number(vm[2] || 0));
     return;
   }
+  // an image or a video chosen while the lists loaded wins over the first one opened here
+  if (S.navSeq) return;
   const m = /image=(\d+)/.exec(location.hash);
   const want = m ? Number(m[1]) : null;
   const first = S.images.find((i) => i.id === want) ||
