@@ -60,11 +60,16 @@ def collect() -> dict[str, Any]:
         "versions": versions,
         "cpu": {
             "model": cpu["model"],
+            "vendor": cpu.get("vendor", ""),
             "arch": cpu["arch"],
             "cpus_available": R.available_cpus(),
             "flags": [f for f in SPEED_FLAGS if f in flags],  # type: ignore[operator]
             "torch_kernels": torch.backends.cpu.get_cpu_capability(),
             "onednn": bool(torch.backends.mkldnn.is_available()),
+            # the attention and decoder products of fused models (segany.models.fuse)
+            "products": "onednn"
+            if torch.backends.mkldnn.is_available() and R.blas_lacks_avx512()
+            else "blas",
         },
         "threads": R.get_threads(),
         "backends": backends,
@@ -103,6 +108,13 @@ def _text(report: dict[str, Any]) -> str:
         f"cpu: {cpu['model']} ({cpu['arch']}), {cpu['cpus_available']} available",
         f"  flags: {' '.join(cpu['flags']) or '(none of interest)'}",
         f"  torch kernels: {cpu['torch_kernels']}, oneDNN: {'yes' if cpu['onednn'] else 'no'}",
+        "  matrix products: "
+        + (
+            "oneDNN (torch's BLAS, MKL, lacks AVX-512 kernels for this CPU; "
+            "SEGANY_PRODUCTS=blas to change)"
+            if cpu["products"] == "onednn"
+            else "torch's BLAS"
+        ),
         f"threads: {report['threads']}",
         f"backends: {', '.join(report['backends'])}",
         f"precisions: {', '.join(report['precisions'])}"

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from segany.cli import main
@@ -221,3 +222,13 @@ def test_info_reports_the_cpu_and_what_it_allows(capsys, monkeypatch):
     assert main(["info"]) == 0
     text = capsys.readouterr().out
     assert "cpu: Fake Xeon (x86_64)" in text and "bf16 refused" in text
+    assert "matrix products: torch's BLAS" in text  # an Intel-like CPU: MKL's own kernels
+    amd = {"model": "Fake EPYC", "vendor": "AuthenticAMD", "arch": "x86_64"}
+    monkeypatch.setattr(runtime, "cpu_info", lambda: {**amd, "flags": frozenset({"avx512f"})})
+    monkeypatch.delenv("SEGANY_PRODUCTS", raising=False)
+    assert main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cpu"]["vendor"] == "AuthenticAMD"
+    assert report["cpu"]["products"] == (
+        "onednn" if torch.backends.mkldnn.is_available() else "blas"
+    )
