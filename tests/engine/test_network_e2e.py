@@ -4,11 +4,14 @@ goes, an accept made offline (or whose answer was lost) is saved exactly once, N
 offline keeps the clicks, a click made offline is answered when the server is back, the
 status line is never stuck, a second tab on an image is read-only and cannot save until
 the first tab's lease expires, the review round trip, and a pre-fill's progress and
-cancel."""
+cancel. Screenshots go to build/test-artifacts/ (and docs/img/annotate-offline.png,
+annotate-readonly.png and annotate-review.png with SEGANY_DOCS_SCREENSHOT=1)."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +24,10 @@ from segany.engine.service import AnnotationService
 from segany.engine.store import Store
 from segany.masks import masks_to_coco_rle
 
+from ..conftest import REPO
 from .helpers import server_thread
+
+ARTIFACTS = REPO / "build" / "test-artifacts"
 
 
 @pytest.fixture()
@@ -106,6 +112,18 @@ def _wait_reported(page, pattern: str, timeout: float = 20_000) -> None:
     )
 
 
+def _save(page, name: str, clip: dict | None = None) -> Path:
+    """The page (or ``clip`` of it) to build/test-artifacts/``name``, and to docs/img/ with
+    SEGANY_DOCS_SCREENSHOT=1, as test_e2e.py and test_edit_tools.py do."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    out = ARTIFACTS / name
+    page.screenshot(path=str(out), clip=clip)
+    if os.environ.get("SEGANY_DOCS_SCREENSHOT"):
+        (REPO / "docs" / "img").mkdir(exist_ok=True)
+        shutil.copy(out, REPO / "docs" / "img" / name)
+    return out
+
+
 def _n(svc, path: str = "a.png") -> int:
     return len(svc.store.annotations(svc.store.image_by_path(path).id, light=True))
 
@@ -130,6 +148,7 @@ def test_offline_banner_accept_saved_once_and_clicks_kept(browser, tiny_app):
         page.keyboard.press("Enter")
         _wait_status(page, "^offline: the accept is kept and will be saved")
         assert "1 change will be saved" in page.locator("#offline").inner_text()
+        _save(page, "annotate-offline.png", clip={"x": 0, "y": 0, "width": 1300, "height": 500})
         assert _n(svc) == 0
         page.unroute("**/api/**")
         page.wait_for_selector("#offline.hidden", state="attached", timeout=10_000)
@@ -185,6 +204,7 @@ def test_two_tabs_one_image_and_lease_takeover(browser, tiny_app):
         lock = two.locator("#lockbar")
         assert lock.is_visible()
         assert lock.inner_text().startswith("Locked by local (another tab): read-only here")
+        _save(two, "annotate-readonly.png", clip={"x": 0, "y": 0, "width": 1300, "height": 300})
         _click_object(two)  # clicks are allowed (nothing is written) ...
         two.keyboard.press("Enter")  # ... saving is refused, with the reason
         _wait_status(two, r"^image \d+ is locked in another tab")
@@ -228,6 +248,7 @@ def test_review_return_resubmit_approve(browser, tiny_app):
         bob.locator("#return").click()  # no comment: refused in the page
         assert svc.work.get(a_id).review == "submitted"
         bob.locator("#review-text").fill("the red box is missing")
+        _save(bob, "annotate-review.png", clip={"x": 970, "y": 0, "width": 330, "height": 750})
         bob.locator("#return").click()
         _wait_reported(bob, "^returned a.png to alice")
         w = svc.work.get(a_id)
