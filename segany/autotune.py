@@ -52,10 +52,15 @@ def choices_file() -> Path:
 
 
 def machine_key(model_id: str | None) -> str:
-    """What the choice depends on: CPU model and flags, versions, threads, weights."""
+    """What the choice depends on: CPU model and flags, versions (segany's own: its code
+    paths change the timings), the matrix products torch's side uses, threads, weights."""
+    from . import __version__
+
     cpu = R.cpu_info()
     ort = importlib.util.find_spec("onnxruntime")
     parts = {
+        "segany": __version__,
+        "products": "onednn" if R.blas_lacks_avx512() else "blas",
         "cpu": cpu["model"],
         "arch": cpu["arch"],
         "flags": sorted(cpu["flags"]),  # type: ignore[arg-type]

@@ -159,3 +159,13 @@ def test_a_choice_timed_on_a_busy_machine_is_timed_again_when_idle(
     assert A.cached_choice("w")["busy"] is False
     final, calls4 = fake({})
     assert A.resolve_backend("auto", tiny_model, "w", measure=final) == "torch" and not calls4
+
+
+def test_the_choice_is_keyed_by_the_matrix_products(monkeypatch):
+    """A choice timed with torch's BLAS products does not stand for the oneDNN ones (the
+    torch side's clicks got faster on AMD CPUs with AVX-512 when they came)."""
+    monkeypatch.setenv("SEGANY_PRODUCTS", "blas")
+    blas = A.machine_key("m")
+    assert A.machine_key("m") == blas  # stable
+    monkeypatch.setenv("SEGANY_PRODUCTS", "onednn")
+    assert A.machine_key("m") != blas
