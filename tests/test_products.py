@@ -13,8 +13,14 @@ import torch.nn.functional as F
 
 from segany import runtime
 from segany.models import fuse
-from segany.models.common import BLAS_PRODUCTS, attention, chunked_attention
-from segany.models.fuse import ONEDNN_PRODUCTS, OneDNNLinear, fuse_for_inference, set_onednn
+from segany.models.common import Products, attention, chunked_attention
+from segany.models.fuse import (
+    ONEDNN_PRODUCTS,
+    OneDNNLinear,
+    OneDNNProducts,
+    fuse_for_inference,
+    set_onednn,
+)
 from segany.models.transformer import Attention
 from segany.predictor import Predictor
 
@@ -67,15 +73,28 @@ def test_fused_model_takes_onednn_products_only_where_the_blas_lacks_avx512(monk
     off = _fused(sam, monkeypatch, False)
     attn_on = [m for m in on.mask_decoder.modules() if isinstance(m, Attention)]
     attn_off = [m for m in off.mask_decoder.modules() if isinstance(m, Attention)]
-    assert attn_on and all(m.products is ONEDNN_PRODUCTS for m in attn_on)
-    assert all(m.products is BLAS_PRODUCTS for m in attn_off)
+    assert attn_on and all(isinstance(m.products, OneDNNProducts) for m in attn_on)
+    assert attn_off and all(type(m.products) is Products for m in attn_off)
     lin_on = [m for m in on.mask_decoder.modules() if isinstance(m, torch.nn.Linear)]
     assert lin_on == []  # every decoder linear packed for oneDNN
     assert any(isinstance(m, OneDNNLinear) for m in on.mask_decoder.modules())
     assert not any(isinstance(m, OneDNNLinear) for m in off.mask_decoder.modules())
     # the ONNX export switches oneDNN off: plain products again (traceable)
     set_onednn(on, False)
-    assert all(m.products is BLAS_PRODUCTS for m in attn_on)
+    assert all(type(m.products) is Products for m in attn_on)
+
+
+def test_bf16_attention_form_follows_the_cpu(monkeypatch):
+    """bf16 attention: the fused kernel on CPUs with AMX (as measured on the AMX Xeon),
+    chunked matrix products elsewhere (3x faster on the AMD EPYC with AVX512-BF16)."""
+    sam = tiny_tinyvit_sam(2)
+    for flags, fused in ((frozenset({"avx512f", "amx_bf16"}), True), (frozenset({"avx2"}), False)):
+        monkeypatch.setattr(fuse, "cpu_info", lambda flags=flags: {"flags": flags})
+        model = _fused(sam, monkeypatch, False)
+        products = {m.products for m in model.modules() if hasattr(m, "products")}
+        assert len(products) == 1
+        (p,) = products
+        assert p.fused(torch.bfloat16) is fused and p.fused(torch.float32) is True
 
 
 @needs_onednn

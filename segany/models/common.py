@@ -29,6 +29,16 @@ class Products:
     #: BLAS) is the faster float32 attention; with oneDNN's products the chunked form is
     fused_attention = True
 
+    def __init__(self, *, fused_bf16: bool = False) -> None:
+        #: whether the fused kernel is the faster bfloat16 attention: measured so on the AMX
+        #: Xeon (2026-12-07), not on the AMD EPYC with AVX512-BF16 only (the chunked form
+        #: was 3x faster there); fuse_for_inference sets it from the CPU's flags
+        self.fused_bf16 = fused_bf16
+
+    def fused(self, dtype: torch.dtype) -> bool:
+        """Whether the fused attention kernel is the faster form for ``dtype`` here."""
+        return self.fused_bf16 if dtype == torch.bfloat16 else self.fused_attention
+
     def linear(
         self, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -85,15 +95,12 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, products: Products = BLAS_PRODUCTS
 ) -> torch.Tensor:
     """``softmax(q k^T / sqrt(D)) v`` (shapes as :func:`chunked_attention`) by the faster
-    form here: :func:`chunked_attention` for bfloat16, for float32 with oneDNN's
-    ``products`` over at most 16 ``(B, H)`` slices, and when ``Dv`` differs from ``D``;
-    the fused kernel otherwise."""
-    few = q.shape[0] * q.shape[1] <= 16
-    if (
-        q.dtype == torch.bfloat16
-        or (few and not products.fused_attention)
-        or v.shape[-1] != q.shape[-1]
-    ):
+    form here: :func:`chunked_attention` for bfloat16 (unless ``products`` says the fused
+    kernel is faster for it on this CPU), for float32 with oneDNN's ``products`` over at
+    most 16 ``(B, H)`` slices, and when ``Dv`` differs from ``D``; the fused kernel
+    otherwise."""
+    few = q.shape[0] * q.shape[1] <= 16 or q.dtype == torch.bfloat16
+    if (few and not products.fused(q.dtype)) or v.shape[-1] != q.shape[-1]:
         return chunked_attention(q, k, v, products=products)
     return F.scaled_dot_product_attention(q, k, v)
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import blas_lacks_avx512
-from .common import BLAS_PRODUCTS, Products
+from ..runtime import blas_lacks_avx512, cpu_info
+from .common import Products
 from .hiera import MultiScaleBlock
 from .mask_decoder import MaskDecoder
 from .tiny_vit import Attention as TinyViTAttention
@@ -296,7 +296,8 @@ def _set_products(model: nn.Module, onednn: bool) -> None:
     """The attention layers' products (the decoder's few-token form, SAM 2's memory and
     Hiera attention): oneDNN's where torch's
     BLAS lacks this CPU's widest kernels (:func:`segany.runtime.blas_lacks_avx512`)."""
-    products = ONEDNN_PRODUCTS if onednn and blas_lacks_avx512() else BLAS_PRODUCTS
+    kind = OneDNNProducts if onednn and blas_lacks_avx512() else Products
+    products = kind(fused_bf16="amx_bf16" in cpu_info()["flags"])  # type: ignore[operator]
     for m in model.modules():
         if isinstance(getattr(m, "products", None), Products):
             m.products = products

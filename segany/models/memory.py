@@ -105,7 +105,7 @@ class RoPEAttention(nn.Module):
             grids = n_rot // cos.shape[0]
             rk = rotate(k[:, :, :n_rot], cos.repeat(grids, 1), sin.repeat(grids, 1))
             k = torch.cat([rk, k[:, :, n_rot:]], dim=2) if num_k_exclude_rope else rk
-        fused = q.dtype != torch.bfloat16 and self.products.fused_attention
+        fused = self.products.fused(q.dtype)
         if v.shape[-1] < self.head_dim and not fused:
             # Values narrower than a head (the memory's 64 channels): attend over the raw
             # values, then project (the product with the attention is head_dim / kv times
