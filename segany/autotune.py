@@ -52,14 +52,11 @@ def choices_file() -> Path:
 
 
 def machine_key(model_id: str | None) -> str:
-    """What the choice depends on: CPU model and flags, versions (segany's own: its code
-    paths change the timings), the matrix products torch's side uses, threads, weights."""
-    from . import __version__
-
+    """What the choice depends on: CPU model and flags, versions, the matrix products
+    torch's side uses (:func:`segany.runtime.blas_lacks_avx512`), threads, weights."""
     cpu = R.cpu_info()
     ort = importlib.util.find_spec("onnxruntime")
     parts = {
-        "segany": __version__,
         "products": "onednn" if R.blas_lacks_avx512() else "blas",
         "cpu": cpu["model"],
         "arch": cpu["arch"],
