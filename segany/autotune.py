@@ -53,11 +53,11 @@ def choices_file() -> Path:
 
 def machine_key(model_id: str | None) -> str:
     """What the choice depends on: CPU model and flags, versions, the matrix products
-    torch's side uses (:func:`segany.runtime.blas_lacks_avx512`), threads, weights."""
+    torch's side uses (:func:`segany.runtime.matrix_products`), threads, weights."""
     cpu = R.cpu_info()
     ort = importlib.util.find_spec("onnxruntime")
     parts = {
-        "products": "onednn" if R.blas_lacks_avx512() else "blas",
+        "products": R.matrix_products(),
         "cpu": cpu["model"],
         "arch": cpu["arch"],
         "flags": sorted(cpu["flags"]),  # type: ignore[arg-type]

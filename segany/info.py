@@ -67,9 +67,7 @@ def collect() -> dict[str, Any]:
             "torch_kernels": torch.backends.cpu.get_cpu_capability(),
             "onednn": bool(torch.backends.mkldnn.is_available()),
             # the attention and decoder products of fused models (segany.models.fuse)
-            "products": "onednn"
-            if torch.backends.mkldnn.is_available() and R.blas_lacks_avx512()
-            else "blas",
+            "products": R.matrix_products(),
         },
         "threads": R.get_threads(),
         "backends": backends,

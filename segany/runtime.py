@@ -246,6 +246,14 @@ def blas_lacks_avx512(info: dict | None = None) -> bool:
     )
 
 
+def matrix_products() -> str:
+    """Which products the fused models' attention and decoder use here: ``"onednn"`` where
+    torch's BLAS lacks this CPU's AVX-512 kernels and torch has oneDNN, ``"blas"``
+    otherwise (see :func:`segany.models.fuse.fuse_for_inference`)."""
+    use = blas_lacks_avx512() and bool(torch.backends.mkldnn.is_available())
+    return "onednn" if use else "blas"
+
+
 def has_native_bf16(flags: frozenset[str] | set[str] | None = None) -> bool:
     """Whether the CPU (or the given ``flags``) computes bfloat16 natively."""
     flags = cpu_info()["flags"] if flags is None else flags

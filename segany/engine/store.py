@@ -17,7 +17,7 @@ cannot both turn it into something else; and a fix records the pending object it
 in ``annotations.replaces_id``, which is unique, so the database itself refuses a second
 fix of the same object (SQLite and PostgreSQL alike). Losers get :class:`StoreConflict`.
 
-Every query and write of the annotator is here (about 760 lines with the ``categories``,
+Every query and write of the annotator is here (about 790 lines with the ``categories``,
 ``trash``, ``image_work``, ``request_keys`` and video tables), but for the undo support
 (delete to the trash, restore, an object's edit history) in :mod:`.edits`, the leases,
 reviews and request keys in :mod:`.work_store` and the videos' in :mod:`.video_store`:

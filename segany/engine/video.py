@@ -175,7 +175,7 @@ class VideoMixin:
         tracks: dict[int, list[Track]] = {}
         for t in self.video_store.tracks():
             tracks.setdefault(t.video_id, []).append(t)
-        leases = self.work.video_leases()
+        leases = self.work.all("video")
         return VideoList(
             videos=[
                 self._video_out(v, tracks.get(v.id, []), viewer, leases)

@@ -69,7 +69,7 @@ class VideoWorkMixin:
     ) -> str | None:
         """Who holds the video's lease, when not the viewer's page (``None``: free);
         ``leases``: every video's lease row (read here when not given)."""
-        w = self.work.video_lease(video_id) if leases is None else leases.get(video_id)
+        w = self.work.get(video_id, "video") if leases is None else leases.get(video_id)
         holder = lease_holder(w)
         if holder is None or (viewer is not None and holder == (viewer.id, viewer.session)):
             return None
@@ -77,7 +77,7 @@ class VideoWorkMixin:
 
     def _check_video_writable(self, video_id: int, user: UserRef) -> None:
         """:class:`Conflict` when another page holds the video's lease."""
-        w = self.work.video_lease(video_id)
+        w = self.work.get(video_id, "video")
         if w is not None:
             self._check_lease(w, f"video {video_id}", user)
 

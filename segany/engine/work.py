@@ -155,7 +155,7 @@ class WorkMixin:
         session; without one only read it. ``(held, work row or None)``."""
         if user.session is not None:
             return self.work.take_lease(target, user.id, user.session, self.lease_seconds, kind)
-        w = self.work.get(target) if kind == "image" else self.work.video_lease(target)
+        w = self.work.get(target, kind)
         return False, w
 
     def _lease_fields(self, held: bool, w: Any, user: UserRef) -> dict[str, Any]:

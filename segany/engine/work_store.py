@@ -111,13 +111,17 @@ class WorkStore:
             except IntegrityError:  # made by a concurrent request
                 s.rollback()
 
-    def get(self, image_id: int) -> ImageWork | None:
+    def get(self, target: int, kind: str = "image") -> ImageWork | VideoWork | None:
+        """The image's (or video's: ``kind``) work row (``None``: never leased or reviewed)."""
         with self.store.session() as s:
-            return s.get(ImageWork, image_id)
+            return s.get(_leased(kind), target)
 
-    def all(self) -> dict[int, ImageWork]:
+    def all(self, kind: str = "image") -> dict[int, ImageWork | VideoWork]:
+        """Every image's (or video's) work row, by its id."""
+        table = _leased(kind)
+        column = LEASED_KEYS[table]
         with self.store.session() as s:
-            return {w.image_id: w for w in s.scalars(select(ImageWork))}
+            return {getattr(w, column): w for w in s.scalars(select(table))}
 
     # -- requests ------------------------------------------------------------------------
     def request(self, user_id: int, key: str) -> RequestKey | None:
@@ -168,16 +172,6 @@ class WorkStore:
             )
             s.commit()
             return res.rowcount == 1
-
-    def video_lease(self, video_id: int) -> VideoWork | None:
-        """The video's lease row (``None``: never leased)."""
-        with self.store.session() as s:
-            return s.get(VideoWork, video_id)
-
-    def video_leases(self) -> dict[int, VideoWork]:
-        """Every video's lease row, by video id."""
-        with self.store.session() as s:
-            return {w.video_id: w for w in s.scalars(select(VideoWork))}
 
     # -- review --------------------------------------------------------------------------
     def set_review(

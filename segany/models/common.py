@@ -19,11 +19,13 @@ def linear_plus(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> to
 
 
 class Products:
-    """The matrix products of the mask decoder's few-token attention with the 4,096 image
-    tokens, whose right-hand sides change with every prompt (so no layer owns them as a
-    weight): torch's BLAS here. :func:`segany.models.fuse.fuse_for_inference` gives the
-    attention layers oneDNN's instead on CPUs where the BLAS has no kernels for the CPU's
-    widest vectors (see :func:`segany.runtime.blas_lacks_avx512`)."""
+    """The attention layers' matrix products whose right-hand sides are activations, not
+    weights (the mask decoder's few-token products with the 4,096 image tokens, SAM 2's
+    Hiera and memory attention through :func:`attention`), and which attention form is
+    the faster one: torch's BLAS and its fused kernel here.
+    :func:`segany.models.fuse.fuse_for_inference` gives the layers oneDNN's products
+    instead on CPUs where the BLAS has no kernels for the CPU's widest vectors (see
+    :func:`segany.runtime.blas_lacks_avx512`), and sets :attr:`fused_bf16` from the flags."""
 
     #: whether :func:`F.scaled_dot_product_attention` (whose float32 kernel runs on torch's
     #: BLAS) is the faster float32 attention; with oneDNN's products the chunked form is

@@ -16,7 +16,7 @@ from segany.engine.service import AnnotationService
 from segany.engine.store import Store
 
 from .helpers import server_thread
-from .test_network_e2e import _status
+from .test_network_e2e import _click_object, _status
 from .test_network_e2e import _wait_status as _wait_status_of
 from .test_video_annotator import make_video_dir
 from .test_video_work import _keys
@@ -71,22 +71,6 @@ def _frame(page, k: int) -> None:
     page.wait_for_function(f"S.video && S.video.frame === {k} && V.shown === {k}", timeout=30_000)
 
 
-def _candidate(page) -> None:
-    """Click the frame and choose a non-empty candidate (the tiny model's are random)."""
-    for x, y in ((60, 40), (40, 70), (100, 30), (20, 20), (120, 80)):
-        n = page.evaluate("S.hist.length")
-        sx, sy = page.evaluate(f"toScreen({x}, {y})")
-        box = page.locator("#canvas").bounding_box()
-        page.mouse.click(box["x"] + sx, box["y"] + sy)
-        page.wait_for_function(f"S.hist.length === {n + 1} && current().result !== null")
-        k = page.evaluate("current().result.masks.findIndex((m) => m.area > 0)")
-        if k >= 0:
-            page.keyboard.press(str(k + 1))
-            return
-        page.keyboard.press("Escape")
-    raise AssertionError("the tiny model gave only empty masks")
-
-
 def _key_frames(svc) -> list[int]:
     (t,) = svc.video_store.tracks()
     return sorted(r.frame for r in svc.video_store.frames([t.id], keys_only=True))
@@ -96,7 +80,7 @@ def test_video_key_frame_offline_saved_once_and_second_tab_read_only(browser, vi
     base, svc = video_app
     one, e1 = _page(browser, base)
     assert one.locator("#lockbar").is_hidden()
-    _candidate(one)
+    _click_object(one)
     one.keyboard.press("Enter")  # a new object on frame 0
     _wait_status(one, r"^object 1 \(.*\): key frame 0 set")
     assert _key_frames(svc) == [0]
@@ -105,7 +89,7 @@ def test_video_key_frame_offline_saved_once_and_second_tab_read_only(browser, vi
     one.keyboard.press("ArrowRight")
     one.keyboard.press("ArrowRight")
     _frame(one, 2)
-    _candidate(one)
+    _click_object(one)
     one.route("**/api/**", lambda route: route.abort())
     one.keyboard.press("Enter")
     _wait_status(one, "^offline: the key frame 2 is kept and will be saved")
@@ -134,7 +118,7 @@ def test_video_key_frame_offline_saved_once_and_second_tab_read_only(browser, vi
     one.keyboard.press("ArrowRight")
     one.keyboard.press("ArrowRight")
     _frame(one, 4)
-    _candidate(one)
+    _click_object(one)
     one.keyboard.press("Enter")
     _wait_status(one, r"^object 1 \(.*\): key frame 4 set")
     one.unroute("**/api/tracks/*/frames/*")
@@ -153,7 +137,7 @@ def test_video_key_frame_offline_saved_once_and_second_tab_read_only(browser, vi
     two.locator("#tracks li").first.click()  # select the object
     two.keyboard.press("ArrowRight")
     _frame(two, 1)
-    _candidate(two)  # clicks are allowed (nothing is written) ...
+    _click_object(two)  # clicks are allowed (nothing is written) ...
     two.keyboard.press("Enter")  # ... saving is refused
     _wait_status(two, r"video \d+ is locked in another tab")
     assert _key_frames(svc) == [0, 2, 4] and len(_keys(svc)) == 3
