@@ -2,7 +2,7 @@
 whether :func:`segany.runtime.blas_lacks_avx512` is right here (on AMD CPUs with AVX-512,
 MKL runs its AVX2 code and oneDNN is about twice as fast).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_products.py [--threads 1]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_products.py [--threads 1] [--attention]
 
 GFLOP/s per shape, process time (so load from other jobs moves it little at one thread).
 """
@@ -27,6 +27,7 @@ def _gflops(fn, flop: float, reps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--attention", action="store_true", help="also SAM 2's memory attention")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -56,6 +57,35 @@ def main() -> None:
             blas = _gflops(lambda a=a, w=w: F.linear(a, w), flop, reps)
             dnn = _gflops(lambda a=a, w=w: ONEDNN_PRODUCTS.linear(a, w), flop, reps)
             print(f"{name:40s} {blas:8.0f} {dnn:8.0f}  ({dnn / blas:.2f}x)")
+    if args.attention:
+        _memory_attention()
+
+
+def _memory_attention() -> None:
+    """One SAM 2 memory cross-attention (4,096 frame tokens against 7 memories of 4,096
+    tokens and 16 pointer tokens, 64 channels) in its three forms."""
+    from segany.models.common import Products
+    from segany.models.memory import RoPEAttention
+
+    torch.manual_seed(0)
+    m = 7 * 4096 + 16
+    q, kv = torch.randn(1, 4096, 256), torch.randn(1, m, 64)
+    forms = [
+        ("float32, fused kernel", torch.float32, Products()),
+        ("bfloat16, fused kernel", torch.bfloat16, Products(fused_bf16=True)),
+        ("bfloat16, chunked products", torch.bfloat16, Products(fused_bf16=False)),
+    ]
+    print("SAM 2 memory cross-attention, CPU ms per call:")
+    with torch.inference_mode():
+        for name, dtype, products in forms:
+            attn = RoPEAttention(embedding_dim=256, kv_in_dim=64).to(dtype).eval()
+            attn.products = products
+            x, y = q.to(dtype), kv.to(dtype)
+            for i in range(3):  # the first call warms up
+                if i == 1:
+                    t = time.process_time()
+                attn(x, y, y, size=(64, 64), num_k_exclude_rope=16)
+            print(f"  {name:30s} {(time.process_time() - t) / 2 * 1e3:8.0f}")
 
 
 if __name__ == "__main__":
