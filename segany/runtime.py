@@ -233,8 +233,8 @@ def blas_lacks_avx512(info: dict | None = None) -> bool:
     torch use Intel's MKL, which takes its AVX-512 code on Intel CPUs only, so on an AMD
     CPU with AVX-512 (Zen 4, Zen 5) its matrix products run the AVX2 code, half of what
     oneDNN reaches there (measured on this project's AMD EPYC, Zen 5: about 90 against
-    150-220 fp32 GFLOP/s per core, ``benchmarks/bench_products.py``). ``SEGANY_PRODUCTS=onednn`` or ``blas``
-    overrides the answer (``True`` / ``False``)."""
+    150-220 fp32 GFLOP/s per core, ``benchmarks/bench_products.py``).
+    ``SEGANY_PRODUCTS=onednn`` or ``blas`` overrides the answer (``True`` / ``False``)."""
     forced = os.environ.get("SEGANY_PRODUCTS", "").strip().lower()
     if forced in ("onednn", "blas"):
         return forced == "onednn"
