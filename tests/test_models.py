@@ -120,3 +120,31 @@ def test_gradients_flow_through_decoder(tiny_model):
     grads = [p.grad for p in tiny_model.mask_decoder.parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     tiny_model.zero_grad()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_upscaling_as_products_equals_the_convolutions(tiny_model, fused):
+    """The ONNX export's form of the upscaling (``upscale_as_products``) is the same
+    function as the transposed convolutions, on a rectangular grid with several prompts."""
+    import copy
+
+    from segany.models.fuse import fuse_for_inference
+
+    sam = copy.deepcopy(tiny_model).eval()
+    if fused:
+        fuse_for_inference(sam, onednn=False)
+    md = sam.mask_decoder
+    c = md.transformer_dim
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in md.output_upscaling.parameters():  # not the identity layer norm of a new model
+            p.add_(0.3 * torch.randn_like(p))
+        tokens = torch.randn(2, 5 * 7, c).view(2, 5, 7, c).permute(0, 3, 1, 2)
+        hyper_in = torch.randn(2, 3, c // 8)
+        convs = md.upscale(tokens, hyper_in)
+        md.upscale_as_products = True
+        products = md.upscale(tokens, hyper_in)
+    assert products.shape == (2, 3, 20, 28)
+    torch.testing.assert_close(products, convs, rtol=1e-4, atol=1e-5)
+    # a wrong pixel order is caught: the two differ once one block is transposed
+    assert not torch.allclose(products, convs.transpose(-1, -2).reshape(convs.shape).contiguous())

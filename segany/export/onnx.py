@@ -67,12 +67,13 @@ from torch import nn
 from ..files import atomic_path
 from ..models import Sam, SamHQ
 from ..models.fuse import fuse_for_inference
+from ..models.mask_decoder import MaskDecoder
 from ..models.sam2 import Sam2
 from ..models.transformer import DecoderContext
 
 OPSET = 18
 #: Bumped whenever the exported graphs change, so that cached exports are redone.
-EXPORT_VERSION = 3
+EXPORT_VERSION = 4
 
 
 #: Dynamic axes shared by the graphs that take prompts: any number of prompts (batch),
@@ -242,6 +243,9 @@ def _prepared(sam: Sam) -> Sam:
     """A fused, float32, CPU copy of ``sam`` (the caller's model is left untouched)."""
     model = copy.deepcopy(sam).float().cpu().eval()
     fuse_for_inference(model, onednn=False)  # plain operators: oneDNN calls do not export
+    for m in model.modules():  # onnxruntime (native and WebAssembly) runs these faster
+        if isinstance(m, MaskDecoder) and not m.use_high_res_features:
+            m.upscale_as_products = True
     # channels-last strides are a torch CPU detail; ONNX graphs are layout-free.
     return model.to(memory_format=torch.contiguous_format)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, LayerNorm2d
@@ -71,6 +72,10 @@ class MaskDecoder(nn.Module):
             nn.ConvTranspose2d(transformer_dim // 4, transformer_dim // 8, kernel_size=2, stride=2),
             nn.GELU(),
         )
+        #: run :meth:`upscale` as per-token matrix products (:meth:`upscale_by_products`):
+        #: set for the ONNX export, whose runtimes run them faster than transposed
+        #: convolutions in channels-first layout; torch's fused convolutions are faster.
+        self.upscale_as_products = False
         self.use_high_res_features = use_high_res_features
         if use_high_res_features:
             self.conv_s0 = nn.Conv2d(transformer_dim, transformer_dim // 8, kernel_size=1)
@@ -208,6 +213,8 @@ class MaskDecoder(nn.Module):
         grid) and hypernetwork outputs ``(B, K, C/8)`` -> mask logits ``(B, K, 4h, 4w)``.
         Works per token: a part of the grid gives the same part of the masks (given the
         same part of ``high_res_features``)."""
+        if high_res_features is None and self.upscale_as_products:
+            return self.upscale_by_products(tokens, hyper_in)
         if high_res_features is None:
             upscaled = self.output_upscaling(tokens)
         else:
@@ -216,6 +223,29 @@ class MaskDecoder(nn.Module):
             upscaled = act1(ln1(dc1(tokens) + feat_s1))
             upscaled = act2(dc2(upscaled) + feat_s0)
         return self.project_masks(hyper_in, upscaled)
+
+    def upscale_by_products(self, tokens: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
+        """:meth:`upscale` without high-res features, as matrix products over the tokens:
+        same arguments and result (up to float rounding).
+
+        A stride-2 transposed convolution with a 2x2 kernel maps each input pixel to its
+        own 2x2 block of output pixels, i.e. it is one ``(C_in, 4 C_out)`` product per
+        pixel. So both upscaling steps, the layer norm and the GELUs run on rows in token
+        order (pixel ``(4i + 2a + c, 4j + 2b + d)`` is row ``(i, j, a, b, c, d)``), and
+        one permutation of the final ``(B, K, 4h, 4w)`` logits puts them in image order."""
+        dc1, ln1, _, dc2, _ = self.output_upscaling
+        dc2 = getattr(dc2, "conv", dc2)  # fused with its GELU by fuse_for_inference
+        b, c, h, w = tokens.shape
+        c1, c2, k = dc1.out_channels, dc2.out_channels, hyper_in.shape[1]
+        # (C_in, C_out, a, b) kernels -> (C_in, a, b, C_out) columns
+        w1 = dc1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)
+        w2 = dc2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+        x = tokens.permute(0, 2, 3, 1).reshape(b * h * w, c)
+        y = torch.addmm(dc1.bias.repeat(4), x, w1).view(-1, c1)
+        y = F.gelu(F.layer_norm(y, (c1,), ln1.weight, ln1.bias, ln1.eps))
+        z = F.gelu(torch.addmm(dc2.bias.repeat(4), y, w2)).view(b, h * w * 16, c2)
+        m = (z @ hyper_in.transpose(1, 2)).view(b, h, w, 2, 2, 2, 2, k)
+        return m.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, k, 4 * h, 4 * w)
 
     @staticmethod
     def project_masks(hyper_in: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
