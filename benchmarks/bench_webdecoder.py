@@ -6,8 +6,10 @@ A ``segany annotate`` server (MobileSAM, torch) runs in its own process on two i
 Each page is its own browser context in the system Chromium (headless) and works like an
 annotator: a click on a random point of the image (three candidates), a second click
 that refines the chosen mask (the mask passed back as the mask input), Esc, with 0.3-0.8 s
-of think time between clicks. The latency is the page's own: mousedown to the frame that
-paints the mask (``S.latencies``, shown in the status bar), queueing included.
+of think time between clicks; the timed clicks start once every page has loaded. The
+latency is the page's own: mousedown to the frame that paints the mask (``S.latencies``,
+shown in the status bar), queueing included. CPU per click: the Chromium processes' and
+the server's CPU time over the timed clicks, divided by their number.
 
     .venv/bin/python benchmarks/bench_webdecoder.py                 # 1 page, then 8
     .venv/bin/python benchmarks/bench_webdecoder.py --pages 1 --clicks 20 --threads 1
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -48,7 +51,17 @@ def start_server(images: Path, work: Path, extra: list[str]) -> tuple[subprocess
     return proc, base
 
 
-async def annotator(ctx, url: str, clicks: int, seed: int, ready: asyncio.Event) -> dict:
+async def annotator(
+    ctx,
+    url: str,
+    clicks: int,
+    seed: int,
+    ready: asyncio.Event,
+    go: asyncio.Event,
+    finished: asyncio.Event,
+    close: asyncio.Event,
+    warmup: int,
+) -> dict:
     page = await ctx.new_page()
     await page.set_viewport_size({"width": 1200, "height": 800})
     t0 = time.perf_counter()
@@ -68,10 +81,13 @@ async def annotator(ctx, url: str, clicks: int, seed: int, ready: asyncio.Event)
         await page.mouse.click(box["x"] + sx, box["y"] + sy, button=button)
         await page.wait_for_function(f"S.latencies.length > {n}", timeout=120_000)
 
-    await click(w / 2, h / 2)  # warm-up (first run of the graphs), not counted
-    await page.keyboard.press("Escape")
+    for i in range(warmup):  # not counted: the first runs of the graphs, wasm tier-up
+        await click(w * (0.3 + 0.1 * i), h / 2)
+        await click(w * (0.3 + 0.1 * i) + 10, h / 2, button="right")
+        await page.keyboard.press("Escape")
     await page.evaluate("S.latencies = []")
     ready.set()
+    await go.wait()  # every page loaded: the timed clicks do not overlap another's start
     done = 0
     while done < clicks:
         x, y = rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h
@@ -85,11 +101,29 @@ async def annotator(ctx, url: str, clicks: int, seed: int, ready: asyncio.Event)
         await page.keyboard.press("Escape")
     lat = await page.evaluate("S.latencies")
     threads = await page.evaluate("WD.threads")
+    finished.set()
+    await close.wait()  # the CPU times are read while every page's processes still run
     await page.close()
     return {"lat": lat, "local": local, "start_s": start_s, "threads": threads}
 
 
-async def run(base: str, pages: int, clicks: int, query: str) -> dict:
+def cpu_s(pid: int | None = None) -> float:
+    """CPU seconds used so far by process ``pid``, or by all the Chromium processes on
+    this machine (Linux /proc)."""
+    total = 0
+    pids = [str(pid)] if pid else filter(str.isdigit, os.listdir("/proc"))
+    for p in pids:
+        try:
+            if pid is None and b"chrom" not in Path(f"/proc/{p}/cmdline").read_bytes():
+                continue
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def run(base: str, pages: int, clicks: int, query: str, server_pid: int, warmup: int) -> dict:
     from playwright.async_api import async_playwright
 
     async with async_playwright() as pw:
@@ -98,12 +132,34 @@ async def run(base: str, pages: int, clicks: int, query: str) -> dict:
         )
         ctxs = [await browser.new_context() for _ in range(pages)]
         events = [asyncio.Event() for _ in range(pages)]
+        finished = [asyncio.Event() for _ in range(pages)]
+        go, close = asyncio.Event(), asyncio.Event()
         hashes = ["#image=1", "#image=2"]
         t0 = time.perf_counter()
-        res = await asyncio.gather(*[
-            annotator(c, f"{base}/{query}{hashes[i % 2]}", clicks, i, events[i])
+        tasks = [
+            asyncio.ensure_future(
+                annotator(
+                    c,
+                    f"{base}/{query}{hashes[i % 2]}",
+                    clicks,
+                    i,
+                    events[i],
+                    go,
+                    finished[i],
+                    close,
+                    warmup,
+                )
+            )
             for i, c in enumerate(ctxs)
-        ])  # fmt: skip
+        ]
+        await asyncio.gather(*[e.wait() for e in events])
+        cpu0, server0, t1 = cpu_s(), cpu_s(server_pid), time.perf_counter()
+        go.set()
+        await asyncio.gather(*[e.wait() for e in finished])
+        browser_cpu, server_cpu = cpu_s() - cpu0, cpu_s(server_pid) - server0
+        clicking = time.perf_counter() - t1
+        close.set()
+        res = await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0
         await browser.close()
     lat = np.array([x["ms"] for r in res for x in r["lat"]])
@@ -120,6 +176,10 @@ async def run(base: str, pages: int, clicks: int, query: str) -> dict:
         "compute_p50": float(np.percentile(compute, 50)),
         "start_s": float(np.mean([r["start_s"] for r in res])),
         "wall_s": wall,
+        "clicking_s": clicking,
+        # the browser's processes' CPU time per timed click (page, renderer, decoder)
+        "browser_cpu_ms": 1000 * browser_cpu / max(1, int(lat.size)),
+        "server_cpu_ms": 1000 * server_cpu / max(1, int(lat.size)),
     }
 
 
@@ -129,6 +189,9 @@ def main() -> int:
     ap.add_argument("--clicks", type=int, default=12, help="clicks per page (default 12)")
     ap.add_argument("--threads", type=int, default=0, help="WebAssembly threads (0: the page's)")
     ap.add_argument("--modes", nargs="+", default=["browser", "server"])
+    ap.add_argument(
+        "--warmup", type=int, default=3, help="untimed click pairs per page first (default 3)"
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-webdec-"))
@@ -147,7 +210,7 @@ def main() -> int:
                 q = "?decoder=server" if mode == "server" else "?"
                 if mode == "browser" and args.threads:
                     q += f"threads={args.threads}"
-                rows.append(asyncio.run(run(base, n, args.clicks, q)))
+                rows.append(asyncio.run(run(base, n, args.clicks, q, proc.pid, args.warmup)))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     finally:
         proc.terminate()
@@ -156,12 +219,13 @@ def main() -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
     print("| pages | decoder | wasm threads | clicks | p50 ms | p95 ms | max ms | "
-          "decode p50 ms | page start s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          "decode p50 ms | CPU per click ms, browser + server | page start s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         th = r["threads"] if r["path"] == "browser" else "-"
         print(f"| {r['pages']} | {r['path']} | {th} | {r['clicks']} | {r['p50']:.0f} | "
               f"{r['p95']:.0f} | {r['max']:.0f} | {r['compute_p50']:.0f} | "
+              f"{r['browser_cpu_ms']:.0f} + {r['server_cpu_ms']:.0f} | "
               f"{r['start_s']:.1f} |")  # fmt: skip
     return 0
 

@@ -16,6 +16,8 @@ const WD = {
   threads: 1,
   images: new Map(), // image id -> Promise of {header, tensors}; the last three kept
   taps: new Map(),
+  queue: Promise.resolve(), // the graphs' runs, one after another
+  warm: null, // Promise of the warm-up runs (wdWarm), started by the first image's tensors
 };
 
 function wdParams() { return new URLSearchParams(location.search); }
@@ -53,6 +55,8 @@ async function wdInit(info) {
     WD.prompt = await ort.InferenceSession.create(p, opts);
     WD.decoder = await ort.InferenceSession.create(d, opts);
     WD.state = "ready";
+    const first = WD.images.values().next().value; // tensors asked for while loading
+    if (first) first.then((im) => { if (!WD.warm) WD.warm = wdWarm(im); }).catch(() => {});
     return true;
   } catch (e) {
     console.error(e);
@@ -106,6 +110,7 @@ function wdImage(imageId) {
     p = fetchBuffer(`/api/images/${imageId}/embedding${query}`).then((buf) => {
       const im = wdParse(buf);
       im.loadMs = performance.now() - t0;
+      if (!WD.warm && wdReady()) WD.warm = wdWarm(im);
       return im;
     });
     p.catch(() => WD.images.delete(imageId));
@@ -116,6 +121,40 @@ function wdImage(imageId) {
 }
 
 // -- decoding --------------------------------------------------------------------------------
+// One run of a graph, after the runs asked before it.
+function wdRun(session, feeds) {
+  const run = WD.queue.then(() => session.run(feeds));
+  WD.queue = run.catch(() => {});
+  return run;
+}
+
+// The first runs of the graphs are slow, and keep the CPU busy afterwards: V8 compiles the
+// runtime's hot WebAssembly functions again, optimised, in the background (measured with
+// benchmarks/bench_webdecoder.py: ~90 ms of compile CPU per click over the first clicks).
+// Two runs of each graph on the first image's tensors, when they arrive, start that
+// before the annotator's first click. Failures are left to the clicks to report.
+async function wdWarm(im) {
+  const [mh, mw] = im.header.mask_input_size, [h, w] = im.header.input_size;
+  const points = {
+    point_coords: new ort.Tensor("float32", Float32Array.from([w / 2, h / 2, 0, 0]), [1, 2, 2]),
+    point_labels: new ort.Tensor("float32", Float32Array.from([1, -1]), [1, 2]),
+  };
+  const prompt = { ...points };
+  for (const k of ["keys", "k", "v", "q"]) prompt[k] = im.tensors[k];
+  const refine = {
+    ...points,
+    image_embeddings: im.tensors.image_embeddings,
+    mask_input: new ort.Tensor("float32", new Float32Array(mh * mw), [1, 1, mh, mw]),
+    has_mask_input: new ort.Tensor("float32", Float32Array.from([1]), [1]),
+  };
+  try {
+    for (let i = 0; i < 2; i++) {
+      await wdRun(WD.prompt, prompt);
+      await wdRun(WD.decoder, refine);
+    }
+  } catch (e) { console.warn("decoder warm-up failed", e); }
+}
+
 // 1-D bilinear taps as F.interpolate(align_corners=False) computes them on the CPU (float32
 // source position scale * (i + 0.5) - 0.5 clamped at 0; right neighbour clamped).
 function linearTaps(nIn, nOut, scale) {
@@ -219,10 +258,10 @@ async function wdPredict(imageId, points, labels, box, maskInput, multimask) {
     feeds.image_embeddings = im.tensors.image_embeddings;
     feeds.mask_input = new ort.Tensor("float32", maskInput, [1, 1, mh, mw]);
     feeds.has_mask_input = new ort.Tensor("float32", Float32Array.from([1]), [1]);
-    out = await WD.decoder.run(feeds);
+    out = await wdRun(WD.decoder, feeds);
   } else {
     for (const k of ["keys", "k", "v", "q"]) feeds[k] = im.tensors[k];
-    out = await WD.prompt.run(feeds);
+    out = await wdRun(WD.prompt, feeds);
   }
   const lowAll = out.low_res_masks.data, iou = out.iou_predictions.data;
   const decodeMs = performance.now() - t0;
