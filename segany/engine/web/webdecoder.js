@@ -18,6 +18,7 @@ const WD = {
   taps: new Map(),
   queue: Promise.resolve(), // the graphs' runs, one after another
   warm: null, // Promise of the warm-up runs (wdWarm), started by the first image's tensors
+  runs: 0, // graph runs started
 };
 
 function wdParams() { return new URLSearchParams(location.search); }
@@ -123,7 +124,7 @@ function wdImage(imageId) {
 // -- decoding --------------------------------------------------------------------------------
 // One run of a graph, after the runs asked before it.
 function wdRun(session, feeds) {
-  const run = WD.queue.then(() => session.run(feeds));
+  const run = WD.queue.then(() => { WD.runs++; return session.run(feeds); });
   WD.queue = run.catch(() => {});
   return run;
 }
