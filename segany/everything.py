@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -151,6 +151,8 @@ class MaskGenerator:
         preset: a name in :data:`PRESETS` or a :class:`GeneratorSettings`.
         output_mode: ``"binary_mask"`` (``(H, W)`` bool arrays), ``"uncompressed_rle"`` or
             ``"coco_rle"`` (JSON-ready, ``counts`` as str).
+        point_grids: one ``(n, 2)`` grid of points in ``[0, 1]`` per crop layer, in place of
+            the grids made from ``points_per_side`` (as the reference's ``point_grids``).
         **overrides: any :class:`GeneratorSettings` field.
 
     ``generate(image)`` returns one dict per mask: ``segmentation``, ``area``, ``bbox``
@@ -185,6 +187,7 @@ class MaskGenerator:
         max_masks: int | None = None,
         multimask_output: bool | None = None,
         use_m2m: bool | None = None,
+        point_grids: Sequence[np.ndarray] | None = None,
     ) -> None:
         if isinstance(preset, str):
             if preset not in PRESETS:
@@ -228,9 +231,14 @@ class MaskGenerator:
         self.last_dense = False
         self.predictor = model if isinstance(model, Predictor) else Predictor(model)
         s = self.settings
-        self.point_grids = M.layer_point_grids(
-            s.points_per_side, s.crop_n_layers, s.crop_n_points_downscale_factor
-        )
+        if point_grids is None:
+            self.point_grids = M.layer_point_grids(
+                s.points_per_side, s.crop_n_layers, s.crop_n_points_downscale_factor
+            )
+        elif len(point_grids) != s.crop_n_layers + 1:
+            raise ValueError("point_grids needs one grid per crop layer")
+        else:
+            self.point_grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
         self._progress: Callable[[int, int], None] | None = None
         self._done = 0
         self._planned = 0

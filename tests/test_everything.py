@@ -114,6 +114,17 @@ def test_bad_settings(tiny_model):
         MaskGenerator(tiny_model, output_mode="png")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         MaskGenerator(tiny_model, "fast")  # type: ignore[misc]
+    with pytest.raises(ValueError, match="one grid per crop layer"):
+        MaskGenerator(tiny_model, crop_n_layers=1, point_grids=[np.zeros((4, 2))])
+
+
+def test_given_point_grids_are_prompted(tiny_model, rgb_image):
+    grids = [np.array([[0.5, 0.5], [0.25, 0.75]]), np.array([[0.5, 0.5]])]
+    gen = MaskGenerator(tiny_model, preset="reference", crop_n_layers=1, point_grids=grids)
+    assert [g.tolist() for g in gen.point_grids] == [g.tolist() for g in grids]
+    gen.generate(rgb_image)
+    # the whole image with two points, then one point in each of the layer's 4 crops
+    assert gen.last_prompts == 2 + 4
 
 
 # -- parity with the reference generator (real weights) -------------------------------------

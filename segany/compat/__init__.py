@@ -227,11 +227,8 @@ class SamAutomaticMaskGenerator:
             crop_overlap_ratio=crop_overlap_ratio,
             crop_n_points_downscale_factor=crop_n_points_downscale_factor,
             min_mask_region_area=min_mask_region_area,
+            point_grids=point_grids,
         )
-        if point_grids is not None:
-            if len(point_grids) != crop_n_layers + 1:
-                raise ValueError("point_grids needs one grid per crop layer")
-            self._gen.point_grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
         self.point_grids = self._gen.point_grids
         self.predictor = SamPredictor(model)
         self.output_mode = output_mode

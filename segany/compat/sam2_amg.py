@@ -74,11 +74,8 @@ class SAM2AutomaticMaskGenerator:
             crop_n_points_downscale_factor=crop_n_points_downscale_factor,
             use_m2m=use_m2m,
             multimask_output=multimask_output,
+            point_grids=point_grids,
         )
-        if point_grids is not None:
-            if len(point_grids) != crop_n_layers + 1:
-                raise ValueError("point_grids needs one grid per crop layer")
-            self._gen.point_grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
         self.point_grids = self._gen.point_grids
         self.output_mode = output_mode
         self.use_m2m = use_m2m
