@@ -5,7 +5,9 @@ nothing else, on random inputs of the real shapes.
 ``--compare-convolutions`` also exports the graphs with the mask decoder's upscaling as
 transposed convolutions (``MaskDecoder.upscale_as_products`` off, the form before
 2026-12-08) and runs both in the same page, alternating. onnxruntime-web sets its
-thread count once per page, so each ``--threads`` value gets its own page.
+thread count once per page, so each ``--threads`` value gets its own page. ``--native``
+also runs the same graphs with onnxruntime's Python package (its native CPU build) on the
+same inputs' shapes and thread counts.
 
     .venv/bin/python benchmarks/bench_ortweb_graphs.py --threads 2 1 --compare-convolutions
 """
@@ -129,6 +131,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--compare-convolutions", action="store_true")
+    ap.add_argument("--native", action="store_true", help="also onnxruntime's native build")
     args = ap.parse_args()
 
     from segany import load_predictor
@@ -155,9 +158,51 @@ def main() -> int:
                 for n in names:
                     t = sorted(times[n])
                     print(f"| {n} | {th} | {len(t)} | {t[len(t) // 2]:.1f} | {t[0]:.1f} |")
+                if args.native:
+                    for n, t in native(graphs, names, th, args.runs).items():
+                        print(
+                            f"| {n}, native | {th} | {len(t)} | {t[len(t) // 2]:.1f} | {t[0]:.1f} |"
+                        )
         finally:
             server.shutdown()
     return 0
+
+
+def native(graphs: Path, names: list[str], threads: int, runs: int) -> dict[str, list[float]]:
+    """The same graphs in onnxruntime's native CPU build, sorted times in ms."""
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    shapes = {"keys": (1, 4096, 256), "k": (1, 4096, 128), "v": (1, 4096, 128),
+              "q": (1, 4096, 128), "image_embeddings": (1, 256, 64, 64),
+              "mask_input": (1, 1, 256, 256)}  # fmt: skip
+    rng = np.random.default_rng(0)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sessions = {}
+    for n in names:
+        s = ort.InferenceSession(str(graphs / n), opts, providers=["CPUExecutionProvider"])
+        feeds = {
+            "point_coords": np.array([[[300, 200], [0, 0]]], np.float32),
+            "point_labels": np.array([[1, -1]], np.float32),
+            "has_mask_input": np.ones(1, np.float32),
+        }
+        inputs = [i.name for i in s.get_inputs()]
+        feeds = {k: v for k, v in feeds.items() if k in inputs}
+        for k in inputs:
+            if k not in feeds:
+                feeds[k] = rng.uniform(-1, 1, shapes[k]).astype(np.float32)
+        for _ in range(3):
+            s.run(None, feeds)
+        sessions[n] = (s, feeds, [])
+    for _ in range(runs):
+        for s, feeds, times in sessions.values():
+            t = time.perf_counter()
+            s.run(None, feeds)
+            times.append(1000 * (time.perf_counter() - t))
+    return {n: sorted(times) for n, (_, _, times) in sessions.items()}
 
 
 def _export_as_convolutions(model, graphs: Path) -> None:
