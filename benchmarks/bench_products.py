@@ -1,6 +1,7 @@
 """Float32 matrix products through torch's BLAS (MKL on x86) against oneDNN, on this CPU:
-whether :func:`segany.runtime.blas_lacks_avx512` is right here (on AMD CPUs with AVX-512,
-MKL runs its AVX2 code and oneDNN is about twice as fast).
+whether :func:`segany.runtime.prefer_onednn_products` is right here (on AMD CPUs with
+AVX-512, MKL runs its AVX2 code and oneDNN is about twice as fast; capped to AVX2, oneDNN
+is 7-14% faster).
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_products.py [--threads 1] [--attention]
 
@@ -32,13 +33,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from segany.models.fuse import ONEDNN_PRODUCTS, onednn_available
-    from segany.runtime import blas_lacks_avx512, cpu_info
+    from segany.runtime import cpu_info, prefer_onednn_products
 
     info = cpu_info()
     print(f"CPU: {info['model']} ({info['vendor'] or 'vendor unknown'}, {info['arch']}); "
           f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()} kernels; "
           f"{args.threads} thread(s)")  # fmt: skip
-    print(f"blas_lacks_avx512: {blas_lacks_avx512()}")
+    print(f"prefer_onednn_products: {prefer_onednn_products()}")
     if not onednn_available():
         print("no oneDNN in this torch")
         return

@@ -108,7 +108,7 @@ def _text(report: dict[str, Any]) -> str:
         f"  torch kernels: {cpu['torch_kernels']}, oneDNN: {'yes' if cpu['onednn'] else 'no'}",
         "  matrix products: "
         + (
-            "oneDNN (torch's BLAS, MKL, lacks AVX-512 kernels for this CPU; "
+            "oneDNN (faster than torch's BLAS, MKL, on this CPU's vendor; "
             "SEGANY_PRODUCTS=blas to change)"
             if cpu["products"] == "onednn"
             else "torch's BLAS"

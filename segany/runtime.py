@@ -228,29 +228,33 @@ def cpu_info() -> dict[str, object]:
     }
 
 
-def blas_lacks_avx512(info: dict | None = None) -> bool:
-    """Whether torch's BLAS runs narrower vectors than this CPU has: the x86 builds of
-    torch use Intel's MKL, which takes its AVX-512 code on Intel CPUs only, so on an AMD
-    CPU with AVX-512 (Zen 4, Zen 5) its matrix products run the AVX2 code, half of what
-    oneDNN reaches there (measured on this project's AMD EPYC, Zen 5: about 90 against
-    150-220 fp32 GFLOP/s per core, ``benchmarks/bench_products.py``).
+def prefer_onednn_products(info: dict | None = None) -> bool:
+    """Whether oneDNN's matrix products beat torch's BLAS on this CPU. The x86 builds of
+    torch use Intel's MKL, whose fastest code runs on Intel CPUs only. On an AMD CPU
+    with AVX-512 (Zen 4, Zen 5) MKL's products run its AVX2 code, half of what oneDNN
+    reaches there (measured on this project's AMD EPYC, Zen 5: about 90 against 150-220
+    fp32 GFLOP/s per core, ``benchmarks/bench_products.py``). On AMD CPUs with AVX2
+    only, oneDNN's AVX2 products measured 7-14% faster than MKL's (that Zen 5 capped to
+    AVX2 with ``ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``; a click 3.02x the
+    reference against 2.85x). Intel CPUs keep MKL, and so do CPUs of unknown vendor.
     ``SEGANY_PRODUCTS=onednn`` or ``blas`` overrides the answer (``True`` / ``False``)."""
     forced = os.environ.get("SEGANY_PRODUCTS", "").strip().lower()
     if forced in ("onednn", "blas"):
         return forced == "onednn"
     info = cpu_info() if info is None else info
+    flags = info["flags"]
     return (
         info.get("arch") in ("x86_64", "AMD64")
-        and info.get("vendor") not in ("GenuineIntel", "")
-        and "avx512f" in info["flags"]  # type: ignore[operator]
+        and (info.get("vendor") or "") not in ("GenuineIntel", "")
+        and ("avx512f" in flags or "avx2" in flags)  # type: ignore[operator]
     )
 
 
 def matrix_products() -> str:
     """Which products the fused models' attention and decoder use here: ``"onednn"`` where
-    torch's BLAS lacks this CPU's AVX-512 kernels and torch has oneDNN, ``"blas"``
-    otherwise (see :func:`segany.models.fuse.fuse_for_inference`)."""
-    use = blas_lacks_avx512() and bool(torch.backends.mkldnn.is_available())
+    they beat torch's BLAS (:func:`prefer_onednn_products`) and torch has oneDNN,
+    ``"blas"`` otherwise (see :func:`segany.models.fuse.fuse_for_inference`)."""
+    use = prefer_onednn_products() and bool(torch.backends.mkldnn.is_available())
     return "onednn" if use else "blas"
 
 

@@ -1,6 +1,5 @@
-"""oneDNN products where torch's BLAS lacks the CPU's widest kernels (MKL on AMD CPUs with
-AVX-512): the CPU rule, what the fused model takes, and that the results are the BLAS
-path's to float rounding."""
+"""oneDNN products where they beat torch's BLAS (MKL on AMD CPUs): the CPU rule, what the
+fused model takes, and that the results are the BLAS path's to float rounding."""
 
 from __future__ import annotations
 
@@ -34,23 +33,25 @@ def _cpu(vendor: str, arch: str = "x86_64", *flags: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "info,lacks",
+    "info,onednn",
     [
         (_cpu("AuthenticAMD", "x86_64", "avx2", "avx512f"), True),  # Zen 4 / Zen 5
-        (_cpu("AuthenticAMD", "x86_64", "avx2"), False),  # Zen 2 / 3: MKL's AVX2 is all
+        (_cpu("AuthenticAMD", "x86_64", "avx2"), True),  # Zen 2 / 3: oneDNN's AVX2 is faster
+        (_cpu("AuthenticAMD", "x86_64", "sse4_2"), False),  # no AVX2: keep the BLAS
+        (_cpu("GenuineIntel", "x86_64", "avx2"), False),
         (_cpu("GenuineIntel", "x86_64", "avx2", "avx512f"), False),
         (_cpu("HygonGenuine", "x86_64", "avx2", "avx512f"), True),
         (_cpu("", "aarch64", "asimd", "bf16"), False),
         (_cpu("", "x86_64", "avx512f"), False),  # vendor unknown: keep the BLAS
     ],
 )
-def test_blas_lacks_avx512_reads_vendor_and_flags(monkeypatch, info, lacks):
+def test_prefer_onednn_products_reads_vendor_and_flags(monkeypatch, info, onednn):
     monkeypatch.delenv("SEGANY_PRODUCTS", raising=False)
-    assert runtime.blas_lacks_avx512(info) is lacks
+    assert runtime.prefer_onednn_products(info) is onednn
     monkeypatch.setenv("SEGANY_PRODUCTS", "onednn")
-    assert runtime.blas_lacks_avx512(info) is True
+    assert runtime.prefer_onednn_products(info) is True
     monkeypatch.setenv("SEGANY_PRODUCTS", "BLAS")
-    assert runtime.blas_lacks_avx512(info) is False
+    assert runtime.prefer_onednn_products(info) is False
 
 
 def test_cpu_info_reads_the_vendor():
@@ -62,12 +63,12 @@ def test_cpu_info_reads_the_vendor():
 
 
 def _fused(model, monkeypatch, lacks: bool):
-    monkeypatch.setattr(fuse, "blas_lacks_avx512", lambda: lacks)
+    monkeypatch.setattr(fuse, "prefer_onednn_products", lambda: lacks)
     return fuse_for_inference(copy.deepcopy(model))
 
 
 @needs_onednn
-def test_fused_model_takes_onednn_products_only_where_the_blas_lacks_avx512(monkeypatch):
+def test_fused_model_takes_onednn_products_only_where_the_prefer_onednn_products(monkeypatch):
     sam = tiny_tinyvit_sam(3)
     on = _fused(sam, monkeypatch, True)
     off = _fused(sam, monkeypatch, False)

@@ -24,8 +24,9 @@ class Products:
     Hiera and memory attention through :func:`attention`), and which attention form is
     the faster one: torch's BLAS and its fused kernel here.
     :func:`segany.models.fuse.fuse_for_inference` gives the layers oneDNN's products
-    instead on CPUs where the BLAS has no kernels for the CPU's widest vectors (see
-    :func:`segany.runtime.blas_lacks_avx512`), and sets :attr:`fused_bf16` from the flags."""
+    instead on CPUs where those are faster (see
+    :func:`segany.runtime.prefer_onednn_products`), and sets :attr:`fused_bf16` from the
+    flags."""
 
     #: whether :func:`F.scaled_dot_product_attention` (whose float32 kernel runs on torch's
     #: BLAS) is the faster float32 attention; with oneDNN's products the chunked form is

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import blas_lacks_avx512, cpu_info
+from ..runtime import cpu_info, prefer_onednn_products
 from .common import Products
 from .hiera import MultiScaleBlock
 from .mask_decoder import MaskDecoder
@@ -274,8 +274,8 @@ def _replace_children(model: nn.Module, onednn: bool) -> None:
 
 def _decoder_linears(model: nn.Module) -> None:
     """The mask decoders' linear layers as :class:`OneDNNLinear` (their weights packed
-    once): on CPUs where torch's BLAS lacks the widest kernels, where oneDNN's products
-    are about twice as fast (:func:`segany.runtime.blas_lacks_avx512`)."""
+    once): on CPUs where oneDNN's products beat torch's BLAS
+    (:func:`segany.runtime.prefer_onednn_products`)."""
     for decoder in [m for m in model.modules() if isinstance(m, MaskDecoder)]:
         for parent in list(decoder.modules()):
             for name, child in list(parent.named_children()):
@@ -294,9 +294,9 @@ def set_onednn(model: nn.Module, enabled: bool) -> None:
 
 def _set_products(model: nn.Module, onednn: bool) -> None:
     """The attention layers' products (the decoder's few-token form, SAM 2's memory and
-    Hiera attention): oneDNN's where torch's
-    BLAS lacks this CPU's widest kernels (:func:`segany.runtime.blas_lacks_avx512`)."""
-    kind = OneDNNProducts if onednn and blas_lacks_avx512() else Products
+    Hiera attention): oneDNN's where they beat torch's BLAS
+    (:func:`segany.runtime.prefer_onednn_products`)."""
+    kind = OneDNNProducts if onednn and prefer_onednn_products() else Products
     products = kind(fused_bf16="amx_bf16" in cpu_info()["flags"])  # type: ignore[operator]
     for m in model.modules():
         if isinstance(getattr(m, "products", None), Products):
@@ -341,7 +341,7 @@ def fuse_for_inference(model: nn.Module, *, onednn: bool | None = None) -> nn.Mo
     encoder.to(memory_format=torch.channels_last)
     onednn = onednn_available() if onednn is None else onednn
     _replace_children(model, onednn)
-    if onednn and blas_lacks_avx512():
+    if onednn and prefer_onednn_products():
         _decoder_linears(model)
     _set_products(model, onednn)
     model.requires_grad_(False)
