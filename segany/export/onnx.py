@@ -26,6 +26,12 @@ place for image geometry):
     ``point_coords`` / ``point_labels`` (as above) and gives the same two outputs as
     ``decoder.onnx``, without redoing the per-image work on every click.
 
+In these SAM 1 graphs the mask decoder's upscaling (two stride-2, 2x2 transposed
+convolutions) is traced as per-token matrix products
+(:attr:`~segany.models.mask_decoder.MaskDecoder.upscale_as_products`, the same function),
+which onnxruntime runs 4-10% faster per graph, natively and in WebAssembly
+(``benchmarks/bench_ortweb_graphs.py``).
+
 SAM 2 (:class:`~segany.models.sam2.Sam2`; :func:`graphs_of` gives ``encoder`` and
 ``decoder`` only), traced from the same model code:
 
