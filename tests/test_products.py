@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from segany import runtime
 from segany.models import fuse
-from segany.models.common import Products, attention, chunked_attention
+from segany.models.common import Products, attention, chunked_attention, window_attention
 from segany.models.fuse import (
     ONEDNN_PRODUCTS,
     OneDNNLinear,
@@ -20,6 +20,7 @@ from segany.models.fuse import (
     fuse_for_inference,
     set_onednn,
 )
+from segany.models.tiny_vit import Attention as TinyViTAttention
 from segany.models.transformer import Attention
 from segany.predictor import Predictor
 
@@ -68,7 +69,7 @@ def _fused(model, monkeypatch, lacks: bool):
 
 
 @needs_onednn
-def test_fused_model_takes_onednn_products_only_where_the_prefer_onednn_products(monkeypatch):
+def test_fused_model_takes_onednn_products_only_where_preferred(monkeypatch):
     sam = tiny_tinyvit_sam(3)
     on = _fused(sam, monkeypatch, True)
     off = _fused(sam, monkeypatch, False)
@@ -96,6 +97,46 @@ def test_bf16_attention_form_follows_the_cpu(monkeypatch):
         assert len(products) == 1
         (p,) = products
         assert p.fused(torch.bfloat16) is fused and p.fused(torch.float32) is True
+
+
+def test_window_attention_form_follows_the_cpu(monkeypatch):
+    """TinyViT's windows: batched products on AMD CPUs with AVX-512 (7% off the encoder on
+    the Zen 5 EPYC), the fused kernel elsewhere (equal when capped to AVX2)."""
+    sam = tiny_tinyvit_sam(2)
+    cases = (
+        (True, frozenset({"avx2", "avx512f"}), False),
+        (True, frozenset({"avx2"}), True),
+        (False, frozenset({"avx2", "avx512f"}), True),
+    )
+    for onednn, flags, fused in cases:
+        monkeypatch.setattr(fuse, "cpu_info", lambda flags=flags: {"flags": flags})
+        model = _fused(sam, monkeypatch, onednn)
+        windows = [m for m in model.modules() if isinstance(m, TinyViTAttention)]
+        assert windows and all(m.products.fused_windows is fused for m in windows)
+    set_onednn(model, False)  # the export: the fused kernel, which it traces
+    assert all(m.products.fused_windows for m in windows)
+
+
+@pytest.mark.parametrize("n", [49, 100])
+def test_window_attention_equals_the_fused_kernel(n):
+    """Batched products over groups of windows (the last group short) on q, k, v sliced
+    out of one qkv tensor, as TinyViT makes them; windows of more than 64 tokens take the
+    fused kernel itself."""
+    torch.manual_seed(0)
+    w, h, d = 37, 3, 16
+    qkv = torch.randn(w, n, h, 3, d)
+    q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)
+    bias = torch.randn(1, h, n, n)
+    windows = Products(fused_windows=False)
+    with torch.inference_mode():
+        fused = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        ours = window_attention(q, k, v, bias, products=windows, group=16)
+    torch.testing.assert_close(ours, fused, rtol=1e-5, atol=1e-5)
+    assert ours.shape == (w, h, n, d)
+    if n > 64:
+        assert torch.equal(ours, fused)
+    # the bias is not dropped: without it the result moves
+    assert not torch.allclose(ours, F.scaled_dot_product_attention(q, k, v), atol=1e-3)
 
 
 @needs_onednn

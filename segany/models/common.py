@@ -32,11 +32,16 @@ class Products:
     #: BLAS) is the faster float32 attention; with oneDNN's products the chunked form is
     fused_attention = True
 
-    def __init__(self, *, fused_bf16: bool = False) -> None:
+    def __init__(self, *, fused_bf16: bool = False, fused_windows: bool = True) -> None:
         #: whether the fused kernel is the faster bfloat16 attention: measured so on the AMX
         #: Xeon (2026-12-07), not on the AMD EPYC with AVX512-BF16 only (the chunked form
         #: was 3x faster there); fuse_for_inference sets it from the CPU's flags
         self.fused_bf16 = fused_bf16
+        #: whether the fused kernel is the faster float32 attention over many small
+        #: windows (:func:`window_attention`): not on AMD CPUs with AVX-512 (the encoder
+        #: 7% faster with batched products on the Zen 5 EPYC; equal when capped to AVX2,
+        #: so AVX2 CPUs keep the kernel); fuse_for_inference sets it from the CPU
+        self.fused_windows = fused_windows
 
     def fused(self, dtype: torch.dtype) -> bool:
         """Whether the fused attention kernel is the faster form for ``dtype`` here."""
@@ -92,6 +97,35 @@ def chunked_attention(
                 s = torch.softmax(products.linear(q[x, y, i : i + chunk].contiguous(), kk), -1)
                 res[x, y, i : i + chunk] = products.linear(s, vt)
     return res
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    products: Products = BLAS_PRODUCTS,
+    group: int = 16,
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D) + bias) v`` within each of many windows: ``q``, ``k``,
+    ``v`` ``(W, H, N, D)`` (any strides), ``bias`` ``(1, H, N, N)`` -> ``(W, H, N, D)``.
+    The fused kernel, unless ``products`` says batched matrix products are faster here
+    (:attr:`Products.fused_windows`) for float32 windows of at most 64 tokens: then
+    ``group`` windows at a time, so that their scores stay in the cache (measured on the
+    AMD EPYC, Zen 5, of docs/performance.md: 35-38% less time than the fused kernel for
+    TinyViT's 7x7 windows; its 14x14 windows gained nothing and keep the kernel)."""
+    n = q.shape[-2]
+    if products.fused_windows or n > 64 or q.dtype != torch.float32:
+        # a 4-D mask: with it the CPU takes SDPA's flash kernel (a 3-D one, the slower
+        # "math" path)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = q.new_empty(q.shape)
+    scale = q.shape[-1] ** -0.5
+    for i in range(0, q.shape[0], group):
+        s = torch.matmul(q[i : i + group], k[i : i + group].transpose(-1, -2))
+        torch.matmul(s.mul_(scale).add_(bias).softmax(-1), v[i : i + group], out=out[i : i + group])
+    return out
 
 
 def attention(

@@ -294,10 +294,15 @@ def set_onednn(model: nn.Module, enabled: bool) -> None:
 
 def _set_products(model: nn.Module, onednn: bool) -> None:
     """The attention layers' products (the decoder's few-token form, SAM 2's memory and
-    Hiera attention): oneDNN's where they beat torch's BLAS
-    (:func:`segany.runtime.prefer_onednn_products`)."""
+    Hiera attention, TinyViT's windows): oneDNN's where they beat torch's BLAS
+    (:func:`segany.runtime.prefer_onednn_products`), and the attention forms this CPU
+    runs faster (:class:`~segany.models.common.Products`)."""
     kind = OneDNNProducts if onednn and prefer_onednn_products() else Products
-    products = kind(fused_bf16="amx_bf16" in cpu_info()["flags"])  # type: ignore[operator]
+    flags = cpu_info()["flags"]
+    products = kind(
+        fused_bf16="amx_bf16" in flags,  # type: ignore[operator]
+        fused_windows=not (kind is OneDNNProducts and "avx512f" in flags),  # type: ignore[operator]
+    )
     for m in model.modules():
         if isinstance(getattr(m, "products", None), Products):
             m.products = products

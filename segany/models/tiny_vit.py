@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, linear_plus
+from .common import BLAS_PRODUCTS, LayerNorm2d, linear_plus, window_attention
 
 
 class Conv2dBN(nn.Sequential):
@@ -103,6 +103,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window * window))
         self.register_buffer("bias_index", offset_index(window), persistent=False)
+        #: the attention form's products (see :func:`~segany.models.common.window_attention`)
+        self.products = BLAS_PRODUCTS
 
     def bias(self) -> torch.Tensor:
         """``(heads, N, N)`` attention bias gathered from the learned table; the gather is
@@ -115,9 +117,7 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
-        # The bias as a 4-D (1, heads, N, N) mask: with it the CPU takes SDPA's flash
-        # kernel (a 3-D mask falls back to the slower "math" path).
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias().unsqueeze(0))
+        out = window_attention(q, k, v, self.bias().unsqueeze(0), products=self.products)
         return out.transpose(1, 2).reshape(b, n, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
