@@ -68,6 +68,10 @@ def collect() -> dict[str, Any]:
             "onednn": bool(torch.backends.mkldnn.is_available()),
             # the attention and decoder products of fused models (segany.models.fuse)
             "products": R.matrix_products(),
+            # how TinyViT's 7x7 windows attend (segany.models.common.window_attention)
+            "window_attention": "products"
+            if R.matrix_products() == "onednn" and R.batched_windows()
+            else "kernel",
         },
         "threads": R.get_threads(),
         "backends": backends,
@@ -112,6 +116,12 @@ def _text(report: dict[str, Any]) -> str:
             "SEGANY_PRODUCTS=blas to change)"
             if cpu["products"] == "onednn"
             else "torch's BLAS"
+        ),
+        "  small attention windows: "
+        + (
+            "batched matrix products"
+            if cpu["window_attention"] == "products"
+            else "the fused attention kernel"
         ),
         f"threads: {report['threads']}",
         f"backends: {', '.join(report['backends'])}",

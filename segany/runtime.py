@@ -250,6 +250,16 @@ def prefer_onednn_products(info: dict | None = None) -> bool:
     )
 
 
+def batched_windows(flags: frozenset[str] | set[str] | None = None) -> bool:
+    """Whether, where the fused models take oneDNN's products (:func:`matrix_products`),
+    their small attention windows (TinyViT's 7x7) run as batched matrix products instead
+    of the fused attention kernel: with AVX-512 (the encoder 3-7% faster so on the Zen 5
+    EPYC of docs/performance.md; no faster capped to AVX2). See
+    :func:`segany.models.common.window_attention`."""
+    flags = cpu_info()["flags"] if flags is None else flags
+    return "avx512f" in flags  # type: ignore[operator]
+
+
 def matrix_products() -> str:
     """Which products the fused models' attention and decoder use here: ``"onednn"`` where
     they beat torch's BLAS (:func:`prefer_onednn_products`) and torch has oneDNN,

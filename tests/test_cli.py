@@ -223,6 +223,7 @@ def test_info_reports_the_cpu_and_what_it_allows(capsys, monkeypatch):
     text = capsys.readouterr().out
     assert "cpu: Fake Xeon (x86_64)" in text and "bf16 refused" in text
     assert "matrix products: torch's BLAS" in text  # an Intel-like CPU: MKL's own kernels
+    assert "small attention windows: the fused attention kernel" in text
     amd = {"model": "Fake EPYC", "vendor": "AuthenticAMD", "arch": "x86_64"}
     monkeypatch.setattr(runtime, "cpu_info", lambda: {**amd, "flags": frozenset({"avx512f"})})
     monkeypatch.delenv("SEGANY_PRODUCTS", raising=False)
@@ -231,4 +232,7 @@ def test_info_reports_the_cpu_and_what_it_allows(capsys, monkeypatch):
     assert report["cpu"]["vendor"] == "AuthenticAMD"
     assert report["cpu"]["products"] == (
         "onednn" if torch.backends.mkldnn.is_available() else "blas"
+    )
+    assert report["cpu"]["window_attention"] == (
+        "products" if torch.backends.mkldnn.is_available() else "kernel"
     )

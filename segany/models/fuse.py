@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import cpu_info, prefer_onednn_products
+from ..runtime import batched_windows, cpu_info, prefer_onednn_products
 from .common import Products
 from .hiera import MultiScaleBlock
 from .mask_decoder import MaskDecoder
@@ -301,7 +301,7 @@ def _set_products(model: nn.Module, onednn: bool) -> None:
     flags = cpu_info()["flags"]
     products = kind(
         fused_bf16="amx_bf16" in flags,  # type: ignore[operator]
-        fused_windows=not (kind is OneDNNProducts and "avx512f" in flags),  # type: ignore[operator]
+        fused_windows=not (kind is OneDNNProducts and batched_windows(flags)),  # type: ignore[arg-type]
     )
     for m in model.modules():
         if isinstance(getattr(m, "products", None), Products):
