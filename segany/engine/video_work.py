@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from .predictions import video_timer
-from .schemas import Conflict, LeaseOut, TrackOut, UserRef, VideoOpenOut
+from .schemas import LeaseOut, TrackOut, UserRef, VideoOpenOut
 from .work_store import Request, RequestKey, lease_holder
 
 #: The request-key kinds of the video writes (target: the video id for ``track``, else the
@@ -85,16 +85,9 @@ class VideoWorkMixin:
     def _replay_track(self, first: RequestKey, req: Request) -> TrackOut | None:
         """The answer to a repeated keyed track write: the first attempt's track as it is
         now (``None`` for a delete); 409 when it was deleted since."""
-        self._same_request(first, req)
-        if req.kind == "track-delete":
-            return None
-        t = self.video_store.track(first.annotation_id) if first.annotation_id else None
-        if t is None:
-            raise Conflict(
-                f"this request was applied already (track {first.annotation_id}), and that "
-                "track has since been deleted"
-            )
-        return self._track_out(t)
+        return self._replay_object(
+            first, req, "track-delete", "track", self.video_store.track, self._track_out
+        )
 
     # -- object timers -----------------------------------------------------------------------
     def _spent(self, user: UserRef, video_id: int) -> tuple[int, float | None]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .schemas import (
@@ -122,16 +123,32 @@ class WorkMixin:
     def _replay(self, first: RequestKey, req: Request) -> AnnotationOut | None:
         """The answer to a repeated keyed write: the first attempt's annotation as it is now
         (``None`` for a delete)."""
+        return self._replay_object(
+            first, req, "delete", "annotation", self.store.annotation, self._ann_out
+        )
+
+    def _replay_object(
+        self,
+        first: RequestKey,
+        req: Request,
+        delete_kind: str,
+        noun: str,
+        find: Callable[[int], Any],
+        out: Callable[[Any], Any],
+    ) -> Any:
+        """A repeated keyed write of ``req`` (first applied as ``first``): ``None`` when it
+        was a ``delete_kind``, else ``out`` of the object (``find`` by id) as it is now;
+        409 when that ``noun`` has been deleted since."""
         self._same_request(first, req)
-        if req.kind == "delete":
+        if req.kind == delete_kind:
             return None
-        a = self.store.annotation(first.annotation_id) if first.annotation_id else None
-        if a is None:
+        obj = find(first.annotation_id) if first.annotation_id else None
+        if obj is None:
             raise Conflict(
-                f"this request was applied already (annotation {first.annotation_id}), and "
-                "that annotation has since been deleted"
+                f"this request was applied already ({noun} {first.annotation_id}), and that "
+                f"{noun} has since been deleted"
             )
-        return self._ann_out(a)
+        return out(obj)
 
     def _first(self, req: Request | None) -> RequestKey | None:
         return None if req is None else self.work.request(req.user_id, req.key)
