@@ -87,9 +87,10 @@ def tiny_predictor() -> Predictor:
 
 
 def make_service(
-    db: str, images: Path, predictor: Predictor, cache: Path, **kw: object
+    db: str | Path, images: Path, predictor: Predictor, cache: Path, **kw: object
 ) -> AnnotationService:
-    svc = AnnotationService(Store(db), images, predictor, cache_dir=cache, model_name="tiny", **kw)
+    kw.setdefault("model_name", "tiny")
+    svc = AnnotationService(Store(db), images, predictor, cache_dir=cache, **kw)  # type: ignore[arg-type]
     svc.rescan()
     return svc
 

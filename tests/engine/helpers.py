@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -145,6 +146,20 @@ class Postgres:
         with contextlib.suppress(Exception):
             self._run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# -- browser pages ---------------------------------------------------------------------------
+def open_page(opener: Any, url: str, wait_for: str | None = None, **kw: Any) -> tuple[Any, list]:
+    """A new page of ``opener`` (a Playwright browser or context; ``kw`` go to its
+    ``new_page``) at ``url``, and the list its uncaught script errors are appended to;
+    waits for the CSS selector ``wait_for`` if given."""
+    page = opener.new_page(**kw)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    if wait_for:
+        page.wait_for_selector(wait_for)
+    return page, errors
 
 
 # -- servers ---------------------------------------------------------------------------------

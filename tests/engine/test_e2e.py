@@ -20,7 +20,7 @@ from segany.masks import rle_to_mask
 from segany.predictor import Predictor
 
 from ..conftest import REPO
-from .helpers import server_thread
+from .helpers import open_page, server_thread
 
 ARTIFACTS = REPO / "build" / "test-artifacts"
 KITCHEN = REPO / "examples" / "kitchen.jpg"
@@ -50,12 +50,7 @@ def app_url(tmp_path: Path, mobile_sam):
 
 
 def _page(browser, base):
-    page = browser.new_page(viewport={"width": 1400, "height": 860})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(base + "/")
-    page.wait_for_selector("#images li")
-    return page, errors
+    return open_page(browser, base + "/", "#images li", viewport={"width": 1400, "height": 860})
 
 
 def _open(page, path: str) -> None:

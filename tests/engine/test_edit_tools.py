@@ -21,7 +21,7 @@ from segany.validate import segmentation_to_rle
 
 from ..conftest import REPO
 from .conftest import make_service
-from .helpers import server_thread
+from .helpers import open_page, server_thread
 
 ARTIFACTS = REPO / "build" / "test-artifacts"
 KITCHEN = REPO / "examples" / "kitchen.jpg"
@@ -51,11 +51,9 @@ def app(tmp_path: Path, tiny_predictor):
 @pytest.fixture()
 def page(browser, app):
     base, _ = app
-    p = browser.new_page(viewport={"width": 1400, "height": 860})
-    errors: list[str] = []
-    p.on("pageerror", lambda e: errors.append(str(e)))
-    p.goto(base + "/")
-    p.wait_for_selector("#images li")
+    p, errors = open_page(
+        browser, base + "/", "#images li", viewport={"width": 1400, "height": 860}
+    )
     p.locator("#images li", has_text="kitchen.jpg").click()
     p.wait_for_function("S.img !== null && S.current.path === 'kitchen.jpg' && LB.list.length")
     yield p

@@ -25,7 +25,7 @@ from segany.engine.store import Store
 from segany.masks import masks_to_coco_rle
 
 from ..conftest import REPO
-from .helpers import server_thread
+from .helpers import open_page, server_thread
 
 ARTIFACTS = REPO / "build" / "test-artifacts"
 
@@ -59,12 +59,7 @@ def _page(browser, base: str, token: str | None = None):
     ctx = browser.new_context(viewport={"width": 1300, "height": 800})
     if token:
         ctx.add_init_script(f"localStorage.setItem('segany-token', {token!r})")
-    page = ctx.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(base + "/")
-    page.wait_for_selector("#images li")
-    return page, errors
+    return open_page(ctx, base + "/", "#images li")
 
 
 def _open(page, path: str) -> None:

@@ -13,6 +13,8 @@ import shutil
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from segany.engine.schemas import VideoRequest
 from segany.engine.server import create_app
 from segany.engine.store import SCHEMA_VERSION, Store
 from segany.engine.video_store import VideoStore
@@ -33,7 +36,7 @@ from segany.video.tracker import TrackResult
 from ..test_sam2_video import CLIP, golden, tiny_video_model  # noqa: F401 - fixtures used here
 from ..test_video import _clip, _write_frames, _write_mp4
 from .conftest import make_service
-from .helpers import old_database
+from .helpers import old_database, server_thread
 
 N = 6
 
@@ -56,6 +59,23 @@ def make_video_dir(root: Path) -> Path:
     Image.fromarray(frames[0]).save(root / "still.png")
     (root / "empty").mkdir()
     return root
+
+
+@contextmanager
+def clip_server(tmp_path: Path, predictor: Predictor, **kw: object) -> Iterator[tuple[str, object]]:
+    """A real server (a thread) over :func:`make_video_dir`'s folder in ``tmp_path`` with
+    ``clip`` registered: ``(base URL, service)``."""
+    images = make_video_dir(tmp_path / "images")
+    svc = make_service(
+        tmp_path / "db.sqlite", images, predictor, tmp_path / "cache", prefetch=False, **kw
+    )
+    svc.register_video(VideoRequest(path="clip"))
+    try:
+        with server_thread(create_app(svc)) as base:
+            yield base, svc
+    finally:
+        svc.close()
+        svc.store.close()
 
 
 @pytest.fixture()

@@ -18,38 +18,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segany.engine.schemas import VideoRequest
-from segany.engine.server import create_app
-from segany.engine.service import AnnotationService
-from segany.engine.store import Store
 from segany.masks import rle_to_mask
 from segany.predictor import Predictor
 from segany.video.outputs import read_davis_png
 
 from ..conftest import REPO
 from ..test_video import _clip
-from .helpers import server_thread
+from .helpers import open_page
 from .test_e2e import ARTIFACTS, _screen
-from .test_video_annotator import N, _iou, make_video_dir
+from .test_video_annotator import N, _iou, clip_server
 
 
 @pytest.fixture()
 def video_app(tmp_path: Path, mobile_sam):
-    images = make_video_dir(tmp_path / "images")
-    svc = AnnotationService(
-        Store(tmp_path / "db.sqlite"),
-        images,
-        Predictor(mobile_sam, model_id="mobile_sam-video-e2e"),
-        cache_dir=tmp_path / "cache",
-        model_name="mobile_sam",
-        prefetch=False,
-    )
-    svc.rescan()
-    svc.register_video(VideoRequest(path="clip"))
-    with server_thread(create_app(svc)) as base:
-        yield base, svc
-    svc.close()
-    svc.store.close()
+    predictor = Predictor(mobile_sam, model_id="mobile_sam-video-e2e")
+    with clip_server(tmp_path, predictor, model_name="mobile_sam") as app:
+        yield app
 
 
 def _frame(page, k: int) -> None:
@@ -81,11 +65,10 @@ def _propagated(page, text: str) -> None:
 def test_video_click_propagate_scrub_correct_accept_export(browser, video_app):
     base, svc = video_app
     _, squares, discs = _clip(N)
-    page = browser.new_page(viewport={"width": 1400, "height": 860}, accept_downloads=True)
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(base + "/")
-    page.wait_for_selector("#videos li")
+    viewport = {"width": 1400, "height": 860}
+    page, errors = open_page(
+        browser, base + "/", "#videos li", viewport=viewport, accept_downloads=True
+    )
     assert page.locator("#videos li").count() == 3  # clip, movie.mp4, broken.mp4 (struck out)
     page.locator("#videos li", has_text="clip").click()
     _frame(page, 0)

@@ -10,44 +10,23 @@ from pathlib import Path
 
 import pytest
 
-from segany.engine.schemas import VideoRequest
-from segany.engine.server import create_app
-from segany.engine.service import AnnotationService
-from segany.engine.store import Store
-
-from .helpers import server_thread
+from .helpers import open_page
 from .test_network_e2e import _click_object, _status
 from .test_network_e2e import _wait_status as _wait_status_of
-from .test_video_annotator import make_video_dir
+from .test_video_annotator import clip_server
 from .test_video_work import _keys
 
 
 @pytest.fixture()
 def video_app(tmp_path: Path, tiny_predictor):
-    images = make_video_dir(tmp_path / "images")
-    svc = AnnotationService(
-        Store(tmp_path / "db.sqlite"),
-        images,
-        tiny_predictor,
-        cache_dir=tmp_path / "cache",
-        model_name="tiny",
-        prefetch=False,
-        lease_seconds=3.0,
-    )
-    svc.rescan()
-    svc.register_video(VideoRequest(path="clip"))
-    with server_thread(create_app(svc)) as base:
-        yield base, svc
-    svc.close()
-    svc.store.close()
+    with clip_server(tmp_path, tiny_predictor, lease_seconds=3.0) as app:
+        yield app
 
 
 def _page(browser, base: str):
-    page = browser.new_page(viewport={"width": 1300, "height": 800})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(base + "/")
-    page.wait_for_selector("#videos li")
+    page, errors = open_page(
+        browser, base + "/", "#videos li", viewport={"width": 1300, "height": 800}
+    )
     page.locator("#videos li", has_text="clip").click()
     _frame(page, 0)
     return page, errors

@@ -30,7 +30,7 @@ from segany.predictor import Predictor
 
 from ..conftest import TEST_DATA
 from ..golden import IOU_ATOL, MAX_MASK_PIXELS, unpack
-from .helpers import server_thread
+from .helpers import open_page, server_thread
 
 CASES = ("c0", "c2", "c4", "c6")
 GOLDEN = json.loads((TEST_DATA / "golden_coffee_small.json").read_text())
@@ -141,10 +141,7 @@ def test_ortweb_integrity(tmp_path) -> None:
 
 
 def _page(browser, url: str):
-    page = browser.new_page(viewport={"width": 1200, "height": 800})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url)
+    page, errors = open_page(browser, url, viewport={"width": 1200, "height": 800})
     page.wait_for_function("S.img !== null")
     return page, errors
 
