@@ -88,24 +88,27 @@ def upgrade(engine: Engine, target: int) -> None:
             )
 
 
-def _to_2(conn: Connection) -> None:
+def _add_columns(conn: Connection, table: str, columns: dict[str, str]) -> None:
+    """``ALTER TABLE table ADD COLUMN name ddl`` for each of ``columns`` (name -> type and
+    constraints) the table lacks; nothing when the table itself does not exist."""
     insp = inspect(conn)
-    tables = set(insp.get_table_names())
-    if "users" in tables:
-        cols = {c["name"] for c in insp.get_columns("users")}
-        if "token_trusted" not in cols:
-            conn.execute(
-                text("ALTER TABLE users ADD COLUMN token_trusted BOOLEAN NOT NULL DEFAULT FALSE")
-            )
+    if table not in insp.get_table_names():
+        return
+    have = {c["name"] for c in insp.get_columns(table)}
+    for name, ddl in columns.items():
+        if name not in have:
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {ddl}"))
+
+
+def _to_2(conn: Connection) -> None:
+    tables = set(inspect(conn).get_table_names())
+    _add_columns(conn, "users", {"token_trusted": "BOOLEAN NOT NULL DEFAULT FALSE"})
     if "annotations" in tables:
-        cols = {c["name"] for c in insp.get_columns("annotations")}
-        if "replaces_id" not in cols:
-            conn.execute(
-                text(
-                    "ALTER TABLE annotations ADD COLUMN replaces_id INTEGER "
-                    "REFERENCES annotations(id) ON DELETE SET NULL"
-                )
-            )
+        _add_columns(
+            conn,
+            "annotations",
+            {"replaces_id": "INTEGER REFERENCES annotations(id) ON DELETE SET NULL"},
+        )
         conn.execute(
             text(
                 "CREATE UNIQUE INDEX IF NOT EXISTS ux_annotations_replaces_id "
@@ -145,14 +148,8 @@ def _to_3(conn: Connection) -> None:
 
 
 def _to_7(conn: Connection) -> None:
-    insp = inspect(conn)
-    tables = set(insp.get_table_names())
-    if "tracks" in tables:
-        cols = {c["name"] for c in insp.get_columns("tracks")}
-        if "clicks" not in cols:
-            conn.execute(text("ALTER TABLE tracks ADD COLUMN clicks INTEGER NOT NULL DEFAULT 0"))
-        if "seconds" not in cols:
-            conn.execute(text("ALTER TABLE tracks ADD COLUMN seconds FLOAT"))
+    tables = set(inspect(conn).get_table_names())
+    _add_columns(conn, "tracks", {"clicks": "INTEGER NOT NULL DEFAULT 0", "seconds": "FLOAT"})
     for table, column in (("request_keys", "created_at"), ("trash", "deleted_at")):
         if table in tables:
             conn.execute(
