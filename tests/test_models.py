@@ -146,5 +146,7 @@ def test_upscaling_as_products_equals_the_convolutions(tiny_model, fused):
         products = md.upscale(tokens, hyper_in)
     assert products.shape == (2, 3, 20, 28)
     torch.testing.assert_close(products, convs, rtol=1e-4, atol=1e-5)
-    # a wrong pixel order is caught: the two differ once one block is transposed
-    assert not torch.allclose(products, convs.transpose(-1, -2).reshape(convs.shape).contiguous())
+    # the comparison means something: the logits vary from pixel to pixel within each
+    # 4x4 block of one token, so a wrong pixel order inside the blocks would not match
+    block = convs[..., :4, :4].reshape(2, 3, -1)
+    assert (block.std(-1) > 1e-2).all()
