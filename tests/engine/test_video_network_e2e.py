@@ -2,7 +2,8 @@
 and #24), on the tiny random model: a key frame set while the server cannot be reached is
 kept (the banner counts it) and saved once when the server is back; one whose answer is
 lost after the server saved it is not saved twice; a second tab on the same video is
-read-only (the lock banner; its key frame refused with the reason, nothing saved)."""
+read-only (the lock banner; its key frame refused with the reason, nothing saved); the
+masks of a frame that arrive after the page moved to another frame are not drawn on it."""
 
 from __future__ import annotations
 
@@ -126,3 +127,30 @@ def test_video_key_frame_offline_saved_once_and_second_tab_read_only(browser, vi
     assert e1 == [] and e2 == []
     one.close()
     two.close()
+
+
+def test_a_late_reload_does_not_replace_the_masks_of_a_frame_shown_since(browser, video_app):
+    """The masks of a frame asked for before the annotator moved on (a reload after a
+    propagation, say) arrive after the newer frame's: they are dropped, not drawn on it."""
+    base, _ = video_app
+    page, errors = _page(browser, base)
+    _click_object(page)
+    page.keyboard.press("Enter")  # an object with one key frame: frame 0
+    _wait_status(page, r"^object 1 \(.*\): key frame 0 set")
+    assert page.evaluate("S.objects.length") == 1
+    page.evaluate(
+        """() => {
+          const plain = api; // frame 0's masks answer late
+          window.api = async (method, path, ...rest) => {
+            if (path.endsWith('/frames/0/masks')) await new Promise((r) => setTimeout(r, 800));
+            return plain(method, path, ...rest);
+          };
+          reloadFrame();
+          showFrame(3);
+        }"""
+    )
+    _frame(page, 3)
+    page.wait_for_timeout(1500)  # past the late answer
+    assert page.evaluate("S.video.frame") == 3
+    assert page.evaluate("S.objects.length") == 0  # frame 3: no mask of the object yet
+    assert errors == []

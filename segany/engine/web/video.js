@@ -140,8 +140,13 @@ function frameMasks(res) {
 }
 
 async function reloadFrame() {
-  if (!S.video) return;
-  frameMasks(await api("GET", `/api/videos/${S.video.id}/frames/${S.video.frame}/masks`));
+  const v = S.video;
+  if (!v) return;
+  const k = v.frame, token = V.loading;
+  const res = await api("GET", `/api/videos/${v.id}/frames/${k}/masks`);
+  // another frame shown (or being loaded) meanwhile: these masks are not its masks
+  if (S.video !== v || v.frame !== k || token !== V.loading) return;
+  frameMasks(res);
   renderFrameLabel();
 }
 
